@@ -1,0 +1,123 @@
+"""Import external checkpoints into the toolkit format, without ever fully unpickling.
+
+Sources: torchvision / timm ResNet state dicts (`.pth`, `.pt`, `.bin`, `.safetensors`), and the
+official SaliencyMix / CutMix `.pth.tar` files (`{'state_dict': {'module.…'}, 'epoch', 'arch',
+'best_err1', 'optimizer', …}`). `.pth*` files are opened with `torch.load(weights_only=True)`;
+anything that needs arbitrary unpickling is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from backbone.arch import arch_spec, build_model, list_archs
+from backbone.checkpoint import BackboneMeta, save_checkpoint, strip_prefixes
+from backbone.errors import UserError
+from backbone.io import provenance
+
+
+def read_external(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict of an external file, plus its non-tensor extras (epoch, arch, ...)."""
+    if not src.is_file():
+        raise UserError(f"{src}: no such file")
+    if src.suffix == ".safetensors":
+        try:
+            return dict(load_file(str(src))), {}
+        except SafetensorError as e:
+            raise UserError(f"{src}: unreadable safetensors file ({e})") from None
+    try:
+        obj = torch.load(str(src), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+        raise UserError(f"{src}: refused, it needs full unpickling of arbitrary objects, which "
+                        f"this toolkit never does ({first})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{src}: cannot read as a torch checkpoint ({e})") from None
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{src}: expected a dict of tensors, found {type(obj).__name__}")
+    for key in ("state_dict", "model", "model_state", "module"):
+        if isinstance(obj.get(key), Mapping):
+            extras = {k: v for k, v in obj.items() if k != key and not isinstance(v, Mapping)}
+            return _tensors(obj[key], src), extras
+    return _tensors(obj, src), {}
+
+
+def _tensors(d: Mapping[str, Any], src: Path) -> dict[str, torch.Tensor]:
+    out = {k: v for k, v in strip_prefixes(d).items() if isinstance(v, torch.Tensor)}
+    if not out:
+        raise UserError(f"{src}: no tensors found")
+    return out
+
+
+def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
+    """Guess the registered arch from the tensor layout (block counts, stem kernel)."""
+    blocks = {}
+    for key in state:
+        m = re.match(r"layer(\d)\.(\d+)\.", key)
+        if m:
+            blocks[int(m.group(1))] = max(blocks.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    counts = tuple(blocks.get(i, 0) for i in range(1, 5))
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    table = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34,
+             ((3, 4, 6, 3), True): 50, ((3, 4, 23, 3), True): 101}
+    depth = table.get((counts, bottleneck))
+    conv1 = state.get("conv1.weight")
+    if depth is None or conv1 is None:
+        raise UserError("cannot infer the architecture from the tensor names; pass --arch "
+                        f"({', '.join(list_archs())})")
+    cifar = conv1.shape[-1] == 3
+    name = f"cifar_resnet{depth}" if cifar else f"resnet{depth}"
+    if name not in list_archs():
+        raise UserError(f"inferred arch {name} is not registered; pass --arch")
+    return name
+
+
+def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
+                      class_names: tuple[str, ...] | None = None, dataset: str = "",
+                      method: str = "unknown", input_size: int | None = None) -> BackboneMeta:
+    """Convert `src` to a validated toolkit checkpoint at `dst`."""
+    state, extras = read_external(src)
+    arch = arch or infer_arch(state)
+    spec = arch_spec(arch)
+    fc = state.get(f"{spec.classifier}.weight")
+    if fc is None:
+        raise UserError(f"{src}: no {spec.classifier}.weight tensor, cannot tell the class count")
+    num_classes = int(fc.shape[0])
+    if class_names is None:
+        class_names = tuple(f"class_{i}" for i in range(num_classes))
+    reference = build_model(arch, num_classes).state_dict()
+    for key, ref in reference.items():  # torchvision's BN counters may be absent in old files
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(ref)
+    size = input_size or (32 if spec.stem == "cifar" else 224)
+    meta = BackboneMeta(
+        arch=arch, num_classes=num_classes, class_names=tuple(class_names),
+        input_size=size, resize=size if size == 32 else 256 * size // 224, crop=size,
+        dataset=dataset, method={"name": method, "imported_from": src.name},
+        epochs=int(extras.get("epoch", 0)) if isinstance(extras.get("epoch"), int) else 0,
+        metrics=_metrics_from(extras), provenance=provenance(),
+    )
+    if size == 32:
+        from backbone.data import CIFAR10_MEAN, CIFAR10_STD
+        meta = dataclasses.replace(meta, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    save_checkpoint(dst, state, meta)
+    return meta
+
+
+def _metrics_from(extras: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in ("best_err1", "best_err5", "best_acc1"):
+        v = extras.get(key)
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, float)):
+            out[key] = float(v)
+    return out

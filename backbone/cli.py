@@ -1,0 +1,85 @@
+"""The `smix` console script: one dispatcher, a thin CLI per stage.
+
+Stages are found by module name, so `backbone` never imports a stage: each stage's `cli.py`
+exposes `main(argv) -> int` and owns its own argument parsing. A `UserError` anywhere ends in
+one line on stderr and exit code 2; other exceptions keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import NoReturn, Sequence
+
+from backbone.errors import UserError, one_line
+
+COMMANDS = {
+    "pretrain": ("pretrain.cli", "train a backbone with a mixing method"),
+    "transfer": ("transfer.cli", "fine-tune Faster R-CNN on Pascal VOC from a checkpoint"),
+    "robustness": ("robustness.cli", "FGSM / PGD / corruption evaluation"),
+    "cam": ("cam.cli", "class activation maps: export, mixed pairs, localisation"),
+    "report": ("backbone.report", "paper-style tables and plots from run folders"),
+    "demo": ("backbone.demo", "the whole pipeline on generated shapes data"),
+    "ckpt": ("backbone.ckpt_cli", "inspect or import checkpoints"),
+    "data": ("backbone.data_cli", "generate the synthetic shapes dataset"),
+}
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a `UserError` (one line, exit 2) instead of exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """`key=value` pairs from the command line, values kept as strings for the config."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _clean_message(exc: BaseException) -> str:
+    msg = str(exc)
+    # A UserError raised in a DataLoader worker is re-raised with the worker traceback attached.
+    if "Original Traceback" in msg:
+        last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+        msg = last.split("UserError: ", 1)[-1]
+    return one_line(msg)
+
+
+def run(command: str, argv: Sequence[str]) -> int:
+    """Run one subcommand; the single place where user errors become exit codes."""
+    if command not in COMMANDS:
+        print(f"smix: error: unknown command {command!r}; valid: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return int(module.main(list(argv)) or 0)
+    except UserError as e:
+        print(f"smix {command}: error: {_clean_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"smix {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: smix COMMAND [options]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<11} {help_text}")
+        print("\n`smix COMMAND --help` for a command's options.")
+        return 0 if argv else 2
+    return run(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

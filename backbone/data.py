@@ -1,0 +1,249 @@
+"""Dataset readers and the preprocessing contract.
+
+Readers: class-folder trees (ImageNet, Tiny-ImageNet, the shapes data) and CIFAR-10/100 python
+pickles, read from disk only (nothing is downloaded). Transforms: the training recipes of the
+presets, and `eval_transform(meta)`, the one evaluation transform every stage derives from a
+checkpoint's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
+
+from backbone.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)  # as the official SaliencyMix code
+CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+# ImageNet PCA lighting (AlexNet; as in the official CutMix / SaliencyMix ImageNet code).
+_PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+_PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
+                            [-0.5808, -0.0045, -0.8140],
+                            [-0.5836, -0.6948, 0.4203]])
+
+
+def is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image as RGB; an unreadable file is a `UserError` naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def scan_class_folders(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """Sorted class names and (path, label) samples of a class-folder tree."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: data directory does not exist")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise UserError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root / name) for f in fs
+                       if is_image(f))
+        if not files:
+            raise UserError(f"{root / name}: class folder has no images")
+        samples.extend((f, label) for f in files)
+    return classes, samples
+
+
+class ClassFolder(Dataset):
+    """ImageNet-style `root/<class>/<image>`; unreadable images are fatal unless skipped.
+
+    With `skip_bad_images`, `__getitem__` returns None for a bad file and `collate_skip` drops
+    it and counts it, so the count reaches the main process even from loader workers.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 skip_bad_images: bool = False, classes: Sequence[str] | None = None):
+        self.root = Path(root)
+        found, self.samples = scan_class_folders(self.root)
+        if classes is not None and list(classes) != found:
+            missing = sorted(set(classes) - set(found)) or sorted(set(found) - set(classes))
+            raise UserError(f"{self.root}: class folders do not match the expected classes "
+                            f"(first difference: {missing[:1] or found[:1]})")
+        self.classes = found
+        self.targets = [t for _, t in self.samples]
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        path, label = self.samples[index]
+        try:
+            img = load_rgb(path)
+        except UserError:
+            if self.skip_bad_images:
+                return None
+            raise
+        return (self.transform(img) if self.transform else img), label
+
+
+def find_cifar(root: str | os.PathLike) -> tuple[Path, str]:
+    """Locate CIFAR-10 (`data_batch_1..5`, `test_batch`) or CIFAR-100 (`train`, `test`)."""
+    root = Path(root)
+    for cand in (root, root / "cifar-10-batches-py", root / "cifar-100-python"):
+        if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
+            return cand, "cifar10"
+        if (cand / "train").is_file() and (cand / "test").is_file() and (cand / "meta").is_file():
+            return cand, "cifar100"
+    raise UserError(f"{root}: no CIFAR python pickles (expected cifar-10-batches-py/ or "
+                    "cifar-100-python/)")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            # CIFAR's pickles hold only numpy arrays, lists and bytes (the published format).
+            return pickle.load(f, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise UserError(f"{path}: unreadable CIFAR pickle ({e})") from None
+
+
+def read_cifar(root: str | os.PathLike, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images uint8 [N,32,32,3] RGB, labels int64 [N], class names."""
+    folder, kind = find_cifar(root)
+    if kind == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        names = _unpickle(folder / "batches.meta")["label_names"] \
+            if (folder / "batches.meta").is_file() else [f"class_{i}" for i in range(10)]
+        key = "labels"
+    else:
+        files = ["train" if train else "test"]
+        names = _unpickle(folder / "meta")["fine_label_names"]
+        key = "fine_labels"
+    data, labels = [], []
+    for name in files:
+        d = _unpickle(folder / name)
+        data.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(d[key])
+    images = np.concatenate(data).transpose(0, 2, 3, 1).copy()
+    return images, np.asarray(labels, dtype=np.int64), list(names)
+
+
+class CIFAR(Dataset):
+    """CIFAR-10/100 from the python pickles, as uint8 CHW tensors into the transform."""
+
+    def __init__(self, root: str | os.PathLike, train: bool, transform: Callable | None = None):
+        images, labels, self.classes = read_cifar(root, train)
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = self.images[index]
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def collate_skip(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Default collation minus the samples a reader skipped; returns the skipped count too."""
+    kept = [b for b in batch if b is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images = torch.stack([b[0] for b in kept])
+    labels = torch.tensor([b[1] for b in kept], dtype=torch.long)
+    return images, labels, skipped
+
+
+class Lighting(torch.nn.Module):
+    """AlexNet-style PCA colour noise on a [0,1] float tensor, from the global torch RNG."""
+
+    def __init__(self, alphastd: float):
+        super().__init__()
+        self.alphastd = alphastd
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.alphastd == 0:
+            return img
+        alpha = torch.randn(3) * self.alphastd
+        rgb = (_PCA_EIGVEC * alpha * _PCA_EIGVAL).sum(dim=1)
+        return img + rgb.view(3, 1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAug:
+    """A training recipe: `cifar` (crop+pad, flip), `imagenet` (RRC, flip, jitter, lighting),
+    `shapes` (mild RRC, flip), or `none` (resize only)."""
+
+    kind: str
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    color_jitter: float = 0.4
+    lighting: float = 0.1
+
+
+def _to_float() -> list[Any]:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+
+
+def train_transform(aug: TrainAug) -> Callable:
+    norm = T.Normalize(aug.mean, aug.std)
+    if aug.kind == "cifar":
+        ops = [T.ToImage(), T.RandomCrop(aug.size, padding=4), T.RandomHorizontalFlip(),
+               T.ToDtype(torch.float32, scale=True), norm]
+    elif aug.kind == "imagenet":
+        ops = [T.RandomResizedCrop(aug.size, antialias=True), T.RandomHorizontalFlip(),
+               T.ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter),
+               *_to_float(), Lighting(aug.lighting), norm]
+    elif aug.kind == "shapes":
+        ops = [T.RandomResizedCrop(aug.size, scale=(0.5, 1.0), antialias=True),
+               T.RandomHorizontalFlip(), *_to_float(), norm]
+    elif aug.kind == "none":
+        ops = [T.Resize((aug.size, aug.size), antialias=True), *_to_float(), norm]
+    else:
+        raise UserError(f"unknown train augmentation {aug.kind!r}; valid: cifar, imagenet, shapes, none")
+    return T.Compose(ops)
+
+
+def eval_transform(meta: Any, normalize: bool = True) -> Callable:
+    """Resize (shorter side) + centre crop from the checkpoint; [0,1] pixels when not normalising.
+
+    Attacks run in [0,1] pixel space and normalise inside the model wrapper, so they ask for
+    `normalize=False`; everything else normalises here, exactly once.
+    """
+    ops: list[Any] = []
+    if meta.resize != meta.crop:
+        ops += [T.Resize(meta.resize, antialias=True), T.CenterCrop(meta.crop)]
+    else:  # square resize: no crop to lose the object at the border of small images
+        ops += [T.Resize((meta.crop, meta.crop), antialias=True)]
+    ops += _to_float()
+    if normalize:
+        ops.append(T.Normalize(meta.mean, meta.std))
+    return T.Compose(ops)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                scale: float = 1.0) -> torch.Tensor:
+    """Back to pixel space: [0,1] by default, 0..255 with `scale=255`."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x * s + m) * scale

@@ -1,0 +1,85 @@
+"""Distributed set-up, once for every stage: `torchrun` env vars -> process group.
+
+NCCL on GPU, gloo on CPU. Without torchrun (no WORLD_SIZE) everything is a no-op and the single
+process is rank 0 of 1, so stage code is written once for both cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(preference)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if there is one; return this process's place in it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=_dt.timedelta(minutes=30))
+    return DistInfo(rank, world, local, dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Exact sum over ranks (use integer or float64 counts for exact totals); in place."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> range:
+    """Contiguous, non-overlapping shard of range(n); shards cover it exactly (no padding,
+    unlike DistributedSampler, so that evaluation totals are exact)."""
+    per, extra = divmod(n, world_size)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))

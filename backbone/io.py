@@ -1,0 +1,198 @@
+"""Atomic writes and self-describing run folders.
+
+Every file the toolkit writes goes through `atomic_write`: a temporary file in the same folder,
+flushed and fsynced, then `os.replace`d over the target. A killed process or a full disk leaves
+the previous file intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from backbone.errors import UserError
+
+METRICS_FORMAT = "smix.metrics/1"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and move it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write bytes or text to `path` atomically."""
+    payload = data.encode() if isinstance(data, str) else data
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+
+
+def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+    """Let `writer(tmp_path)` produce the file, then move it into place atomically."""
+    try:
+        with atomic_path(path) as tmp:
+            writer(tmp)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}") from e
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, paths, tuples and non-finite floats made JSON-safe (NaN becomes null)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return to_jsonable(obj.item())
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def code_version() -> str:
+    """The toolkit version plus the git commit when run from a checkout."""
+    from backbone import __version__
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def provenance() -> dict[str, str]:
+    """Who made a file: code version, torch version, command line, UTC time."""
+    import torch
+
+    return {
+        "code_version": code_version(),
+        "torch_version": torch.__version__,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+class RunDir:
+    """A self-describing run folder: config.json, metrics.json, log.jsonl and the artefacts.
+
+    `metrics.json` has one schema for every stage so that `smix report` needs no knowledge of
+    the stages: {"format", "stage", "kind", "run", "config", "results", "provenance", ...}.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True):
+        self.path = Path(path)
+        if create:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create run folder {self.path}: {e.strerror or e}") from e
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, config: Any) -> None:
+        write_json(self.file("config.json"), config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to log.jsonl (appends are line-atomic for small records)."""
+        line = json.dumps(to_jsonable(record)) + "\n"
+        with open(self.file("log.jsonl"), "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_log(self) -> list[dict[str, Any]]:
+        p = self.file("log.jsonl")
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line from a killed run
+                continue
+        return out
+
+    def write_metrics(self, *, stage: str, kind: str, results: Any, config: Any = None,
+                      **extra: Any) -> Path:
+        record = {
+            "format": METRICS_FORMAT,
+            "stage": stage,
+            "kind": kind,
+            "run": self.path.name,
+            "config": config,
+            "results": results,
+            **extra,
+            "provenance": provenance(),
+        }
+        write_json(self.file("metrics.json"), record)
+        return self.file("metrics.json")
