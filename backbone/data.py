@@ -63,6 +63,23 @@ def scan_class_folders(root: str | os.PathLike) -> tuple[list[str], list[tuple[s
     return classes, samples
 
 
+def tiny_imagenet_val(root: Path, classes: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
+    """Tiny-ImageNet's published val split: `val/images/*.JPEG` + `val_annotations.txt`."""
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for line in (root / "val_annotations.txt").read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        if parts[1] not in index:
+            raise UserError(f"{root / 'val_annotations.txt'}: class {parts[1]!r} is not a "
+                            "training class")
+        samples.append((str(root / "images" / parts[0]), index[parts[1]]))
+    if not samples:
+        raise UserError(f"{root / 'val_annotations.txt'}: no annotations")
+    return classes, sorted(samples)
+
+
 class ClassFolder(Dataset):
     """ImageNet-style `root/<class>/<image>`; unreadable images are fatal unless skipped.
 
@@ -73,7 +90,10 @@ class ClassFolder(Dataset):
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
                  skip_bad_images: bool = False, classes: Sequence[str] | None = None):
         self.root = Path(root)
-        found, self.samples = scan_class_folders(self.root)
+        if (self.root / "val_annotations.txt").is_file() and classes is not None:
+            found, self.samples = tiny_imagenet_val(self.root, list(classes))
+        else:
+            found, self.samples = scan_class_folders(self.root)
         if classes is not None and list(classes) != found:
             missing = sorted(set(classes) - set(found)) or sorted(set(found) - set(classes))
             raise UserError(f"{self.root}: class folders do not match the expected classes "

@@ -1,0 +1,1 @@
+"""Pretraining: mixing methods, saliency detectors, pairing, the training engine, presets."""

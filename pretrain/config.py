@@ -1,0 +1,157 @@
+"""Training configuration: one frozen dataclass, named presets with the papers' settings,
+and `key=value` overrides converted to the field types."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+from backbone.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from backbone.data import CIFAR10_MEAN, CIFAR10_STD
+from backbone.errors import UserError
+
+CIFAR100_MEAN = (129.3 / 255, 124.1 / 255, 112.4 / 255)
+CIFAR100_STD = (68.2 / 255, 65.4 / 255, 70.4 / 255)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    preset: str
+    arch: str
+    dataset: str  # cifar10 | cifar100 | imagenet | tinyimagenet | shapes | folder
+    data: Path
+    out: Path
+    method: str = "none"
+    method_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    arch_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    epochs: int = 200
+    batch_size: int = 128  # global, split over torchrun processes
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = (60, 120, 160)
+    gamma: float = 0.2
+    warmup_epochs: int = 0
+    input_size: int = 32
+    resize: int = 32
+    crop: int = 32
+    train_aug: str = "cifar"
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | fp16
+    channels_last: str = "auto"  # auto (on for GPU) | on | off
+    compile: bool = False
+    skip_bad_images: bool = False
+    limit_train: int = 0  # 0 = all; otherwise the first N training samples (smoke runs)
+    limit_val: int = 0
+    progress: bool = True
+
+
+def _cifar(arch: str, classes: int, **kw: Any) -> dict[str, Any]:
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
+    base = dict(arch=arch, dataset=f"cifar{classes}", epochs=200, batch_size=128, lr=0.1,
+                weight_decay=5e-4, milestones=(60, 120, 160), gamma=0.2, input_size=32,
+                resize=32, crop=32, train_aug="cifar", mean=mean, std=std)
+    return {**base, **kw}
+
+
+def _imagenet(arch: str, **kw: Any) -> dict[str, Any]:
+    base = dict(arch=arch, dataset="imagenet", epochs=300, batch_size=256, lr=0.1,
+                weight_decay=1e-4, milestones=(75, 150, 225), gamma=0.1, input_size=224,
+                resize=256, crop=224, train_aug="imagenet", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                nesterov=True)
+    return {**base, **kw}
+
+
+PRESETS: dict[str, dict[str, Any]] = {}
+for _c in (10, 100):
+    PRESETS[f"cifar{_c}-resnet18"] = _cifar("cifar_resnet18", _c)
+    PRESETS[f"cifar{_c}-resnet50"] = _cifar("cifar_resnet50", _c)
+    PRESETS[f"cifar{_c}-wrn28-10"] = _cifar("wide_resnet28_10", _c, arch_kwargs={"dropout": 0.3})
+    PRESETS[f"cifar{_c}-preactresnet18"] = _cifar("preact_resnet18", _c)
+PRESETS["tinyimagenet-resnet50"] = _imagenet(
+    "resnet50", dataset="tinyimagenet", epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4,
+    milestones=(60, 120, 160), gamma=0.2, input_size=64, resize=64, crop=64, train_aug="cifar",
+    nesterov=True)
+PRESETS["imagenet-resnet50"] = _imagenet("resnet50")
+PRESETS["imagenet-resnet101"] = _imagenet("resnet101")
+# Sized for the demo's shapes data on a 2-core CPU: ImageNet stem (so detection transfer and
+# CAM work as for ImageNet backbones), 64 px, a few epochs.
+PRESETS["shapes-resnet18"] = dict(
+    arch="resnet18", dataset="shapes", epochs=6, batch_size=32, lr=0.05, weight_decay=5e-4,
+    milestones=(4,), gamma=0.1, input_size=64, resize=64, crop=64, train_aug="shapes",
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, nesterov=True, workers=2, warmup_epochs=0)
+
+# Method defaults that depend on the dataset (the papers' settings): mixing probability 0.5 on
+# CIFAR for CutMix/SaliencyMix, 1.0 on ImageNet.
+METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "cifar": {"cutmix": {"prob": 0.5}, "saliencymix": {"prob": 0.5}},
+    "imagenet": {"cutmix": {"prob": 1.0}, "saliencymix": {"prob": 1.0}, "cutout": {"size": 112}},
+}
+
+
+def _convert(value: str, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(value)
+            return value.lower() in ("1", "true", "yes", "on")
+        if annotation is int:
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is Path:
+            return Path(value)
+        if origin is tuple:
+            inner = typing.get_args(annotation)[0]
+            return tuple(inner(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"bad value for {key}: {value!r}") from None
+    if origin is dict:
+        raise UserError(f"{key} cannot be set with key=value; use method.<param>=value")
+    return value
+
+
+def build_config(preset: str, data: Path, out: Path, method: str = "none",
+                 overrides: dict[str, str] | None = None) -> TrainConfig:
+    """Preset, then dataset-dependent method defaults, then the user's `key=value` overrides.
+
+    `method.<param>=v` sets a mixer parameter; `arch.<param>=v` an architecture parameter.
+    """
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; valid: {', '.join(sorted(PRESETS))}")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    family = "cifar" if values["dataset"].startswith("cifar") else "imagenet"
+    method_params: dict[str, Any] = dict(METHOD_DEFAULTS[family].get(method, {}))
+    arch_kwargs: dict[str, Any] = dict(values.pop("arch_kwargs", {}))
+    hints = typing.get_type_hints(TrainConfig)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, raw in (overrides or {}).items():
+        if key.startswith("method."):
+            method_params[key[len("method."):]] = raw
+        elif key.startswith("arch."):
+            arch_kwargs[key[len("arch."):]] = _literal(raw)
+        elif key in names and key not in ("preset", "data", "out", "method"):
+            values[key] = _convert(raw, hints[key], key)
+        else:
+            raise UserError(f"unknown setting {key!r}; valid: "
+                            f"{', '.join(sorted(names - {'preset', 'data', 'out', 'method'}))}, "
+                            "method.<param>, arch.<param>")
+    return TrainConfig(preset=preset, data=Path(data), out=Path(out), method=method,
+                       method_params=method_params, arch_kwargs=arch_kwargs, **values)
+
+
+def _literal(raw: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw

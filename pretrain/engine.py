@@ -1,0 +1,362 @@
+"""The training engine: one function, `train(cfg)`, used by the CLI, the demo and torchrun.
+
+Per epoch: reseed every random stream from (seed, epoch) — the loader's shuffle and worker seeds,
+the mixer's generator, the global RNG (dropout, transforms) — so that a run resumed at an epoch
+boundary is bit-identical on CPU to an uninterrupted one. Rank 0 alone writes; every write is
+atomic; `resume.pt` holds everything to continue (primitives and tensors only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from backbone.arch import build_model, unwrap
+from backbone.checkpoint import BackboneMeta, export_state, save_checkpoint
+from backbone.data import collate_skip
+from backbone.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from backbone.errors import UserError
+from backbone.io import RunDir, atomic_save, provenance, read_json
+from pretrain.config import TrainConfig
+from pretrain.data import RunData, build_datasets, to_device
+from pretrain.mixers import MixContext, Mixer, MixOutput, get_mixer
+
+RESUME_FILE = "resume.pt"
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Everything `train` builds from the config, in one place."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    run: RunDir
+    data: RunData
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    mixer: Mixer
+    ctx: MixContext
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    if cfg.amp in ("bf16", "auto"):
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    raise UserError(f"amp must be auto, off, bf16 or fp16, got {cfg.amp!r}")
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """Independent, reproducible seeds per (run seed, epoch, stream)."""
+    return (seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2**63 - 1)
+
+
+def build_runtime(cfg: TrainConfig, dist: DistInfo) -> Runtime:
+    torch.manual_seed(cfg.seed)
+    data = build_datasets(cfg)
+    model = build_model(cfg.arch, len(data.classes), **cfg.arch_kwargs).to(dist.device)
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
+                                                  and dist.device.type == "cuda")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model: nn.Module = model
+    if dist.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    amp_dtype = _amp_dtype(cfg, dist.device)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
+    mixer = get_mixer(cfg.method, **cfg.method_params)
+    ctx = MixContext(tuple(cfg.mean), tuple(cfg.std), len(data.classes), model)
+    return Runtime(cfg, dist, RunDir(cfg.out, create=dist.is_main), data, model, ddp_model,
+                   optimizer, scheduler, scaler, mixer, ctx, amp_dtype, channels_last)
+
+
+def _lr_lambda(cfg: TrainConfig):
+    """Step schedule (× gamma at each milestone) with optional linear warm-up, per epoch."""
+    def factor(epoch: int) -> float:
+        warm = (epoch + 1) / cfg.warmup_epochs if epoch < cfg.warmup_epochs else 1.0
+        return warm * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return factor
+
+
+def make_loader(rt: Runtime, train: bool, epoch: int) -> DataLoader:
+    cfg, dist = rt.cfg, rt.dist
+    dataset = rt.data.train if train else rt.data.val
+    per_rank = max(1, cfg.batch_size // dist.world_size)
+    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1))
+    sampler = None
+    if dist.distributed:
+        if train:
+            sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True,
+                                         seed=cfg.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            from torch.utils.data import Subset
+            from backbone.dist import shard_indices
+            dataset = Subset(dataset, shard_indices(len(dataset), dist.rank, dist.world_size))
+    return DataLoader(
+        dataset, batch_size=per_rank, shuffle=train and sampler is None, sampler=sampler,
+        num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
+        drop_last=train and len(dataset) >= 2 * per_rank,
+        generator=gen, collate_fn=collate_skip, persistent_workers=False,
+    )
+
+
+def mixed_loss(logits: torch.Tensor, out: MixOutput) -> torch.Tensor:
+    """λ·CE(y_a) + (1-λ)·CE(y_b), per sample; plain CE when nothing was mixed."""
+    if out.label_b is None:
+        return F.cross_entropy(logits, out.label_a)
+    ce_a = F.cross_entropy(logits, out.label_a, reduction="none")
+    ce_b = F.cross_entropy(logits, out.label_b, reduction="none")
+    lam = out.lam.to(logits.dtype)
+    return (lam * ce_a + (1 - lam) * ce_b).mean()
+
+
+def _autocast(rt: Runtime) -> contextlib.AbstractContextManager:
+    if rt.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(rt.dist.device.type, dtype=rt.amp_dtype)
+
+
+def train_step(rt: Runtime, images: torch.Tensor, labels: torch.Tensor,
+               generator: torch.Generator) -> torch.Tensor:
+    """One optimisation step; returns the loss as a detached tensor (no host sync)."""
+    out = rt.mixer(images, labels, generator, rt.ctx)
+    with _autocast(rt):
+        loss = mixed_loss(rt.ddp_model(out.images), out)
+    rt.optimizer.zero_grad(set_to_none=True)
+    rt.scaler.scale(loss).backward()
+    rt.scaler.step(rt.optimizer)
+    rt.scaler.update()
+    return loss.detach()
+
+
+def train_epoch(rt: Runtime, epoch: int) -> dict[str, float]:
+    """One pass over the training data; stops with `TrainingDiverged` on a non-finite loss."""
+    torch.manual_seed(epoch_seed(rt.cfg.seed, epoch, 2))
+    mix_gen = torch.Generator().manual_seed(epoch_seed(rt.cfg.seed, epoch, 3))
+    loader = make_loader(rt, train=True, epoch=epoch)
+    rt.ddp_model.train()
+    loss_sum = torch.zeros((), device=rt.dist.device, dtype=torch.float64)
+    seen, skipped, start = 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{rt.cfg.epochs}", unit="batch",
+               disable=not (rt.cfg.progress and rt.dist.is_main), leave=False)
+    for step, batch in enumerate(bar):
+        images, labels, n_skip = to_device(batch, rt.dist.device, rt.channels_last)
+        skipped += n_skip
+        if len(labels) < 2:
+            continue
+        loss = train_step(rt, images, labels, mix_gen)
+        loss_sum += loss.double() * len(labels)
+        seen += len(labels)
+        if step % 20 == 0 or step == len(loader) - 1:
+            _check_finite(loss_sum, epoch, step)
+            rate = seen * rt.dist.world_size / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+    _check_finite(loss_sum, epoch, len(loader))
+    elapsed = time.perf_counter() - start
+    totals = all_reduce_sum(torch.tensor([float(loss_sum), seen, skipped], dtype=torch.float64,
+                                         device=rt.dist.device))
+    n = max(int(totals[1]), 1)
+    return {"train_loss": float(totals[0]) / n, "train_images": int(totals[1]),
+            "skipped_images": int(totals[2]), "epoch_time_s": elapsed,
+            "images_per_s": int(totals[1]) / max(elapsed, 1e-9)}
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    if not bool(torch.isfinite(loss_sum)):
+        raise TrainingDiverged(f"loss became NaN/Inf in epoch {epoch + 1} near step {step}; "
+                               "stopped, the last good checkpoint is kept")
+
+
+@torch.inference_mode()
+def evaluate(rt: Runtime, epoch: int) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) on the validation set, exact over ranks."""
+    rt.model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=rt.dist.device)  # top1, top5, n
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.dist.device)
+    for batch in make_loader(rt, train=False, epoch=epoch):
+        images, labels, _ = to_device(batch, rt.dist.device, rt.channels_last)
+        if len(labels) == 0:
+            continue
+        with _autocast(rt):
+            logits = rt.model(images)
+        k = min(5, logits.shape[1])
+        top = logits.float().topk(k, dim=1).indices
+        hit = top == labels[:, None]
+        counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(),
+                               torch.tensor(len(labels), device=hit.device)]).double()
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+    totals = all_reduce_sum(torch.cat([counts, loss_sum.view(1)]))
+    n = max(float(totals[2]), 1.0)
+    return {"top1": 100 * float(totals[0]) / n, "top5": 100 * float(totals[1]) / n,
+            "val_loss": float(totals[3]) / n, "val_images": int(totals[2])}
+
+
+def backbone_meta(rt: Runtime, epoch: int, metrics: dict[str, Any]) -> BackboneMeta:
+    cfg = rt.cfg
+    return BackboneMeta(
+        arch=cfg.arch, num_classes=len(rt.data.classes), class_names=tuple(rt.data.classes),
+        arch_kwargs=dict(cfg.arch_kwargs), input_size=cfg.input_size, mean=tuple(cfg.mean),
+        std=tuple(cfg.std), resize=cfg.resize, crop=cfg.crop, dataset=cfg.dataset,
+        method=rt.mixer.describe(), epochs=epoch, metrics=metrics, provenance=provenance(),
+    )
+
+
+def save_resume(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -> None:
+    """Everything needed to continue after `epoch` (completed epochs), in one atomic file."""
+    state = {
+        "epoch": epoch,
+        "model": export_state(rt.model),
+        "optimizer": rt.optimizer.state_dict(),
+        "scheduler": rt.scheduler.state_dict(),
+        "scaler": rt.scaler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "history": history,
+        "config": _plain_config(rt.cfg),
+    }
+    atomic_save(rt.run.file(RESUME_FILE), lambda tmp: torch.save(state, tmp))
+
+
+def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
+    from backbone.io import to_jsonable
+    return to_jsonable(cfg)
+
+
+def load_resume(rt: Runtime) -> tuple[int, list[dict[str, Any]]]:
+    path = rt.run.file(RESUME_FILE)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{rt.run.path}: nothing to resume (no {RESUME_FILE})") from None
+    except Exception as e:  # a torn or foreign file
+        raise UserError(f"{path}: unreadable resume state ({type(e).__name__})") from None
+    saved = state["config"]
+    for key in ("arch", "dataset", "method", "method_params", "batch_size", "seed"):
+        if saved.get(key) != _plain_config(rt.cfg).get(key):
+            raise UserError(f"{path}: cannot resume with a different {key} "
+                            f"({saved.get(key)!r} saved, {_plain_config(rt.cfg).get(key)!r} now)")
+    rt.model.load_state_dict(state["model"])
+    rt.optimizer.load_state_dict(state["optimizer"])
+    rt.scheduler.load_state_dict(state["scheduler"])
+    rt.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best epoch by top-1 (what the papers report) and the last epoch."""
+    if not history:
+        return {}
+    best = max(history, key=lambda h: (h["top1"], -h["epoch"]))
+    last = history[-1]
+    pick = lambda h: {"epoch": h["epoch"], "top1": h["top1"], "top5": h["top5"],
+                      "top1_err": 100 - h["top1"], "top5_err": 100 - h["top5"]}
+    return {"best": pick(best), "last": pick(last)}
+
+
+def _write_epoch(rt: Runtime, epoch: int, history: list[dict[str, Any]], best_top1: float,
+                 train_time: float) -> None:
+    summary = summarise(history)
+    meta = backbone_meta(rt, epoch, summary)
+    # Order matters for a kill at any point: resume state first, then the weights it implies.
+    save_resume(rt, epoch, history)
+    save_checkpoint(rt.run.file("backbone.safetensors"), rt.model, meta)
+    if history[-1]["top1"] >= best_top1:
+        save_checkpoint(rt.run.file("best.safetensors"), rt.model, meta)
+    results = {**summary, "arch": rt.cfg.arch, "dataset": rt.cfg.dataset,
+               "method": rt.mixer.describe(), "seed": rt.cfg.seed, "epochs_done": epoch,
+               "epochs": rt.cfg.epochs, "num_classes": len(rt.data.classes),
+               "train_time_s": train_time,
+               "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
+               "world_size": rt.dist.world_size}
+    rt.run.write_metrics(stage="pretrain", kind="classification", results=results,
+                         config=rt.cfg, checkpoint=str(rt.run.file("backbone.safetensors")))
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or continue) a run; returns the final metrics.json content's `results`."""
+    dist = init_distributed(cfg.device)
+    rt = build_runtime(cfg, dist)
+    start, history = load_resume(rt) if resume else (0, [])
+    if not resume and rt.run.file(RESUME_FILE).exists():
+        raise UserError(f"{rt.run.path} already holds a run; use --resume to continue it "
+                        "or choose another --out")
+    if dist.is_main:
+        rt.run.write_config(cfg)
+    train_time = sum(h["epoch_time_s"] for h in history)
+    best_top1 = max((h["top1"] for h in history), default=-1.0)
+    for epoch in range(start, cfg.epochs):
+        stats = train_epoch(rt, epoch)
+        sync_bn_buffers(rt)
+        rt.scheduler.step()
+        stats.update(evaluate(rt, epoch), epoch=epoch + 1, lr=rt.optimizer.param_groups[0]["lr"])
+        history.append(stats)
+        train_time += stats["epoch_time_s"]
+        if dist.is_main:
+            rt.run.log(stats)
+            _write_epoch(rt, epoch + 1, history, best_top1, train_time)
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
+                       f"top1 {stats['top1']:.2f}  top5 {stats['top5']:.2f}  "
+                       f"{stats['images_per_s']:.0f} img/s")
+        best_top1 = max(best_top1, stats["top1"])
+        barrier()
+    identical = replicas_identical(rt)
+    if dist.is_main and dist.distributed:
+        metrics = read_json(rt.run.file("metrics.json"))
+        metrics["results"]["replicas_identical"] = identical
+        from backbone.io import write_json
+        write_json(rt.run.file("metrics.json"), metrics)
+    return summarise(history)
+
+
+def sync_bn_buffers(rt: Runtime) -> None:
+    """Average BatchNorm running statistics over ranks (as timm's `distribute_bn` with
+    reduce): DDP keeps parameters in sync but each rank updates its own running stats after
+    the last forward, so without this the ranks would evaluate and save different models."""
+    if not rt.dist.distributed:
+        return
+    with torch.no_grad():
+        for name, buf in rt.model.named_buffers():
+            if buf.is_floating_point() and ("running_mean" in name or "running_var" in name):
+                all_reduce_sum(buf).div_(rt.dist.world_size)
+
+
+def replicas_identical(rt: Runtime) -> bool:
+    """Under DDP, check that every rank ends with the same weights (a cheap digest compare)."""
+    if not rt.dist.distributed:
+        return True
+    with torch.no_grad():
+        digest = torch.stack([p.double().sum() for p in rt.model.state_dict().values()
+                              if p.is_floating_point()]).cpu()
+    gathered = [torch.zeros_like(digest) for _ in range(rt.dist.world_size)]
+    torch.distributed.all_gather(gathered, digest.to(rt.dist.device))
+    return all(torch.equal(gathered[0].cpu(), g.cpu()) for g in gathered[1:])

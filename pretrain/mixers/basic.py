@@ -1,0 +1,125 @@
+"""The peers of SaliencyMix: none, Cutout, Mixup and CutMix, as their papers define them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from backbone.errors import UserError
+from pretrain.mixers.base import MixContext, Mixer, MixOutput, MixParams, bernoulli, beta, register_mixer
+from pretrain.mixers.boxes import box_area, box_mask, boxes_from_centres, paste
+from pretrain.pairing import get_pairing
+
+
+def _identity(images: torch.Tensor, labels: torch.Tensor) -> MixOutput:
+    return MixOutput(images, labels, None, torch.ones(len(labels), device=images.device))
+
+
+@register_mixer("none")
+@dataclasses.dataclass
+class NoMix(Mixer):
+    """Plain training: images and labels untouched."""
+
+    def sample(self, images, labels, generator, ctx) -> MixParams:
+        return MixParams(active=False)
+
+    def apply(self, images, labels, params) -> MixOutput:
+        return _identity(images, labels)
+
+
+@register_mixer("cutout")
+@dataclasses.dataclass
+class Cutout(Mixer):
+    """DeVries & Taylor 2017: one square hole per image (side `size`, centre uniform, clipped),
+    filled with 0 in normalised space (the dataset mean), labels unchanged."""
+
+    size: int = 16
+    prob: float = 1.0
+
+    def validate(self) -> None:
+        if self.size < 1 or not 0 <= self.prob <= 1:
+            raise UserError("cutout: size must be >= 1 and prob in [0, 1]")
+
+    def sample(self, images, labels, generator, ctx) -> MixParams:
+        bsz, _, h, w = images.shape
+        active = bernoulli(generator, self.prob)
+        cy = torch.randint(0, h, (bsz,), generator=generator)
+        cx = torch.randint(0, w, (bsz,), generator=generator)
+        side = torch.full((bsz,), self.size)
+        # Cutout's own clipping: [c - size//2, c + size//2) per axis, clipped to the image.
+        return MixParams(active=active, boxes=boxes_from_centres(cy, cx, side, side, h, w))
+
+    def apply(self, images, labels, params) -> MixOutput:
+        if not params.active:
+            return _identity(images, labels)
+        hole = box_mask(params.boxes, images.shape[2], images.shape[3], images.device)
+        return _identity(images.masked_fill(hole, 0.0), labels)
+
+
+@register_mixer("mixup")
+@dataclasses.dataclass
+class Mixup(Mixer):
+    """Zhang et al. 2018: x = λ·x_a + (1-λ)·x_b with one λ ~ Beta(α, α) per batch."""
+
+    alpha: float = 1.0
+    prob: float = 1.0
+    pairing: str = "random"
+
+    def validate(self) -> None:
+        get_pairing(self.pairing)
+        if self.alpha <= 0 or not 0 <= self.prob <= 1:
+            raise UserError("mixup: alpha must be > 0 and prob in [0, 1]")
+
+    def sample(self, images, labels, generator, ctx) -> MixParams:
+        active = bernoulli(generator, self.prob)
+        lam = float(beta(generator, self.alpha))
+        perm = get_pairing(self.pairing)(len(labels), generator, images.device,
+                                         images=images, ctx=ctx, labels=labels)
+        return MixParams(active=active, perm=perm,
+                         lam=torch.full((len(labels),), lam), info={"pairing": self.pairing})
+
+    def apply(self, images, labels, params) -> MixOutput:
+        if not params.active:
+            return _identity(images, labels)
+        lam = params.lam.to(images.device, images.dtype)
+        mixed = lam.view(-1, 1, 1, 1) * images + (1 - lam.view(-1, 1, 1, 1)) * images[params.perm]
+        return MixOutput(mixed, labels, labels[params.perm], lam)
+
+
+@register_mixer("cutmix")
+@dataclasses.dataclass
+class CutMix(Mixer):
+    """Yun et al. 2019: paste a box of side S·sqrt(1-λ) from the permuted image at the same
+    place; one box per batch as the official code; λ corrected to the clipped area."""
+
+    alpha: float = 1.0
+    prob: float = 1.0
+    pairing: str = "random"
+
+    def validate(self) -> None:
+        get_pairing(self.pairing)
+        if self.alpha <= 0 or not 0 <= self.prob <= 1:
+            raise UserError("cutmix: alpha must be > 0 and prob in [0, 1]")
+
+    def sample(self, images, labels, generator, ctx) -> MixParams:
+        bsz, _, h, w = images.shape
+        active = bernoulli(generator, self.prob)
+        lam = float(beta(generator, self.alpha))
+        perm = get_pairing(self.pairing)(bsz, generator, images.device,
+                                         images=images, ctx=ctx, labels=labels)
+        cut = 1.0 - lam
+        cut_h, cut_w = int(h * cut ** 0.5), int(w * cut ** 0.5)
+        cy = torch.randint(0, h, (1,), generator=generator)
+        cx = torch.randint(0, w, (1,), generator=generator)
+        box = boxes_from_centres(cy, cx, torch.tensor([cut_h]), torch.tensor([cut_w]), h, w)
+        boxes = box.expand(bsz, 4)
+        lam_actual = 1.0 - box_area(boxes).double() / (h * w)
+        return MixParams(active=active, perm=perm, lam=lam_actual.float(), boxes=boxes,
+                         info={"pairing": self.pairing, "lam_sampled": lam})
+
+    def apply(self, images, labels, params) -> MixOutput:
+        if not params.active:
+            return _identity(images, labels)
+        mixed = paste(images, images[params.perm], params.boxes)
+        return MixOutput(mixed, labels, labels[params.perm], params.lam.to(images.device))

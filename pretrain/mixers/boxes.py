@@ -1,0 +1,55 @@
+"""Box arithmetic shared by the cut-and-paste mixers, vectorised over the batch.
+
+Boxes are int64 [B,4] as (y0, x0, y1, x1), half-open, in pixels of the batch's images.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def boxes_from_centres(cy: torch.Tensor, cx: torch.Tensor, cut_h: torch.Tensor,
+                       cut_w: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Boxes centred on (cy, cx) with sides cut_h × cut_w, clipped to the image as the
+    official CutMix/SaliencyMix `rand_bbox`/`saliency_bbox` do (`np.clip(c ± cut // 2, 0, S)`)."""
+    y0 = (cy - torch.div(cut_h, 2, rounding_mode="floor")).clamp(0, height)
+    y1 = (cy + torch.div(cut_h, 2, rounding_mode="floor")).clamp(0, height)
+    x0 = (cx - torch.div(cut_w, 2, rounding_mode="floor")).clamp(0, width)
+    x1 = (cx + torch.div(cut_w, 2, rounding_mode="floor")).clamp(0, width)
+    return torch.stack([y0, x0, y1, x1], dim=1).long()
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    return ((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0))
+
+
+def box_mask(boxes: torch.Tensor, height: int, width: int, device: torch.device | str
+             ) -> torch.Tensor:
+    """[B,1,H,W] bool mask, True inside each sample's box."""
+    b = boxes.to(device)
+    ys = torch.arange(height, device=device).view(1, height, 1)
+    xs = torch.arange(width, device=device).view(1, 1, width)
+    inside = ((ys >= b[:, 0, None, None]) & (ys < b[:, 2, None, None])
+              & (xs >= b[:, 1, None, None]) & (xs < b[:, 3, None, None]))
+    return inside.unsqueeze(1)
+
+
+def paste(target: torch.Tensor, source: torch.Tensor, src_boxes: torch.Tensor,
+          dst_boxes: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy source[i] inside src_boxes[i] into target[i] at dst_boxes[i] (same size boxes).
+
+    One gather over the batch: every target pixel inside its destination box reads the source
+    pixel at the same offset inside the source box. Inputs are not modified.
+    """
+    bsz, _, height, width = target.shape
+    dst = src_boxes if dst_boxes is None else dst_boxes
+    inside = box_mask(dst, height, width, target.device)
+    if dst_boxes is None or torch.equal(dst_boxes, src_boxes):
+        return torch.where(inside, source, target)
+    shift_y = (src_boxes[:, 0] - dst[:, 0]).to(target.device).view(bsz, 1, 1)
+    shift_x = (src_boxes[:, 1] - dst[:, 1]).to(target.device).view(bsz, 1, 1)
+    ys = (torch.arange(height, device=target.device).view(1, height, 1) + shift_y).clamp(0, height - 1)
+    xs = (torch.arange(width, device=target.device).view(1, 1, width) + shift_x).clamp(0, width - 1)
+    flat = (ys * width + xs).view(bsz, 1, height * width).expand(-1, source.shape[1], -1)
+    moved = source.flatten(2).gather(2, flat).view_as(source)
+    return torch.where(inside, moved, target)

@@ -1,0 +1,41 @@
+"""Shared fixtures: small synthetic data in the real formats, made by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backbone.shapes import ShapesConfig, generate_shapes
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """3 classes × 8 training images (+4 val each) at 32 px, class folders + VOC copy."""
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(ShapesConfig(root, classes=3, per_class=8, size=32, seed=1), progress=False)
+    return root
+
+
+def write_cifar10(root: Path, n_train: int = 20, n_test: int = 10, seed: int = 0) -> Path:
+    """CIFAR-10 python pickles as published (`cifar-10-batches-py/`), tiny."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    per = n_train // 5
+    for i in range(1, 6):
+        data = rng.integers(0, 256, size=(per, 3072), dtype=np.uint8)
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"data": data, "labels": rng.integers(0, 10, per).tolist()}, f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, size=(n_test, 3072), dtype=np.uint8),
+                     "labels": rng.integers(0, 10, n_test).tolist()}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return root

@@ -1,0 +1,229 @@
+"""The shared foundation: architectures, the checkpoint format, import, data readers."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from backbone.arch import arch_spec, build_model, list_archs
+from backbone.checkpoint import BackboneMeta, load_backbone, read_checkpoint, save_checkpoint
+from backbone.ckpt_import import import_checkpoint
+from backbone.cli import main as smix
+from backbone.data import CIFAR, ClassFolder, read_cifar
+from backbone.errors import UserError
+from backbone.voc import find_year_dir, load_voc
+from tests.conftest import write_cifar10
+
+
+def meta_for(arch: str, k: int = 3, **kw) -> BackboneMeta:
+    return BackboneMeta(arch=arch, num_classes=k, class_names=tuple(f"c{i}" for i in range(k)), **kw)
+
+
+@pytest.mark.parametrize("arch", list_archs())
+def test_registry_forward_backward(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 5)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    spec = arch_spec(arch)
+    assert dict(model.named_modules())[spec.cam_layer] is not None
+    assert model.fc.in_features == spec.feature_dim
+
+
+def test_unknown_arch_lists_valid():
+    with pytest.raises(UserError, match="resnet50") as e:
+        build_model("resnet51", 10)
+    assert "unknown architecture 'resnet51'" in str(e.value)
+
+
+@pytest.mark.parametrize("arch,tv", [("resnet18", torchvision.models.resnet18),
+                                     ("resnet50", torchvision.models.resnet50)])
+def test_checkpoint_round_trip_and_torchvision_strict(tmp_path, arch, tv):
+    torch.manual_seed(0)
+    model = build_model(arch, 3)
+    path = save_checkpoint(tmp_path / "b.safetensors", model, meta_for(arch, dataset="x"))
+    loaded, meta = load_backbone(path)
+    assert meta.arch == arch and meta.class_names == ("c0", "c1", "c2")
+    assert meta.provenance["torch_version"] == torch.__version__
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    ref = tv(num_classes=3)
+    ref.load_state_dict(load_file(str(path)), strict=True)  # torchvision names, unchanged
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    assert torch.equal(ref.eval()(x), model(x))
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_checkpoint_strips_wrapper_prefixes(tmp_path):
+    model = build_model("resnet18", 3)
+    compiled_like = torch.nn.Module()
+    compiled_like._orig_mod = model  # what torch.compile wraps
+    save_checkpoint(tmp_path / "b.safetensors", compiled_like, meta_for("resnet18"))
+    assert all(not k.startswith(("module.", "_orig_mod.")) for k in load_file(str(tmp_path / "b.safetensors")))
+
+
+def test_checkpoint_validation_errors(tmp_path):
+    model = build_model("resnet18", 3)
+    good = save_checkpoint(tmp_path / "good.safetensors", model, meta_for("resnet18"))
+    # wrong arch in metadata: shapes do not match resnet34's
+    state = load_file(str(good))
+    header = meta_for("resnet34").to_header()
+    save_file(state, str(tmp_path / "arch.safetensors"), metadata=header)
+    with pytest.raises(UserError, match=r"arch.safetensors: tensor 'layer1.2.conv1.weight' missing"):
+        read_checkpoint(tmp_path / "arch.safetensors")
+    # wrong shape
+    bad = dict(state)
+    bad["fc.weight"] = torch.zeros(4, 512)
+    save_file(bad, str(tmp_path / "shape.safetensors"), metadata=meta_for("resnet18").to_header())
+    with pytest.raises(UserError, match=r"'fc.weight' has shape \(4, 512\)"):
+        read_checkpoint(tmp_path / "shape.safetensors")
+    # NaN weights
+    nan = dict(state)
+    nan["layer2.0.conv1.weight"] = nan["layer2.0.conv1.weight"].clone()
+    nan["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_file(nan, str(tmp_path / "nan.safetensors"), metadata=meta_for("resnet18").to_header())
+    with pytest.raises(UserError, match="'layer2.0.conv1.weight' contains NaN"):
+        read_checkpoint(tmp_path / "nan.safetensors")
+    # truncated file
+    raw = good.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match="trunc.safetensors: unreadable safetensors"):
+        read_checkpoint(tmp_path / "trunc.safetensors")
+    # not ours: no format field
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(UserError, match="not a toolkit checkpoint"):
+        read_checkpoint(tmp_path / "plain.safetensors")
+    # saving NaN weights is refused too, and the good file stays intact
+    before = good.read_bytes()
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match="contains NaN or Inf"):
+        save_checkpoint(good, model, meta_for("resnet18"))
+    assert good.read_bytes() == before
+
+
+def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
+    import backbone.checkpoint as ck
+
+    model = build_model("resnet18", 3)
+    path = save_checkpoint(tmp_path / "b.safetensors", model, meta_for("resnet18"))
+    before = path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    with torch.no_grad():
+        model.fc.weight.add_(1)
+    with pytest.raises(UserError, match="No space left on device"):
+        save_checkpoint(path, model, meta_for("resnet18"))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b.safetensors"]
+
+
+def _official_layout(model: torch.nn.Module) -> dict:
+    return {"epoch": 300, "arch": "resnet", "best_err1": torch.tensor(21.26), "best_err5": 5.8,
+            "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+            "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(3)}},
+                          "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}]}}
+
+
+def test_import_official_pth_tar(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet50", 7)
+    torch.save(_official_layout(model), tmp_path / "model_best.pth.tar")
+    meta = import_checkpoint(tmp_path / "model_best.pth.tar", tmp_path / "b.safetensors")
+    assert meta.arch == "resnet50" and meta.num_classes == 7 and meta.epochs == 300
+    assert meta.metrics["best_err1"] == pytest.approx(21.26, abs=1e-4)
+    state, _ = read_checkpoint(tmp_path / "b.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v)
+
+
+def test_import_cifar_stem_and_torchvision_plain(tmp_path):
+    model = build_model("cifar_resnet18", 10)
+    torch.save(model.state_dict(), tmp_path / "sd.pth")
+    meta = import_checkpoint(tmp_path / "sd.pth", tmp_path / "c.safetensors")
+    assert meta.arch == "cifar_resnet18" and meta.crop == 32 and meta.resize == 32
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_import_refuses_full_unpickling(tmp_path):
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": {"x": Evil()}}, f)
+    with pytest.raises(UserError, match="refused, it needs full unpickling"):
+        import_checkpoint(tmp_path / "evil.pth", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_ckpt_cli_inspect_and_errors(tmp_path, capsys):
+    save_checkpoint(tmp_path / "b.safetensors", build_model("resnet18", 3), meta_for("resnet18"))
+    assert smix(["ckpt", "inspect", str(tmp_path / "b.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "smix.backbone/1" and info["cam_layer"] == "layer4"
+    assert smix(["ckpt", "inspect", str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such checkpoint file" in err
+
+
+def test_class_folder_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        ClassFolder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no class folders"):
+        ClassFolder(tmp_path / "empty")
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "b").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "a" / "x.jpg")
+    with pytest.raises(UserError, match=r"d/b: class folder has no images"):
+        ClassFolder(tmp_path / "d")
+    (tmp_path / "d" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    ds = ClassFolder(tmp_path / "d")
+    with pytest.raises(UserError, match="broken.jpg: cannot read image"):
+        ds[1]
+    assert ClassFolder(tmp_path / "d", skip_bad_images=True)[1] is None
+
+
+def test_cifar_reader(tmp_path):
+    write_cifar10(tmp_path)
+    images, labels, names = read_cifar(tmp_path, train=True)
+    assert images.shape == (20, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.shape == (20,) and names[3] == "c3"
+    ds = CIFAR(tmp_path, train=False)
+    img, label = ds[0]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8
+    with pytest.raises(UserError, match="no CIFAR python pickles"):
+        read_cifar(tmp_path / "cifar-10-batches-py" / "missing", train=True)
+
+
+def test_shapes_generator_formats(shapes_root):
+    train = ClassFolder(shapes_root / "train")
+    assert train.classes == ["circle", "square", "triangle"] and len(train) == 24
+    year = find_year_dir(shapes_root, "2007")
+    records = load_voc(year, "trainval")
+    assert len(records) == 24
+    rec = records[0]
+    img = np.asarray(Image.open(rec.image_path)).astype(float)
+    x0, y0, x1, y1 = (int(v) for v in rec.objects[0].box0)
+    assert 0 <= x0 < x1 <= rec.width and 0 <= y0 < y1 <= rec.height
+    # The object's colour is saturated: inside the box differs from the textured background.
+    inside = img[y0:y1, x0:x1].reshape(-1, 3)
+    assert inside.std(axis=0).max() > 20
+    assert (shapes_root / "train" / "circle").is_dir()

@@ -1,0 +1,235 @@
+"""The pretrain engine: configs, mixers of the foundation, resume bit-identity, bad input, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backbone.checkpoint import read_checkpoint
+from backbone.cli import main as smix
+from backbone.errors import UserError
+from pretrain import engine
+from pretrain.config import build_config
+from pretrain.mixers import MixContext, get_mixer, list_mixers
+from tests.conftest import write_cifar10
+
+FAST = {"workers": "0", "batch_size": "8", "input_size": "32", "resize": "32", "crop": "32",
+        "progress": "false", "milestones": "1"}
+CTX = MixContext((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 4)
+
+
+def cfg(shapes_root: Path, out: Path, epochs: int = 2, method: str = "none", **extra: str):
+    return build_config("shapes-resnet18", shapes_root, out, method,
+                        {**FAST, "epochs": str(epochs), **extra})
+
+
+def test_presets_carry_paper_settings():
+    c = build_config("cifar10-resnet18", Path("d"), Path("o"), "cutmix")
+    assert (c.lr, c.momentum, c.nesterov, c.weight_decay) == (0.1, 0.9, True, 5e-4)
+    assert c.milestones == (60, 120, 160) and c.gamma == 0.2 and c.epochs == 200
+    assert c.method_params == {"prob": 0.5} and c.arch == "cifar_resnet18"
+    i = build_config("imagenet-resnet50", Path("d"), Path("o"), "saliencymix")
+    assert (i.epochs, i.batch_size, i.milestones, i.gamma) == (300, 256, (75, 150, 225), 0.1)
+    assert (i.resize, i.crop, i.weight_decay) == (256, 224, 1e-4) and i.method_params["prob"] == 1.0
+    w = build_config("cifar100-wrn28-10", Path("d"), Path("o"))
+    assert w.arch_kwargs == {"dropout": 0.3}
+    with pytest.raises(UserError, match="unknown preset 'cifar11-resnet18'; valid: .*cifar10-resnet18"):
+        build_config("cifar11-resnet18", Path("d"), Path("o"))
+    with pytest.raises(UserError, match="unknown setting 'lrr'"):
+        build_config("cifar10-resnet18", Path("d"), Path("o"), overrides={"lrr": "1"})
+    with pytest.raises(UserError, match="bad value for lr"):
+        build_config("cifar10-resnet18", Path("d"), Path("o"), overrides={"lr": "fast"})
+
+
+def test_unknown_method_lists_valid():
+    with pytest.raises(UserError, match="unknown method 'mixmix'; valid: .*cutmix"):
+        get_mixer("mixmix")
+    with pytest.raises(UserError, match="cutmix: unknown parameter 'beta'"):
+        get_mixer("cutmix", beta="1")
+
+
+@pytest.mark.parametrize("name", ["none", "cutout", "mixup", "cutmix"])
+def test_mixer_properties(name):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 16, 16)
+    y = torch.arange(6)
+    x0 = x.clone()
+    mixer = get_mixer(name)
+    a = mixer(x, y, torch.Generator().manual_seed(3), CTX)
+    b = mixer(x, y, torch.Generator().manual_seed(3), CTX)
+    assert torch.equal(x, x0)  # input not mutated
+    assert torch.equal(a.images, b.images) and torch.equal(a.lam, b.lam)  # seeded determinism
+    assert a.images.shape == x.shape and a.lam.shape == (6,)
+    if a.label_b is not None:
+        perm = mixer.sample(x, y, torch.Generator().manual_seed(3), CTX).perm
+        assert torch.equal(a.label_b, y[perm])
+
+
+def test_cutmix_lambda_is_the_pasted_fraction():
+    x = torch.zeros(8, 1, 20, 20)
+    x += torch.arange(8).view(8, 1, 1, 1).float()  # each image a constant = its index
+    y = torch.arange(8)
+    mixer = get_mixer("cutmix")
+    for seed in range(20):
+        p = mixer.sample(x, y, torch.Generator().manual_seed(seed), CTX)
+        out = mixer.apply(x, y, p)
+        from_target = (out.images == x).float().mean(dim=(1, 2, 3))
+        moved = p.perm != y  # a fixed point of the permutation mixes an image with itself
+        assert torch.allclose(out.lam[moved], from_target[moved], atol=1e-6)
+
+
+def test_cutmix_lambda_one_is_identity():
+    x, y = torch.randn(4, 3, 8, 8), torch.arange(4)
+    mixer = get_mixer("cutmix")
+    p = mixer.sample(x, y, torch.Generator().manual_seed(0), CTX)
+    p.boxes = torch.zeros_like(p.boxes)  # empty box: λ = 1
+    p.lam = torch.ones(4)
+    assert torch.equal(mixer.apply(x, y, p).images, x)
+
+
+def test_cutout_hole_is_zero_and_sized():
+    x = torch.ones(5, 3, 32, 32)
+    out = get_mixer("cutout", size="8")(x, torch.arange(5), torch.Generator().manual_seed(1), CTX)
+    holes = (out.images[:, 0] == 0).sum(dim=(1, 2))
+    assert (holes <= 64).all() and (holes > 0).all() and out.label_b is None
+
+
+def test_train_end_to_end_and_files(shapes_root, tmp_path):
+    result = engine.train(cfg(shapes_root, tmp_path / "run", epochs=2, method="cutmix"))
+    run = tmp_path / "run"
+    assert {"backbone.safetensors", "best.safetensors", "resume.pt", "config.json",
+            "log.jsonl", "metrics.json"} <= {p.name for p in run.iterdir()}
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and log[0]["train_images"] == 24
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["stage"] == "pretrain" and metrics["results"]["best"] == result["best"]
+    _, meta = read_checkpoint(run / "backbone.safetensors")
+    assert meta.method["name"] == "cutmix" and meta.epochs == 2
+    assert meta.class_names == ("circle", "square", "triangle")
+    assert meta.metrics["last"]["epoch"] == 2
+    torch.load(run / "resume.pt", weights_only=True)  # primitives and tensors only
+    with pytest.raises(UserError, match="already holds a run"):
+        engine.train(cfg(shapes_root, run, epochs=2, method="cutmix"))
+
+
+def test_resume_is_bit_identical(shapes_root, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    engine.train(cfg(shapes_root, full, epochs=2, method="mixup"))
+    killed = tmp_path / "killed"
+    real_epoch = engine.train_epoch
+
+    def die_in_second_epoch(rt, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(rt, epoch)
+
+    monkeypatch.setattr(engine, "train_epoch", die_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(cfg(shapes_root, killed, epochs=2, method="mixup"))
+    monkeypatch.setattr(engine, "train_epoch", real_epoch)
+    assert smix(["pretrain", "--resume", str(killed)]) == 0
+    a = load_file(str(full / "backbone.safetensors"))
+    b = load_file(str(killed / "backbone.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = (killed / "log.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in logs] == [1, 2]
+
+
+def test_nan_loss_stops_and_keeps_last_good(shapes_root, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_loss = engine.mixed_loss
+    calls = {"n": 0}
+
+    def nan_after_first_epoch(logits, out):
+        calls["n"] += 1
+        loss = real_loss(logits, out)
+        return loss * float("nan") if calls["n"] > 3 else loss  # 3 steps per epoch
+
+    monkeypatch.setattr(engine, "mixed_loss", nan_after_first_epoch)
+    args = ["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root), "--out",
+            str(run), "--epochs", "3", *[f"{k}={v}" for k, v in FAST.items()]]
+    assert smix(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss became NaN/Inf in epoch 2" in err[0]
+    state, meta = read_checkpoint(run / "backbone.safetensors")  # validates: all finite
+    assert meta.epochs == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset", "shapes-resnet18", "--method", "foo"], "unknown method 'foo'"),
+    (["--preset", "shapes-resnet18", "arch=resnet5"], "unknown architecture 'resnet5'"),
+])
+def test_pretrain_bad_options(shapes_root, tmp_path, capsys, argv, message):
+    base = ["pretrain", "--data", str(shapes_root), "--out", str(tmp_path / "r"),
+            *[f"{k}={v}" for k, v in FAST.items()]]
+    assert smix(base[:1] + argv + base[1:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err
+
+
+def test_pretrain_bad_data(tmp_path, capsys):
+    def run(data: Path) -> str:
+        code = smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(data), "--out",
+                     str(tmp_path / "r"), *[f"{k}={v}" for k, v in FAST.items()]])
+        assert code == 2
+        return capsys.readouterr().err.strip()
+
+    assert "does not exist" in run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    assert "missing train/" in run(tmp_path / "empty")
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "val" / "a").mkdir(parents=True)
+    assert "class folder has no images" in run(tmp_path / "d")
+
+
+def test_bad_image_named_or_skipped(shapes_root, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(shapes_root / "train", data / "train")
+    shutil.copytree(shapes_root / "val", data / "val")
+    (data / "train" / "circle" / "zz_broken.jpg").write_bytes(b"\x00garbage")
+    args = ["pretrain", "--preset", "shapes-resnet18", "--data", str(data), "--epochs", "1",
+            *[f"{k}={v}" for k, v in FAST.items()]]
+    assert smix(args + ["--out", str(tmp_path / "r1")]) == 2
+    assert "zz_broken.jpg: cannot read image" in capsys.readouterr().err
+    # 25 files in batches of 5: no batch is dropped, so every file is read once
+    assert smix(args + ["--out", str(tmp_path / "r2"), "--skip-bad-images", "batch_size=5"]) == 0
+    log = json.loads((tmp_path / "r2" / "log.jsonl").read_text().splitlines()[0])
+    assert log["skipped_images"] == 1 and log["train_images"] == 24
+
+
+def test_cifar_pickles_train(tmp_path):
+    write_cifar10(tmp_path / "c", n_train=20, n_test=10)
+    c = build_config("cifar10-resnet18", tmp_path / "c", tmp_path / "run", "cutout",
+                     {"epochs": "1", "workers": "0", "batch_size": "10", "progress": "false"})
+    engine.train(c)
+    _, meta = read_checkpoint(tmp_path / "run" / "backbone.safetensors")
+    assert meta.arch == "cifar_resnet18" and meta.num_classes == 10 and meta.crop == 32
+
+
+@pytest.mark.dist
+def test_torchrun_two_ranks_identical_and_written_once(shapes_root, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", "-m", "pretrain", "--preset", "shapes-resnet18",
+           "--data", str(shapes_root), "--out", str(run), "--epochs", "1",
+           *[f"{k}={v}" for k, v in FAST.items()], "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["results"]["world_size"] == 2
+    assert metrics["results"]["replicas_identical"] is True
+    log = (run / "log.jsonl").read_text().splitlines()
+    assert len(log) == 1  # written once, by rank 0
+    assert json.loads(log[0])["val_images"] == 12  # exact shards, no padding
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
