@@ -1,0 +1,186 @@
+"""Adversarial evaluation: clean and adversarial top-1/top-5 per epsilon and per checkpoint.
+
+White-box, model in eval mode, attacks in [0,1] pixel space with the checkpoint's own evaluation
+transform (resize 256 / centre crop 224 for ImageNet checkpoints) and its normalisation applied
+once inside the model (`robustness.model.Normalized`). Checkpoints with the same transform share
+one pass over the data: each batch is loaded once and every model is attacked on it. Under
+torchrun the batches are sharded over the processes and the integer counts are summed exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from backbone.checkpoint import checkpoint_ref
+from backbone.data import ClassFolder, eval_transform, scan_class_folders
+from backbone.dist import DistInfo, all_reduce_sum
+from backbone.errors import UserError
+from backbone.io import RunDir
+from robustness.attacks import AttackParams, BatchAttack, attack_info, get_attack
+from robustness.common import (Loaded, correct_counts, dist_session, group_by_transform,
+                               label_map, load_all, percent, progress, read_metas)
+from robustness.data import dataset_batches, shard_batches, subset_indices
+from robustness.plot import plot_accuracy_vs_eps
+
+MAX_EPS = 255.0  # /255 units: epsilon is at most the whole pixel range
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """One adversarial evaluation run. eps and step are in /255 pixel units."""
+
+    attack: str
+    checkpoints: tuple[Path, ...]
+    data: Path
+    out: Path
+    eps: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    batch_size: int = 64
+    limit: int | None = None
+    impl: str | None = None  # None: the attack's default implementation
+    step: float = 1.0
+    steps: int = 10
+    random_start: bool = True
+    seed: int = 0
+    workers: int = 4
+    device: str = "auto"
+    dataset: str = ""  # the name metrics.json reports; default: the checkpoints' dataset
+
+
+def check_config(cfg: AttackConfig) -> None:
+    """Library-level checks. eps = 0 is allowed here (it must reproduce the clean accuracy);
+    the CLI is stricter and asks for eps in (0, 255]."""
+    if not cfg.checkpoints:
+        raise UserError("no checkpoint given (--ckpt FILE)")
+    if not cfg.eps or any(not 0 <= e <= MAX_EPS for e in cfg.eps):
+        raise UserError(f"eps must be in [0, {MAX_EPS:g}] (/255 units), got {list(cfg.eps)}")
+    if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
+        raise UserError("--batch-size and --limit must be >= 1")
+    if cfg.steps < 1 or not 0 < cfg.step <= MAX_EPS:
+        raise UserError(f"--steps must be >= 1 and --step in (0, {MAX_EPS:g}]")
+    if cfg.workers < 0:
+        raise UserError("--workers must be >= 0")
+
+
+def attack_params(cfg: AttackConfig) -> AttackParams:
+    return AttackParams(step=cfg.step / 255, steps=cfg.steps, random_start=cfg.random_start)
+
+
+def batch_seed(seed: int, global_batch: int) -> int:
+    """The seed of one global batch: the same whichever process evaluates it."""
+    return (seed * 1_000_003 + global_batch) % (2 ** 63)
+
+
+def attack_counts(model: torch.nn.Module, attack: BatchAttack, images: torch.Tensor,
+                  labels: torch.Tensor, eps01: Sequence[float], params: AttackParams,
+                  seed: int) -> torch.Tensor:
+    """int64 [1 + len(eps), 2]: top-1/top-5 correct counts, clean first, then each epsilon."""
+    out = attack(model, images, labels, eps01, params, seed)
+    with torch.no_grad():
+        clean = out.clean_logits if out.clean_logits is not None else model(images)
+    rows = [correct_counts(clean, labels)]
+    for adv in out.adversarial:  # lazily attacked: needs autograd, so outside no_grad
+        with torch.no_grad():
+            rows.append(correct_counts(model(adv), labels))
+    return torch.stack(rows)
+
+
+def _attack_pass(cfg: AttackConfig, group: list[Loaded], info: DistInfo, attack: BatchAttack,
+                 desc: str) -> tuple[torch.Tensor, int]:
+    """One pass over the data for checkpoints sharing a transform: counts [models, 1+E, 2]."""
+    dataset = ClassFolder(cfg.data, transform=eval_transform(group[0].meta, normalize=False))
+    maps = [label_map(dataset.classes, m.meta, m.path).to(info.device) for m in group]
+    indices = subset_indices(len(dataset), cfg.limit)
+    shard = shard_batches(indices, cfg.batch_size, info.rank, info.world_size)
+    eps01 = [e / 255 for e in cfg.eps]
+    params = attack_params(cfg)
+    counts = torch.zeros(len(group), 1 + len(cfg.eps), 2, dtype=torch.int64)
+    with progress(len(shard.indices), desc, info.is_main) as bar:
+        for b, (images, labels) in enumerate(dataset_batches(dataset, shard, cfg.workers)):
+            images, labels = images.to(info.device), labels.to(info.device)
+            seed = batch_seed(cfg.seed, shard.first_batch + b)
+            for j, loaded in enumerate(group):
+                counts[j] += attack_counts(loaded.model, attack, images, maps[j][labels], eps01,
+                                           params, seed)
+            bar.update(len(labels))
+    return counts, len(indices)
+
+
+def run_attack(cfg: AttackConfig) -> dict[str, Any]:
+    """Evaluate every checkpoint under the attack; rank 0 writes metrics.json and the plot."""
+    check_config(cfg)
+    impl, attack = get_attack(cfg.attack, cfg.impl)
+    metas = read_metas(cfg.checkpoints)
+    classes, _ = scan_class_folders(cfg.data)  # bad data fails here, before anything is written
+    for path, meta in zip(cfg.checkpoints, metas):
+        label_map(classes, meta, path)
+    with dist_session(cfg.device) as info:
+        run = RunDir(cfg.out) if info.is_main else None
+        if run:
+            run.write_config(cfg)
+        loaded = load_all(cfg.checkpoints, info.device)
+        counts = torch.zeros(len(loaded), 1 + len(cfg.eps), 2, dtype=torch.int64)
+        groups = group_by_transform(metas)
+        n_images = 0
+        for g, group in enumerate(groups):
+            t0 = time.perf_counter()
+            desc = f"{cfg.attack} pass {g + 1}/{len(groups)}"
+            part, n_images = _attack_pass(cfg, [loaded[i] for i in group], info, attack, desc)
+            counts[group] = part
+            if run:
+                run.log({"pass": g, "checkpoints": [str(cfg.checkpoints[i]) for i in group],
+                         "world_size": info.world_size,
+                         "images": n_images, "seconds": time.perf_counter() - t0})
+        all_reduce_sum(counts)  # int64: the totals over processes are exact
+        if not run:
+            return {}
+        results = build_results(cfg, impl, loaded, counts, n_images, len(groups))
+        run.write_metrics(stage="robustness", kind=cfg.attack, results=results, config=cfg)
+        plot_accuracy_vs_eps(run.file("accuracy_vs_eps.png"), results)
+        return results
+
+
+def eps_key(eps: float) -> str:
+    return f"{eps:g}"
+
+
+def dataset_name(cfg: AttackConfig, loaded: Sequence[Loaded]) -> str:
+    if cfg.dataset:
+        return cfg.dataset
+    names = {m.meta.dataset for m in loaded}
+    return names.pop() if len(names) == 1 and "" not in names else cfg.data.name
+
+
+def build_results(cfg: AttackConfig, impl: str, loaded: Sequence[Loaded], counts: torch.Tensor,
+                  n_images: int, passes: int) -> dict[str, Any]:
+    """The metrics.json `results` of an attack run (RobustBench's fields where they apply)."""
+    info = attack_info(cfg.attack)
+    models = []
+    top_eps = cfg.eps.index(max(cfg.eps))
+    for j, m in enumerate(loaded):
+        acc = [{"top1": percent(int(c[0]), n_images), "top5": percent(int(c[1]), n_images)}
+               for c in counts[j]]
+        models.append({
+            "checkpoint": checkpoint_ref(m.path, m.meta),
+            "architecture": m.meta.arch,
+            "clean": acc[0],
+            "adversarial": {eps_key(e): acc[1 + i] for i, e in enumerate(cfg.eps)},
+            "clean_acc": acc[0]["top1"],
+            "robust_acc": acc[1 + top_eps]["top1"],
+        })
+    params = {"step": cfg.step, "steps": cfg.steps, "random_start": cfg.random_start}
+    return {
+        "dataset": dataset_name(cfg, loaded),
+        "n_images": n_images,
+        "eps": list(cfg.eps),
+        "attack": cfg.attack,
+        "impl": impl,
+        "threat_model": "Linf",
+        "params": {k: v for k, v in params.items() if k in info.params},
+        "passes": passes,
+        "models": models,
+    }

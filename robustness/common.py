@@ -1,0 +1,95 @@
+"""Pieces both evaluations share: loading checkpoints grouped by their evaluation transform,
+exact correct-counts, the distributed session and the progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from backbone.checkpoint import BackboneMeta, read_meta
+from backbone.dist import DistInfo, cleanup, init_distributed
+from backbone.errors import UserError
+from robustness.model import Normalized, load_for_eval, require_class_names
+
+
+@dataclasses.dataclass
+class Loaded:
+    """One checkpoint ready for evaluation."""
+
+    path: Path
+    model: Normalized
+    meta: BackboneMeta
+
+
+def transform_key(meta: BackboneMeta) -> tuple[int, int]:
+    """Checkpoints whose evaluation transforms agree can share one pass over the data: the
+    [0,1] pixels depend only on resize and crop (normalisation happens inside each model)."""
+    return (meta.resize, meta.crop)
+
+
+def group_by_transform(metas: Sequence[BackboneMeta]) -> list[list[int]]:
+    """Indices of `metas` grouped by `transform_key`, in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, meta in enumerate(metas):
+        groups.setdefault(transform_key(meta), []).append(i)
+    return list(groups.values())
+
+
+def read_metas(paths: Sequence[Path]) -> list[BackboneMeta]:
+    """Metadata of every checkpoint first (cheap), so bad input fails before any work."""
+    return [read_meta(p) for p in paths]
+
+
+def load_all(paths: Sequence[Path], device: torch.device) -> list[Loaded]:
+    out = []
+    for p in paths:
+        model, meta = load_for_eval(p, device)
+        out.append(Loaded(Path(p), model, meta))
+    return out
+
+
+def label_map(classes: Sequence[str], meta: BackboneMeta, path: Path) -> torch.Tensor:
+    """Folder label -> model output index; the folder classes must be the checkpoint's."""
+    require_class_names(meta, path)
+    if set(classes) != set(meta.class_names):
+        diff = sorted(set(classes) ^ set(meta.class_names))
+        raise UserError(f"data folder classes do not match checkpoint {path} ({len(classes)} "
+                        f"folders vs {meta.num_classes} classes; first difference: {diff[0]!r})")
+    index = {name: i for i, name in enumerate(meta.class_names)}
+    return torch.tensor([index[c] for c in classes], dtype=torch.long)
+
+
+def correct_counts(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """int64 [2]: how many are right at top-1 and at top-k (k capped at the class count)."""
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit = top == labels.view(-1, 1)
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).to(torch.int64).cpu()
+
+
+def percent(count: int, total: int) -> float | None:
+    return 100.0 * count / total if total else None
+
+
+@contextlib.contextmanager
+def dist_session(device: str) -> Iterator[DistInfo]:
+    """Join torchrun's process group if there is one; leave it only if we joined it here."""
+    already = dist.is_available() and dist.is_initialized()
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if not already:
+            cleanup()
+
+
+def progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar counting images, so its rate reads in img/s."""
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True,
+                smoothing=0.1)

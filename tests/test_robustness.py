@@ -1,0 +1,472 @@
+"""robustness/: attacks against closed-form and torchattacks references, the preprocessing
+contract (normalise once, eval mode), run-level numbers against direct computation, corruption
+readers and mCE, bad input, and the sharded (torchrun) run against the single-process one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from backbone.arch import build_model
+from backbone.checkpoint import BackboneMeta, load_backbone, save_checkpoint
+from backbone.cli import run as cli_run
+from backbone.data import ClassFolder, eval_transform
+from backbone.errors import UserError
+from backbone.shapes import ShapesConfig, generate_shapes
+from robustness.adversarial import AttackConfig, run_attack
+from robustness.attacks import AttackParams, get_attack, list_attacks
+from robustness.common import group_by_transform
+from robustness.corruption import (ALEXNET_CLEAN_ERR, ALEXNET_ERR, CorruptionConfig,
+                                   mean_corruption_error, relative_mce, run_corruption)
+from robustness.corruption_data import scan_cifar_c, scan_imagenet_c
+from robustness.data import shard_batches, subset_indices
+from robustness.model import Normalized, load_for_eval
+
+CLASSES = ("circle", "square", "triangle")
+SIZE = 32
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # 2 shared cores: one intra-op thread avoids OpenMP oversubscription (10x faster here)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_ckpt(path: Path, seed: int, classes=CLASSES, arch="resnet18", **meta_kw) -> Path:
+    torch.manual_seed(seed)
+    kw = dict(input_size=SIZE, resize=SIZE, crop=SIZE, dataset="shapes",
+              method={"name": f"m{seed}"}, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))
+    kw.update(meta_kw)
+    meta = BackboneMeta(arch=arch, num_classes=len(classes), class_names=tuple(classes), **kw)
+    return save_checkpoint(path, build_model(arch, len(classes)), meta)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rob")
+    generate_shapes(ShapesConfig(out=root / "shapes", classes=3, per_class=6, size=SIZE, seed=1))
+    return {"root": root, "val": root / "shapes" / "val",
+            "a": make_ckpt(root / "a.safetensors", 1), "b": make_ckpt(root / "b.safetensors", 2)}
+
+
+def images_labels(seed: int = 0, n: int = 6, k: int = 3, size: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g)
+    x[:, :, 0, 0], x[:, :, 0, 1] = 0.0, 1.0  # pixels at both ends of the range
+    return x, torch.randint(0, k, (n,), generator=g)
+
+
+# --- attacks ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["shared-grad", "torchattacks"])
+def test_fgsm_equals_closed_form_on_linear_model(impl):
+    """Two-class linear model: d(CE)/dx has the sign of (W_other - W_true) / std, so the FGSM image
+    is clip(x + eps * sign(W_other - W_true), 0, 1) whatever x is."""
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    with torch.no_grad():
+        lin[1].weight.copy_(torch.randn(2, 192, generator=g) * 0.01)
+        lin[1].bias.zero_()
+    model = Normalized(lin, (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)).eval()
+    x, y = images_labels(n=5, k=2, size=8)
+    w = lin[1].weight.detach().view(2, 3, 8, 8)
+    direction = torch.stack([torch.sign(w[1 - t] - w[t]) for t in y.tolist()])
+    assert (direction != 0).all()
+    eps = [1 / 255, 8 / 255, 0.5]
+    _, attack = get_attack("fgsm", impl)
+    out = attack(model, x, y, eps, AttackParams(), 0)
+    for e, adv in zip(eps, out.adversarial):
+        assert torch.equal(adv, torch.clamp(x + e * direction, 0, 1))
+
+
+def test_shared_grad_fgsm_equals_torchattacks_on_resnet():
+    torch.manual_seed(0)
+    model = Normalized(build_model("resnet18", 3), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)).eval()
+    x, y = images_labels(size=SIZE)
+    eps = [1 / 255, 2 / 255, 8 / 255]
+    shared = get_attack("fgsm", "shared-grad")[1](model, x, y, eps, AttackParams(), 0)
+    ref = get_attack("fgsm", "torchattacks")[1](model, x, y, eps, AttackParams(), 0)
+    assert ref.clean_logits is None
+    with torch.no_grad():
+        assert torch.allclose(shared.clean_logits, model(x), atol=1e-5)
+    for a, b in zip(shared.adversarial, ref.adversarial):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,impl", [("fgsm", "shared-grad"), ("fgsm", "torchattacks"),
+                                       ("pgd", "torchattacks")])
+def test_perturbation_within_eps_and_pixels_in_range(name, impl):
+    torch.manual_seed(1)
+    model = Normalized(build_model("resnet18", 3), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)).eval()
+    x, y = images_labels(size=SIZE)
+    x_before = x.clone()
+    eps = [1 / 255, 4 / 255, 16 / 255]
+    out = get_attack(name, impl)[1](model, x, y, eps, AttackParams(step=2 / 255, steps=3), 7)
+    for e, adv in zip(eps, out.adversarial):
+        assert adv.shape == x.shape and not adv.requires_grad
+        assert float((adv - x).abs().max()) <= e + 1e-6
+        assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+        assert float((adv - x).abs().max()) > e / 2  # it did move
+    assert torch.equal(x, x_before)  # inputs not mutated
+
+
+def test_pgd_single_full_step_is_fgsm_and_random_start_is_seeded():
+    torch.manual_seed(2)
+    model = Normalized(build_model("resnet18", 3), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)).eval()
+    x, y = images_labels(size=SIZE)
+    e = 4 / 255
+    pgd = get_attack("pgd")[1]
+    one_step = next(pgd(model, x, y, [e], AttackParams(step=e, steps=1, random_start=False), 0)
+                    .adversarial)
+    fgsm = next(get_attack("fgsm")[1](model, x, y, [e], AttackParams(), 0).adversarial)
+    assert torch.allclose(one_step, fgsm, atol=1e-6)
+    p = AttackParams(step=1 / 255, steps=2, random_start=True)
+    state = torch.get_rng_state()
+    a = next(pgd(model, x, y, [e], p, 11).adversarial)
+    b = next(pgd(model, x, y, [e], p, 11).adversarial)
+    c = next(pgd(model, x, y, [e], p, 12).adversarial)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is left alone
+
+
+class RangeProbe(nn.Module):
+    """Fails unless it sees inputs normalised exactly once, in eval mode."""
+
+    def __init__(self, lo: float, hi: float):
+        super().__init__()
+        self.lo, self.hi, self.seen = lo, hi, []
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        assert not self.training, "attacked in training mode"
+        lo, hi = float(x.detach().min()), float(x.detach().max())
+        assert self.lo - 1e-5 <= lo and hi <= self.hi + 1e-5, \
+            f"input range [{lo}, {hi}] is not normalised once"
+        self.seen.append((lo, hi))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("name,impl", [("fgsm", "shared-grad"), ("fgsm", "torchattacks"),
+                                       ("pgd", "torchattacks")])
+def test_normalisation_applied_exactly_once(name, impl):
+    # mean 0.5, std 0.25: [0,1] pixels become [-2, 2]; twice would give [-10, 6], never [0, 1]
+    probe = RangeProbe(-2.0, 2.0)
+    model = Normalized(probe, (0.5,) * 3, (0.25,) * 3).eval()
+    x, y = images_labels()
+    out = get_attack(name, impl)[1](model, x, y, [8 / 255], AttackParams(steps=2), 0)
+    list(out.adversarial)
+    assert probe.seen and min(lo for lo, _ in probe.seen) == pytest.approx(-2.0, abs=1e-5)
+    assert max(hi for _, hi in probe.seen) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_load_for_eval_normalises_once_in_eval_mode(world):
+    wrapped, meta = load_for_eval(world["a"], torch.device("cpu"))
+    plain, _ = load_backbone(world["a"])
+    x, _ = images_labels(size=SIZE)
+    assert not wrapped.training and not any(p.requires_grad for p in wrapped.parameters())
+    m, s = torch.tensor(meta.mean).view(1, 3, 1, 1), torch.tensor(meta.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), plain((x - m) / s), atol=1e-6)
+
+
+def test_registry_lists_attacks_and_rejects_unknown():
+    assert {"fgsm", "pgd"} <= set(list_attacks())
+    with pytest.raises(UserError, match="valid: .*fgsm"):
+        get_attack("nope")
+    with pytest.raises(UserError, match="valid: shared-grad, torchattacks"):
+        get_attack("fgsm", "magic")
+
+
+# --- data plumbing --------------------------------------------------------------------------------
+
+def test_subset_and_batch_shards_cover_exactly():
+    assert subset_indices(10, 4) == [0, 2, 5, 7]
+    assert subset_indices(3, 10) == [0, 1, 2]
+    idx = subset_indices(23, None)
+    for world_size in (1, 2, 3, 5):
+        shards = [shard_batches(idx, 4, r, world_size) for r in range(world_size)]
+        assert [i for s in shards for i in s.indices] == idx
+        for s in shards:
+            assert s.indices == tuple(idx[s.first_batch * 4: s.first_batch * 4 + len(s.indices)])
+
+
+def test_group_by_transform():
+    def meta(resize, crop):
+        return BackboneMeta(arch="resnet18", num_classes=1, class_names=("a",), resize=resize, crop=crop)
+    assert group_by_transform([meta(32, 32), meta(36, 32), meta(32, 32)]) == [[0, 2], [1]]
+
+
+# --- whole runs -------------------------------------------------------------------------------------
+
+def direct_clean_top1(ckpt: Path, val: Path) -> float:
+    """Reference: the checkpoint's own eval transform with normalisation, no wrapper."""
+    model, meta = load_backbone(ckpt)
+    ds = ClassFolder(val, transform=eval_transform(meta), classes=meta.class_names)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    return 100.0 * float((pred == torch.tensor(ds.targets)).float().mean())
+
+
+def test_fgsm_run_eps0_is_clean_and_numbers_trace(world, tmp_path):
+    out = tmp_path / "run"
+    cfg = AttackConfig(attack="fgsm", checkpoints=(world["a"], world["b"]), data=world["val"],
+                       out=out, eps=(0.0, 8.0), batch_size=5, workers=0, device="cpu")
+    res = run_attack(cfg)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["stage"] == "robustness" and saved["kind"] == "fgsm"
+    assert saved["results"] == json.loads(json.dumps(res))
+    assert res["n_images"] == 12 and res["passes"] == 1 and res["eps"] == [0.0, 8.0]
+    for m, ck in zip(res["models"], (world["a"], world["b"])):
+        assert m["adversarial"]["0"] == m["clean"]
+        assert m["clean_acc"] == pytest.approx(direct_clean_top1(ck, world["val"]))
+        assert m["robust_acc"] == m["adversarial"]["8"]["top1"]
+        assert m["clean"]["top5"] == 100.0  # 3 classes
+        assert m["checkpoint"]["sha256"] and m["architecture"] == "resnet18"
+    assert (out / "accuracy_vs_eps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "config.json").read_text())["attack"] == "fgsm"
+
+
+def test_two_transforms_two_passes_and_impls_agree(world, tmp_path):
+    other = make_ckpt(tmp_path / "c.safetensors", 3, resize=36)
+    base = dict(attack="fgsm", data=world["val"], eps=(2.0, 8.0), batch_size=6, workers=0,
+                device="cpu", limit=9)
+    r1 = run_attack(AttackConfig(checkpoints=(world["a"], other), out=tmp_path / "r1", **base))
+    r2 = run_attack(AttackConfig(checkpoints=(world["a"],), out=tmp_path / "r2",
+                                 impl="torchattacks", **base))
+    assert r1["passes"] == 2 and r1["n_images"] == 9
+    assert len((tmp_path / "r1" / "log.jsonl").read_text().splitlines()) == 2
+    assert r2["impl"] == "torchattacks"
+    for key in ("clean", "adversarial"):
+        assert r1["models"][0][key] == r2["models"][0][key]
+
+
+# --- corruptions ------------------------------------------------------------------------------------
+
+def test_mce_hand_computed():
+    errs = {"gaussian_noise": [0.5] * 5, "fog": [0.2, 0.4, 0.6, 0.8, 1.0], "spatter": [0.9] * 5}
+    ce_g, ce_f = 0.5 / 0.886428, 0.6 / 0.819324  # spatter has no AlexNet reference: not in mCE
+    assert mean_corruption_error(errs) == pytest.approx((ce_g + ce_f) / 2, rel=1e-12)
+    assert mean_corruption_error(errs) == pytest.approx(0.6481863, rel=1e-6)  # (0.5640618 + 0.7323110) / 2
+    r = ((0.5 - 0.1) / (0.886428 - 0.43478) + (0.6 - 0.1) / (0.819324 - 0.43478)) / 2
+    assert relative_mce(errs, 0.1) == pytest.approx(r, rel=1e-12)
+    assert relative_mce(errs, None) is None
+    # AlexNet itself scores exactly 100% mCE and relative mCE
+    alex = {c: [e] * 5 for c, e in ALEXNET_ERR.items()}
+    assert len(alex) == 15 and mean_corruption_error(alex) == pytest.approx(1.0)
+    assert relative_mce(alex, ALEXNET_CLEAN_ERR) == pytest.approx(1.0)
+
+
+def write_imagenet_c(root: Path, val: Path, corruptions=("gaussian_noise", "fog"), skip=None):
+    """Noisy copies of the val images in the ImageNet-C layout (noise grows with severity)."""
+    rng = np.random.default_rng(0)
+    for c in corruptions:
+        for s in range(1, 6):
+            if skip == (c, s):
+                continue
+            for f in sorted(val.glob("*/*.jpg")):
+                img = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
+                noisy = np.clip(img + rng.normal(0, 25 * s, img.shape), 0, 255).astype(np.uint8)
+                dst = root / c / str(s) / f.parent.name / (f.stem + ".JPEG")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(noisy).save(dst, quality=90)
+    (root / "README_stuff").mkdir(parents=True, exist_ok=True)
+
+
+def direct_error(model: nn.Module, meta: BackboneMeta, folder: Path) -> float:
+    ds = ClassFolder(folder, transform=eval_transform(meta), classes=meta.class_names)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        return 100.0 * float((model(x).argmax(1) != torch.tensor(ds.targets)).float().mean())
+
+
+def test_imagenet_c_run_matches_direct_errors(world, tmp_path):
+    root = tmp_path / "imagenet-c"
+    write_imagenet_c(root, world["val"])
+    splits, ignored = scan_imagenet_c(root)
+    assert [(s.corruption, s.severity) for s in splits][:6] == \
+        [("gaussian_noise", s) for s in range(1, 6)] + [("fog", 1)]
+    assert len(splits) == 10 and ignored == ["README_stuff"]
+    cfg = CorruptionConfig(checkpoints=(world["a"],), data=root, out=tmp_path / "run",
+                           clean=world["val"], batch_size=5, workers=0, device="cpu")
+    res = run_corruption(cfg)
+    m = res["models"][0]
+    assert res["layout"] == "imagenet-c" and not res["complete"]
+    assert res["corruptions"] == ["gaussian_noise", "fog"] and len(res["corruptions_missing"]) == 13
+    per = {c: [m["per_corruption"][c][str(s)] / 100 for s in range(1, 6)] for c in res["corruptions"]}
+    model, meta = load_backbone(world["a"])
+    for c in res["corruptions"]:
+        for s in range(1, 6):
+            assert m["per_corruption"][c][str(s)] == pytest.approx(
+                direct_error(model, meta, root / c / str(s)))
+    clean = direct_error(model, meta, world["val"])
+    assert m["clean_error"] == pytest.approx(clean)
+    assert m["mCE"] == pytest.approx(100 * mean_corruption_error(per))
+    assert m["relative_mCE"] == pytest.approx(100 * relative_mce(per, clean / 100))
+    assert m["mean_error"] == pytest.approx(np.mean([np.mean(v) for v in per.values()]) * 100)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["kind"] == "corruption"
+
+
+def write_cifar_c(root: Path, n: int = 8, k: int = 10, names=("snow", "contrast")) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    labels = np.tile(rng.integers(0, k, n), 5).astype(np.int64)
+    np.save(root / "labels.npy", labels)
+    for name in names:
+        arr = rng.integers(0, 256, (5 * n, SIZE, SIZE, 3), dtype=np.uint8)
+        arr[:, 0, 0, 0] = np.repeat(np.arange(1, 6), n) * 10  # marks the severity of each row
+        np.save(root / f"{name}.npy", arr)
+    return labels
+
+
+def test_cifar_c_reader_and_run(tmp_path):
+    root = tmp_path / "CIFAR-10-C"
+    labels = write_cifar_c(root)
+    splits, _ = scan_cifar_c(root)
+    assert [(s.corruption, s.severity, s.start, s.count) for s in splits[:2]] == \
+        [("snow", 1, 0, 8), ("snow", 2, 8, 8)]  # benchmark order, then severities
+    assert [s.corruption for s in splits[::5]] == ["snow", "contrast"]
+    for s in splits:
+        arr = np.load(s.path)
+        assert (arr[s.start:s.start + s.count, 0, 0, 0] == 10 * s.severity).all()
+    names = tuple(f"class_{i}" for i in range(10))  # placeholders are fine: labels are indices
+    ck = make_ckpt(tmp_path / "c10.safetensors", 4, classes=names)
+    res = run_corruption(CorruptionConfig(checkpoints=(ck,), data=root, out=tmp_path / "run",
+                                          batch_size=3, workers=0, device="cpu"))
+    model, meta = load_backbone(ck)
+    tf = eval_transform(meta)
+    m = res["models"][0]
+    for s in splits:
+        x = tf(torch.from_numpy(np.load(root / f"{s.corruption}.npy")[s.start:s.start + s.count])
+               .permute(0, 3, 1, 2))
+        with torch.no_grad():
+            wrong = (model(x).argmax(1) != torch.from_numpy(labels[s.start:s.start + s.count]))
+        assert m["per_corruption"][s.corruption][str(s.severity)] == pytest.approx(
+            100 * float(wrong.float().mean()))
+    assert m["mCE"] is None and res["layout"] == "cifar-c"
+    assert m["mean_error"] == pytest.approx(np.mean([m["per_corruption"][c]["mean"]
+                                                     for c in ("snow", "contrast")]))
+
+
+def test_cifar_c_bad_arrays(tmp_path):
+    root = tmp_path / "c"
+    write_cifar_c(root)
+    np.save(root / "snow.npy", np.zeros((39, SIZE, SIZE, 3), np.uint8))
+    with pytest.raises(UserError, match="5 severities"):
+        scan_cifar_c(root)
+    np.save(root / "snow.npy", np.zeros((40, SIZE, SIZE, 3), np.float32))
+    with pytest.raises(UserError, match="uint8"):
+        scan_cifar_c(root)
+
+
+# --- bad input through the CLI: one line, exit 2 ----------------------------------------------------
+
+def cli(argv, capsys) -> tuple[int, str]:
+    code = cli_run("robustness", argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("eps", ["0", "256", "-1", "abc", "1,,300"])
+def test_cli_rejects_eps_outside_range(world, tmp_path, capsys, eps):
+    code, err = cli(["fgsm", "--ckpt", str(world["a"]), "--data", str(world["val"]),
+                     "--out", str(tmp_path / "o"), "--eps", eps], capsys)
+    assert code == 2 and err.startswith("smix robustness: error:") and "\n" not in err
+    assert "eps" in err and not (tmp_path / "o").exists()
+
+
+def test_cli_bad_data_and_checkpoints(world, tmp_path, capsys):
+    base = ["fgsm", "--ckpt", str(world["a"]), "--out", str(tmp_path / "o"), "--workers", "0"]
+    code, err = cli(base + ["--data", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "does not exist" in err
+    four = tmp_path / "four"
+    generate_shapes(ShapesConfig(out=four, classes=4, per_class=1, size=16, seed=0))
+    capsys.readouterr()
+    code, err = cli(base + ["--data", str(four / "val")], capsys)
+    assert code == 2 and "do not match" in err and "\n" not in err
+    anon = make_ckpt(tmp_path / "anon.safetensors", 5, classes=("class_0", "class_1", "class_2"))
+    code, err = cli(["pgd", "--ckpt", str(anon), "--data", str(world["val"]), "--out",
+                     str(tmp_path / "o")], capsys)
+    assert code == 2 and "no class names" in err
+    state = build_model("resnet18", 3).state_dict()
+    header = {k: v for k, v in BackboneMeta("resnet18", 3, CLASSES).to_header().items()
+              if k != "class_names"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "nn.safetensors"), header)
+    code, err = cli(["fgsm", "--ckpt", str(tmp_path / "nn.safetensors"), "--data",
+                     str(world["val"]), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "class_names" in err
+    code, err = cli(base + ["--data", str(world["val"]), "--impl", "nope"], capsys)
+    assert code == 2 and "invalid choice" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_corruption_missing_severity(world, tmp_path, capsys):
+    root = tmp_path / "ic"
+    write_imagenet_c(root, world["val"], corruptions=("snow",), skip=("snow", 3))
+    code, err = cli(["corruption", "--ckpt", str(world["a"]), "--data", str(root), "--out",
+                     str(tmp_path / "o")], capsys)
+    assert code == 2 and "severity folder(s) 3 missing" in err and not (tmp_path / "o").exists()
+    code, err = cli(["corruption", "--ckpt", str(world["a"]), "--data", str(root),
+                     "--corruptions", "snoww", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "unknown corruption 'snoww'" in err
+
+
+def test_cli_fgsm_end_to_end(world, tmp_path, capsys):
+    code = cli_run("robustness", ["fgsm", "--ckpt", str(world["b"]), "--data", str(world["val"]),
+                                  "--out", str(tmp_path / "o"), "--eps", "8", "--workers", "0",
+                                  "--limit", "6"])
+    out = capsys.readouterr().out
+    assert code == 0 and "eps 8:" in out
+    res = json.loads((tmp_path / "o" / "metrics.json").read_text())["results"]
+    assert res["n_images"] == 6 and res["eps"] == [8.0] and res["impl"] == "shared-grad"
+
+
+# --- torchrun: 2 gloo processes give the single-process numbers ----------------------------------------
+
+def _numbers(path: Path) -> dict:
+    res = json.loads(path.read_text())["results"]
+    for m in res["models"]:
+        m["checkpoint"].pop("path")
+    return res
+
+
+DIST_COMMANDS = {
+    "pgd": ["pgd", "--ckpt", "{a}", "--ckpt", "{b}", "--data", "{val}", "--eps", "2,8",
+            "--steps", "2", "--batch-size", "5"],
+    "corruption": ["corruption", "--ckpt", "{a}", "--data", "{cifar_c}", "--batch-size", "4"],
+}
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DIST_COMMANDS))
+def test_two_process_run_equals_single_process(world, tmp_path, name):
+    """12 images in batches of 5: rank 0 takes 2 batches, rank 1 one; PGD's random start is
+    seeded per global batch, so even it must match exactly."""
+    write_cifar_c(tmp_path / "c10c", n=5, k=3)
+    where = {"a": world["a"], "b": world["b"], "val": world["val"], "cifar_c": tmp_path / "c10c"}
+    argv = [a.format(**where) for a in DIST_COMMANDS[name]] + ["--workers", "0", "--device", "cpu"]
+    assert cli_run("robustness", argv + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "robustness", *argv, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
+    assert json.loads(log[0])["world_size"] == 2
+    assert _numbers(tmp_path / "two" / "metrics.json") == _numbers(tmp_path / "one" / "metrics.json")
