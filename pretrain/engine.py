@@ -74,9 +74,10 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2**63 - 1)
 
 
-def build_runtime(cfg: TrainConfig, dist: DistInfo) -> Runtime:
+def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None) -> Runtime:
+    """Model, optimiser, schedule, mixer and data of a run (`data` given: in-memory data)."""
     torch.manual_seed(cfg.seed)
-    data = build_datasets(cfg)
+    data = data if data is not None else build_datasets(cfg)
     model = build_model(cfg.arch, len(data.classes), **cfg.arch_kwargs).to(dist.device)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
                                                   and dist.device.type == "cuda")

@@ -1,0 +1,141 @@
+"""`smix demo [--out DIR] [--quick]`: the whole pipeline on freshly generated shapes data.
+
+shapes data -> pretrain (none, cutmix, saliencymix) -> detection transfer (torchvision; detectron2
+when installed) -> FGSM sweep -> CAM grid + localisation -> report. Every step is a real `smix`
+command run through the same dispatcher a user types, so the demo is also the integration test
+of the command lines. Sized for ≤ 10 minutes on a 2-core CPU (`--quick`: a smoke run for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import shlex
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from backbone.errors import UserError
+
+METHODS = ("none", "cutmix", "saliencymix")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    classes: int
+    per_class: int
+    size: int
+    epochs: int
+    det_iters: int
+    fgsm_limit: int
+
+
+FULL = DemoSize(classes=4, per_class=100, size=64, epochs=8, det_iters=300, fgsm_limit=0)
+QUICK = DemoSize(classes=3, per_class=8, size=32, epochs=1, det_iters=4, fgsm_limit=12)
+
+
+def steps(out: Path, s: DemoSize, detectron2: bool) -> list[tuple[str, list[str]]]:
+    """The demo as a list of (title, smix argv)."""
+    data, runs = out / "data", out / "runs"
+    quick = s is QUICK
+    fast = ["workers=0", "progress=false"] if quick else []
+    plan: list[tuple[str, list[str]]] = [
+        ("generate shapes data", ["data", "shapes", str(data), "--classes", str(s.classes),
+                                  "--per-class", str(s.per_class), "--size", str(s.size)]),
+    ]
+    for m in METHODS:
+        plan.append((f"pretrain resnet18 with {m}", [
+            "pretrain", "--preset", "shapes-resnet18", "--data", str(data), "--method", m,
+            "--out", str(runs / f"pretrain-{m}"), "--epochs", str(s.epochs),
+            f"input_size={s.size}", f"resize={s.size}", f"crop={s.size}", *fast]))
+    ckpts = [str(runs / f"pretrain-{m}" / "backbone.safetensors") for m in METHODS]
+    backends = ["torchvision"] + (["detectron2"] if detectron2 else [])
+    for backend in backends:
+        for m, ck in zip(METHODS, ckpts):
+            plan.append((f"detection transfer ({backend}) from the {m} backbone", [
+                "transfer", "--ckpt", ck, "--voc-root", str(data), "--out",
+                str(runs / f"transfer-{backend}-{m}"), "--backend", backend, "--arch", "fpn",
+                "--classes", "auto", "--iters", str(s.det_iters), *demo_detection_overrides(s)]))
+    limit = ["--limit", str(s.fgsm_limit)] if s.fgsm_limit else []
+    plan.append(("FGSM sweep", ["robustness", "fgsm", *sum((["--ckpt", c] for c in ckpts), []),
+                                "--data", str(data / "val"), "--out", str(runs / "fgsm"),
+                                "--eps", "1,2,4,8", *limit]))
+    plan.append(("CAM figure grid", ["cam", "export", *sum((["--ckpt", c] for c in ckpts), []),
+                                     "--images", *cam_images(data, s), "--out",
+                                     str(runs / "cam-export")]))
+    for m, ck in zip(METHODS, ckpts):
+        plan.append((f"CAM localisation ({m})", ["cam", "localize", "--ckpt", ck, "--voc-root",
+                                                 str(data), "--out", str(runs / f"cam-loc-{m}")]))
+    plan.append(("report", ["report", str(runs), "--out", str(out / "report")]))
+    return plan
+
+
+def demo_detection_overrides(s: DemoSize) -> list[str]:
+    """Detector input sized to the tiny images and a CPU-sized batch."""
+    return [f"min_size={s.size * 2}", f"max_size={s.size * 2}", "batch_size=4"]
+
+
+def cam_images(data: Path, s: DemoSize) -> list[str]:
+    """One validation image per class (known names: the generator's own layout)."""
+    from backbone.shapes import SHAPES
+    return [str(data / "val" / c / f"val_{c}_00000.jpg") for c in SHAPES[: s.classes]]
+
+
+def _out_of(argv: list[str]) -> Path | None:
+    for flag in ("--out",):
+        if flag in argv:
+            return Path(argv[argv.index(flag) + 1])
+    return Path(argv[2]) if argv[:2] == ["data", "shapes"] else None
+
+
+def resolve_step(argv: list[str]) -> list[str] | None:
+    """What to run so that an interrupted demo continues: None when the step is complete,
+    `--resume` for a pretraining run that was killed part-way, else the step itself."""
+    out = _out_of(argv)
+    if out is None:
+        return argv
+    marker = out / ("shapes.json" if argv[0] == "data" else "metrics.json")
+    if not marker.is_file():
+        return argv
+    if argv[0] != "pretrain":
+        return None
+    from backbone.io import read_json
+    res = read_json(marker).get("results", {})
+    if res.get("epochs_done") == res.get("epochs"):
+        return None
+    return ["pretrain", "--resume", str(out)]
+
+
+def run_demo(out: Path, quick: bool = False) -> Path:
+    from backbone.cli import run
+
+    detectron2 = importlib.util.find_spec("detectron2") is not None
+    plan = steps(out, QUICK if quick else FULL, detectron2)
+    print(f"demo: {len(plan)} steps into {out} (detection backends: torchvision"
+          f"{' + detectron2' if detectron2 else '; detectron2 not installed'})")
+    start = time.perf_counter()
+    for i, (title, argv) in enumerate(tqdm(plan, desc="demo", unit="step"), 1):
+        todo = resolve_step(argv)
+        if todo is None:
+            tqdm.write(f"[{i}/{len(plan)}] {title}: already done, skipped")
+            continue
+        tqdm.write(f"\n[{i}/{len(plan)}] {title}\n  $ smix {shlex.join(todo)}")
+        t0 = time.perf_counter()
+        if run(todo[0], todo[1:]) != 0:
+            raise UserError(f"demo step {i} ({title}) failed; see the message above")
+        tqdm.write(f"  done in {time.perf_counter() - t0:.0f} s")
+    report = out / "report" / "report.md"
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; report: {report}")
+    return report
+
+
+def main(argv: list[str]) -> int:
+    from backbone.cli import ArgParser
+
+    p = ArgParser(prog="smix demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (for tests)")
+    a = p.parse_args(argv)
+    run_demo(a.out, a.quick)  # an existing --out continues where it stopped
+    return 0

@@ -1,0 +1,329 @@
+"""`smix report RUN_DIR … --out DIR`: paper-style tables and plots from run folders.
+
+Reads only `metrics.json` (schema `smix.metrics/1`, written by every stage through
+`backbone.io.RunDir`) and `log.jsonl`; it knows nothing of the stages' code. Every row names
+the run folder(s) it came from, so each cell can be traced back.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from backbone.errors import UserError
+from backbone.io import METRICS_FORMAT, RunDir, atomic_save, atomic_write, read_json, write_json
+
+KEY_PARAMS = ("mode", "scheme", "pairing", "saliency", "detector")
+
+
+@dataclasses.dataclass
+class Run:
+    path: Path
+    metrics: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return f"{self.metrics.get('stage')}/{self.metrics.get('kind')}"
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return self.metrics.get("results") or {}
+
+
+def method_label(method: Any) -> str:
+    """`saliencymix(mode=sample)`: the mixer name plus the parameters that change the method."""
+    if not isinstance(method, dict):
+        return str(method or "?")
+    extra = [f"{k}={method[k]}" for k in KEY_PARAMS if k in method]
+    return f"{method.get('name', '?')}" + (f"({', '.join(extra)})" if extra else "")
+
+
+def find_runs(paths: Iterable[Path]) -> list[Run]:
+    """Every folder holding a metrics.json, at or below the given paths."""
+    runs, seen = [], set()
+    for root in paths:
+        root = Path(root)
+        if not root.exists():
+            raise UserError(f"{root}: no such run folder")
+        files = [root / "metrics.json"] if (root / "metrics.json").is_file() else \
+            sorted(root.rglob("metrics.json"))
+        for f in files:
+            if f.resolve() in seen:
+                continue
+            seen.add(f.resolve())
+            m = read_json(f)
+            if m.get("format") != METRICS_FORMAT:
+                raise UserError(f"{f}: not a toolkit metrics.json (format {m.get('format')!r})")
+            runs.append(Run(f.parent, m))
+    if not runs:
+        raise UserError("no metrics.json found under the given folders")
+    return runs
+
+
+def mean_std(values: list[float]) -> str:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+@dataclasses.dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    def markdown(self) -> str:
+        out = [f"## {self.title}", ""]
+        if self.note:
+            out += [self.note, ""]
+        out.append("| " + " | ".join(self.columns) + " |")
+        out.append("|" + "|".join("---" for _ in self.columns) + "|")
+        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(out) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(self.columns)
+        w.writerows(self.rows)
+        return buf.getvalue()
+
+
+def classification_table(runs: list[Run]) -> Table | None:
+    cls = [r for r in runs if r.kind == "pretrain/classification" and r.results.get("best")]
+    if not cls:
+        return None
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for r in cls:
+        res = r.results
+        groups[(res.get("dataset"), res.get("arch"), method_label(res.get("method")))].append(r)
+    per_epoch = {k: statistics.mean(r.results.get("train_time_s", 0) / max(r.results.get("epochs_done", 1), 1)
+                                    for r in g) for k, g in groups.items()}
+    rows = []
+    for key in sorted(groups, key=lambda k: (str(k[0]), str(k[1]), k[2] != "none", k[2])):
+        g = groups[key]
+        base = per_epoch.get((key[0], key[1], "none"))
+        overhead = "–" if not base else f"{100 * (per_epoch[key] - base) / base:+.1f}%"
+        seeds = sorted({r.results.get("seed") for r in g}, key=str)
+        rows.append([str(key[0]), str(key[1]), key[2], str(len(g)) + (" (seeds " + ",".join(map(str, seeds)) + ")" if len(g) > 1 else ""),
+                     mean_std([r.results["best"]["top1_err"] for r in g]),
+                     mean_std([r.results["best"]["top5_err"] for r in g]),
+                     mean_std([r.results["last"]["top1_err"] for r in g]),
+                     mean_std([r.results["last"]["top5_err"] for r in g]),
+                     f"{per_epoch[key]:.1f}", overhead, ", ".join(r.path.name for r in g)])
+    return Table("Classification (top-1 / top-5 error, %)",
+                 ["dataset", "arch", "method", "runs", "best top-1 err", "top-5 err @best",
+                  "last top-1 err", "last top-5 err", "s / epoch", "aug. overhead", "run folders"],
+                 rows, "Best = the epoch with the highest top-1 (what the papers report), with its "
+                       "top-5; overhead = (T_method − T_none) / T_none per epoch (GuidedMixup, Table 2). "
+                       "Several runs of one setting: mean ± std over seeds.")
+
+
+def detection_table(runs: list[Run]) -> Table | None:
+    det = [r for r in runs if r.kind == "transfer/detection"]
+    if not det:
+        return None
+
+    def setting(r: Run) -> tuple:
+        res = r.results
+        return (res.get("backend"), res.get("preset"), res.get("arch"), res.get("iters"))
+
+    def backbone_method(r: Run) -> str:
+        return method_label((r.results.get("checkpoint") or {}).get("method"))
+
+    baselines: dict[tuple, list[float]] = defaultdict(list)
+    for r in det:
+        if backbone_method(r) == "none" and r.results.get("AP50") is not None:
+            baselines[setting(r)].append(r.results["AP50"])
+    rows = []
+    for r in sorted(det, key=lambda r: (str(setting(r)), backbone_method(r) != "none", backbone_method(r))):
+        res = r.results
+        base = baselines.get(setting(r))
+        delta = "–" if not base or res.get("AP50") is None else \
+            f"{res['AP50'] - statistics.mean(base):+.2f}"
+        rows.append([backbone_method(r), str((res.get("checkpoint") or {}).get("arch", "?")),
+                     str(res.get("backend")), str(res.get("preset")), str(res.get("arch")),
+                     fmt(res.get("iters")), fmt(res.get("AP50")), fmt(res.get("AP")),
+                     fmt(res.get("AP75")), delta, r.path.name])
+    return Table("Detection transfer (Faster R-CNN, VOC07 test, %)",
+                 ["backbone method", "backbone", "backend", "preset", "detector", "iters",
+                  "AP50", "AP", "AP75", "ΔAP50 vs none", "run folder"], rows,
+                 "AP50 is VOC07 11-point AP at IoU 0.5; Δ against the `none` backbone of the same "
+                 "backend, preset, detector and iterations.")
+
+
+def _models(runs: list[Run], kind: str) -> list[tuple[Run, dict[str, Any]]]:
+    return [(r, m) for r in runs if r.kind == kind for m in r.results.get("models", [])]
+
+
+def _eps_key(e: Any) -> str:
+    return f"{float(e):g}"
+
+
+def attack_table(runs: list[Run], kind: str) -> Table | None:
+    models = _models(runs, f"robustness/{kind}")
+    if not models:
+        return None
+    eps = sorted({_eps_key(e) for _, m in models for e in m.get("adversarial", {})}, key=float)
+    rows = []
+    for r, m in models:
+        adv = {_eps_key(k): v for k, v in m.get("adversarial", {}).items()}
+        ck = m.get("checkpoint") or {}
+        rows.append([method_label(ck.get("method")), str(m.get("architecture", ck.get("arch"))),
+                     str(r.results.get("dataset")), fmt(r.results.get("n_images")),
+                     fmt((m.get("clean") or {}).get("top1"))]
+                    + [fmt((adv.get(e) or {}).get("top1")) for e in eps] + [r.path.name])
+    return Table(f"{kind.upper()} robustness (top-1 accuracy, %)",
+                 ["backbone method", "arch", "dataset", "images", "clean"]
+                 + [f"ε={e}/255" for e in eps] + ["run folder"], rows,
+                 "White-box, model in eval mode, ε in /255 pixel units, attack in [0,1] pixel space.")
+
+
+def corruption_table(runs: list[Run]) -> Table | None:
+    models = _models(runs, "robustness/corruption")
+    if not models:
+        return None
+    rows = []
+    for r, m in models:
+        ck = m.get("checkpoint") or {}
+        rows.append([method_label(ck.get("method")), str(m.get("architecture", ck.get("arch"))),
+                     str(r.results.get("dataset")), fmt(m.get("clean_error")), fmt(m.get("mCE")),
+                     fmt(m.get("relative_mCE")), fmt(m.get("mean_error")), r.path.name])
+    return Table("Corruption robustness (error, %)",
+                 ["backbone method", "arch", "dataset", "clean err", "mCE", "relative mCE",
+                  "mean corruption err", "run folder"], rows,
+                 "mCE normalised by AlexNet's published errors (ImageNet-C); CIFAR-C: mean error.")
+
+
+def localization_table(runs: list[Run]) -> Table | None:
+    models = _models(runs, "cam/localization")
+    if not models:
+        return None
+    rows = []
+    for r, m in models:
+        ck = m.get("checkpoint") or {}
+        rows.append([method_label(ck.get("method")), str(ck.get("arch")), str(m.get("method")),
+                     str(r.results.get("dataset")), fmt(m.get("top1_cls")),
+                     fmt(m.get("gt_known_loc")), fmt(m.get("top1_loc")), fmt(m.get("maxboxacc")),
+                     fmt(m.get("pointing_game")), r.path.name])
+    return Table("Weakly supervised localisation from CAMs (%)",
+                 ["backbone method", "arch", "CAM", "dataset", "top-1 cls", "GT-known Loc",
+                  "top-1 Loc", "MaxBoxAcc", "pointing game", "run folder"], rows,
+                 "Loc at IoU ≥ 0.5 with the box of the largest connected CAM region above the "
+                 "threshold; MaxBoxAcc over a threshold sweep; energy-based pointing game.")
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def plot_eps(runs: list[Run], out: Path) -> Path | None:
+    models = _models(runs, "robustness/fgsm")
+    if not models:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r, m in models:
+        adv = sorted(((float(k), v["top1"]) for k, v in m.get("adversarial", {}).items()))
+        xs = [0.0] + [e for e, _ in adv]
+        ys = [(m.get("clean") or {}).get("top1")] + [a for _, a in adv]
+        label = f"{method_label((m.get('checkpoint') or {}).get('method'))} [{r.path.name}]"
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("ε (/255)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("FGSM: accuracy vs ε")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = out / "fgsm_accuracy_vs_eps.png"
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_training(runs: list[Run], out: Path) -> Path | None:
+    cls = [r for r in runs if r.kind == "pretrain/classification"]
+    curves = [(r, RunDir(r.path, create=False).read_log()) for r in cls]
+    curves = [(r, log) for r, log in curves if log]
+    if not curves:
+        return None
+    plt = _figure()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for r, log in curves:
+        label = f"{method_label(r.results.get('method'))} [{r.path.name}]"
+        epochs = [h["epoch"] for h in log]
+        a1.plot(epochs, [h["train_loss"] for h in log], marker=".", label=label)
+        a2.plot(epochs, [h["top1"] for h in log], marker=".", label=label)
+    a1.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    a2.set(xlabel="epoch", ylabel="val top-1 (%)", title="Validation top-1")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    a2.legend(fontsize=7)
+    path = out / "training_curves.png"
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
+def build_report(paths: list[Path], out: Path) -> dict[str, Any]:
+    """Write report.md, one CSV per table and the plots; return what was written."""
+    runs = find_runs(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [t for t in (classification_table(runs), detection_table(runs),
+                          attack_table(runs, "fgsm"), attack_table(runs, "pgd"),
+                          corruption_table(runs), localization_table(runs)) if t is not None]
+    plots = [p for p in (plot_training(runs, out), plot_eps(runs, out)) if p is not None]
+    md = ["# Report", "", f"{len(runs)} run folders: "
+          + ", ".join(f"`{r.path.name}` ({r.kind})" for r in runs), ""]
+    written = []
+    for t in tables:
+        md.append(t.markdown())
+        name = t.title.split(" (")[0].lower().replace(" ", "_") + ".csv"
+        atomic_write(out / name, t.csv())
+        written.append(str(out / name))
+    md += [f"![{p.stem}]({p.name})\n" for p in plots]
+    md += ["## Run folders", ""] + [f"- `{r.path.name}`: {r.path.resolve()}" for r in runs]
+    atomic_write(out / "report.md", "\n".join(md) + "\n")
+    summary = {"report": str(out / "report.md"), "tables": written,
+               "plots": [str(p) for p in plots], "runs": len(runs)}
+    write_json(out / "report.json", summary)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    from backbone.cli import ArgParser
+
+    p = ArgParser(prog="smix report", description="Paper-style tables and plots from run folders.")
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (or folders holding them)")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    summary = build_report(a.runs, a.out)
+    print(f"report: {summary['report']} ({summary['runs']} runs, {len(summary['tables'])} tables, "
+          f"{len(summary['plots'])} plots)")
+    return 0
