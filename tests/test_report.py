@@ -1,0 +1,91 @@
+"""`smix report` on synthetic run folders: hand-computed tables, a missing stage, seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from backbone.cli import main as smix
+from backbone.errors import UserError
+from backbone.io import RunDir
+from backbone.report import build_report
+
+
+def pretrain_run(root: Path, name: str, method: dict, seed: int, best_err: float,
+                 last_err: float, time_s: float, epochs: int = 10) -> None:
+    run = RunDir(root / name)
+    for e in range(1, 3):
+        run.log({"epoch": e, "train_loss": 2.0 / e, "top1": 50.0 + e})
+    pick = lambda err, ep: {"epoch": ep, "top1": 100 - err, "top5": 99.0, "top1_err": err, "top5_err": 1.0 + seed}
+    run.write_metrics(stage="pretrain", kind="classification", results={
+        "best": pick(best_err, 8), "last": pick(last_err, epochs), "arch": "resnet18",
+        "dataset": "shapes", "method": method, "seed": seed, "epochs_done": epochs,
+        "epochs": epochs, "train_time_s": time_s})
+
+
+def ck(method: str) -> dict:
+    return {"path": f"/x/{method}.safetensors", "sha256": "ab", "arch": "resnet18",
+            "method": {"name": method}}
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    pretrain_run(root, "none-s0", {"name": "none"}, 0, 30.0, 31.0, 100.0)
+    pretrain_run(root, "cutmix-s0", {"name": "cutmix", "pairing": "random"}, 0, 20.0, 21.0, 110.0)
+    pretrain_run(root, "cutmix-s1", {"name": "cutmix", "pairing": "random"}, 1, 22.0, 23.0, 110.0)
+    for name, method, ap50 in (("det-none", "none", 70.0), ("det-cutmix", "cutmix", 72.5)):
+        RunDir(root / name).write_metrics(stage="transfer", kind="detection", results={
+            "AP50": ap50, "AP": ap50 - 30, "AP75": ap50 - 20, "backend": "torchvision",
+            "preset": "d2-voc", "arch": "fpn", "iters": 100, "checkpoint": ck(method)})
+    RunDir(root / "fgsm").write_metrics(stage="robustness", kind="fgsm", results={
+        "dataset": "shapes", "n_images": 40, "eps": [1, 8], "models": [
+            {"checkpoint": ck("none"), "architecture": "resnet18", "clean": {"top1": 90.0},
+             "adversarial": {"1": {"top1": 50.0}, "8": {"top1": 5.0}}},
+            {"checkpoint": ck("cutmix"), "architecture": "resnet18", "clean": {"top1": 92.5},
+             "adversarial": {"1": {"top1": 60.0}, "8": {"top1": 12.5}}}]})
+    return root
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_tables_are_hand_computed(runs, tmp_path):
+    summary = build_report([runs], tmp_path / "rep")
+    rows = read_csv(tmp_path / "rep" / "classification.csv")
+    assert [r["method"] for r in rows] == ["none", "cutmix(pairing=random)"]
+    cut = rows[1]
+    assert cut["best top-1 err"] == "21.00 ± 1.41"  # mean 21, sample std sqrt(2)
+    assert cut["last top-1 err"] == "22.00 ± 1.41"
+    assert cut["top-5 err @best"] == "1.50 ± 0.71"
+    assert cut["runs"] == "2 (seeds 0,1)"
+    assert cut["s / epoch"] == "11.0" and cut["aug. overhead"] == "+10.0%"
+    assert cut["run folders"] == "cutmix-s0, cutmix-s1"
+    assert rows[0]["best top-1 err"] == "30.00" and rows[0]["aug. overhead"] == "+0.0%"
+    det = read_csv(tmp_path / "rep" / "detection_transfer.csv")
+    assert [(d["backbone method"], d["AP50"], d["ΔAP50 vs none"]) for d in det] == [
+        ("none", "70.00", "+0.00"), ("cutmix", "72.50", "+2.50")]
+    fgsm = read_csv(tmp_path / "rep" / "fgsm_robustness.csv")
+    assert [(f["clean"], f["ε=1/255"], f["ε=8/255"]) for f in fgsm] == [
+        ("90.00", "50.00", "5.00"), ("92.50", "60.00", "12.50")]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Corruption" not in md and "localisation" not in md  # stages never run: no table
+    assert (tmp_path / "rep" / "training_curves.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "fgsm_accuracy_vs_eps.png").stat().st_size > 1000
+    assert summary["runs"] == 6
+
+
+def test_report_bad_input(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no metrics.json found"):
+        build_report([tmp_path / "empty"], tmp_path / "rep")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "metrics.json").write_text(json.dumps({"acc": 1}))
+    assert smix(["report", str(tmp_path / "foreign"), "--out", str(tmp_path / "rep")]) == 2
+    assert "not a toolkit metrics.json" in capsys.readouterr().err
+    assert smix(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "rep")]) == 2
