@@ -1,0 +1,216 @@
+"""The detectron2 backend: runs where detectron2 is importable, skipped (reason shown) elsewhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed in this environment "
+                                         "(it is built from its source repository)")
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.modeling import build_model as d2_build_model  # noqa: E402
+from detectron2.solver import build_lr_scheduler  # noqa: E402
+
+from backbone.arch import build_model  # noqa: E402
+from backbone.checkpoint import BackboneMeta, read_checkpoint, save_checkpoint  # noqa: E402
+from backbone.cli import run as smix_run  # noqa: E402
+from backbone.errors import UserError  # noqa: E402
+from backbone.io import RunDir  # noqa: E402
+from backbone.shapes import ShapesConfig, generate_shapes  # noqa: E402
+from transfer.config import TransferConfig, resolve  # noqa: E402
+from transfer.convert import save_detectron2_weights, to_detectron2  # noqa: E402
+from transfer.d2_config import build_d2_config  # noqa: E402
+from transfer.tv_backend import lr_at  # noqa: E402
+
+FAST = ["min_size=64", "max_size=64", "batch=2", "workers=0", "roi_batch=32",
+        "rpn_pre_nms_train=300", "rpn_post_nms_train=100", "rpn_pre_nms_test=300",
+        "rpn_post_nms_test=50", "log_period=1", "checkpoint_period=2"]
+CLASSES = ("circle", "square", "triangle")
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/test_transfer.py: oversubscribed 2-core machines
+    yield
+    torch.set_num_threads(before)
+
+
+def make_ckpt(path: Path, arch: str) -> tuple[Path, BackboneMeta]:
+    torch.manual_seed(0)
+    meta = BackboneMeta(arch=arch, num_classes=3, class_names=CLASSES, input_size=64, resize=64,
+                        crop=64, mean=MEAN, std=STD, method={"name": "saliencymix"})
+    return save_checkpoint(path, build_model(arch, 3), meta), meta
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes(ShapesConfig(out, classes=3, per_class=4, size=64, seed=1), progress=False)
+    return out
+
+
+def d2cfg(meta: BackboneMeta, arch: str, tmp_path: Path, extra: tuple = ()):
+    s = resolve(TransferConfig(tmp_path, tmp_path, tmp_path, arch=arch, iters=10,
+                               overrides=tuple(tuple(x.split("=", 1)) for x in extra)))
+    return build_d2_config(meta, arch, CLASSES, s, weights=tmp_path / "w.pkl",
+                           output_dir=tmp_path / "d2", train=["tr"], test=["te"], device="cpu"), s
+
+
+@pytest.mark.parametrize("arch, det", [("resnet50", "c4"), ("resnet101", "fpn"),
+                                       ("resnet18", "fpn")])
+def test_config_has_the_contract(arch: str, det: str, tmp_path: Path) -> None:
+    meta = BackboneMeta(arch=arch, num_classes=3, class_names=CLASSES, mean=MEAN, std=STD)
+    cfg, s = d2cfg(meta, det, tmp_path)
+    assert cfg.MODEL.PIXEL_MEAN == pytest.approx([127.5, 102.0, 76.5])
+    assert cfg.MODEL.PIXEL_STD == pytest.approx([51.0, 63.75, 76.5])
+    assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    assert cfg.MODEL.RESNETS.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 2
+    assert cfg.MODEL.RESNETS.DEPTH == int(arch[6:]) and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3
+    assert cfg.MODEL.ROI_HEADS.NAME == ("Res5ROIHeads" if det == "c4" else "StandardROIHeads")
+    assert cfg.MODEL.BACKBONE.NAME == ("build_resnet_backbone" if det == "c4"
+                                       else "build_resnet_fpn_backbone")
+    assert cfg.MODEL.RESNETS.RES2_OUT_CHANNELS == (64 if arch == "resnet18" else 256)
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (16, 0.02, 10)
+    assert cfg.INPUT.MIN_SIZE_TRAIN == tuple(range(480, 801, 32)) and cfg.INPUT.MIN_SIZE_TEST == 800
+    assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 0 and cfg.MODEL.MASK_ON is False
+
+
+def test_raw_detectron2_overrides(tmp_path: Path) -> None:
+    meta = BackboneMeta(arch="resnet50", num_classes=3, class_names=CLASSES)
+    cfg, _ = d2cfg(meta, "c4", tmp_path, ("MODEL.RPN.NMS_THRESH=0.6",))
+    assert cfg.MODEL.RPN.NMS_THRESH == 0.6
+    with pytest.raises(UserError, match="detectron2 override rejected"):
+        d2cfg(meta, "c4", tmp_path, ("MODEL.NO_SUCH_KEY=1",))
+
+
+def _d2_key(new: str, det: str) -> str:
+    if det == "c4":
+        return ("roi_heads." if new.startswith("res5.") else "backbone.") + new
+    return "backbone.bottom_up." + new
+
+
+@pytest.mark.parametrize("arch, det", [("resnet50", "c4"), ("resnet18", "fpn"),
+                                       ("resnet34", "fpn")])
+def test_converted_weights_land_in_every_detectron2_backbone_tensor(arch: str, det: str,
+                                                                    tmp_path: Path) -> None:
+    ckpt, meta = make_ckpt(tmp_path / "c.safetensors", arch)
+    state, _ = read_checkpoint(ckpt)
+    conv = to_detectron2(state)
+    save_detectron2_weights(tmp_path / "w.pkl", conv, author="test")
+    cfg, _ = d2cfg(meta, det, tmp_path)
+    model = d2_build_model(cfg)
+    DetectionCheckpointer(model).load(str(tmp_path / "w.pkl"))
+    d2_state = model.state_dict()
+    resnet_keys = {k for k in d2_state if k.startswith(("backbone.bottom_up.", "roi_heads.res5."))
+                   or (det == "c4" and k.startswith("backbone."))}
+    assert resnet_keys == {_d2_key(new, det) for new in conv.mapping.values()}
+    for old, new in conv.mapping.items():
+        torch.testing.assert_close(d2_state[_d2_key(new, det)], state[old], msg=old)
+
+
+def test_lr_schedule_equals_detectron2s(tmp_path: Path) -> None:
+    for preset, iters, extra in (("d2-voc", 6, ()), ("d2-voc", 400, (("warmup", "50"),)),
+                                 ("paper", 300, ())):
+        s = resolve(TransferConfig(tmp_path, tmp_path, tmp_path, preset=preset, iters=iters,
+                                   overrides=extra))
+        meta = BackboneMeta(arch="resnet50", num_classes=3, class_names=CLASSES)
+        cfg, _ = d2cfg(meta, "c4", tmp_path)
+        cfg.defrost()
+        cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = s.lr, s.max_iter, s.steps
+        cfg.SOLVER.WARMUP_ITERS = s.warmup_iters
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=s.lr)
+        sched = build_lr_scheduler(cfg, opt)
+        for it in range(s.max_iter):
+            assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(it, s), rel=1e-12), it
+            opt.step()
+            sched.step()
+
+
+def _argv(ckpt: Path, shapes: Path, out: Path, *extra: str) -> list[str]:
+    return ["--ckpt", str(ckpt), "--voc-root", str(shapes), "--out", str(out), "--arch", "fpn",
+            "--classes", "auto", "--no-progress", *FAST, *extra]
+
+
+def test_end_to_end_and_resume(shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt, _ = make_ckpt(tmp_path / "r18.safetensors", "resnet18")
+    out = tmp_path / "run"
+    argv = _argv(ckpt, shapes, out, "--iters", "4")
+    assert smix_run("transfer", argv) == 0
+    err = capsys.readouterr().err
+    assert "backend detectron2 (detectron2 is importable)" in err and "fc.bias, fc.weight" in err
+    r = json.loads((out / "metrics.json").read_text())["results"]
+    assert (r["backend"], r["arch"], r["iters"], r["start_iter"]) == ("detectron2", "fpn", 4, 0)
+    assert r["conversion"]["unconverted"] == ["fc.bias", "fc.weight"]
+    assert r["evaluator"] == "detectron2.PascalVOCDetectionEvaluator"
+    assert r["toolkit_evaluator"]["AP50"] == pytest.approx(r["AP50"], abs=1e-9)
+    assert set(r["per_class"]) == set(CLASSES)
+    d2 = out / "detectron2"
+    for name in ("model_final.pth", "model_0000001.pth", "config.yaml", "backbone_d2.pkl"):
+        assert (d2 / name).is_file(), name
+    # Simulate a run killed after 2 iterations, then resume it.
+    (d2 / "model_final.pth").unlink()
+    (d2 / "model_0000003.pth").unlink()
+    (d2 / "last_checkpoint").write_text("model_0000001.pth")
+    (out / "metrics.json").unlink()
+    assert smix_run("transfer", argv + ["--resume"]) == 0
+    r = json.loads((out / "metrics.json").read_text())["results"]
+    assert r["start_iter"] == 2
+    s = resolve(TransferConfig(ckpt, shapes, out, arch="fpn", iters=4,
+                               overrides=tuple(tuple(x.split("=", 1)) for x in FAST)))
+    resumed = [x for x in RunDir(out).read_log() if "total_loss" in x][4:]
+    assert [x["iter"] for x in resumed] == [3, 4]
+    assert [x["lr"] for x in resumed] == pytest.approx([lr_at(2, s), lr_at(3, s)])
+    assert (d2 / "model_final.pth").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_through_detectron2s_launcher(shapes: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """--num-gpus 2 on CPU: detectron2's launcher spawns 2 gloo workers, DDP without device ids."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ckpt, _ = make_ckpt(tmp_path / "r18.safetensors", "resnet18")
+    out = tmp_path / "run"
+    assert smix_run("transfer", _argv(ckpt, shapes, out, "--iters", "2", "--num-gpus", "2")) == 0
+    r = json.loads((out / "metrics.json").read_text())["results"]
+    assert r["world_size"] == 2 and r["backend"] == "detectron2"
+    assert r["toolkit_evaluator"]["AP50"] == pytest.approx(r["AP50"], abs=1e-9)
+    assert r["detections"] >= 0 and (out / "detectron2" / "model_final.pth").is_file()
+
+
+@pytest.mark.slow
+def test_c4_resnet50_trains_and_evaluates(shapes: Path, tmp_path: Path) -> None:
+    ckpt, _ = make_ckpt(tmp_path / "r50.safetensors", "resnet50")
+    out = tmp_path / "run"
+    argv = ["--ckpt", str(ckpt), "--voc-root", str(shapes), "--out", str(out), "--arch", "c4",
+            "--classes", "auto", "--no-progress", "--iters", "1", *FAST, "rpn_post_nms_test=8"]
+    assert smix_run("transfer", argv) == 0
+    r = json.loads((out / "metrics.json").read_text())["results"]
+    assert r["arch"] == "c4" and r["conversion"]["converted"] == 265
+
+
+def test_annotations_detectron2s_evaluator_cannot_read_are_detected(shapes: Path,
+                                                                     tmp_path: Path) -> None:
+    from transfer.d2_backend import d2_evaluator_problem, to_d2_dicts
+    from transfer.data import load_splits
+    splits = load_splits(shapes, "auto")
+    ids = [r.image_id for r in splits.test]
+    assert d2_evaluator_problem(splits.test_dir, ids) is None
+    voc = tmp_path / "VOC2007"
+    voc.mkdir()
+    (voc / "Annotations").mkdir()
+    text = (splits.test_dir / "Annotations" / f"{ids[0]}.xml").read_text()
+    (voc / "Annotations" / f"{ids[0]}.xml").write_text(text.replace("<pose>Unspecified</pose>", ""))
+    assert "has no <pose>" in d2_evaluator_problem(voc, ids[:1])
+    d = to_d2_dicts(splits.test[:1], splits.class_names)[0]
+    obj = splits.test[0].objects[0]
+    x0, y0, x1, y1 = obj.bbox
+    assert d["annotations"][0]["bbox"] == [x0 - 1, y0 - 1, x1, y1]
+    assert d["image_id"] == ids[0] and d["height"] == d["width"] == 64

@@ -1,0 +1,5 @@
+import sys
+
+from backbone.cli import run
+
+sys.exit(run("transfer", sys.argv[1:]))

@@ -1,0 +1,137 @@
+"""`run_transfer`: checkpoint + VOC -> fine-tuned Faster R-CNN -> VOC07 mAP in a run folder.
+
+The one library entry point behind `smix transfer`. It validates everything a user can get wrong
+before any training (checkpoint arch, VOC folders and annotations, class list, options), picks the
+backend (detectron2 when importable, else torchvision; always said), runs it, and writes the run
+folder: config.json (request + resolved settings + data), log.jsonl, final weights, metrics.json.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any, Callable
+
+from backbone.checkpoint import checkpoint_ref, read_meta
+from backbone.errors import UserError
+from backbone.io import RunDir, file_sha256, read_json, to_jsonable
+from transfer.config import BACKENDS, Settings, TransferConfig, resolve
+from transfer.convert import check_detection_backbone
+from transfer.data import VOCSplits, load_splits, parse_sets
+from transfer.voc_eval import VOCResult
+
+# A backend returns the evaluation (None on machines other than rank 0) and facts for metrics.
+Backend = Callable[[TransferConfig, Settings, VOCSplits, RunDir, str],
+                   tuple[VOCResult | None, dict]]
+# Files whose presence means a run folder already holds a (possibly unfinished) run.
+RUN_MARKERS = ("metrics.json", "resume.pt", "detectron2/last_checkpoint")
+
+
+def detectron2_available() -> bool:
+    return importlib.util.find_spec("detectron2") is not None
+
+
+def _torchvision(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: RunDir, sha: str
+                 ) -> tuple[VOCResult | None, dict]:
+    from transfer.tv_backend import run_torchvision
+
+    return run_torchvision(cfg, s, splits, run, sha)
+
+
+def _detectron2(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: RunDir, sha: str
+                ) -> tuple[VOCResult | None, dict]:
+    if not detectron2_available():
+        raise UserError("--backend detectron2: detectron2 is not installed (it is built from its "
+                        "source repository); use --backend torchvision")
+    from transfer.d2_backend import run_detectron2
+
+    return run_detectron2(cfg, s, splits, run, sha)
+
+
+_BACKENDS: dict[str, Backend] = {"detectron2": _detectron2, "torchvision": _torchvision}
+
+
+def choose_backend(requested: str) -> str:
+    if requested not in BACKENDS:
+        raise UserError(f"unknown --backend {requested!r}; valid: {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested
+    return "detectron2" if detectron2_available() else "torchvision"
+
+
+def _guard_run_folder(run: RunDir, resume: bool, identity: dict[str, Any]) -> None:
+    """Never overwrite a run by accident; resume only the same checkpoint/backend/arch/classes."""
+    present = [m for m in RUN_MARKERS if run.file(m).exists()]
+    if present and not resume:
+        raise UserError(f"{run.path} already holds a transfer run ({present[0]}); pass --resume "
+                        "to continue it or choose another --out")
+    if resume and run.file("config.json").is_file():
+        before = read_json(run.file("config.json")).get("identity", {})
+        for key, value in identity.items():
+            if key in before and before[key] != to_jsonable(value):
+                raise UserError(f"--resume: {run.path} was run with {key} {before[key]!r}, not "
+                                f"{to_jsonable(value)!r}; use a new --out")
+
+
+def _backend_note(requested: str, backend: str) -> str:
+    if requested != "auto":
+        return f"backend {backend} (requested)"
+    return f"backend {backend} (detectron2 {'is' if backend == 'detectron2' else 'not'} importable)"
+
+
+def _data_summary(splits: VOCSplits) -> dict[str, Any]:
+    return {"train_sets": list(splits.train_sets), "test_set": splits.test_set,
+            "train_images": len(splits.train), "test_images": len(splits.test),
+            "class_names": list(splits.class_names), "skipped_sets": list(splits.skipped_sets)}
+
+
+def prepare(cfg: TransferConfig) -> tuple[str, Settings, VOCSplits]:
+    """Every user-facing check, before anything is written or trained."""
+    backend = choose_backend(cfg.backend)
+    if cfg.num_gpus < 1 or cfg.num_machines < 1 or not 0 <= cfg.machine_rank < cfg.num_machines:
+        raise UserError("--num-gpus and --num-machines must be >= 1 and 0 <= --machine-rank < "
+                        "--num-machines")
+    if backend == "torchvision" and cfg.num_gpus * cfg.num_machines > 1:
+        raise UserError("the torchvision backend runs in one process; multi-GPU and "
+                        "multi-machine training go through --backend detectron2")
+    s = resolve(cfg)
+    world = cfg.num_gpus * cfg.num_machines
+    if s.batch % world:
+        raise UserError(f"batch {s.batch} is not divisible by the {world} processes")
+    if cfg.num_machines > 1 and cfg.dist_url == "auto":
+        raise UserError("a multi-machine job needs --dist-url tcp://HOST:PORT (the same on all)")
+    meta = read_meta(cfg.ckpt)
+    check_detection_backbone(meta, cfg.arch)
+    splits = load_splits(cfg.voc_root, cfg.classes, parse_sets(s.train_sets),
+                         parse_sets(s.test_set)[0])
+    return backend, s, splits
+
+
+def run_transfer(cfg: TransferConfig) -> dict[str, Any] | None:
+    """Fine-tune and evaluate; returns the metrics.json `results` (None off the main machine)."""
+    backend, s, splits = prepare(cfg)
+    print(f"smix transfer: {_backend_note(cfg.backend, backend)}", file=sys.stderr)
+    for missing in splits.skipped_sets:
+        print(f"smix transfer: {missing} not found under {cfg.voc_root}; training without it",
+              file=sys.stderr)
+    run, sha = RunDir(cfg.out), file_sha256(cfg.ckpt)
+    identity = {"backend": backend, "arch": cfg.arch, "class_names": splits.class_names,
+                "checkpoint_sha256": sha}
+    config = {"request": cfg, "identity": identity, "settings": s, "data": _data_summary(splits)}
+    if cfg.machine_rank == 0:
+        _guard_run_folder(run, cfg.resume, identity)
+        run.write_config(config)
+        run.log({"event": "start", "backend": backend, "preset": s.preset, "arch": cfg.arch,
+                 "iters": s.max_iter, "resume": cfg.resume})
+    result, facts = _BACKENDS[backend](cfg, s, splits, run, sha)
+    if result is None:
+        return None
+    results = {**result.summary(), "per_class": result.per_class, "backend": backend,
+               "preset": s.preset, "arch": cfg.arch, "iters": s.max_iter,
+               "checkpoint": checkpoint_ref(cfg.ckpt, read_meta(cfg.ckpt)),
+               "per_class_AP": result.per_class_ap, "metric": "voc07-11point",
+               "classes_without_ground_truth": list(result.classes_without_ground_truth),
+               **_data_summary(splits), **facts}
+    run.log({"event": "done", **result.summary()})
+    run.write_metrics(stage="transfer", kind="detection", results=results, config=config)
+    return results

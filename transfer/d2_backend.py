@@ -1,0 +1,310 @@
+"""The detectron2 backend: converted weights, detectron2's model, solver, launcher and evaluator.
+
+The trainer is a small `TrainerBase` built from detectron2's public pieces (as its docs advise
+for anything beyond `DefaultTrainer`'s defaults) so that: (1) the model is wrapped in DDP without
+GPU device ids on CPU, letting the gloo path run; (2) checkpoints are written atomically;
+(3) losses go to the run's log.jsonl. Datasets are registered from the toolkit's VOC reader.
+Evaluation: detectron2's `PascalVOCDetectionEvaluator` gives AP/AP50/AP75; on the very same
+(text-rounded) detections the toolkit's evaluator gives the per-class APs and a cross-check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import weakref
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_test_loader,
+                             build_detection_train_loader)
+from detectron2.engine import SimpleTrainer, TrainerBase, hooks, launch
+from detectron2.evaluation import PascalVOCDetectionEvaluator, inference_on_dataset
+from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler, build_optimizer
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import CommonMetricPrinter, EventWriter, get_event_storage
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from backbone.checkpoint import BackboneMeta, read_checkpoint
+from backbone.dist import pick_device
+from backbone.io import RunDir, atomic_save, atomic_write, read_json, write_json
+from backbone.voc import VOCRecord
+from transfer.config import Settings, TransferConfig
+from transfer.convert import Conversion, save_detectron2_weights, to_detectron2
+from transfer.d2_config import build_d2_config
+from transfer.data import VOCSplits
+from transfer.voc_eval import Detections, VOCResult, evaluate_voc
+
+TRAIN_NAME, TEST_NAME = "smix_transfer_train", "smix_transfer_test"
+
+
+def to_d2_dicts(records: Sequence[VOCRecord], class_names: Sequence[str]) -> list[dict]:
+    """detectron2 dataset dicts; boxes 0-based (VOC xmin-1, ymin-1) exactly as its loader does."""
+    index = {n: i for i, n in enumerate(class_names)}
+    return [{"file_name": str(r.image_path), "image_id": r.image_id, "height": r.height,
+             "width": r.width,
+             "annotations": [{"category_id": index[o.name], "bbox": list(o.box0),
+                              "bbox_mode": BoxMode.XYXY_ABS} for o in r.objects]}
+            for r in records]
+
+
+def register(name: str, records: Sequence[VOCRecord], class_names: Sequence[str],
+             dirname: Path | None = None, split: str | None = None) -> None:
+    """(Re-)register a dataset; the test set carries what the VOC evaluator reads."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    dicts = to_d2_dicts(records, class_names)
+    DatasetCatalog.register(name, lambda: dicts)
+    meta: dict[str, Any] = {"thing_classes": list(class_names)}
+    if dirname is not None:
+        meta.update(dirname=str(dirname), split=split, year=2007)
+    MetadataCatalog.get(name).set(**meta)
+
+
+def d2_evaluator_problem(dirname: Path, ids: Sequence[str]) -> str | None:
+    """Why detectron2's evaluator could not parse these annotations (it wants <pose>,
+    <truncated>, <difficult> and integer box corners), or None when it can."""
+    for image_id in ids:
+        xml = dirname / "Annotations" / f"{image_id}.xml"
+        for obj in ET.parse(xml).getroot().findall("object"):
+            for tag in ("name", "pose", "truncated", "difficult", "bndbox/xmin", "bndbox/ymin",
+                        "bndbox/xmax", "bndbox/ymax"):
+                node = obj.find(tag)
+                if node is None or node.text is None:
+                    return f"{xml}: <object> has no <{tag}>"
+                if tag not in ("name", "pose"):
+                    try:
+                        int(node.text)
+                    except ValueError:
+                        return f"{xml}: <{tag}> is not an integer ({node.text!r})"
+    return None
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer whose files (and `last_checkpoint` tag) are written atomically."""
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict(),
+                **{k: obj.state_dict() for k, obj in self.checkpointables.items()}, **kwargs}
+        path = Path(self.save_dir) / f"{name}.pth"
+        self.logger.info(f"Saving checkpoint to {path}")
+        atomic_save(path, lambda tmp: torch.save(data, tmp))
+        self.tag_last_checkpoint(path.name)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write(Path(self.save_dir) / "last_checkpoint", last_filename_basename)
+
+
+class RunLogWriter(EventWriter):
+    """Training scalars (losses, lr, times) into the run folder's log.jsonl."""
+
+    def __init__(self, run: RunDir, window: int = 20):
+        self.run, self.window, self._last = run, window, -1
+
+    def write(self) -> None:
+        latest = get_event_storage().latest_with_smoothing_hint(self.window)
+        it = max((i for _, i in latest.values()), default=-1)
+        if it <= self._last:  # detectron2 writes once more after training: nothing new
+            return
+        self._last = it
+        self.run.log({"iter": it + 1, **{k: float(v) for k, (v, _) in latest.items()}})
+
+
+def d2_rounded(image_id: str, boxes: np.ndarray, scores: Sequence[float], classes: Sequence[int]
+               ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """The detections as detectron2's VOC evaluator sees them: written as text with +1 on
+    xmin/ymin (float32), 1 decimal for boxes, 3 for scores, then parsed back."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+    b[:, :2] += np.float32(1.0)
+    rounded = np.array([[float(f"{v:.1f}") for v in row] for row in b]).reshape(-1, 4)
+    return (image_id, rounded, np.array([float(f"{s:.3f}") for s in scores]),
+            np.asarray(classes, np.int64))
+
+
+class VOCEvaluator(PascalVOCDetectionEvaluator):
+    """detectron2's VOC evaluator plus the toolkit's evaluator on the same detections."""
+
+    def __init__(self, dataset_name: str, records: Sequence[VOCRecord], run_d2: bool):
+        super().__init__(dataset_name)
+        self._records, self._run_d2 = list(records), run_d2
+
+    def reset(self) -> None:
+        super().reset()
+        self._raw: list[tuple] = []
+
+    def process(self, inputs: list[dict], outputs: list[dict]) -> None:
+        super().process(inputs, outputs)
+        for inp, out in zip(inputs, outputs):
+            inst = out["instances"].to("cpu")
+            self._raw.append(d2_rounded(inp["image_id"], inst.pred_boxes.tensor.numpy(),
+                                        inst.scores.tolist(), inst.pred_classes.tolist()))
+
+    def evaluate(self) -> dict:
+        d2 = super().evaluate() if self._run_d2 else None
+        gathered = comm.gather(self._raw, dst=0)
+        if not comm.is_main_process():
+            return {}
+        dets = Detections.concat([p for part in gathered for p in part], one_based=True)
+        toolkit = evaluate_voc(self._records, dets, self._class_names)
+        return {"detectron2": None if d2 is None else {k: float(v) for k, v in d2["bbox"].items()},
+                "toolkit": dataclasses.asdict(toolkit), "detections": len(dets.scores)}
+
+
+class Trainer(TrainerBase):
+    """SimpleTrainer + LR schedule + periodic atomic checkpoints + logging, resumable."""
+
+    def __init__(self, cfg: CfgNode, run: RunDir, log_period: int):
+        super().__init__()
+        model = build_model(cfg)
+        self.optimizer = build_optimizer(cfg, model)
+        loader = build_detection_train_loader(cfg)
+        if comm.get_world_size() > 1:
+            on_gpu = cfg.MODEL.DEVICE.startswith("cuda")
+            model = DistributedDataParallel(
+                model, device_ids=[comm.get_local_rank()] if on_gpu else None,
+                broadcast_buffers=False)
+        self.model = model
+        self._trainer = SimpleTrainer(model, loader, self.optimizer)
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        # --iters 0 evaluates the untrained detector; detectron2's schedulers need >= 1 update.
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer) if self.max_iter else None
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.cfg = cfg
+        steps: list[hooks.HookBase | None] = [hooks.IterationTimer()]
+        if self.scheduler is not None:
+            steps.append(hooks.LRScheduler())
+        if comm.is_main_process():
+            steps.append(hooks.PeriodicCheckpointer(self.checkpointer,
+                                                    cfg.SOLVER.CHECKPOINT_PERIOD))
+            steps.append(hooks.PeriodicWriter(
+                [CommonMetricPrinter(self.max_iter), RunLogWriter(run)], period=log_period))
+        self.register_hooks(steps)
+
+    def resume_or_load(self, resume: bool) -> None:
+        """The last checkpoint of this run folder when resuming, else the converted backbone."""
+        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1
+
+    def run_step(self) -> None:
+        self._trainer.iter = self.iter
+        self._trainer.run_step()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "_trainer": self._trainer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._trainer.load_state_dict(state_dict["_trainer"])
+
+
+@dataclasses.dataclass(frozen=True)
+class D2Job:
+    """Everything a (possibly spawned) worker needs; picklable."""
+
+    cfg: CfgNode
+    train: tuple[VOCRecord, ...]
+    test: tuple[VOCRecord, ...]
+    class_names: tuple[str, ...]
+    test_dir: Path
+    test_split: str
+    run: Path
+    resume: bool
+    log_period: int
+    run_d2_evaluator: bool
+
+
+def worker(job: D2Job) -> None:
+    """One process of the job (all of it when not distributed): register, train, evaluate."""
+    out = Path(job.cfg.OUTPUT_DIR)
+    setup_logger(str(out / "log.txt"), distributed_rank=comm.get_rank(), name="detectron2")
+    seed_all_rng(job.cfg.SEED + comm.get_rank())
+    register(TRAIN_NAME, [r for r in job.train if r.objects], job.class_names)
+    register(TEST_NAME, job.test, job.class_names, job.test_dir, job.test_split)
+    run = RunDir(job.run)
+    trainer = Trainer(job.cfg, run, job.log_period)
+    trainer.resume_or_load(job.resume)
+    start = trainer.start_iter
+    trainer.train(start, trainer.max_iter)
+    if comm.is_main_process() and not (out / "model_final.pth").exists():
+        trainer.checkpointer.save("model_final")  # e.g. --iters 0: the untrained detector
+    evaluator = VOCEvaluator(TEST_NAME, job.test, job.run_d2_evaluator)
+    loader = build_detection_test_loader(job.cfg, TEST_NAME)
+    results = inference_on_dataset(trainer.model, loader, evaluator)
+    if comm.is_main_process():
+        write_json(out / "eval.json", {**results, "start_iter": start})
+    comm.synchronize()
+    logging.getLogger("detectron2").info("transfer worker done")
+
+
+def _result(ev: dict) -> VOCResult:
+    """Headline AP/AP50/AP75 from detectron2's evaluator, per class from the toolkit's."""
+    tk = ev["toolkit"]
+    tk["classes_without_ground_truth"] = tuple(tk["classes_without_ground_truth"])
+    toolkit = VOCResult(**tk)
+    d2 = ev.get("detectron2")
+    return toolkit if d2 is None else dataclasses.replace(
+        toolkit, AP=d2["AP"], AP50=d2["AP50"], AP75=d2["AP75"])
+
+
+def run_detectron2(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: RunDir,
+                   ckpt_sha: str) -> tuple[VOCResult | None, dict[str, Any]]:
+    """Convert, configure, launch (detectron2's launcher), and read rank 0's evaluation."""
+    meta, conv, weights = convert_checkpoint(cfg.ckpt, run, ckpt_sha)
+    out = run.file("detectron2")
+    d2cfg = build_d2_config(meta, cfg.arch, splits.class_names, s, weights=weights,
+                            output_dir=out, train=[TRAIN_NAME], test=[TEST_NAME],
+                            device=pick_device(cfg.device).type)
+    atomic_write(out / "config.yaml", d2cfg.dump())
+    problem = d2_evaluator_problem(splits.test_dir, [r.image_id for r in splits.test])
+    if problem:
+        print(f"smix transfer: detectron2's VOC evaluator cannot read the test annotations "
+              f"({problem}); AP comes from the toolkit's evaluator", file=sys.stderr)
+    job = D2Job(d2cfg, splits.train, splits.test, splits.class_names, splits.test_dir,
+                splits.test_set.split("/", 1)[1], run.path, cfg.resume, s.log_period,
+                problem is None)
+    (out / "eval.json").unlink(missing_ok=True)
+    launch(worker, cfg.num_gpus, num_machines=cfg.num_machines, machine_rank=cfg.machine_rank,
+           dist_url=cfg.dist_url, args=(job,))
+    facts = {"weights": "detectron2/model_final.pth", "detectron2_config": "detectron2/config.yaml",
+             "conversion": {"converted": len(conv.mapping), "unconverted": list(conv.unconverted),
+                            "dropped_counters": conv.dropped_counters},
+             "world_size": cfg.num_gpus * cfg.num_machines}
+    if cfg.machine_rank != 0:
+        return None, facts
+    ev = read_json(out / "eval.json")
+    result = _result(ev)
+    toolkit = ev["toolkit"]
+    facts.update(start_iter=ev["start_iter"], detections=ev["detections"],
+                 evaluator="detectron2.PascalVOCDetectionEvaluator" if problem is None
+                 else "toolkit (detectron2's could not read the annotations)",
+                 toolkit_evaluator={k: toolkit[k] for k in ("AP", "AP50", "AP75")})
+    return result, facts
+
+
+def convert_checkpoint(ckpt: Path, run: RunDir, ckpt_sha: str
+                       ) -> tuple[BackboneMeta, Conversion, Path]:
+    """Write the converted backbone pickle into the run folder and report what was left out."""
+    state, meta = read_checkpoint(ckpt)
+    conv = to_detectron2(state)
+    path = run.file("detectron2") / "backbone_d2.pkl"
+    save_detectron2_weights(path, conv, author=f"smix-toolkit {meta.arch} sha256:{ckpt_sha}")
+    run.log({"event": "converted", "converted": len(conv.mapping),
+             "unconverted": list(conv.unconverted), "dropped_counters": conv.dropped_counters})
+    if conv.unconverted:
+        print(f"smix transfer: not converted (no detectron2 counterpart): "
+              f"{', '.join(conv.unconverted)}", file=sys.stderr)
+    return meta, conv, path

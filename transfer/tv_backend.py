@@ -1,0 +1,191 @@
+"""The torchvision backend: train Faster R-CNN on VOC and evaluate it with the toolkit's evaluator.
+
+Training follows detectron2's solver so the two backends are comparable: SGD (momentum 0.9,
+weight decay 1e-4 on every trainable parameter), linear warmup from `warmup_factor`, x`gamma` at
+each step, multi-scale training (one shorter side per batch, from the preset), horizontal flips,
+images without objects left out of training. A resumable state file is written atomically every
+`checkpoint_period` iterations; `--resume` continues bit-for-bit with the same batches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from backbone.checkpoint import BackboneMeta, load_backbone
+from backbone.dist import pick_device
+from backbone.errors import UserError
+from backbone.io import RunDir, atomic_save
+from transfer.config import Settings, TransferConfig
+from transfer.data import VOCSplits
+from transfer.tv_data import BatchPlan, PlanSampler, VOCDetection, collate_list, iteration_seed
+from transfer.tv_models import build_detector
+from transfer.voc_eval import Detections, VOCResult, evaluate_voc
+
+STATE_FILE = "resume.pt"
+FINAL_WEIGHTS = "model_final.safetensors"
+DETECTOR_FORMAT = "smix.detector/1"
+
+
+def lr_at(it: int, s: Settings) -> float:
+    """detectron2's WarmupMultiStepLR: x gamma at each step (steps beyond max_iter ignored);
+    during warmup a linear ramp from `warmup_factor` to the value warmup ends at."""
+    steps = [x for x in s.steps if x <= s.max_iter]
+
+    def multiplier(i: int) -> float:
+        return s.gamma ** bisect.bisect_right(steps, i)
+
+    if it < s.warmup_iters:
+        alpha = it / s.warmup_iters
+        start = s.warmup_factor * multiplier(0)
+        return s.lr * (start * (1.0 - alpha) + multiplier(s.warmup_iters) * alpha)
+    return s.lr * multiplier(it)
+
+
+def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr_at(0, s), momentum=s.momentum,
+                           weight_decay=s.weight_decay)
+
+
+def build_from_checkpoint(ckpt: Path, arch: str, class_names: tuple[str, ...], s: Settings
+                          ) -> tuple[nn.Module, BackboneMeta]:
+    """The detector on the checkpoint's weights; new layers initialised from the run's seed."""
+    resnet, meta = load_backbone(ckpt, "cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        model = build_detector(resnet, meta, arch, len(class_names), s)
+    return model, meta
+
+
+def _fingerprint(cfg: TransferConfig, sha: str, class_names: tuple[str, ...]) -> str:
+    return json.dumps({"backend": "torchvision", "arch": cfg.arch, "backbone_sha256": sha,
+                       "classes": list(class_names)})
+
+
+def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, next_iter: int,
+               fingerprint: str) -> None:
+    """Resume state: tensors and primitives only, so `torch.load(weights_only=True)` reads it."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": next_iter,
+             "fingerprint": fingerprint}
+    atomic_save(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: str) -> int:
+    """Restore model and optimizer; returns the next iteration to run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: one clear line
+        raise UserError(f"{path}: unreadable resume state ({type(e).__name__}: {e})") from None
+    if state.get("fingerprint") != fingerprint:
+        raise UserError(f"{path}: resume state belongs to another run (checkpoint, arch, classes "
+                        "or backend differ); use a new --out")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["iteration"])
+
+
+def _to(device: torch.device, images: list, targets: list) -> tuple[list, list]:
+    return ([im.to(device) for im in images],
+            [{k: v.to(device) for k, v in t.items()} for t in targets])
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device, images: list,
+          targets: list, seed: int) -> dict[str, float]:
+    """One SGD step. torchvision's RPN/RoI samplers draw from the global generator: it is
+    seeded from (run seed, iteration) inside a forked RNG scope, so a resumed run repeats the
+    uninterrupted one exactly and the caller's RNG state is left untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        losses = model(*_to(device, images, targets))
+        loss = torch.stack(list(losses.values())).sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.detach().item()}: {losses}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {k: v.detach().item() for k, v in losses.items()}
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, dataset: VOCDetection, s: Settings,
+          run: RunDir, start: int, device: torch.device, fingerprint: str,
+          progress: bool = True, stop: int | None = None) -> None:
+    """Iterations `start`..`stop`-1 (default: to `max_iter`) of the schedule, logging every
+    `log_period`, resumable state saved every `checkpoint_period` and at the end."""
+    stop = s.max_iter if stop is None else min(stop, s.max_iter)
+    plan = BatchPlan(len(dataset), s.batch, s.seed, s.min_size_train)
+    loader = DataLoader(dataset, batch_sampler=PlanSampler(plan, start, stop),
+                        num_workers=s.workers, collate_fn=collate_list)
+    model.train()
+    model.transform.max_size = s.max_size_train
+    bar = tqdm(total=s.max_iter, initial=start, desc="transfer train", disable=not progress)
+    tic = time.perf_counter()
+    for it, (images, targets, _) in zip(range(start, stop), loader):
+        model.transform.min_size = (plan.augment(it)[1],)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, s)
+        losses = _step(model, opt, device, images, targets, iteration_seed(s.seed, it))
+        bar.update(1)
+        done = it + 1
+        if done % s.log_period == 0 or done == s.max_iter:
+            run.log({"iter": done, "lr": lr_at(it, s), "loss": sum(losses.values()),
+                     **losses,
+                     "sec_per_iter": (time.perf_counter() - tic) / (done - start)})
+        if done % s.checkpoint_period == 0 or done == stop:
+            save_state(run.file(STATE_FILE), model, opt, done, fingerprint)
+    bar.close()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: VOCDetection, s: Settings, device: torch.device,
+            progress: bool = True) -> Detections:
+    """Detections on every test image, in original image coordinates (0-based boxes)."""
+    model.eval()
+    model.transform.min_size = (s.min_size_test,)
+    model.transform.max_size = s.max_size_test
+    loader = DataLoader(dataset, batch_size=2, shuffle=False, num_workers=s.workers,
+                        collate_fn=collate_list)
+    parts = []
+    for images, _, ids in tqdm(loader, desc="transfer eval", disable=not progress):
+        for image_id, out in zip(ids, model([im.to(device) for im in images])):
+            parts.append((image_id, out["boxes"].cpu().numpy(), out["scores"].cpu().numpy(),
+                          out["labels"].cpu().numpy() - 1))
+    return Detections.concat(parts)
+
+
+def save_detector(path: Path, model: nn.Module, header: dict[str, Any]) -> None:
+    """Final detector weights (safetensors, nothing pickled) with what they are in the header."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": DETECTOR_FORMAT,
+            **{k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items()}}
+    atomic_save(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def run_torchvision(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: RunDir,
+                    ckpt_sha: str) -> tuple[VOCResult, dict[str, Any]]:
+    """Build, train (or resume), save and evaluate; returns the evaluation and run facts."""
+    device = pick_device(cfg.device)
+    model, _ = build_from_checkpoint(cfg.ckpt, cfg.arch, splits.class_names, s)
+    model.to(device)
+    opt = make_optimizer(model, s)
+    fingerprint = _fingerprint(cfg, ckpt_sha, splits.class_names)
+    state = run.file(STATE_FILE)
+    start = load_state(state, model, opt, fingerprint) if cfg.resume and state.is_file() else 0
+    train_set = VOCDetection([r for r in splits.train if r.objects], splits.class_names)
+    train(model, opt, train_set, s, run, start, device, fingerprint, cfg.progress)
+    save_detector(run.file(FINAL_WEIGHTS), model, {
+        "backend": "torchvision", "arch": cfg.arch, "class_names": list(splits.class_names),
+        "backbone_sha256": ckpt_sha, "iterations": s.max_iter})
+    dets = predict(model, VOCDetection(splits.test, splits.class_names), s, device, cfg.progress)
+    result = evaluate_voc(splits.test, dets, splits.class_names)
+    return result, {"start_iter": start, "device": str(device), "detections": len(dets.scores),
+                    "weights": FINAL_WEIGHTS, "evaluator": "toolkit (transfer.voc_eval)"}
