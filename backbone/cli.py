@@ -30,7 +30,7 @@ class ArgParser(argparse.ArgumentParser):
     """argparse whose usage errors are a `UserError` (one line, exit 2) instead of exit."""
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{self.prog}: {message}")
+        raise UserError(message, prog=self.prog)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
@@ -63,7 +63,8 @@ def run(command: str, argv: Sequence[str]) -> int:
     try:
         return int(module.main(list(argv)) or 0)
     except UserError as e:
-        print(f"smix {command}: error: {_clean_message(e)}", file=sys.stderr)
+        prog = getattr(e, "prog", None) or f"smix {command}"
+        print(f"{prog}: error: {_clean_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"smix {command}: interrupted", file=sys.stderr)

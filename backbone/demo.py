@@ -56,7 +56,8 @@ def steps(out: Path, s: DemoSize, detectron2: bool) -> list[tuple[str, list[str]
             plan.append((f"detection transfer ({backend}) from the {m} backbone", [
                 "transfer", "--ckpt", ck, "--voc-root", str(data), "--out",
                 str(runs / f"transfer-{backend}-{m}"), "--backend", backend, "--arch", "fpn",
-                "--classes", "auto", "--iters", str(s.det_iters), *demo_detection_overrides(s)]))
+                "--classes", "auto", "--iters", str(s.det_iters), "--resume",
+                *demo_detection_overrides(s)]))
     limit = ["--limit", str(s.fgsm_limit)] if s.fgsm_limit else []
     plan.append(("FGSM sweep", ["robustness", "fgsm", *sum((["--ckpt", c] for c in ckpts), []),
                                 "--data", str(data / "val"), "--out", str(runs / "fgsm"),
@@ -72,8 +73,11 @@ def steps(out: Path, s: DemoSize, detectron2: bool) -> list[tuple[str, list[str]
 
 
 def demo_detection_overrides(s: DemoSize) -> list[str]:
-    """Detector input sized to the tiny images and a CPU-sized batch."""
-    return [f"min_size={s.size * 2}", f"max_size={s.size * 2}", "batch_size=4"]
+    """Detector sized to the tiny images and a CPU: input at the image size, small anchors,
+    fewer proposals and RoIs per image than the VOC recipe (which is for 800 px photos)."""
+    return [f"min_size={s.size}", f"max_size={s.size}", "batch=4", "lr=0.02",
+            "anchor_sizes=16,32,64,128,256", "roi_batch=128", "rpn_post_nms_train=300",
+            "rpn_post_nms_test=100", "workers=0"]
 
 
 def cam_images(data: Path, s: DemoSize) -> list[str]:
@@ -99,7 +103,7 @@ def resolve_step(argv: list[str]) -> list[str] | None:
     if not marker.is_file():
         return argv
     if argv[0] != "pretrain":
-        return None
+        return None  # (an unfinished transfer has no metrics.json and runs with --resume)
     from backbone.io import read_json
     res = read_json(marker).get("results", {})
     if res.get("epochs_done") == res.get("epochs"):

@@ -6,7 +6,15 @@ other exception is a bug in the toolkit and keeps its traceback.
 
 
 class UserError(Exception):
-    """Bad input from the user: a missing file, a wrong checkpoint, an unknown option."""
+    """Bad input from the user: a missing file, a wrong checkpoint, an unknown option.
+
+    `prog` names the command whose usage was wrong (set by `backbone.cli.ArgParser`), so the
+    one-line message can say `smix robustness fgsm: error: …` without repeating itself.
+    """
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
 
 
 def one_line(message: str) -> str:
