@@ -1,0 +1,264 @@
+"""Saliency detectors: parity with OpenCV contrib on real photos, batching, registry, gradient.
+
+The parity tests need scikit-image (the photos) and opencv-contrib (cv2.saliency), both in the
+project's dev extra; without them they fail with a message saying what to install.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from backbone.errors import UserError
+from pretrain import saliency
+from pretrain.saliency import (fine_grained, frequency_tuned, get_detector, gradient_saliency,
+                               list_detectors, register_detector, spectral_residual)
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+          "immunohistochemistry", "retina", "colorwheel", "camera", "coins")
+SIZES = (32, 224)
+# detector -> (OpenCV class, minimum Pearson correlation per photo)
+OPENCV = {"fine_grained": ("StaticSaliencyFineGrained_create", 0.95),
+          "spectral_residual": ("StaticSaliencySpectralResidual_create", 0.9)}
+
+
+def _reference_libs():
+    """cv2 (with the contrib saliency module) and skimage.data, or a loud failure."""
+    try:
+        import cv2
+        import skimage.data
+    except ImportError as exc:
+        pytest.fail(f"saliency parity tests need the dev extra (pip install -e '.[dev]'): {exc}")
+    if not hasattr(cv2, "saliency"):
+        pytest.fail("cv2 has no saliency module: install opencv-contrib-python-headless, "
+                    "not opencv-python (pip install -e '.[dev]')")
+    return cv2, skimage.data
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[int, np.ndarray]:
+    """The photos as uint8 RGB [N,S,S,3] per size (grayscale ones stacked to RGB)."""
+    cv2, data = _reference_libs()
+    out = {}
+    for size in SIZES:
+        batch = []
+        for name in PHOTOS:
+            img = getattr(data, name)()
+            img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
+            batch.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
+        out[size] = np.stack(batch)
+    return out
+
+
+def _opencv_maps(detector: str, rgb: np.ndarray) -> np.ndarray:
+    """OpenCV's maps the way a correct caller gets them: one uint8 BGR image at a time."""
+    cv2, _ = _reference_libs()
+    algo = getattr(cv2.saliency, OPENCV[detector][0])()
+    maps = []
+    for img in rgb:
+        ok, sal = algo.computeSaliency(np.ascontiguousarray(img[..., ::-1]))
+        assert ok
+        maps.append(sal)
+    return np.stack(maps)
+
+
+def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2).float()
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def _argmax_yx(m: np.ndarray) -> np.ndarray:
+    return np.array(np.unravel_index(int(m.argmax()), m.shape))
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("detector", sorted(OPENCV))
+def test_parity_with_opencv_on_photos(photos, detector, size):
+    rgb = photos[size]
+    ours = get_detector(detector)(_to_tensor(rgb)).numpy()
+    ref = _opencv_maps(detector, rgb)
+    corr = [_pearson(o, r) for o, r in zip(ours, ref)]
+    near = [np.abs(_argmax_yx(o) - _argmax_yx(r)).max() <= 1 for o, r in zip(ours, ref)]
+    assert min(corr) >= OPENCV[detector][1], dict(zip(PHOTOS, np.round(corr, 4)))
+    assert np.mean(near) >= 0.9, dict(zip(PHOTOS, near))
+    if detector == "fine_grained":  # stronger than asked: the same uint8 map, pixel for pixel
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_fine_grained_is_bit_exact_on_non_square_images(photos):
+    cv2, _ = _reference_libs()
+    rgb = np.stack([cv2.resize(p, (71, 45), interpolation=cv2.INTER_AREA) for p in photos[224]])
+    np.testing.assert_array_equal(fine_grained(_to_tensor(rgb)).numpy(),
+                                  _opencv_maps("fine_grained", rgb))
+
+
+def test_fine_grained_reproduces_opencv_uint8_wrap():
+    """A mid-grey dot in a dark disc on white: on+off exceeds 255 and OpenCV's cast wraps."""
+    yy, xx = np.mgrid[:128, :128]
+    r = np.hypot(yy - 64, xx - 64)
+    img = np.full((128, 128), 255, np.uint8)
+    img[r < 20], img[r < 5] = 0, 200
+    rgb = np.stack([img] * 3, -1)[None]
+    wrapped = fine_grained(_to_tensor(rgb))
+    saturated = fine_grained(_to_tensor(rgb), saturate=True)
+    np.testing.assert_array_equal(wrapped.numpy(), _opencv_maps("fine_grained", rgb))
+    assert (saturated > wrapped).any() and (saturated == 1.0).any()
+
+
+def test_spectral_residual_matches_opencv_closely(photos):
+    rgb = photos[32]
+    diff = np.abs(spectral_residual(_to_tensor(rgb)).numpy() - _opencv_maps("spectral_residual", rgb))
+    assert diff.max() < 1e-3  # only OpenCV's approximate atan/sin/cos separate the two
+
+
+def test_lab_conversion_matches_skimage(photos):
+    import skimage.color
+
+    rgb = photos[32][:3]
+    ours = saliency._rgb_to_lab(_to_tensor(rgb).double()).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(ours, skimage.color.rgb2lab(rgb), atol=1e-3)
+
+
+# ----------------------------------------------------------- properties without references
+
+
+def _random_images(batch: int = 5, h: int = 37, w: int = 29, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, 256, (batch, 3, 5, 4), generator=g).float()
+    smooth = nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return (smooth + torch.randint(-20, 21, smooth.shape, generator=g)).clamp(0, 255).round()
+
+
+@pytest.mark.parametrize("name", ["fine_grained", "spectral_residual", "frequency_tuned"])
+def test_batched_equals_per_image_shapes_and_dtypes(name):
+    images = _random_images()
+    detector = get_detector(name)
+    out = detector(images)
+    assert out.shape == (5, 37, 29) and out.dtype == torch.float32
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    singles = torch.cat([detector(images[i:i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(out, singles, rtol=0, atol=1e-6)
+    # uint8 input and float input with de-normalisation noise see the same pixels
+    torch.testing.assert_close(detector(images.to(torch.uint8)), out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(detector(images + 1e-3), out, rtol=0, atol=1e-6)
+
+
+def test_detectors_do_not_mutate_input():
+    images = _random_images()
+    before = images.clone()
+    for name in ("fine_grained", "spectral_residual", "frequency_tuned"):
+        get_detector(name)(images)
+    assert torch.equal(images, before)
+
+
+def test_fine_grained_chunking_does_not_change_the_result(monkeypatch):
+    images = _random_images(batch=6, h=24, w=24)
+    whole = fine_grained(images)
+    monkeypatch.setattr(saliency, "_CPU_CHUNK_PIXELS", 24 * 24)  # chunks of 1 image per thread
+    assert torch.equal(fine_grained(images), whole)
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
+        fine_grained(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="at least 3x3"):
+        spectral_residual(torch.zeros(1, 3, 2, 8))
+
+
+def test_frequency_tuned_finds_the_coloured_square():
+    images = torch.full((1, 3, 40, 40), 128.0)
+    images[0, :, 10:18, 22:30] = torch.tensor([220.0, 40.0, 40.0]).view(3, 1, 1)
+    sal = frequency_tuned(images)[0]
+    y, x = divmod(int(sal.argmax()), 40)
+    assert 10 <= y < 18 and 22 <= x < 30
+    inside = torch.zeros(40, 40, dtype=torch.bool)
+    inside[10:18, 22:30] = True
+    assert sal[inside].mean() > 5 * sal[~inside].mean()
+
+
+def test_fine_grained_of_a_uniform_image_is_zero():
+    assert fine_grained(torch.full((2, 3, 16, 16), 90.0)).abs().max() == 0
+
+
+# ------------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_builtins_and_flags_model_detectors():
+    assert {"fine_grained", "spectral_residual", "frequency_tuned", "gradient"} <= set(
+        list_detectors())
+    assert get_detector("gradient") is gradient_saliency and gradient_saliency.needs_model
+    assert not get_detector("fine_grained").needs_model
+
+
+def test_unknown_detector_raises_user_error_listing_valid_names():
+    with pytest.raises(UserError) as err:
+        get_detector("basnett")
+    message = str(err.value)
+    assert "basnett" in message
+    for name in list_detectors():
+        assert name in message
+
+
+def test_users_can_register_their_own_detector():
+    @register_detector("test_brightness")
+    def brightness(images: torch.Tensor) -> torch.Tensor:
+        return images.float().mean(1) / 255.0
+
+    try:
+        assert get_detector("test_brightness") is brightness and not brightness.needs_model
+        with pytest.raises(ValueError, match="already registered"):
+            register_detector("test_brightness")(lambda images: images)
+    finally:
+        saliency._DETECTORS.pop("test_brightness")
+
+
+# ------------------------------------------------------------------------------- gradient
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Dropout(0.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_gradient_saliency_leaves_the_model_untouched(eval_mode):
+    model = _tiny_model().train()
+    model[3].eval()  # a mixed-mode model must come back mixed
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 12, 10)
+    x_before = x.clone()
+    sal = gradient_saliency(model, x, torch.tensor([0, 1, 2, 1]), eval_mode=eval_mode)
+    assert sal.shape == (4, 12, 10) and sal.dtype == torch.float32
+    assert (sal >= 0).all() and sal.sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    assert [m.training for m in model.modules()] == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k  # BatchNorm running stats included
+    assert torch.equal(x, x_before) and not x.requires_grad
+
+
+def test_gradient_saliency_keeps_existing_grads_and_takes_soft_labels():
+    model = _tiny_model()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    soft = torch.softmax(torch.randn(2, 3), dim=1)
+    sal = gradient_saliency(model, torch.randn(2, 3, 8, 8), soft)
+    assert sal.shape == (2, 8, 8)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
+def test_gradient_saliency_is_the_rms_input_gradient():
+    model = _tiny_model().eval()
+    x = torch.randn(3, 3, 6, 6, requires_grad=True)
+    y = torch.tensor([2, 0, 1])
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = x.grad.pow(2).mean(1).sqrt()
+    torch.testing.assert_close(gradient_saliency(model, x.detach(), y), expected)
