@@ -1,0 +1,78 @@
+"""Export throughput of `smix cam export`: batched (32) against one image at a time.
+
+Both runs go through the same `export_cams` (decode, eval transform, CAM, overlay, PNG and .npy
+writes) on the same generated images and checkpoint, in this process; the baseline is
+`--batch-size 1`. The two runs alternate `--repeats` times and the best time of each counts
+(the CPU is shared: the minimum is the least disturbed run). Times are end to end, checkpoint
+loading included. Prints one JSON line per CAM method with the ratio. Goal: >= 5x for CAM and
+Grad-CAM on this CPU.
+
+    .venv/bin/python benchmarks/cam_export.py [--arch resnet18] [--size 224] [--images 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from backbone.arch import build_model
+from backbone.checkpoint import BackboneMeta, save_checkpoint
+from backbone.shapes import SHAPES, ShapesConfig, generate_shapes
+from cam.export import ExportConfig, export_cams
+
+
+def _timed(cfg: ExportConfig) -> float:
+    start = time.perf_counter()
+    export_cams(cfg)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--methods", default="cam,gradcam")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        per_class = max(1, a.images // 4)  # val gets max(4, per_class/4) per class
+        generate_shapes(ShapesConfig(root / "data", classes=4, per_class=4 * per_class,
+                                     size=a.size), progress=False)
+        ckpt = root / "m.safetensors"
+        save_checkpoint(ckpt, build_model(a.arch, 4), BackboneMeta(
+            arch=a.arch, num_classes=4, class_names=SHAPES[:4], input_size=a.size,
+            resize=a.size, crop=a.size, method={"name": "none"}))
+        images = (root / "data" / "val",)
+        n = sum(1 for _ in images[0].rglob("*.jpg"))
+        for method in a.methods.split(","):
+            base = ExportConfig((ckpt,), images, root / "warm", method=method, batch_size=4,
+                                grid_max=0, progress=False, device="cpu")
+            export_cams(base)  # warm-up: imports, allocator, oneDNN kernels
+            one = ExportConfig(**{**base.__dict__, "out": root / "one", "batch_size": 1})
+            many = ExportConfig(**{**base.__dict__, "out": root / "batch",
+                                   "batch_size": a.batch_size})
+            times = [(_timed(one), _timed(many)) for _ in range(a.repeats)]
+            single, batched = min(t[0] for t in times), min(t[1] for t in times)
+            print(json.dumps({
+                "benchmark": "cam_export", "method": method, "arch": a.arch, "size": a.size,
+                "images": n, "threads": torch.get_num_threads(), "batch_size": a.batch_size,
+                "baseline": "same export, batch_size=1", "repeats": a.repeats,
+                "batched_img_per_s": round(n / batched, 2),
+                "baseline_img_per_s": round(n / single, 2),
+                "speedup": round(single / batched, 2), "goal": 5.0,
+                "goal_met": single / batched >= 5.0}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from backbone.cli import run
+
+sys.exit(run("cam", sys.argv[1:]))

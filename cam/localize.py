@@ -1,0 +1,272 @@
+"""`smix cam localize`: weakly supervised localisation measured from CAMs.
+
+For each image the CAM of its ground-truth class is thresholded; the box around the largest
+8-connected region is compared with the ground-truth boxes of that class (best IoU):
+- GT-known Loc: IoU >= 0.5 at the CAM threshold (0.2 of the max by default, as Zhou et al.);
+- Top-1 Loc: the same and the top-1 prediction is right;
+- MaxBoxAcc (Choe et al., "Evaluating WSOL", CVPR 2020): the best GT-known box accuracy over
+  thresholds 0, δ, 2δ, … < 1 (δ = 0.01);
+- energy-based pointing game (Wang et al., Score-CAM): the share of the CAM's mass inside the
+  ground-truth boxes, averaged over images.
+Maps are min–max scaled, so "a fraction of the max" is a plain threshold; a region is the set
+of pixels strictly above it. Boxes go through the checkpoint's eval resize/crop together with
+the image (torchvision's box transform). Under torchrun the images are sharded and the counts
+summed exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from tqdm import tqdm
+
+from backbone.checkpoint import checkpoint_ref
+from backbone.data import eval_transform
+from backbone.dist import DistInfo, all_reduce_sum, shard_indices
+from backbone.errors import UserError
+from backbone.io import RunDir
+from cam._dist import agree, distributed
+from cam.boxes import GTImage, from_boxes_file, from_voc
+from cam.images import class_index, read_or_skip
+from cam.models import CamModel, load_models
+
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = True  # 8-connectivity inside each image, never across the batch axis
+
+
+# --- metrics: pure batched functions --------------------------------------------------------
+
+def largest_region_boxes(masks: np.ndarray) -> np.ndarray:
+    """[B,H,W] bool -> [B,4] (x0, y0, x1, y1), half-open box of each image's largest
+    8-connected region (ties: the first in raster order); zeros when a mask is empty."""
+    bsz, height, width = masks.shape
+    labels, n = ndimage.label(masks, structure=_IN_PLANE)
+    boxes = np.zeros((bsz, 4), dtype=np.float64)
+    if n == 0:
+        return boxes
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    ids = np.arange(1, n + 1)
+    # Labels are numbered in raster order, so each image owns a contiguous run of them.
+    ends = np.maximum.accumulate(labels.reshape(bsz, -1).max(1))
+    owner = np.searchsorted(ends, ids, side="left")
+    best = np.zeros(bsz, dtype=counts.dtype)
+    np.maximum.at(best, owner, counts)
+    top = counts == best[owner]
+    chosen = np.full(bsz, n + 1, dtype=np.int64)
+    np.minimum.at(chosen, owner[top], ids[top])
+    found = best > 0
+    sel = labels == np.where(found, chosen, -1)[:, None, None]
+    rows, cols = sel.any(2), sel.any(1)
+    y0, y1 = rows.argmax(1), height - rows[:, ::-1].argmax(1)
+    x0, x1 = cols.argmax(1), width - cols[:, ::-1].argmax(1)
+    boxes[found] = np.stack([x0, y0, x1, y1], 1)[found]
+    return boxes
+
+
+def best_iou(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """IoU of predicted boxes [...,B,4] with the best of each image's GT boxes [B,M,4]."""
+    p, g = pred.unsqueeze(-2), gt  # [...,B,1,4] against [B,M,4]
+    iw = (torch.minimum(p[..., 2], g[..., 2]) - torch.maximum(p[..., 0], g[..., 0])).clamp(min=0)
+    ih = (torch.minimum(p[..., 3], g[..., 3]) - torch.maximum(p[..., 1], g[..., 1])).clamp(min=0)
+    inter = iw * ih
+    area = lambda b: (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    union = area(p) + area(g) - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+    return torch.where(valid, iou, torch.zeros_like(iou)).amax(-1)
+
+
+def box_masks(gt: torch.Tensor, valid: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B,H,W] bool: pixels whose centre lies in any valid GT box."""
+    ys = torch.arange(height, dtype=gt.dtype).view(1, 1, height, 1) + 0.5
+    xs = torch.arange(width, dtype=gt.dtype).view(1, 1, 1, width) + 0.5
+    b = gt[..., None, None]
+    inside = (xs >= b[:, :, 0]) & (xs < b[:, :, 2]) & (ys >= b[:, :, 1]) & (ys < b[:, :, 3])
+    return (inside & valid[:, :, None, None]).any(1)
+
+
+def energy_in_boxes(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] share of each map's total mass inside the mask (0 for an all-zero map)."""
+    total = maps.flatten(1).sum(1).double()
+    inside = (maps * mask).flatten(1).sum(1).double()
+    return torch.where(total > 0, inside / total.clamp(min=1e-12), torch.zeros_like(total))
+
+
+def threshold_sweep(interval: float) -> list[float]:
+    """0, δ, 2δ, … < 1 as in Choe et al.'s `cam_curve_interval`."""
+    if not 0 < interval < 1:
+        raise UserError(f"--curve-interval must be in (0, 1), got {interval}")
+    return [round(t, 10) for t in np.arange(0.0, 1.0, interval).tolist()]
+
+
+def localization_hits(maps: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
+                      thresholds: Sequence[float], iou_threshold: float) -> torch.Tensor:
+    """[T,B] bool: the largest-region box at each threshold has IoU >= iou_threshold."""
+    arr = maps.numpy()
+    pred = torch.from_numpy(np.stack([largest_region_boxes(arr > t) for t in thresholds]))
+    return best_iou(pred, gt.double(), valid) >= iou_threshold
+
+
+# --- the command --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LocalizeConfig:
+    ckpts: tuple[Path, ...]
+    out: Path
+    voc_root: Path | None = None
+    boxes: Path | None = None
+    split: str = "test"
+    year: str = "2007"
+    method: str | None = None  # None: plain CAM for GAP+FC archs
+    layer: str | None = None
+    cam_threshold: float = 0.2
+    curve_interval: float = 0.01
+    iou_threshold: float = 0.5
+    batch_size: int = 32
+    skip_bad_images: bool = False
+    workers: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def check(self) -> None:
+        if (self.voc_root is None) == (self.boxes is None):
+            raise UserError("give exactly one of --voc-root DIR or --boxes FILE")
+        if not 0 <= self.cam_threshold < 1 or not 0 < self.iou_threshold <= 1:
+            raise UserError("--cam-threshold must be in [0, 1) and --iou-threshold in (0, 1]")
+        if self.batch_size < 1 or self.workers < 0:
+            raise UserError("--batch-size must be >= 1 and --workers >= 0")
+        threshold_sweep(self.curve_interval)
+
+
+class GTDataset(Dataset):
+    """(normalised image, label, GT boxes mapped through the eval transform, index)."""
+
+    def __init__(self, items: Sequence[GTImage], indices: Sequence[int], labels: Sequence[int],
+                 transform: Any, skip_bad_images: bool):
+        self.items, self.indices, self.labels = list(items), list(indices), list(labels)
+        self.transform, self.skip = transform, skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...] | None:
+        index = self.indices[i]
+        item = self.items[index]
+        img = read_or_skip(item.image, self.skip)
+        if img is None:
+            return None
+        w, h = img.size
+        raw = torch.tensor(item.boxes, dtype=torch.float64)
+        if bool((raw[:, 2] > w + 1).any() or (raw[:, 3] > h + 1).any()):
+            raise UserError(f"{item.image}: a box {raw.tolist()} lies outside the {w}x{h} image")
+        x, boxes = self.transform(img, tv_tensors.BoundingBoxes(
+            raw, format="XYXY", canvas_size=(h, w)))
+        size = torch.tensor([x.shape[-1], x.shape[-2]] * 2, dtype=torch.float64)
+        boxes = torch.minimum(boxes.as_subclass(torch.Tensor).double().clamp(min=0), size)
+        return x, self.labels[index], boxes, index
+
+
+def _collate(batch: list) -> tuple[Any, ...]:
+    kept = [b for b in batch if b is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return None, None, None, None, skipped
+    m = max(len(b[2]) for b in kept)
+    gt = torch.zeros(len(kept), m, 4, dtype=torch.float64)
+    valid = torch.zeros(len(kept), m, dtype=torch.bool)
+    for j, b in enumerate(kept):
+        gt[j, : len(b[2])] = b[2]
+        valid[j, : len(b[2])] = (b[2][:, 2] > b[2][:, 0]) & (b[2][:, 3] > b[2][:, 1])
+    images = torch.stack([b[0] for b in kept])
+    return images, torch.tensor([b[1] for b in kept]), gt, valid, skipped
+
+
+def read_ground_truth(cfg: LocalizeConfig) -> list[GTImage]:
+    if cfg.voc_root is not None:
+        return from_voc(cfg.voc_root, cfg.split, cfg.year)
+    return from_boxes_file(cfg.boxes)  # type: ignore[arg-type]
+
+
+def localize(cfg: LocalizeConfig) -> dict[str, Any]:
+    """Measure every checkpoint; write metrics.json (rank 0) and return its `results`."""
+    cfg.check()
+    items = read_ground_truth(cfg)
+    sweep = threshold_sweep(cfg.curve_interval)
+    with distributed(cfg.device) as info:
+        models = load_models(cfg.ckpts, cfg.method, cfg.layer, info.device)
+        labels = [[class_index(m.meta, g.class_name, f"class of {g.image}, for {m.path}")
+                   for g in items] for m in models]
+        run = RunDir(cfg.out) if info.is_main else None
+        shard = list(shard_indices(len(items), info.rank, info.world_size))
+        entries = []
+        for m, lab in zip(models, labels):
+            counts = all_reduce_sum(agree(_count, cfg, m, items, shard, lab, sweep, info))
+            entries.append(_entry(cfg, m, counts, sweep))
+            if run is not None:
+                run.log({"checkpoint": str(m.path), **{k: v for k, v in entries[-1].items()
+                                                       if k not in ("checkpoint", "boxacc_curve")}})
+        results = {"dataset": _dataset_name(cfg), "n_images": int(entries[0]["n_evaluated"]),
+                   "iou_threshold": cfg.iou_threshold, "cam_threshold": cfg.cam_threshold,
+                   "models": entries}
+        if run is not None:
+            run.write_config(cfg)
+            run.write_metrics(stage="cam", kind="localization", results=results, config=cfg)
+    return results
+
+
+def _dataset_name(cfg: LocalizeConfig) -> str:
+    if cfg.voc_root is not None:
+        return f"VOC{cfg.year} {cfg.split} ({Path(cfg.voc_root).resolve()})"
+    return f"boxes {Path(cfg.boxes).resolve()}"  # type: ignore[arg-type]
+
+
+def _count(cfg: LocalizeConfig, m: CamModel, items: Sequence[GTImage], shard: Sequence[int],
+           labels: Sequence[int], sweep: Sequence[float], info: DistInfo) -> torch.Tensor:
+    """float64 [7 + T]: n, correct, gt-known hits, top-1 hits, energy sum, unreadable,
+    no box left after the crop, hits per sweep threshold — sums, so ranks add up exactly."""
+    loader = DataLoader(GTDataset(items, shard, labels, eval_transform(m.meta),
+                                  cfg.skip_bad_images),
+                        batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_collate)
+    counts = torch.zeros(7 + len(sweep), dtype=torch.float64)
+    thresholds = [*sweep, cfg.cam_threshold]
+    for x, y, gt, valid, skipped in tqdm(loader, desc=f"localize {m.tag}", unit="batch",
+                                         disable=not (cfg.progress and info.is_main)):
+        counts[5] += skipped
+        if x is None:
+            continue
+        keep = valid.any(1)  # the centre crop can cut every GT box away: not evaluable
+        counts[6] += int((~keep).sum())
+        if not bool(keep.any()):
+            continue
+        x, y, gt, valid = x[keep], y[keep], gt[keep], valid[keep]
+        res = m.cam(x, y)
+        correct = res.logits.argmax(1) == y
+        hits = localization_hits(res.maps, gt, valid, thresholds, cfg.iou_threshold)
+        energy = energy_in_boxes(res.maps, box_masks(gt, valid, *res.maps.shape[-2:]))
+        counts[:5] += torch.tensor([len(y), correct.sum(), hits[-1].sum(),
+                                    (hits[-1] & correct).sum(), energy.sum()], dtype=torch.float64)
+        counts[7:] += hits[:-1].sum(1).double()
+    return counts.to(info.device)
+
+
+def _entry(cfg: LocalizeConfig, m: CamModel, counts: torch.Tensor, sweep: Sequence[float]
+           ) -> dict[str, Any]:
+    c = counts.cpu().tolist()
+    n = c[0]
+    if n == 0:
+        raise UserError("no image could be evaluated (all unreadable?)")
+    curve = [100.0 * h / n for h in c[7:]]
+    best = int(np.argmax(curve))
+    return {"checkpoint": checkpoint_ref(m.path, m.meta), "method": m.cam.name,
+            "layer": m.cam.layer_name, "training_method": m.method_name,
+            "gt_known_loc": 100.0 * c[2] / n, "top1_loc": 100.0 * c[3] / n,
+            "top1_cls": 100.0 * c[1] / n, "maxboxacc": curve[best],
+            "maxboxacc_threshold": sweep[best], "pointing_game": 100.0 * c[4] / n,
+            "n_evaluated": int(n), "n_skipped": int(c[5]), "n_box_cropped_out": int(c[6]),
+            "boxacc_curve": {"thresholds": list(sweep), "acc": curve}}

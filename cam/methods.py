@@ -1,0 +1,255 @@
+"""CAM methods, by name: plain CAM computed here, the others through the grad-cam package.
+
+Template in the style of pytorch-grad-cam's `BaseCAM`: a method is a `CamMethod` subclass that
+overrides one function (`raw`), registered with `@register_cam(name)`. Every method returns
+maps already post-processed the same way — ReLU, bilinear upsampling to the input size,
+min–max per image — so the figures and the localisation metrics compare like with like.
+Hooks live only inside a `with` block (`capture`), so a model never keeps stale hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backbone.arch import arch_spec
+from backbone.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class CamResult:
+    """Maps [B,H,W] in [0,1] (CPU float32), the logits [B,K] of the same forward pass, and
+    the class [B] each map explains."""
+
+    maps: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+
+
+_METHODS: dict[str, type["CamMethod"]] = {}
+
+
+def register_cam(name: str) -> Callable[[type["CamMethod"]], type["CamMethod"]]:
+    def deco(cls: type[CamMethod]) -> type[CamMethod]:
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_cam_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def get_cam_method(name: str) -> type["CamMethod"]:
+    """The registered class; an unknown name is a `UserError` that lists the valid ones."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise UserError(f"unknown CAM method {name!r}; valid: {', '.join(_METHODS)}") from None
+
+
+def resolve_layer(model: nn.Module, arch: str, layer: str | None) -> tuple[str, nn.Module]:
+    """The target layer: the arch registry's `cam_layer` unless a module name overrides it."""
+    name = layer or arch_spec(arch).cam_layer
+    try:
+        return name, model.get_submodule(name)
+    except AttributeError:
+        top = ", ".join(n for n, _ in model.named_children())
+        raise UserError(f"unknown layer {name!r} for {arch}; top-level modules: {top} "
+                        "(nested names such as layer4.1.conv2 work too)") from None
+
+
+@contextlib.contextmanager
+def capture(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record `module`'s forward output in the yielded dict; the hook is removed on exit."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+        store["out"] = out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def autograd_from(model: nn.Module, layer: nn.Module, gradients: bool) -> Iterator[None]:
+    """Autograd only from `layer`'s output on, for one call: parameters are frozen and the
+    layer's output becomes a leaf that requires grad, so the backward pass stops there instead
+    of running through the whole backbone. The gradients the methods read (of the score with
+    respect to that output) are unchanged. Without `gradients`, no graph is built at all."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    handle = layer.register_forward_hook(
+        lambda _m, _i, out: out.detach().requires_grad_(True)) if gradients else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def postprocess(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ReLU, bilinear upsampling to `size`, min–max per image (a flat map becomes all zero)."""
+    cams = F.interpolate(cams.float().clamp(min=0).unsqueeze(1), size=size, mode="bilinear",
+                         align_corners=False).squeeze(1)
+    flat = cams.flatten(1)
+    lo, hi = flat.min(1).values.view(-1, 1, 1), flat.max(1).values.view(-1, 1, 1)
+    span = hi - lo
+    return torch.where(span > 0, (cams - lo) / span.clamp(min=1e-12), torch.zeros_like(cams))
+
+
+class CamMethod:
+    """Base class: `method(images, targets)` -> `CamResult`; subclasses override `raw`.
+
+    `images` are normalised [B,3,H,W]; `targets` int64 [B], or None for the predicted class.
+    """
+
+    name: ClassVar[str] = "base"
+    postprocessed: ClassVar[bool] = False  # True when `raw` already returns final maps
+
+    def __init__(self, model: nn.Module, arch: str, layer: str | None = None):
+        self.model = model.eval()
+        self.arch = arch
+        self.layer_name, self.layer = resolve_layer(model, arch, layer)
+        self.device = next(model.parameters()).device
+
+    def raw(self, images: torch.Tensor, targets: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(maps [B,h,w] before post-processing, logits, targets) — one method's essence."""
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> CamResult:
+        images = images.to(self.device)
+        if targets is not None:
+            targets = torch.as_tensor(targets, dtype=torch.long).to(self.device)
+        maps, logits, targets = self.raw(images, targets)
+        if not self.postprocessed:
+            maps = postprocess(maps, (images.shape[-2], images.shape[-1]))
+        return CamResult(maps.detach().float().cpu(), logits.detach().float().cpu(),
+                         targets.detach().long().cpu())
+
+
+@register_cam("cam")
+class PlainCAM(CamMethod):
+    """Zhou et al. 2016: CAM_k = Σ_c w_kc·A_c from the fc weights and the features that feed
+    global average pooling. One forward pass, no backward, so it is the cheap default."""
+
+    def __init__(self, model: nn.Module, arch: str, layer: str | None = None):
+        super().__init__(model, arch, layer)
+        spec = arch_spec(arch)
+        if self.layer_name != spec.cam_layer:
+            raise UserError(f"method 'cam' needs the layer that feeds global average pooling "
+                            f"({spec.cam_layer!r} for {arch}); use --method gradcam for layer "
+                            f"{self.layer_name!r}")
+        fc = getattr(model, spec.classifier, None)
+        if not isinstance(fc, nn.Linear):
+            raise UserError(f"method 'cam' needs a linear classifier {spec.classifier!r} after "
+                            f"global average pooling; {arch} has none — use --method gradcam")
+        self.fc = fc
+
+    def raw(self, images, targets):
+        with torch.no_grad(), capture(self.layer) as store:
+            logits = self.model(images)
+        feats = store["out"]
+        if targets is None:
+            targets = logits.argmax(1)
+        weights = self.fc.weight[targets]  # [B,C]: each image's own target row
+        return torch.einsum("bc,bchw->bhw", weights, feats), logits, targets
+
+
+class PackageCAM(CamMethod):
+    """A method of the `pytorch_grad_cam` package (named by its class), batched with one
+    `ClassifierOutputTarget` per image. The package post-processes its maps itself with the
+    same ReLU / upsample / min–max steps (its resize is OpenCV's bilinear, half-pixel centred
+    like ours)."""
+
+    package_class: ClassVar[str] = ""
+    options: ClassVar[dict[str, Any]] = {}
+    gradients: ClassVar[bool] = True  # does the method read gradients at the target layer?
+    postprocessed = True
+
+    def raw(self, images, targets):
+        package = importlib.import_module("pytorch_grad_cam")
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        wanted = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
+        # Our leaf-making hook must be registered before the package's own hooks.
+        with autograd_from(self.model, self.layer, self.gradients), torch.enable_grad():
+            cam = getattr(package, self.package_class)(model=self.model,
+                                                       target_layers=[self.layer])
+            for key, value in self.options.items():
+                setattr(cam, key, value)
+            try:
+                maps = torch.from_numpy(cam(input_tensor=images, targets=wanted))
+                logits = cam.outputs.detach()
+            finally:
+                # Not `with cam:` — the package's __exit__ swallows IndexError.
+                cam.activations_and_grads.release()
+                self.model.zero_grad(set_to_none=True)
+        if targets is None:
+            targets = logits.argmax(1)
+        return maps, logits, targets
+
+
+@register_cam("gradcam")
+class GradCAM(PackageCAM):
+    """Selvaraju et al. 2017: channel weights = spatial mean of the gradients."""
+
+    package_class = "GradCAM"
+
+
+@register_cam("gradcam++")
+class GradCAMPlusPlus(PackageCAM):
+    """Chattopadhyay et al. 2018: higher-order gradient weights."""
+
+    package_class = "GradCAMPlusPlus"
+
+
+@register_cam("scorecam")
+class ScoreCAM(PackageCAM):
+    """Wang et al. 2020: weights from the score of the input masked by each channel (one
+    forward per channel, so slow; the package batches those forwards)."""
+
+    package_class = "ScoreCAM"
+    options = {"batch_size": 64}
+    gradients = False
+
+
+@register_cam("eigencam")
+class EigenCAM(PackageCAM):
+    """Muhammad & Yeasin 2020: first principal component of the activations; class-agnostic
+    (the target only labels the output)."""
+
+    package_class = "EigenCAM"
+    gradients = False
+
+
+@register_cam("layercam")
+class LayerCAM(PackageCAM):
+    """Jiang et al. 2021: positive gradients weight each activation element-wise."""
+
+    package_class = "LayerCAM"
+
+
+def build_cam(name: str | None, model: nn.Module, arch: str, layer: str | None = None
+              ) -> CamMethod:
+    """A ready method for `model`; `None` picks plain CAM (every registered arch is GAP+FC)."""
+    return get_cam_method(name or default_method(arch))(model, arch, layer)
+
+
+def default_method(arch: str) -> str:
+    return "cam" if arch_spec(arch).classifier == "fc" else "gradcam"

@@ -1,0 +1,217 @@
+"""`smix cam export|mixed|localize` end to end on generated shapes data and tiny checkpoints."""
+
+from __future__ import annotations
+
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from backbone.arch import build_model
+from backbone.checkpoint import BackboneMeta, save_checkpoint
+from backbone.cli import run
+from backbone.data import eval_transform, load_rgb
+from backbone.io import read_json
+from backbone.shapes import ShapesConfig, generate_shapes
+from cam.render import GridLayout, read_png
+
+CLASSES = ("circle", "square", "triangle")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on 2 shared cores, OpenMP spin-waits make 2 threads ~15x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("camcli")
+    generate_shapes(ShapesConfig(root / "shapes", classes=3, per_class=6, size=64), progress=False)
+    out = {"root": root, "shapes": root / "shapes", "val": root / "shapes" / "val"}
+    for k, method in enumerate(("cutmix", "saliencymix")):
+        torch.manual_seed(k)
+        path = root / f"{method}.safetensors"
+        save_checkpoint(path, build_model("resnet18", 3), BackboneMeta(
+            arch="resnet18", num_classes=3, class_names=CLASSES, input_size=64, resize=72,
+            crop=64, method={"name": method}))
+        out[method] = path
+    return out
+
+
+def _smix(args: list[str], capsys) -> tuple[int, str]:
+    rc = run("cam", args)
+    return rc, capsys.readouterr().err
+
+
+def _export(data, out: Path, *extra: str) -> list[str]:
+    return ["export", "--ckpt", str(data["cutmix"]), "--ckpt", str(data["saliencymix"]),
+            "--images", str(data["val"]), "--out", str(out), "--no-progress", *extra]
+
+
+def test_export_writes_overlays_maps_grid_and_metrics(data, tmp_path, capsys) -> None:
+    rc, err = _smix(_export(data, tmp_path / "e", "--target", "true", "--grid-max", "5"), capsys)
+    assert rc == 0, err
+    res = read_json(tmp_path / "e" / "metrics.json")
+    assert (res["stage"], res["kind"]) == ("cam", "export")
+    r = res["results"]
+    assert r["n_images"] == r["n_written"] == 12 and r["n_skipped"] == 0
+    assert [m["label"] for m in r["models"]] == ["cutmix\nresnet18", "saliencymix\nresnet18"]
+    assert [m["checkpoint"]["method"]["name"] for m in r["models"]] == ["cutmix", "saliencymix"]
+    first = r["models"][0]["images"][0]
+    assert first["target_class"] == Path(first["image"]).parent.name  # --target true
+    cam = np.load(tmp_path / "e" / first["map"])
+    assert cam.shape == (64, 64) and cam.dtype == np.float32 and 0 <= cam.min() <= cam.max() <= 1
+    # the PNG is exactly 0.5·image + 0.5·jet(map) in RGB order (a BGR swap would fail)
+    meta = BackboneMeta(arch="resnet18", num_classes=3, class_names=CLASSES, resize=72, crop=64)
+    pixels = eval_transform(meta, normalize=False)(load_rgb(first["image"])).permute(1, 2, 0)
+    want = np.round((0.5 * pixels.numpy() + 0.5 * matplotlib.colormaps["jet"](cam)[..., :3]) * 255)
+    got = read_png(tmp_path / "e" / first["overlay"]).astype(float)
+    assert np.abs(got - want).max() <= 1
+    grid = read_png(tmp_path / "e" / "grid.png")
+    width, height = GridLayout(2, 5).size_px
+    assert grid.shape == (height, width, 3)
+    assert len(list((tmp_path / "e" / "01_saliencymix").glob("*.png"))) == 12
+
+
+def test_export_batched_equals_one_at_a_time(data, tmp_path, capsys) -> None:
+    for bs in ("3", "1"):
+        rc, err = _smix(["export", "--ckpt", str(data["cutmix"]), "--images",
+                         str(data["val"] / "circle"), str(data["val"] / "square"), "--out",
+                         str(tmp_path / bs), "--batch-size", bs, "--method", "gradcam",
+                         "--no-progress"], capsys)
+        assert rc == 0, err
+    maps = sorted((tmp_path / "3").rglob("*.npy"))
+    assert len(maps) == 8
+    for a in maps:
+        b = tmp_path / "1" / a.relative_to(tmp_path / "3")
+        np.testing.assert_allclose(np.load(a), np.load(b), atol=1e-4)
+
+
+def test_unreadable_image_is_fatal_or_skipped_by_flag(data, tmp_path, capsys) -> None:
+    folder = tmp_path / "imgs" / "circle"
+    shutil.copytree(data["val"] / "circle", folder)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    rc, err = _smix(_export(data, tmp_path / "a") [:5] + ["--images", str(tmp_path / "imgs"),
+                    "--out", str(tmp_path / "a"), "--no-progress"], capsys)
+    assert rc == 2 and "broken.jpg: cannot read image" in err and err.count("\n") == 1
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    rc, err = _smix(["export", "--ckpt", str(data["cutmix"]), "--images", str(tmp_path / "imgs"),
+                     "--out", str(tmp_path / "b"), "--skip-bad-images", "--no-progress"], capsys)
+    assert rc == 0 and "broken.jpg" in err
+    r = read_json(tmp_path / "b" / "metrics.json")["results"]
+    assert r["n_skipped"] == 1 and r["skipped"][0].endswith("broken.jpg")
+    assert r["n_written"] == 4 and r["n_images"] == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "hexagon"], "class 'hexagon' (--target, for"),
+    (["--method", "smoothgrad"], "unknown CAM method 'smoothgrad'; valid: cam, gradcam"),
+    (["--layer", "layer7"], "unknown layer 'layer7' for resnet18"),
+    (["--method", "cam", "--layer", "layer2"], "method 'cam' needs the layer that feeds"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_export_user_errors_are_one_line(data, tmp_path, capsys, args, message) -> None:
+    rc, err = _smix(_export(data, tmp_path / "x", *args), capsys)
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_target_true_needs_class_folders(data, tmp_path, capsys) -> None:
+    img = tmp_path / "loose" / "pic.jpg"
+    img.parent.mkdir()
+    shutil.copy(next((data["val"] / "circle").iterdir()), img)
+    rc, err = _smix(["export", "--ckpt", str(data["cutmix"]), "--images", str(img), "--out",
+                     str(tmp_path / "o"), "--target", "true"], capsys)
+    assert rc == 2 and "class 'loose' (folder of" in err
+
+
+def test_localize_cli_on_the_shapes_voc_copy(data, tmp_path, capsys) -> None:
+    rc, err = _smix(["localize", "--ckpt", str(data["cutmix"]), "--ckpt", str(data["saliencymix"]),
+                     "--voc-root", str(data["shapes"]), "--out", str(tmp_path / "loc"),
+                     "--no-progress", "--curve-interval", "0.05"], capsys)
+    assert rc == 0, err
+    res = read_json(tmp_path / "loc" / "metrics.json")
+    r = res["results"]
+    assert (res["stage"], res["kind"]) == ("cam", "localization")
+    assert r["n_images"] == 12 and r["iou_threshold"] == 0.5 and r["cam_threshold"] == 0.2
+    for m in r["models"]:
+        for key in ("gt_known_loc", "top1_loc", "top1_cls", "maxboxacc", "pointing_game"):
+            assert 0 <= m[key] <= 100
+        assert m["top1_loc"] <= min(m["gt_known_loc"], m["top1_cls"])
+        assert m["maxboxacc"] >= m["gt_known_loc"]  # 0.2 is on the 0.05 sweep
+        assert len(m["boxacc_curve"]["acc"]) == 20
+        assert m["checkpoint"]["path"].endswith(".safetensors")
+    assert len((tmp_path / "loc" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_localize_voc_root_without_annotations(data, tmp_path, capsys) -> None:
+    (tmp_path / "VOC2007" / "JPEGImages").mkdir(parents=True)
+    rc, err = _smix(["localize", "--ckpt", str(data["cutmix"]), "--voc-root", str(tmp_path),
+                     "--out", str(tmp_path / "r")], capsys)
+    assert rc == 2 and "missing Annotations/" in err and err.count("\n") == 1
+
+
+def test_mixed_draws_each_mixer_and_both_cams(data, tmp_path, capsys) -> None:
+    a = sorted((data["val"] / "circle").iterdir())[0]
+    b = sorted((data["val"] / "square").iterdir())[0]
+    rc, err = _smix(["mixed", "--ckpt", str(data["cutmix"]), "--ckpt", str(data["saliencymix"]),
+                     "--pair", str(a), str(b), "--methods", "cutout,mixup,cutmix",
+                     "--mixer-arg", "cutout.size=24", "--out", str(tmp_path / "m")], capsys)
+    assert rc == 0, err
+    r = read_json(tmp_path / "m" / "metrics.json")["results"]
+    assert r["mixers"] == ["cutout", "mixup", "cutmix"]
+    assert r["mixer_params"]["cutout"]["size"] == 24
+    model = r["models"][0]
+    assert (model["class_a"], model["class_b"]) == ("circle", "square")
+    cols = {c["column"]: c for c in model["columns"]}
+    assert list(cols) == ["A", "B", "cutout", "mixup", "cutmix"]
+    out = tmp_path / "m"
+    img_a, img_b = read_png(out / cols["A"]["input"]), read_png(out / cols["B"]["input"])
+    cut = read_png(out / cols["cutmix"]["input"]).astype(int)
+    from_b = (np.abs(cut - img_b).max(2) <= 1) & (np.abs(cut - img_a).max(2) > 1)
+    from_a = np.abs(cut - img_a).max(2) <= 1
+    assert (from_a | from_b).all()  # every pixel comes from A or from B: B pasted into A
+    assert 1 - cols["cutmix"]["lam"] == pytest.approx(from_b.mean(), abs=0.03)
+    assert cols["cutout"]["lam"] == 1.0 and 0 < cols["mixup"]["lam"] < 1
+    ma, mb = np.load(out / cols["mixup"]["map_a"]), np.load(out / cols["mixup"]["map_b"])
+    assert ma.shape == mb.shape == (64, 64) and not np.allclose(ma, mb)
+    grid = read_png(out / "grid.png")
+    # shared inputs (same preprocessing, model-free mixers): 1 input row + 2 rows per checkpoint
+    assert grid.shape[:2] == GridLayout(5, 5).size_px[::-1]
+
+
+def test_mixed_unknown_mixer_lists_the_registered_ones(data, tmp_path, capsys) -> None:
+    a = sorted((data["val"] / "circle").iterdir())[0]
+    rc, err = _smix(["mixed", "--ckpt", str(data["cutmix"]), "--pair", str(a), str(a),
+                     "--methods", "cutmix,fmix", "--out", str(tmp_path / "m")], capsys)
+    assert rc == 2 and "unknown method 'fmix'; valid:" in err and "cutmix" in err
+
+
+def test_python_dash_m_cam_exit_code_and_single_line(data, tmp_path, monkeypatch, capsys) -> None:
+    """`python -m cam` runs the same dispatcher (run in-process: a subprocess costs seconds of
+    imports on busy cores)."""
+    missing = tmp_path / "missing.safetensors"
+    monkeypatch.setattr(sys, "argv", ["cam", "export", "--ckpt", str(missing), "--images",
+                                      str(data["val"]), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("cam", run_name="__main__")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"smix cam: error: {missing}: no such checkpoint file"]
+
+
+def test_no_readable_image_at_all_is_an_error(data, tmp_path, capsys) -> None:
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    rc, err = _smix(["export", "--ckpt", str(data["cutmix"]), "--images", str(tmp_path / "bad.png"),
+                     "--out", str(tmp_path / "o"), "--skip-bad-images", "--no-progress"], capsys)
+    assert rc == 2 and "no readable image among the 1 given" in err
+    assert not (tmp_path / "o" / "metrics.json").exists()

@@ -1,0 +1,292 @@
+"""Localisation metrics on hand-computed cases, and a hand-set model whose CAM finds the object."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from backbone.arch import build_model
+from backbone.checkpoint import BackboneMeta, save_checkpoint
+from backbone.data import eval_transform
+from backbone.errors import UserError
+from backbone.io import atomic_write, read_json
+from backbone.voc import VOCObject, write_annotation
+from cam.boxes import from_boxes_file, from_voc
+from cam.localize import (GTDataset, LocalizeConfig, best_iou, box_masks, energy_in_boxes,
+                          largest_region_boxes, localize, localization_hits, threshold_sweep)
+from cam.methods import build_cam
+
+CLASSES = ("bright", "other")
+SIZE = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on 2 shared cores, OpenMP spin-waits make 2 threads ~15x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- pure metric functions ------------------------------------------------------------------
+
+def test_largest_region_box_hand_case() -> None:
+    m = np.zeros((2, 8, 8), dtype=bool)
+    m[0, 2:6, 1:4] = True  # 12 px: the largest region of image 0
+    m[0, 7, 7] = True  # a 1-px region elsewhere is ignored
+    m[1, 0:2, 0:2] = True  # image 1: two regions of 4 px and 6 px
+    m[1, 5:7, 4:7] = True
+    boxes = largest_region_boxes(m)
+    assert boxes.tolist() == [[1, 2, 4, 6], [4, 5, 7, 7]]
+    assert largest_region_boxes(np.zeros((3, 4, 4), bool)).tolist() == [[0, 0, 0, 0]] * 3
+
+
+def test_largest_region_diagonal_pixels_are_one_region() -> None:
+    m = np.zeros((1, 5, 5), dtype=bool)
+    m[0, [0, 1, 2, 3], [0, 1, 2, 3]] = True  # 8-connected diagonal, 4 px
+    m[0, 4, 0:2] = True  # a 2-px row: the largest region under 4-connectivity
+    assert largest_region_boxes(m).tolist() == [[0, 0, 4, 4]]
+
+
+def test_largest_region_batched_equals_per_image_reference() -> None:
+    rng = np.random.default_rng(0)
+    masks = ndimage.binary_opening(rng.random((12, 20, 20)) > 0.55, np.ones((1, 2, 2)))
+    masks[3] = False
+    batched = largest_region_boxes(masks)
+    for b in range(len(masks)):
+        lab, n = ndimage.label(masks[b], structure=np.ones((3, 3)))
+        if n == 0:
+            assert batched[b].tolist() == [0, 0, 0, 0]
+            continue
+        sizes = ndimage.sum(masks[b], lab, range(1, n + 1))
+        ys, xs = np.nonzero(lab == 1 + int(np.argmax(sizes)))
+        assert batched[b].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_best_iou_hand_values() -> None:
+    gt = torch.tensor([[[0.0, 0, 4, 4], [10, 10, 12, 12]], [[0, 0, 2, 2], [0, 0, 0, 0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    pred = torch.tensor([[0.0, 0, 4, 2], [1, 1, 3, 3]])
+    # image 0: [0,0,4,2] vs [0,0,4,4] -> 8/16; image 1: [1,1,3,3] vs [0,0,2,2] -> 1/7
+    torch.testing.assert_close(best_iou(pred, gt, valid), torch.tensor([0.5, 1 / 7]))
+    # an invalid (padding) box never counts even when it would match
+    torch.testing.assert_close(best_iou(torch.tensor([[10.0, 10, 12, 12], [0, 0, 0, 0]]), gt,
+                                        valid), torch.tensor([1.0, 0.0]))
+
+
+def test_energy_pointing_game_hand_value() -> None:
+    maps = torch.zeros(2, 6, 6)
+    maps[0, 1:5, 1:5] = 1.0  # 16 inside the box
+    maps[0, 0, 5], maps[0, 5, 0] = 0.5, 1.5  # 2 outside
+    gt = torch.tensor([[[1.0, 1, 5, 5]], [[0, 0, 6, 6]]], dtype=torch.float64)
+    valid = torch.ones(2, 1, dtype=torch.bool)
+    mask = box_masks(gt, valid, 6, 6)
+    assert int(mask[0].sum()) == 16 and bool(mask[1].all())
+    energy = energy_in_boxes(maps, mask)
+    assert energy[0].item() == pytest.approx(16 / 18)
+    assert energy[1].item() == 0.0  # an all-zero map points nowhere
+
+
+def test_box_masks_use_pixel_centres() -> None:
+    gt = torch.tensor([[[0.4, 0.6, 2.5, 2.4]]], dtype=torch.float64)
+    mask = box_masks(gt, torch.ones(1, 1, dtype=torch.bool), 4, 4)[0]
+    # centres 0.5, 1.5 in x (2.5 excluded); 1.5 only in y (0.5 < 0.6, 2.5 > 2.4)
+    assert torch.nonzero(mask).tolist() == [[1, 0], [1, 1]]
+
+
+def test_localization_hits_threshold_sweep() -> None:
+    maps = torch.zeros(1, 10, 10)
+    maps[0, 2:6, 2:6] = 1.0
+    maps[0, 0:10, 0:2] = 0.3  # a wide weak band: at thresholds < 0.3 it joins the box
+    gt = torch.tensor([[[2.0, 2, 6, 6]]], dtype=torch.float64)
+    hits = localization_hits(maps, gt, torch.ones(1, 1, dtype=torch.bool), [0.1, 0.5], 0.5)
+    assert hits[:, 0].tolist() == [False, True]  # [0,0,6,10]: IoU 16/60; then the exact box
+    assert threshold_sweep(0.25) == [0.0, 0.25, 0.5, 0.75]
+
+
+# --- ground truth sources and the eval transform ---------------------------------------------
+
+def test_boxes_follow_the_eval_resize_and_crop(tmp_path) -> None:
+    """A box mapped through the checkpoint's eval transform covers the same pixels as a
+    drawn rectangle pushed through it."""
+    img = Image.new("RGB", (120, 90))
+    img.paste((255, 255, 255), (30, 20, 70, 60))  # [30,70) x [20,60)
+    path = tmp_path / "a.png"
+    img.save(path)
+    meta = BackboneMeta(arch="resnet18", num_classes=1, class_names=("a",), resize=72, crop=64,
+                        mean=(0, 0, 0), std=(1, 1, 1))
+    item = from_boxes_file(_write_boxes(tmp_path, [("a.png", "a", [30, 20, 70, 60])]))[0]
+    x, _, boxes, _ = GTDataset([item], [0], [0], eval_transform(meta), False)[0]
+    ys, xs = torch.nonzero(x[0] > 0.5, as_tuple=True)
+    drawn = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+    np.testing.assert_allclose(boxes[0].tolist(), drawn, atol=1.0)
+    assert x.shape == (3, 64, 64)
+
+
+def _write_boxes(folder: Path, rows: list) -> Path:
+    path = folder / "boxes.jsonl"
+    path.write_text("".join(json.dumps({"image": i, "class": c, "box": b}) + "\n"
+                            for i, c, b in rows))
+    return path
+
+
+def test_boxes_file_jsonl_and_csv_agree_and_largest_box_sets_the_class(tmp_path) -> None:
+    j = _write_boxes(tmp_path, [("x.jpg", "cat", [0, 0, 4, 4]), ("x.jpg", "dog", [0, 0, 8, 8]),
+                                ("x.jpg", "dog", [10, 10, 12, 12])])
+    c = tmp_path / "boxes.csv"
+    c.write_text("image,class,x0,y0,x1,y1\nx.jpg,cat,0,0,4,4\nx.jpg,dog,0,0,8,8\n"
+                 "x.jpg,dog,10,10,12,12\n")
+    a, b = from_boxes_file(j), from_boxes_file(c)
+    assert a == b and len(a) == 1
+    assert a[0].class_name == "dog" and a[0].boxes == ((0, 0, 8, 8), (10, 10, 12, 12))
+    assert a[0].image == tmp_path / "x.jpg"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "boxes file is empty"),
+    ('{"image": "x.jpg", "class": "a"}\n', "needs keys image, class, box"),
+    ('{"image": "x.jpg", "class": "a", "box": [5, 0, 2, 4]}\n', "is empty or negative"),
+    ("image,label,x0,y0,x1,y1\nx.jpg,a,0,0,1,1\n", "CSV header must be"),
+    ("image,class,x0,y0,x1,y1\nx.jpg,a,0,zero,1,1\n", "not numbers"),
+])
+def test_bad_boxes_files_are_one_line_errors(tmp_path, text, message) -> None:
+    path = tmp_path / ("b.csv" if text.startswith("image") else "b.jsonl")
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        from_boxes_file(path)
+
+
+def test_voc_root_without_boxes_is_an_error(tmp_path) -> None:
+    voc = tmp_path / "VOC2007"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "test.txt").write_text("a\n")
+    with pytest.raises(UserError, match="missing Annotations"):
+        from_voc(tmp_path)
+    (voc / "Annotations").mkdir()
+    atomic_write(voc / "Annotations" / "a.xml", write_annotation(voc, "a.jpg", 8, 8, []))
+    with pytest.raises(UserError, match="no boxes in the test annotations"):
+        from_voc(tmp_path)
+    with pytest.raises(UserError, match="no VOC2012 folder"):
+        from_voc(tmp_path, year="2012")
+
+
+# --- a hand-set model: its CAM is the brightness map, so the box must find the square -------
+
+def hand_set_model() -> torch.nn.Module:
+    """cifar_resnet18 whose layer4 channel 0 is the input brightness sampled at stride 8
+    (residual branches zero, shortcuts copy channel 0) and whose fc reads that channel:
+    class `bright` +1, class `other` -1. Its CAM for `bright` is the brightness map."""
+    net = build_model("cifar_resnet18", 2)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.zero_()
+            elif isinstance(mod, torch.nn.BatchNorm2d):
+                mod.reset_parameters()
+                mod.reset_running_stats()
+        net.conv1.weight[0, :, 1, 1] = 1.0 / 3
+        for layer in (net.layer2, net.layer3, net.layer4):
+            layer[0].downsample[0].weight[0, 0, 0, 0] = 1.0
+        net.fc.weight.zero_()
+        net.fc.bias.zero_()
+        net.fc.weight[0, 0], net.fc.weight[1, 0] = 1.0, -1.0
+    return net.eval()
+
+
+def square_image(box: tuple[int, int, int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = (0.1 + 0.05 * rng.random((SIZE, SIZE, 3))) * 255
+    x0, y0, x1, y1 = box
+    arr[y0:y1, x0:x1] = 230
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+def test_hand_set_model_cam_box_recovers_the_object() -> None:
+    net = hand_set_model()
+    box = (16, 24, 40, 48)
+    x = torch.from_numpy(np.asarray(square_image(box, 0), np.float32) / 255).permute(2, 0, 1)
+    res = build_cam("cam", net, "cifar_resnet18")(x[None], torch.tensor([0]))
+    assert res.logits[0, 0] > 0 > res.logits[0, 1]
+    found = largest_region_boxes(res.maps.numpy() > 0.2)
+    gt = torch.tensor([[list(box)]], dtype=torch.float64)
+    iou = best_iou(torch.from_numpy(found), gt, torch.ones(1, 1, dtype=torch.bool))
+    assert iou.item() >= 0.5
+    # the peak of the map lies inside the object
+    peak = int(res.maps[0].flatten().argmax())
+    assert box[0] <= peak % SIZE < box[2] and box[1] <= peak // SIZE < box[3]
+
+
+@pytest.fixture(scope="module")
+def hand_set_voc(tmp_path_factory) -> tuple[Path, Path]:
+    """A VOC root of 4 images of one bright square each, and the hand-set checkpoint.
+    Image 3's annotation is deliberately wrong (box in the opposite corner)."""
+    root = tmp_path_factory.mktemp("handvoc")
+    voc = root / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    squares = [(16, 24, 40, 48), (8, 8, 32, 32), (30, 30, 58, 58), (4, 4, 28, 28)]
+    annotated = squares[:3] + [(36, 36, 60, 60)]
+    for i, (sq, ann) in enumerate(zip(squares, annotated)):
+        square_image(sq, i).save(voc / "JPEGImages" / f"im{i}.png")
+        obj = VOCObject("bright", (ann[0] + 1.0, ann[1] + 1.0, float(ann[2]), float(ann[3])))
+        atomic_write(voc / "Annotations" / f"im{i}.xml",
+                     write_annotation(voc, f"im{i}.png", SIZE, SIZE, [obj]))
+    (voc / "ImageSets" / "Main" / "test.txt").write_text("im0\nim1\nim2\nim3\n")
+    ckpt = root / "hand.safetensors"
+    save_checkpoint(ckpt, hand_set_model(), BackboneMeta(
+        arch="cifar_resnet18", num_classes=2, class_names=CLASSES, input_size=SIZE,
+        resize=SIZE, crop=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        method={"name": "handset"}))
+    return root, ckpt
+
+
+def test_localize_on_hand_set_model_gives_hand_computed_numbers(hand_set_voc, tmp_path) -> None:
+    root, ckpt = hand_set_voc
+    r = localize(LocalizeConfig((ckpt,), tmp_path / "run", voc_root=root, batch_size=3,
+                                progress=False))
+    m = r["models"][0]
+    assert r["n_images"] == 4 and r["iou_threshold"] == 0.5 and r["cam_threshold"] == 0.2
+    assert m["top1_cls"] == 100.0  # every image is bright-on-dark: class 0 wins
+    assert m["gt_known_loc"] == 75.0 and m["top1_loc"] == 75.0  # the mislabelled one misses
+    assert m["maxboxacc"] >= m["gt_known_loc"]
+    assert m["maxboxacc"] == max(m["boxacc_curve"]["acc"])
+    # pointing game by hand: the mean share of each map's mass inside its annotated box
+    ds = GTDataset(from_voc(root), range(4), [0] * 4, eval_transform(
+        BackboneMeta(arch="cifar_resnet18", num_classes=2, class_names=CLASSES, resize=SIZE,
+                     crop=SIZE, mean=(0, 0, 0), std=(1, 1, 1))), False)
+    net = hand_set_model()
+    shares = []
+    for x, _, boxes, _ in ds:
+        cam = build_cam("cam", net, "cifar_resnet18")(x[None], torch.tensor([0])).maps[0]
+        x0, y0, x1, y1 = [int(v) for v in boxes[0]]
+        shares.append(float(cam[y0:y1, x0:x1].sum() / cam.sum()))
+    assert m["pointing_game"] == pytest.approx(100 * np.mean(shares), abs=1e-4)
+    assert shares[3] < 0.2 < min(shares[:3])
+    saved = read_json(tmp_path / "run" / "metrics.json")
+    assert saved["stage"] == "cam" and saved["kind"] == "localization"
+    assert saved["results"]["models"][0]["checkpoint"]["sha256"]
+
+
+def test_image_class_not_in_checkpoint_is_an_error(hand_set_voc, tmp_path) -> None:
+    root, ckpt = hand_set_voc
+    boxes = _write_boxes(tmp_path, [(str(root / "VOC2007/JPEGImages/im0.png"), "cat",
+                                     [1, 1, 5, 5])])
+    with pytest.raises(UserError, match="class 'cat' .* is not a class of the checkpoint"):
+        localize(LocalizeConfig((ckpt,), tmp_path / "run", boxes=boxes, progress=False))
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_localize_config_needs_exactly_one_source(hand_set_voc, tmp_path) -> None:
+    root, ckpt = hand_set_voc
+    with pytest.raises(UserError, match="exactly one of --voc-root DIR or --boxes FILE"):
+        localize(LocalizeConfig((ckpt,), tmp_path, progress=False))
+    with pytest.raises(UserError, match="--curve-interval must be in"):
+        localize(LocalizeConfig((ckpt,), tmp_path, voc_root=root, curve_interval=0))

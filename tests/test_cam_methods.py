@@ -1,0 +1,159 @@
+"""CAM-method registry: plain CAM against the grad-cam package, batching, hooks, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backbone.arch import build_model
+from backbone.errors import UserError
+from cam.methods import (CamMethod, build_cam, get_cam_method, list_cam_methods, postprocess,
+                         register_cam)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on 2 shared cores, OpenMP spin-waits make 2 threads ~15x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet18", 5).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+
+
+def test_registry_lists_the_six_methods_and_rejects_unknown_names() -> None:
+    assert list_cam_methods()[:6] == ["cam", "gradcam", "gradcam++", "scorecam", "eigencam",
+                                      "layercam"]
+    with pytest.raises(UserError, match="unknown CAM method 'gradkam'; valid: cam, gradcam"):
+        get_cam_method("gradkam")
+
+
+def test_plain_cam_equals_gradcam_after_relu_and_minmax(model, images) -> None:
+    """For GAP+FC, dlogit_k/dA_c = w_kc/(h·w) everywhere, so Grad-CAM = CAM/(h·w)."""
+    targets = torch.tensor([0, 1, 2, 3])
+    cam = build_cam("cam", model, "resnet18")(images, targets)
+    grad = build_cam("gradcam", model, "resnet18")(images, targets)
+    assert cam.maps.shape == grad.maps.shape == (4, 96, 96)
+    assert cam.maps.max() > 0.99  # not the trivial all-zero map
+    torch.testing.assert_close(cam.maps, grad.maps, atol=2e-5, rtol=0)
+    torch.testing.assert_close(cam.logits, grad.logits)
+    assert torch.equal(cam.targets, targets)
+
+
+def test_plain_cam_is_the_fc_weighted_sum_of_layer4(model, images) -> None:
+    """Hand-computed reference: Σ_c w_kc·A_c, ReLU, bilinear upsampling, min–max."""
+    feats = {}
+    h = model.layer4.register_forward_hook(lambda m, i, o: feats.setdefault("a", o))
+    with torch.no_grad():
+        logits = model(images[:2])
+    h.remove()
+    pred = logits.argmax(1)
+    raw = (model.fc.weight[pred][:, :, None, None] * feats["a"]).sum(1).clamp(min=0)
+    up = torch.nn.functional.interpolate(raw[:, None], size=(96, 96), mode="bilinear")[:, 0]
+    lo = up.flatten(1).min(1).values[:, None, None]
+    hi = up.flatten(1).max(1).values[:, None, None]
+    res = build_cam("cam", model, "resnet18")(images[:2])  # target None: the prediction
+    assert torch.equal(res.targets, pred)
+    torch.testing.assert_close(res.maps, (up - lo) / (hi - lo), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_batched_equals_per_image(model, images, method) -> None:
+    cam = build_cam(method, model, "resnet18")
+    targets = torch.tensor([4, 3, 2, 1])
+    batched = cam(images, targets)
+    single = torch.cat([cam(images[i:i + 1], targets[i:i + 1]).maps for i in range(4)])
+    torch.testing.assert_close(batched.maps, single, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++", "eigencam", "layercam"])
+def test_every_method_gives_unit_range_maps_and_releases_its_hooks(model, images, method) -> None:
+    res = build_cam(method, model, "resnet18")(images[:2], torch.tensor([1, 2]))
+    assert res.maps.shape == (2, 96, 96) and res.maps.dtype == torch.float32
+    assert float(res.maps.min()) >= 0 and float(res.maps.max()) <= 1 + 1e-6
+    assert res.logits.shape == (2, 5)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._backward_hooks
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_scorecam_through_the_package_on_an_overridden_layer(model, images) -> None:
+    """Score-CAM costs one forward per channel: layer1 (64 channels) keeps the test fast."""
+    res = build_cam("scorecam", model, "resnet18", layer="layer1")(images[:1], torch.tensor([2]))
+    assert res.maps.shape == (1, 96, 96) and float(res.maps.max()) == pytest.approx(1, abs=1e-6)
+    assert not model.layer1._forward_hooks
+
+
+def test_target_layer_defaults_to_the_registry_and_can_be_overridden(model) -> None:
+    assert build_cam("gradcam", model, "resnet18").layer_name == "layer4"
+    assert build_cam("gradcam", model, "resnet18", "layer3.1").layer is model.layer3[1]
+    assert build_cam(None, model, "resnet18").name == "cam"
+
+
+def test_unknown_layer_and_plain_cam_on_another_layer_are_user_errors(model) -> None:
+    with pytest.raises(UserError, match="unknown layer 'layer9' for resnet18; top-level"):
+        build_cam("gradcam", model, "resnet18", "layer9")
+    with pytest.raises(UserError, match="method 'cam' needs the layer that feeds global"):
+        build_cam("cam", model, "resnet18", "layer3")
+
+
+def test_plain_cam_on_preact_resnet_uses_its_final_relu() -> None:
+    torch.manual_seed(0)
+    net = build_model("preact_resnet18", 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    a = build_cam("cam", net, "preact_resnet18")(x, torch.tensor([0, 1]))
+    b = build_cam("gradcam", net, "preact_resnet18")(x, torch.tensor([0, 1]))
+    torch.testing.assert_close(a.maps, b.maps, atol=2e-5, rtol=0)
+
+
+def test_postprocess_flat_map_is_zero_and_negative_is_clipped() -> None:
+    maps = torch.stack([torch.full((2, 2), 3.0), torch.tensor([[-1.0, 0.0], [0.0, 2.0]])])
+    out = postprocess(maps, (2, 2))
+    assert torch.equal(out[0], torch.zeros(2, 2))
+    assert torch.equal(out[1], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+
+
+def test_a_new_method_is_one_registration(model, images) -> None:
+    @register_cam("test-uniform")
+    class Uniform(CamMethod):
+        def raw(self, imgs, targets):
+            logits = self.model(imgs)
+            t = logits.argmax(1) if targets is None else targets
+            return torch.arange(4.0).view(1, 2, 2).expand(len(imgs), 2, 2), logits, t
+
+    try:
+        res = build_cam("test-uniform", model, "resnet18")(images[:2])
+        assert res.maps.shape == (2, 96, 96)
+        assert float(res.maps[0, 0, 0]) == 0 and float(res.maps[0, -1, -1]) == 1
+    finally:
+        from cam import methods
+
+        methods._METHODS.pop("test-uniform")
+
+
+def test_gradcam_on_a_middle_layer_matches_full_autograd(model, images) -> None:
+    """The backward pass is cut at the target layer; the gradients there must not change.
+    Reference: plain autograd through the whole model, then Grad-CAM by hand."""
+    feats = {}
+    h = model.layer3.register_forward_hook(lambda m, i, o: feats.setdefault("a", o))
+    logits = model(images[:2])
+    h.remove()
+    targets = torch.tensor([3, 0])
+    grads, = torch.autograd.grad(logits[[0, 1], targets].sum(), feats["a"])
+    raw = (grads.mean((2, 3), keepdim=True) * feats["a"]).sum(1).detach()
+    want = postprocess(raw, (96, 96))
+    flags = [p.requires_grad for p in model.parameters()]
+    got = build_cam("gradcam", model, "resnet18", "layer3")(images[:2], targets).maps
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert [p.requires_grad for p in model.parameters()] == flags  # restored
+    assert not model.layer3._forward_hooks
