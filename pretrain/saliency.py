@@ -39,6 +39,13 @@ Detectors and their parity with OpenCV contrib 5.0 (``cv2.saliency``), as measur
   (sRGB, D65) between the mean image colour and a 5x5 binomial-blurred image, scaled to [0,1].
 * ``gradient`` -- GuidedMixup's "AP" saliency, sqrt(mean_c (dCE/dx)^2), from one forward and
   backward of the model being trained; see ``gradient_saliency``.
+
+Speed (``benchmarks/bench_saliency.py``, 2-core CPU): fine_grained runs ~100 small elementwise
+passes per cache-sized chunk, so it is memory-bound where OpenCV runs one fused per-pixel loop;
+it beats the per-image OpenCV loop ~5x on one thread and ~9x on two. Those passes are short
+enough that intra-op threads wait on each other: if other processes keep the cores busy (e.g.
+DataLoader workers), call it with ``torch.set_num_threads(1)`` -- measured 13 ms on one thread
+vs 3.4 s on two for 10 images of 224x224 with one core taken by another process.
 """
 
 from __future__ import annotations
@@ -98,15 +105,21 @@ def get_detector(name: str) -> Detector:
 # ------------------------------------------------------------------------ shared pixel helpers
 
 
-def _as_uint8_grid(images: torch.Tensor) -> torch.Tensor:
-    """Validate ``[B,3,H,W]`` and return float32 holding the uint8 values OpenCV would see."""
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    """Validate ``[B,3,H,W]`` and detach (detectors are not differentiable)."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected RGB images [B,3,H,W], got shape {tuple(images.shape)}")
     if images.shape[2] < 3 or images.shape[3] < 3:
         raise ValueError(f"images must be at least 3x3, got {tuple(images.shape[2:])}")
+    return images.detach()
+
+
+def _as_uint8_grid(images: torch.Tensor) -> torch.Tensor:
+    """Float32 holding the uint8 values OpenCV would see: round half to even (as its
+    saturate_cast), clamp."""
     if images.dtype == torch.uint8:
         return images.float()
-    return images.detach().float().round().clamp_(0.0, 255.0)
+    return images.float().round().clamp_(0.0, 255.0)
 
 
 def _gray_u8(rgb: torch.Tensor) -> torch.Tensor:
@@ -206,8 +219,9 @@ def _on_off_sums(gray: torch.Tensor, ws: _Workspace) -> tuple[torch.Tensor, torc
     b, h, w = gray.shape
     buf, (py, px) = ws.view(b), ws.pad
     _fill_integral(gray, buf["integral"], py, px)
-    t, on, signed = buf["t"], buf["on"].zero_(), buf["signed"].zero_()
+    on, signed = buf["on"], buf["signed"]
     for i, (ny, nx, count) in enumerate(ws.scales):
+        t = signed if i == 0 else buf["t"]  # the first scale initialises the sums
         rows = buf["integral"][:, py - ny:py + h + ny]
         cols = torch.sub(rows[:, :, px - nx:px - nx + w], rows[:, :, px + nx:px + nx + w],
                          out=buf["cols"][:, :h + 2 * ny])  # minus the row-window sums
@@ -215,8 +229,11 @@ def _on_off_sums(gray: torch.Tensor, ws: _Workspace) -> tuple[torch.Tensor, torc
         t.addcmul_(gray, ws.area[i]).div_(ws.den[i], rounding_mode="trunc")
         if count > 1:
             t.mul_(count)
-        signed.add_(t)
-        on.add_(t.clamp_(min=0.0))
+        if i == 0:
+            torch.clamp(t, min=0.0, out=on)
+        else:
+            signed.add_(t)
+            on.add_(t.clamp_(min=0.0))
     return on, torch.sub(on, signed, out=signed)
 
 
@@ -257,13 +274,13 @@ def _mix_on_off(on_sum: torch.Tensor, off_sum: torch.Tensor, saturate: bool,
 def fine_grained(images: torch.Tensor, *, saturate: bool = False) -> torch.Tensor:
     """Montabone & Soto fine-grained saliency, bit-exact with OpenCV's
     ``StaticSaliencyFineGrained`` on uint8 BGR input (``saturate`` clamps its uint8 wrap)."""
-    rgb = _as_uint8_grid(images)
-    b, _, h, w = rgb.shape
-    out = rgb.new_empty((b, h, w))
-    parts = _chunks(b, h * w, rgb.device)
-    ws = _Workspace(rgb, parts[0].stop, h, w)
-    for part in parts:
-        gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(rgb[part])))
+    images = _check_images(images)
+    b, _, h, w = images.shape
+    out = torch.empty((b, h, w), device=images.device)
+    parts = _chunks(b, h * w, images.device)
+    ws = _Workspace(out, parts[0].stop, h, w)
+    for part in parts:  # quantised per chunk too: a whole-batch copy costs 15% in page faults
+        gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(images[part]))))
         on, off = _on_off_sums(gray, ws)
         _mix_on_off(on, off, saturate, ws.view(len(gray)), out[part])
     return out
@@ -362,11 +379,11 @@ def _spectral_residual_small(small: torch.Tensor) -> torch.Tensor:
 def spectral_residual(images: torch.Tensor, *, size: int = 64) -> torch.Tensor:
     """Hou & Zhang spectral residual saliency as OpenCV's ``StaticSaliencySpectralResidual``
     computes it (``size`` is its resImWidth/Height, 64)."""
-    rgb = _as_uint8_grid(images)
-    b, _, h, w = rgb.shape
-    small = rgb.new_empty((b, size, size))
-    for part in _chunks(b, max(h * w, size * size), rgb.device):
-        gray = _resize_u8_exact(_gray_u8(rgb[part]), size, size)
+    images = _check_images(images)
+    b, _, h, w = images.shape
+    small = torch.empty((b, size, size), device=images.device)
+    for part in _chunks(b, max(h * w, size * size), images.device):
+        gray = _resize_u8_exact(_gray_u8(_as_uint8_grid(images[part])), size, size)
         small[part] = _spectral_residual_small(gray)
     if (h, w) == (size, size):
         return small
@@ -400,7 +417,7 @@ def frequency_tuned(images: torch.Tensor) -> torch.Tensor:
     """Achanta et al. (CVPR 2009): ||mean Lab colour - blurred Lab pixel||, scaled to [0,1].
 
     The blur is the paper's 5x5 separable binomial kernel [1,4,6,4,1]/16 (reflect border)."""
-    lab = _rgb_to_lab(_as_uint8_grid(images))
+    lab = _rgb_to_lab(_as_uint8_grid(_check_images(images)))
     b, _, h, w = lab.shape
     binomial = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
     blurred = _filter2d_reflect(lab.reshape(b * 3, h, w), binomial).view(b, 3, h, w)
