@@ -40,6 +40,8 @@ def method_label(method: Any) -> str:
     """`saliencymix(mode=sample)`: the mixer name plus the parameters that change the method."""
     if not isinstance(method, dict):
         return str(method or "?")
+    if method.get("title"):  # written by the mixer: name + the parameters off their defaults
+        return str(method["title"])
     extra = [f"{k}={method[k]}" for k in KEY_PARAMS if k in method]
     return f"{method.get('name', '?')}" + (f"({', '.join(extra)})" if extra else "")
 

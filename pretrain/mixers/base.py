@@ -78,8 +78,13 @@ class Mixer:
         return self.apply(images, labels, self.sample(images, labels, generator, ctx))
 
     def describe(self) -> dict[str, Any]:
-        """Method name and parameters, as recorded in the checkpoint metadata."""
-        return {"name": self.name, **dataclasses.asdict(self)}
+        """Method name and parameters, as recorded in the checkpoint metadata, plus a short
+        `title` (the name and the parameters that differ from their defaults) for tables."""
+        params = dataclasses.asdict(self)
+        changed = [f"{f.name}={params[f.name]}" for f in dataclasses.fields(self)
+                   if f.default is not dataclasses.MISSING and params[f.name] != f.default]
+        title = self.name + (f"({', '.join(changed)})" if changed else "")
+        return {"name": self.name, **params, "title": title}
 
 
 _MIXERS: dict[str, type[Mixer]] = {}
