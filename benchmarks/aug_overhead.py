@@ -1,0 +1,227 @@
+"""Augmentation overhead per training step, as GuidedMixup's Table 2 defines it:
+overhead = (T_method - T_none) / T_none, T = one step (mixer + forward + backward + SGD step).
+
+Baseline: method `none` on the same model, batch and process. For ResNet-18 CIFAR (batch 64,
+32²) and ResNet-50 (batch 32, 224²), every mixer, plus the reference path of per-sample
+SaliencyMix done the usual way (OpenCV fine-grained per image on CPU numpy, per-sample boxes).
+Full steps are timed interleaved (warm-up first; each round times `none`, every method in
+alternating order, `none` again; medians over rounds), so machine noise hits every method
+alike. Because a few-% effect drowns in the noise of a handful of multi-second steps on a busy
+CPU, the mixer alone is also timed (median of more repeats): the convolutions cost the same
+whatever the pixels, so T_method = T_none + T_mix and `overhead_mix` = T_mix / T_none
+estimates the same quantity with less variance; the goals are checked on it.
+
+One JSON line per (device, model, method). `--quick` is a CI-sized run (tiny batches).
+
+    python benchmarks/aug_overhead.py [--quick] [--models r18,r50] [--device cpu|cuda|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from backbone.arch import build_model
+from backbone.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from backbone.data import CIFAR10_MEAN, CIFAR10_STD
+from pretrain.engine import mixed_loss
+from pretrain.mixers import MixContext, MixOutput, get_mixer
+
+MixFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator, MixContext], MixOutput]
+
+METHODS: list[tuple[str, str, dict[str, str]]] = [
+    ("none", "none", {}),
+    ("cutout", "cutout", {}),
+    ("mixup", "mixup", {}),
+    ("cutmix", "cutmix", {}),
+    ("saliencymix-official", "saliencymix", {"mode": "official"}),
+    ("saliencymix-batch", "saliencymix", {"mode": "batch"}),
+    ("saliencymix-sample", "saliencymix", {"mode": "sample"}),
+    ("guided-sr-random", "guidedmixup", {"saliency": "sr", "pairing": "random"}),
+    ("guided-sr-greedy", "guidedmixup", {"saliency": "sr", "pairing": "greedy"}),
+    ("guided-ap-greedy", "guidedmixup", {"saliency": "ap", "pairing": "greedy"}),
+]
+REFERENCE = "reference-opencv-sample"
+GOALS = {"saliencymix-sample": 0.03, "guided-sr-greedy": 0.05}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    model: str
+    arch: str
+    batch: int
+    size: int
+    classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    repeats: int  # full-step rounds
+    mix_repeats: int  # mixer-only repeats
+
+
+def settings(quick: bool, r18_repeats: int, r50_repeats: int) -> dict[str, Setting]:
+    if quick:
+        return {"r18": Setting("resnet18-cifar", "cifar_resnet18", 8, 32, 10, CIFAR10_MEAN,
+                               CIFAR10_STD, 1, 2),
+                "r50": Setting("resnet50", "resnet50", 4, 64, 1000, IMAGENET_MEAN, IMAGENET_STD,
+                               1, 2)}
+    return {"r18": Setting("resnet18-cifar", "cifar_resnet18", 64, 32, 10, CIFAR10_MEAN,
+                           CIFAR10_STD, r18_repeats, 5),
+            "r50": Setting("resnet50", "resnet50", 32, 224, 1000, IMAGENET_MEAN, IMAGENET_STD,
+                           r50_repeats, 3)}
+
+
+def reference_saliencymix(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
+                          ctx: MixContext) -> MixOutput:
+    """Per-sample SaliencyMix the straightforward way: to CPU numpy, per image uint8 BGR,
+    OpenCV fine-grained map, argmax, box, paste; back to the device."""
+    import cv2
+    x = images.detach().cpu().numpy()
+    b, _, h, w = x.shape
+    lam = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen))).beta(1, 1, b)
+    perm = torch.randperm(b, generator=gen).numpy()
+    mean, std = np.array(ctx.mean).reshape(3, 1, 1), np.array(ctx.std).reshape(3, 1, 1)
+    out, lam_actual = x.copy(), np.empty(b)
+    detector = cv2.saliency.StaticSaliencyFineGrained_create()
+    for i in range(b):
+        src = x[perm[i]]
+        pix = np.clip(np.rint((src * std + mean) * 255), 0, 255).astype(np.uint8)
+        _, sal = detector.computeSaliency(np.ascontiguousarray(pix.transpose(1, 2, 0)[..., ::-1]))
+        cy, cx = np.unravel_index(np.argmax(sal), sal.shape)
+        cut = math.sqrt(1.0 - lam[i])
+        ch, cw = int(h * cut), int(w * cut)
+        y0, y1 = np.clip(cy - ch // 2, 0, h), np.clip(cy + ch // 2, 0, h)
+        x0, x1 = np.clip(cx - cw // 2, 0, w), np.clip(cx + cw // 2, 0, w)
+        out[i, :, y0:y1, x0:x1] = src[:, y0:y1, x0:x1]
+        lam_actual[i] = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    perm_t = torch.from_numpy(perm).to(labels.device)
+    return MixOutput(torch.from_numpy(out).to(images.device), labels, labels[perm_t],
+                     torch.from_numpy(lam_actual).float().to(images.device))
+
+
+def mixers(setting: Setting) -> dict[str, MixFn]:
+    fns: dict[str, MixFn] = {}
+    for label, name, params in METHODS:
+        extra = {"prob": "1.0"} if name != "none" else {}
+        if name == "cutout":
+            extra["size"] = str(setting.size // 2)
+        fns[label] = get_mixer(name, **params, **extra)
+    fns[REFERENCE] = reference_saliencymix
+    return fns
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_batch(setting: Setting, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth random pixel images, normalised (costs do not depend on the content)."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(setting.batch, 3, 8, 8, generator=g)
+    pix = torch.nn.functional.interpolate(low, size=setting.size, mode="bilinear")
+    pix = (pix + 0.05 * torch.rand(pix.shape, generator=g)).clamp(0, 1)
+    m = torch.tensor(setting.mean).view(1, 3, 1, 1)
+    s = torch.tensor(setting.std).view(1, 3, 1, 1)
+    y = torch.randint(0, setting.classes, (setting.batch,), generator=g)
+    return ((pix - m) / s).to(device), y.to(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def measure(setting: Setting, device: torch.device, bar: tqdm,
+            verbose: bool = False) -> dict[str, dict[str, float]]:
+    """Median full-step and mixer-only times per method, interleaved."""
+    torch.manual_seed(0)
+    model = build_model(setting.arch, setting.classes).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    ctx = MixContext(setting.mean, setting.std, setting.classes, model)
+    x, y = make_batch(setting, device)
+    fns = mixers(setting)
+
+    def step(fn: MixFn, seed: int) -> None:
+        out = fn(x, y, torch.Generator().manual_seed(seed), ctx)
+        loss = mixed_loss(model(out.images), out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for fn in fns.values():
+        fn(x, y, torch.Generator().manual_seed(0), ctx)  # warm-up: lazy imports, caches
+    for _ in range(2):  # warm-up, last before timing: allocator, kernels, page faults
+        timed(lambda: step(fns["none"], 0), device)
+    steps: dict[str, list[float]] = {k: [] for k in fns}
+    mix: dict[str, list[float]] = {k: [] for k in fns}
+    others = [k for k in fns if k != "none"]
+    for r in range(setting.repeats):
+        # `none` brackets every round; the others alternate direction (no position bias)
+        order = ["none", *(others if r % 2 == 0 else reversed(others)), "none"]
+        for name in order:
+            steps[name].append(timed(lambda: step(fns[name], r + 1), device))
+            if verbose:
+                tqdm.write(f"{setting.model} {name} {steps[name][-1]:.3f}s")
+            bar.update(1)
+    for r in range(setting.mix_repeats):
+        for name in fns:
+            mix[name].append(timed(lambda: fns[name](x, y, torch.Generator().manual_seed(r), ctx),
+                                   device))
+        bar.update(1)
+    return {k: {"t_step": statistics.median(steps[k]), "t_mix": statistics.median(mix[k])}
+            for k in fns}
+
+
+def report(setting: Setting, device: torch.device, times: dict[str, dict[str, float]]) -> None:
+    t_none = times["none"]["t_step"]
+    for name, t in times.items():
+        line = {"benchmark": "aug_overhead", "device": device.type, "model": setting.model,
+                "batch": setting.batch, "size": setting.size, "method": name,
+                "t_step_s": round(t["t_step"], 4), "t_none_s": round(t_none, 4),
+                "overhead": round((t["t_step"] - t_none) / t_none, 4),
+                "t_mix_s": round(t["t_mix"], 5),
+                "overhead_mix": round((t["t_mix"] - times["none"]["t_mix"]) / t_none, 4),
+                "baseline": "none (same model, batch and process)",
+                "rounds": setting.repeats, "mix_repeats": setting.mix_repeats,
+                "threads": torch.get_num_threads(),
+                "load_avg_1m": round(os.getloadavg()[0], 2)}
+        if name in GOALS:
+            line["goal"] = GOALS[name]
+            line["goal_met"] = bool(line["overhead_mix"] <= GOALS[name])
+        print(json.dumps(line), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI-sized batches and repeats")
+    p.add_argument("--models", default="r18,r50", help="comma list of r18, r50")
+    p.add_argument("--device", default="all", help="cpu, cuda, or all (cpu + cuda if present)")
+    p.add_argument("--r18-repeats", type=int, default=3, help="full-step rounds, ResNet-18")
+    p.add_argument("--r50-repeats", type=int, default=1, help="full-step rounds, ResNet-50")
+    p.add_argument("--verbose", action="store_true", help="print every timed step (stderr)")
+    a = p.parse_args()
+    devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+               if a.device == "all" else [a.device])
+    chosen = settings(a.quick, a.r18_repeats, a.r50_repeats)
+    runs = [(chosen[m.strip()], torch.device(d)) for d in devices for m in a.models.split(",")]
+    total = sum((s.repeats * (len(METHODS) + 2)) + s.mix_repeats for s, _ in runs)
+    with tqdm(total=total, desc="aug_overhead", unit="step", leave=False) as bar:
+        for setting, device in runs:
+            report(setting, device, measure(setting, device, bar, a.verbose))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""SaliencyMix (Uddin et al., ICLR 2021): paste the most salient patch of a source image.
+
+Three modes (the `mode` field):
+
+* ``official`` -- the official code (afm-shahab-uddin/SaliencyMix, ``saliency_bbox``) as it runs:
+  one λ ~ Beta(α, α) and one permutation per batch; OpenCV's StaticSaliencyFineGrained on the
+  *normalised float* tensor of the first permuted image (its defect: OpenCV converts the float
+  image to gray in float but then reads the gray buffer as uint8 bytes, so the map does not
+  describe the image); map * 255 truncated to uint8, box of side int(S*sqrt(1-λ)) centred on
+  its argmax, clipped; the same box for the whole batch, pasted at the same place; λ recomputed
+  from the clipped box. Needs OpenCV (opencv-contrib-python-headless); for faithful reruns only.
+* ``batch`` (default) -- the same, with the map of the de-normalised 0..255 image and any
+  registered detector (``detector=``, batched torch, fine_grained by default).
+* ``sample`` -- one λ, one map and one box per sample, each from its own source image;
+  vectorised over the batch (one detector call for the whole batch).
+
+Schemes (paper §3.4, ``scheme=``): the source patch is centred on the salient (argmax) or
+non-salient (argmin) point of the source map; it lands at the same place (``corresponding``)
+or centred on the salient / non-salient point of the target image's map. Clipping: the source
+box is centred on its point and clipped to the image as the official code does; the destination
+box has exactly the clipped source box's size, is centred on its point the same way
+(top-left = point - size // 2) and shifted, never shrunk, to lie inside the image, so the whole
+source patch is pasted and λ = 1 - area / (H·W) is the actual mixed fraction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from backbone.data import denormalize
+from backbone.errors import UserError
+from pretrain.mixers.base import (MixContext, Mixer, MixOutput, MixParams, bernoulli, beta,
+                                  register_mixer)
+from pretrain.mixers.boxes import box_area, boxes_from_centres, paste
+from pretrain.pairing import get_pairing
+
+MODES = ("official", "batch", "sample")
+# scheme name -> (source point, destination point); None = corresponding (same place).
+SCHEMES: dict[str, tuple[str, str | None]] = {
+    "salient_to_corresponding": ("max", None),
+    "salient_to_salient": ("max", "max"),
+    "salient_to_nonsalient": ("max", "min"),
+    "nonsalient_to_salient": ("min", "max"),
+    "nonsalient_to_nonsalient": ("min", "min"),
+}
+
+
+def extreme_points(maps: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) of the argmax (`max`) or argmin (`min`) of each [H,W] map, first on ties
+    (row-major, as `np.unravel_index(np.argmax(...))`)."""
+    flat = maps.flatten(1)
+    idx = flat.argmax(1) if kind == "max" else flat.argmin(1)
+    width = maps.shape[-1]
+    return torch.div(idx, width, rounding_mode="floor"), idx % width
+
+
+def cut_sides(lam: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box sides int(H*sqrt(1-λ)), int(W*sqrt(1-λ)) in float64, as the official `np.int(...)`."""
+    rat = torch.sqrt(1.0 - lam.double().clamp(0, 1))
+    return (height * rat).floor().long(), (width * rat).floor().long()
+
+
+def place_like(src: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, height: int,
+               width: int) -> torch.Tensor:
+    """Boxes of the same size as `src`, centred on (cy, cx) (top-left = point - size // 2) and
+    shifted to lie inside the image."""
+    sh, sw = src[:, 2] - src[:, 0], src[:, 3] - src[:, 1]
+    y0 = torch.minimum((cy - torch.div(sh, 2, rounding_mode="floor")).clamp(min=0), height - sh)
+    x0 = torch.minimum((cx - torch.div(sw, 2, rounding_mode="floor")).clamp(min=0), width - sw)
+    return torch.stack([y0, x0, y0 + sh, x0 + sw], dim=1)
+
+
+def scheme_boxes(src_maps: torch.Tensor, dst_maps: torch.Tensor | None, lam: torch.Tensor,
+                 scheme: str, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and destination boxes [N,4] (y0, x0, y1, x1) for λ [N] under a scheme."""
+    src_kind, dst_kind = SCHEMES[scheme]
+    cut_h, cut_w = cut_sides(lam, height, width)
+    cy, cx = extreme_points(src_maps, src_kind)
+    src = boxes_from_centres(cy.cpu(), cx.cpu(), cut_h, cut_w, height, width)
+    if dst_kind is None:
+        return src, src
+    ty, tx = extreme_points(dst_maps, dst_kind)
+    return src, place_like(src, ty.cpu(), tx.cpu(), height, width)
+
+
+def official_saliency_point(image: torch.Tensor) -> tuple[int, int]:
+    """The official `saliency_bbox` map argmax for one normalised CHW image: OpenCV's
+    fine-grained detector on the float32 HWC array exactly as the official code passes it."""
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("saliencymix mode=official runs OpenCV's detector as the official code "
+                        "does; install opencv-contrib-python-headless") from None
+    temp_img = image.detach().float().cpu().numpy().transpose(1, 2, 0)
+    _, sal = cv2.saliency.StaticSaliencyFineGrained_create().computeSaliency(temp_img)
+    sal = (sal * 255).astype("uint8")
+    row, col = np.unravel_index(np.argmax(sal, axis=None), sal.shape)
+    return int(row), int(col)
+
+
+@register_mixer("saliencymix")
+@dataclasses.dataclass
+class SaliencyMix(Mixer):
+    """SaliencyMix; see the module docstring for `mode` and `scheme`. `alpha` is the official
+    `--beta` (λ ~ Beta(α, α)); `prob` the mixing probability (official `--salmix_prob`)."""
+
+    mode: str = "batch"
+    scheme: str = "salient_to_corresponding"
+    detector: str = "fine_grained"
+    alpha: float = 1.0
+    prob: float = 1.0
+    pairing: str = "random"
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"saliencymix: unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.scheme not in SCHEMES:
+            raise UserError(f"saliencymix: unknown scheme {self.scheme!r}; valid: "
+                            f"{', '.join(SCHEMES)}")
+        from pretrain.saliency import get_detector
+        if getattr(get_detector(self.detector), "needs_model", False):
+            raise UserError(f"saliencymix: detector {self.detector!r} needs the model; use an "
+                            "image detector (fine_grained, spectral_residual, frequency_tuned)")
+        get_pairing(self.pairing)
+        if self.alpha <= 0 or not 0 <= self.prob <= 1:
+            raise UserError("saliencymix: alpha must be > 0 and prob in [0, 1]")
+        default = SaliencyMix()
+        if self.mode == "official" and (self.scheme, self.detector, self.pairing) != (
+                default.scheme, default.detector, default.pairing):
+            raise UserError("saliencymix: mode=official reproduces the published code only "
+                            "(salient_to_corresponding, fine_grained, random pairing); "
+                            "use mode=batch or mode=sample for other variants")
+
+    def sample(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+               ctx: MixContext) -> MixParams:
+        bsz = len(labels)
+        if not bernoulli(generator, self.prob):
+            return MixParams(active=False, info=self._info())
+        draw = beta(generator, self.alpha, size=bsz if self.mode == "sample" else None)
+        lam = torch.as_tensor(np.atleast_1d(draw), dtype=torch.float64)
+        perm = get_pairing(self.pairing)(bsz, generator, images.device, images=images, ctx=ctx,
+                                         labels=labels)
+        return self.plan(images, perm, lam, ctx)
+
+    def plan(self, images: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor,
+             ctx: MixContext) -> MixParams:
+        """Boxes and actual λ for a given permutation and sampled λ ([1] or [B] float64)."""
+        bsz, _, h, w = images.shape
+        if self.mode == "official":
+            cy, cx = official_saliency_point(images[perm[0]])
+            cut_h, cut_w = cut_sides(lam, h, w)
+            src = boxes_from_centres(torch.tensor([cy]), torch.tensor([cx]), cut_h, cut_w, h, w)
+            dst = src
+        elif self.mode == "batch":
+            # the first source's map, and the first target's when the scheme needs it
+            needs_dst = SCHEMES[self.scheme][1] is not None
+            pick = torch.cat([perm[:1], perm.new_zeros(1)]) if needs_dst else perm[:1]
+            maps = self._maps(images[pick], ctx)
+            src, dst = scheme_boxes(maps[:1], maps[1:], lam, self.scheme, h, w)
+        else:
+            maps = self._maps(images, ctx)
+            src, dst = scheme_boxes(maps[perm], maps, lam, self.scheme, h, w)
+        src, dst = src.expand(bsz, 4), dst.expand(bsz, 4)
+        actual = 1.0 - box_area(src).double() / (h * w)
+        info = self._info()
+        if self.mode != "sample":
+            info["lam_sampled"] = float(lam[0])
+        return MixParams(active=True, perm=perm, lam=actual.float(), boxes=src,
+                         dst_boxes=None if SCHEMES[self.scheme][1] is None else dst, info=info)
+
+    def _maps(self, images: torch.Tensor, ctx: MixContext) -> torch.Tensor:
+        from pretrain.saliency import get_detector
+        pixels = denormalize(images.detach().float(), ctx.mean, ctx.std, scale=255.0)
+        return get_detector(self.detector)(pixels)
+
+    def apply(self, images: torch.Tensor, labels: torch.Tensor, params: MixParams) -> MixOutput:
+        if not params.active:
+            return MixOutput(images, labels, None, torch.ones(len(labels), device=images.device))
+        src = params.boxes.to(images.device)
+        dst = None if params.dst_boxes is None else params.dst_boxes.to(images.device)
+        mixed = paste(images, images[params.perm], src, dst)
+        return MixOutput(mixed, labels, labels[params.perm], params.lam.to(images.device))
+
+    def _info(self) -> dict[str, Any]:
+        return {"mode": self.mode, "scheme": self.scheme, "pairing": self.pairing,
+                "detector": self.detector}
+
+    def describe(self) -> dict[str, Any]:
+        """Parameters plus what they mean, so a checkpoint says exactly which variant ran."""
+        official = self.mode == "official"
+        return {**super().describe(),
+                "saliency_input": ("normalised float tensor via OpenCV (official defect)"
+                                   if official else "de-normalised 0..255 image"),
+                "boxes": "one per sample" if self.mode == "sample" else "one per batch",
+                "detector_impl": "opencv StaticSaliencyFineGrained" if official
+                else f"pretrain.saliency.{self.detector}"}
