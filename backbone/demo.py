@@ -31,7 +31,7 @@ class DemoSize:
     fgsm_limit: int
 
 
-FULL = DemoSize(classes=4, per_class=100, size=64, epochs=8, det_iters=300, fgsm_limit=0)
+FULL = DemoSize(classes=4, per_class=100, size=64, epochs=8, det_iters=150, fgsm_limit=0)
 QUICK = DemoSize(classes=3, per_class=8, size=32, epochs=1, det_iters=4, fgsm_limit=12)
 
 
@@ -76,7 +76,7 @@ def demo_detection_overrides(s: DemoSize) -> list[str]:
     """Detector sized to the tiny images and a CPU: input at the image size, small anchors,
     fewer proposals and RoIs per image than the VOC recipe (which is for 800 px photos)."""
     return [f"min_size={s.size}", f"max_size={s.size}", "batch=4", "lr=0.02",
-            "anchor_sizes=16,32,64,128,256", "roi_batch=128", "rpn_post_nms_train=300",
+            "anchor_sizes=16,32,64,128,256", "roi_batch=64", "rpn_post_nms_train=300",
             "rpn_post_nms_test=100", "workers=0"]
 
 
