@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from backbone.arch import build_model, unwrap
+from backbone.arch import build_model
 from backbone.checkpoint import BackboneMeta, export_state, save_checkpoint
 from backbone.data import collate_skip
-from backbone.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from backbone.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from backbone.errors import UserError
 from backbone.io import RunDir, atomic_save, provenance, read_json
 from pretrain.config import TrainConfig

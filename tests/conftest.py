@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -12,7 +11,9 @@ import torch
 
 from backbone.shapes import ShapesConfig, generate_shapes
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread for the whole suite: the tests use tiny tensors, and on a shared 2-core
+# machine OpenMP spin-waiting made two threads up to ~15x slower than one (measured).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -23,15 +23,6 @@ from cam.render import GridLayout, read_png
 CLASSES = ("circle", "square", "triangle")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP spin-waits make 2 threads ~15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("camcli")

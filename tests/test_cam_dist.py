@@ -22,14 +22,6 @@ from backbone.shapes import ShapesConfig, generate_shapes
 pytestmark = [pytest.mark.dist, pytest.mark.slow]  # ~1 min: torchrun start-up on busy cores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1 for the 2-process run
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("camdist")

@@ -26,15 +26,6 @@ CLASSES = ("bright", "other")
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP spin-waits make 2 threads ~15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- pure metric functions ------------------------------------------------------------------
 
 def test_largest_region_box_hand_case() -> None:

@@ -11,15 +11,6 @@ from cam.methods import (CamMethod, build_cam, get_cam_method, list_cam_methods,
                          register_cam)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP spin-waits make 2 threads ~15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)

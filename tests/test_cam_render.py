@@ -9,15 +9,6 @@ import torch
 from cam.render import GridLayout, overlay, read_png, save_grid, save_npy, save_png
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP spin-waits make 2 threads ~15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_high_activation_is_red_and_low_is_blue_in_the_saved_png(tmp_path) -> None:
     pixels = torch.full((1, 3, 32, 32), 0.5)
     maps = torch.zeros(1, 32, 32)

@@ -17,7 +17,7 @@ from backbone.cli import main as smix
 from backbone.errors import UserError
 from pretrain import engine
 from pretrain.config import build_config
-from pretrain.mixers import MixContext, get_mixer, list_mixers
+from pretrain.mixers import MixContext, get_mixer
 from tests.conftest import write_cifar10
 
 FAST = {"workers": "0", "batch_size": "8", "input_size": "32", "resize": "32", "crop": "32",

@@ -37,15 +37,6 @@ SIZE = 32
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: one intra-op thread avoids OpenMP oversubscription (10x faster here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_ckpt(path: Path, seed: int, classes=CLASSES, arch="resnet18", **meta_kw) -> Path:
     torch.manual_seed(seed)
     kw = dict(input_size=SIZE, resize=SIZE, crop=SIZE, dataset="shapes",

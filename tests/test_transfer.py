@@ -41,16 +41,6 @@ def make_ckpt(path: Path, arch: str = "resnet18", classes=SHAPE_CLASSES, seed: i
     return save_checkpoint(path, build_model(arch, len(classes)), meta)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On 2 shared cores, OpenMP threads competing with other processes' threads spin-wait and run
-    several times slower than one thread; the tests use one and restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shapes")

@@ -33,14 +33,6 @@ CLASSES = ("circle", "square", "triangle")
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_transfer.py: oversubscribed 2-core machines
-    yield
-    torch.set_num_threads(before)
-
-
 def make_ckpt(path: Path, arch: str) -> tuple[Path, BackboneMeta]:
     torch.manual_seed(0)
     meta = BackboneMeta(arch=arch, num_classes=3, class_names=CLASSES, input_size=64, resize=64,
