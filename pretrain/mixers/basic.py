@@ -57,10 +57,9 @@ class Cutout(Mixer):
         return _identity(images.masked_fill(hole, 0.0), labels)
 
 
-@register_mixer("mixup")
 @dataclasses.dataclass
-class Mixup(Mixer):
-    """Zhang et al. 2018: x = λ·x_a + (1-λ)·x_b with one λ ~ Beta(α, α) per batch."""
+class PairMixer(Mixer):
+    """A mixer of image pairs with λ ~ Beta(α, α), applied with probability `prob`."""
 
     alpha: float = 1.0
     prob: float = 1.0
@@ -69,13 +68,24 @@ class Mixup(Mixer):
     def validate(self) -> None:
         get_pairing(self.pairing)
         if self.alpha <= 0 or not 0 <= self.prob <= 1:
-            raise UserError("mixup: alpha must be > 0 and prob in [0, 1]")
+            raise UserError(f"{self.name}: alpha must be > 0 and prob in [0, 1]")
 
-    def sample(self, images, labels, generator, ctx) -> MixParams:
+    def draw(self, images, labels, generator, ctx) -> tuple[bool, float, torch.Tensor]:
+        """The coin flip, λ and the pairing, always in this order from the generator."""
         active = bernoulli(generator, self.prob)
         lam = float(beta(generator, self.alpha))
         perm = get_pairing(self.pairing)(len(labels), generator, images.device,
                                          images=images, ctx=ctx, labels=labels)
+        return active, lam, perm
+
+
+@register_mixer("mixup")
+@dataclasses.dataclass
+class Mixup(PairMixer):
+    """Zhang et al. 2018: x = λ·x_a + (1-λ)·x_b with one λ ~ Beta(α, α) per batch."""
+
+    def sample(self, images, labels, generator, ctx) -> MixParams:
+        active, lam, perm = self.draw(images, labels, generator, ctx)
         return MixParams(active=active, perm=perm,
                          lam=torch.full((len(labels),), lam), info={"pairing": self.pairing})
 
@@ -89,25 +99,13 @@ class Mixup(Mixer):
 
 @register_mixer("cutmix")
 @dataclasses.dataclass
-class CutMix(Mixer):
+class CutMix(PairMixer):
     """Yun et al. 2019: paste a box of side S·sqrt(1-λ) from the permuted image at the same
     place; one box per batch as the official code; λ corrected to the clipped area."""
 
-    alpha: float = 1.0
-    prob: float = 1.0
-    pairing: str = "random"
-
-    def validate(self) -> None:
-        get_pairing(self.pairing)
-        if self.alpha <= 0 or not 0 <= self.prob <= 1:
-            raise UserError("cutmix: alpha must be > 0 and prob in [0, 1]")
-
     def sample(self, images, labels, generator, ctx) -> MixParams:
         bsz, _, h, w = images.shape
-        active = bernoulli(generator, self.prob)
-        lam = float(beta(generator, self.alpha))
-        perm = get_pairing(self.pairing)(bsz, generator, images.device,
-                                         images=images, ctx=ctx, labels=labels)
+        active, lam, perm = self.draw(images, labels, generator, ctx)
         cut = 1.0 - lam
         cut_h, cut_w = int(h * cut ** 0.5), int(w * cut ** 0.5)
         cy = torch.randint(0, h, (1,), generator=generator)
