@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from backbone.checkpoint import checkpoint_ref
 from backbone.data import eval_transform, normalize
-from backbone.dist import DistInfo, barrier, shard_indices
+from backbone.dist import (DistInfo, agree, barrier, distributed, gather_lists,
+                           shard_indices)
 from backbone.errors import UserError
 from backbone.io import RunDir
-from cam._dist import agree, distributed, gather_lists
 from cam.images import file_stem, image_loader, list_images, resolve_targets
 from cam.models import CamModel, load_models
 from cam.render import overlay, read_png, save_grid, save_npy, save_png

@@ -29,10 +29,9 @@ from tqdm import tqdm
 
 from backbone.checkpoint import checkpoint_ref
 from backbone.data import eval_transform
-from backbone.dist import DistInfo, all_reduce_sum, shard_indices
+from backbone.dist import DistInfo, agree, all_reduce_sum, distributed, shard_indices
 from backbone.errors import UserError
 from backbone.io import RunDir
-from cam._dist import agree, distributed
 from cam.boxes import GTImage, from_boxes_file, from_voc
 from cam.images import class_index, read_or_skip
 from cam.models import CamModel, load_models

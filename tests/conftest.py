@@ -40,3 +40,17 @@ def write_cifar10(root: Path, n_train: int = 20, n_test: int = 10, seed: int = 0
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
     return root
+
+
+def blob_batch(mean, std, n: int = 8, size: int = 32, seed: int = 0, margin: int = 3,
+               width: float = 10.0) -> torch.Tensor:
+    """Normalised textured images, each with one bright Gaussian blob at a random place."""
+    from backbone.data import normalize
+
+    g = torch.Generator().manual_seed(seed)
+    pix = torch.rand(n, 3, size, size, generator=g) * 60 + 40
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n):
+        cy, cx = torch.randint(margin, size - margin, (2,), generator=g).tolist()
+        pix[i] += 150 * torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / width)
+    return normalize(pix.clamp(0, 255).round() / 255, mean, std)

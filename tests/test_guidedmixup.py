@@ -14,7 +14,7 @@ import torchvision.transforms.v2.functional as TF
 from backbone.arch import build_model
 from backbone.checkpoint import read_checkpoint
 from backbone.cli import main as smix
-from backbone.data import denormalize, normalize
+from backbone.data import denormalize
 from backbone.errors import UserError
 from pretrain.greedy import (gaussian_blur_maps, greedy_cycle, greedy_pairing, guided_maps,
                              pairwise_distances)
@@ -22,6 +22,7 @@ from pretrain.mixers import MixContext, MixParams, get_mixer
 from pretrain.mixers.guidedmixup import mixing_mask
 from pretrain.pairing import get_pairing
 from pretrain.saliency import get_detector
+from tests.conftest import blob_batch
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.25)
 CTX = MixContext(MEAN, STD, 4)
@@ -29,13 +30,7 @@ CTX = MixContext(MEAN, STD, 4)
 
 def blobs(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
     """Normalised textured images, each with a bright blob somewhere different."""
-    g = torch.Generator().manual_seed(seed)
-    pix = torch.rand(n, 3, size, size, generator=g) * 60 + 40
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    for i in range(n):
-        cy, cx = torch.randint(3, size - 3, (2,), generator=g).tolist()
-        pix[i] += 150 * torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / 10.0)
-    return normalize(pix.clamp(0, 255).round() / 255, MEAN, STD)
+    return blob_batch(MEAN, STD, n, size, seed, margin=3, width=10.0)
 
 
 # ------------------------------------------------------------------------- map preparation

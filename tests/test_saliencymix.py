@@ -19,6 +19,7 @@ from backbone.errors import UserError
 from pretrain.mixers import MixContext, get_mixer
 from pretrain.mixers.saliencymix import SCHEMES, place_like, scheme_boxes
 from pretrain.saliency import get_detector
+from tests.conftest import blob_batch
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
@@ -30,13 +31,7 @@ MODES = ("official", "batch", "sample")
 
 def blobs(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
     """Normalised batch of textured images, each with one bright blob at a random place."""
-    g = torch.Generator().manual_seed(seed)
-    pix = torch.rand(n, 3, size, size, generator=g) * 60 + 40
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    for i in range(n):
-        cy, cx = torch.randint(4, size - 4, (2,), generator=g).tolist()
-        pix[i] += 150 * torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / 8.0)
-    return normalize(pix.clamp(0, 255).round() / 255, CIFAR_MEAN, CIFAR_STD)
+    return blob_batch(CIFAR_MEAN, CIFAR_STD, n, size, seed, margin=4, width=8.0)
 
 
 def photos(size: int) -> torch.Tensor:
