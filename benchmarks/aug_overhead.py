@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from backbone.arch import build_model
-from backbone.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from backbone.data import CIFAR10_MEAN, CIFAR10_STD
+from smix.arch import build_model
+from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from smix.data import CIFAR10_MEAN, CIFAR10_STD
 from pretrain.engine import mixed_loss
 from pretrain.mixers import MixContext, MixOutput, get_mixer
 

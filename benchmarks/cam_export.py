@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from backbone.arch import build_model
-from backbone.checkpoint import BackboneMeta, save_checkpoint
-from backbone.shapes import SHAPES, ShapesConfig, generate_shapes
+from smix.arch import build_model
+from smix.checkpoint import BackboneMeta, save_checkpoint
+from smix.shapes import SHAPES, ShapesConfig, generate_shapes
 from cam.export import ExportConfig, export_cams
 
 
@@ -41,8 +41,8 @@ def public_gradcam_loop(ckpt: Path, images: Path, out: Path) -> float:
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from backbone.checkpoint import load_backbone
-    from backbone.data import eval_transform, load_rgb
+    from smix.checkpoint import load_backbone
+    from smix.data import eval_transform, load_rgb
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

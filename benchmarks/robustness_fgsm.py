@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from backbone.arch import build_model
+from smix.arch import build_model
 from robustness.adversarial import attack_counts
 from robustness.attacks import AttackParams, get_attack
 from robustness.model import Normalized

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from backbone.arch import build_model
-from backbone.dist import init_distributed
+from smix.arch import build_model
+from smix.dist import init_distributed
 from pretrain import engine
 from pretrain.config import build_config
 from pretrain.data import RunData

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from backbone.arch import build_model
-from backbone.checkpoint import BackboneMeta, save_checkpoint
-from backbone.shapes import SHAPES, ShapesConfig, generate_shapes
+from smix.arch import build_model
+from smix.checkpoint import BackboneMeta, save_checkpoint
+from smix.shapes import SHAPES, ShapesConfig, generate_shapes
 from transfer.api import run_transfer
 from transfer.config import TransferConfig
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backbone.voc import VOC_CLASSES, VOCObject, VOCRecord
+from smix.voc import VOC_CLASSES, VOCObject, VOCRecord
 from transfer.voc_eval import Detections, average_precision, evaluate_voc, to_voc_boxes
 
 

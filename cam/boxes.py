@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from backbone.errors import UserError
-from backbone.voc import VOCRecord, find_year_dir, load_voc
+from smix.errors import UserError
+from smix.voc import VOCRecord, find_year_dir, load_voc
 
 Box = tuple[float, float, float, float]
 

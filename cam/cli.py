@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from backbone.cli import ArgParser, parse_overrides
-from backbone.errors import UserError
+from smix.cli import ArgParser, parse_overrides
+from smix.errors import UserError
 from cam.methods import list_cam_methods
 
 _METHODS = ", ".join(list_cam_methods())

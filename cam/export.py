@@ -18,12 +18,12 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from backbone.checkpoint import checkpoint_ref
-from backbone.data import eval_transform, normalize
-from backbone.dist import (DistInfo, agree, barrier, distributed, gather_lists,
+from smix.checkpoint import checkpoint_ref
+from smix.data import eval_transform, normalize
+from smix.dist import (DistInfo, agree, barrier, distributed, gather_lists,
                            shard_indices)
-from backbone.errors import UserError
-from backbone.io import RunDir
+from smix.errors import UserError
+from smix.io import RunDir
 from cam.images import file_stem, image_loader, list_images, resolve_targets
 from cam.models import CamModel, load_models
 from cam.render import overlay, read_png, save_grid, save_npy, save_png

@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from backbone.checkpoint import BackboneMeta
-from backbone.data import is_image, load_rgb
-from backbone.errors import UserError
+from smix.checkpoint import BackboneMeta
+from smix.data import is_image, load_rgb
+from smix.errors import UserError
 
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:

@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from backbone.checkpoint import checkpoint_ref
-from backbone.data import eval_transform
-from backbone.dist import DistInfo, agree, all_reduce_sum, distributed, shard_indices
-from backbone.errors import UserError
-from backbone.io import RunDir
+from smix.checkpoint import checkpoint_ref
+from smix.data import eval_transform
+from smix.dist import DistInfo, agree, all_reduce_sum, distributed, shard_indices
+from smix.errors import UserError
+from smix.io import RunDir
 from cam.boxes import GTImage, from_boxes_file, from_voc
 from cam.images import class_index, read_or_skip
 from cam.models import CamModel, load_models

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbone.arch import arch_spec
-from backbone.errors import UserError
+from smix.arch import arch_spec
+from smix.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

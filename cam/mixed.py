@@ -19,11 +19,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from backbone.checkpoint import checkpoint_ref
-from backbone.data import denormalize, eval_transform, load_rgb, normalize
-from backbone.dist import pick_device
-from backbone.errors import UserError
-from backbone.io import RunDir
+from smix.checkpoint import checkpoint_ref
+from smix.data import denormalize, eval_transform, load_rgb, normalize
+from smix.dist import pick_device
+from smix.errors import UserError
+from smix.io import RunDir
 from cam.images import class_index
 from cam.models import CamModel, load_models
 from cam.render import overlay, save_grid, save_npy, save_png, to_uint8

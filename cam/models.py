@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from backbone.checkpoint import BackboneMeta, load_backbone
-from backbone.errors import UserError
+from smix.checkpoint import BackboneMeta, load_backbone
+from smix.errors import UserError
 from cam.methods import CamMethod, build_cam, get_cam_method
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backbone.io import atomic_save
+from smix.io import atomic_save
 
 
 def overlay(pixels: torch.Tensor, maps: torch.Tensor, image_weight: float = 0.5) -> np.ndarray:

@@ -1,5 +1,5 @@
 import sys
 
-from backbone.cli import run
+from smix.cli import run
 
 sys.exit(run("pretrain", sys.argv[1:]))

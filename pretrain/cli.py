@@ -6,9 +6,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from backbone.cli import ArgParser, parse_overrides
-from backbone.errors import UserError
-from backbone.io import read_json
+from smix.cli import ArgParser, parse_overrides
+from smix.errors import UserError
+from smix.io import read_json
 from pretrain.config import PRESETS, TrainConfig, build_config
 from pretrain.engine import train
 from pretrain.mixers import list_mixers
@@ -66,7 +66,7 @@ def _to_str(v) -> str:
 def main(argv: list[str]) -> int:
     cfg, resume = config_from_args(_parser().parse_intermixed_args(argv))
     summary = train(cfg, resume=resume)
-    from backbone.dist import cleanup, init_distributed
+    from smix.dist import cleanup, init_distributed
     if init_distributed(cfg.device).is_main:
         print(json.dumps({"run": str(cfg.out), "checkpoint": str(cfg.out / "backbone.safetensors"),
                           **summary}, indent=2))

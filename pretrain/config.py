@@ -8,9 +8,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from backbone.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from backbone.data import CIFAR10_MEAN, CIFAR10_STD
-from backbone.errors import UserError
+from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from smix.data import CIFAR10_MEAN, CIFAR10_STD
+from smix.errors import UserError
 
 CIFAR100_MEAN = (129.3 / 255, 124.1 / 255, 112.4 / 255)
 CIFAR100_STD = (68.2 / 255, 65.4 / 255, 70.4 / 255)

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from backbone.data import CIFAR, ClassFolder, TrainAug, eval_transform, train_transform
-from backbone.errors import UserError
+from smix.data import CIFAR, ClassFolder, TrainAug, eval_transform, train_transform
+from smix.errors import UserError
 from pretrain.config import TrainConfig
 
 

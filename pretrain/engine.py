@@ -19,12 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from backbone.arch import build_model
-from backbone.checkpoint import BackboneMeta, export_state, save_checkpoint
-from backbone.data import collate_skip
-from backbone.dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from backbone.errors import UserError
-from backbone.io import RunDir, atomic_save, provenance, read_json
+from smix.arch import build_model
+from smix.checkpoint import BackboneMeta, export_state, save_checkpoint
+from smix.data import collate_skip
+from smix.dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from smix.errors import UserError
+from smix.io import RunDir, atomic_save, provenance, read_json
 from pretrain.config import TrainConfig
 from pretrain.data import RunData, build_datasets, to_device
 from pretrain.mixers import MixContext, Mixer, MixOutput, get_mixer
@@ -119,7 +119,7 @@ def make_loader(rt: Runtime, train: bool, epoch: int) -> DataLoader:
             sampler.set_epoch(epoch)
         else:
             from torch.utils.data import Subset
-            from backbone.dist import shard_indices
+            from smix.dist import shard_indices
             dataset = Subset(dataset, shard_indices(len(dataset), dist.rank, dist.world_size))
     return DataLoader(
         dataset, batch_size=per_rank, shuffle=train and sampler is None, sampler=sampler,
@@ -246,7 +246,7 @@ def save_resume(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -> None:
 
 
 def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
-    from backbone.io import to_jsonable
+    from smix.io import to_jsonable
     return to_jsonable(cfg)
 
 
@@ -332,7 +332,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if dist.is_main and dist.distributed:
         metrics = read_json(rt.run.file("metrics.json"))
         metrics["results"]["replicas_identical"] = identical
-        from backbone.io import write_json
+        from smix.io import write_json
         write_json(rt.run.file("metrics.json"), metrics)
     return summarise(history)
 

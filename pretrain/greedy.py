@@ -20,7 +20,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from backbone.data import denormalize
+from smix.data import denormalize
 from pretrain.pairing import register_pairing
 
 GREEDY_DETECTOR = "spectral_residual"

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 PairingFn = Callable[..., torch.Tensor]
 _PAIRINGS: dict[str, PairingFn] = {}

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 Detector = Callable[..., torch.Tensor]
 

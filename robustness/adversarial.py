@@ -16,11 +16,11 @@ from typing import Any, Sequence
 
 import torch
 
-from backbone.checkpoint import checkpoint_ref
-from backbone.data import ClassFolder, eval_transform, scan_class_folders
-from backbone.dist import DistInfo, all_reduce_sum
-from backbone.errors import UserError
-from backbone.io import RunDir
+from smix.checkpoint import checkpoint_ref
+from smix.data import ClassFolder, eval_transform, scan_class_folders
+from smix.dist import DistInfo, all_reduce_sum
+from smix.errors import UserError
+from smix.io import RunDir
 from robustness.attacks import AttackParams, BatchAttack, attack_info, get_attack
 from robustness.common import (Loaded, correct_counts, dist_session, group_by_transform,
                                label_map, load_all, percent, progress, read_metas)

@@ -32,7 +32,7 @@ import torchattacks
 from torchattacks.attack import Attack as TorchAttack
 from torch import nn
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

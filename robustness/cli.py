@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from backbone.cli import ArgParser
-from backbone.errors import UserError
+from smix.cli import ArgParser
+from smix.errors import UserError
 from robustness.adversarial import MAX_EPS, AttackConfig, run_attack
 from robustness.attacks import attack_info, list_attacks
 from robustness.corruption import CorruptionConfig, run_corruption

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from backbone.checkpoint import BackboneMeta, read_meta
-from backbone.dist import DistInfo, cleanup, init_distributed
-from backbone.errors import UserError
+from smix.checkpoint import BackboneMeta, read_meta
+from smix.dist import DistInfo, cleanup, init_distributed
+from smix.errors import UserError
 from robustness.model import Normalized, load_for_eval, require_class_names
 
 

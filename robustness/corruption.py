@@ -17,11 +17,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from backbone.checkpoint import BackboneMeta, checkpoint_ref
-from backbone.data import ClassFolder, read_cifar
-from backbone.dist import DistInfo, all_reduce_sum
-from backbone.errors import UserError
-from backbone.io import RunDir
+from smix.checkpoint import BackboneMeta, checkpoint_ref
+from smix.data import ClassFolder, read_cifar
+from smix.dist import DistInfo, all_reduce_sum
+from smix.errors import UserError
+from smix.io import RunDir
 from robustness.common import (Loaded, correct_counts, dist_session, group_by_transform,
                                label_map, load_all, progress, read_metas)
 from robustness.corruption_data import (CORRUPTIONS, Split, detect_layout, load_npy, scan_cifar_c,

@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from backbone.checkpoint import BackboneMeta
-from backbone.data import eval_transform
-from backbone.errors import UserError
+from smix.checkpoint import BackboneMeta
+from smix.data import eval_transform
+from smix.errors import UserError
 
 # Hendrycks & Dietterich, ICLR 2019: the 15 corruptions of the benchmark (mCE is over these) and
 # the 4 extra "validation" corruptions distributed with the data (reported, never in mCE).

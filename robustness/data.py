@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from backbone.dist import shard_indices
+from smix.dist import shard_indices
 
 
 @dataclasses.dataclass(frozen=True)

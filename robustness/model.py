@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from backbone.checkpoint import BackboneMeta, load_backbone
-from backbone.data import normalize
-from backbone.errors import UserError
+from smix.checkpoint import BackboneMeta, load_backbone
+from smix.data import normalize
+from smix.errors import UserError
 
 _PLACEHOLDER = re.compile(r"class_\d+")
 

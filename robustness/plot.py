@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from backbone.io import atomic_save
+from smix.io import atomic_save
 
 
 def _label(model: Mapping[str, Any]) -> str:

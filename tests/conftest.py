@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from backbone.shapes import ShapesConfig, generate_shapes
+from smix.shapes import ShapesConfig, generate_shapes
 
 # One intra-op thread for the whole suite: the tests use tiny tensors, and on a shared 2-core
 # machine OpenMP spin-waiting made two threads up to ~15x slower than one (measured).
@@ -45,7 +45,7 @@ def write_cifar10(root: Path, n_train: int = 20, n_test: int = 10, seed: int = 0
 def blob_batch(mean, std, n: int = 8, size: int = 32, seed: int = 0, margin: int = 3,
                width: float = 10.0) -> torch.Tensor:
     """Normalised textured images, each with one bright Gaussian blob at a random place."""
-    from backbone.data import normalize
+    from smix.data import normalize
 
     g = torch.Generator().manual_seed(seed)
     pix = torch.rand(n, 3, size, size, generator=g) * 60 + 40

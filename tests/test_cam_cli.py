@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from backbone.arch import build_model
-from backbone.checkpoint import BackboneMeta, save_checkpoint
-from backbone.cli import run
-from backbone.data import eval_transform, load_rgb
-from backbone.io import read_json
-from backbone.shapes import ShapesConfig, generate_shapes
+from smix.arch import build_model
+from smix.checkpoint import BackboneMeta, save_checkpoint
+from smix.cli import run
+from smix.data import eval_transform, load_rgb
+from smix.io import read_json
+from smix.shapes import ShapesConfig, generate_shapes
 from cam.render import GridLayout, read_png
 
 CLASSES = ("circle", "square", "triangle")

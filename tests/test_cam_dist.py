@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from backbone.arch import build_model
-from backbone.checkpoint import BackboneMeta, save_checkpoint
-from backbone.cli import run
-from backbone.io import read_json
-from backbone.shapes import ShapesConfig, generate_shapes
+from smix.arch import build_model
+from smix.checkpoint import BackboneMeta, save_checkpoint
+from smix.cli import run
+from smix.io import read_json
+from smix.shapes import ShapesConfig, generate_shapes
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]  # ~1 min: torchrun start-up on busy cores
 

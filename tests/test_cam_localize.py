@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from backbone.arch import build_model
-from backbone.checkpoint import BackboneMeta, save_checkpoint
-from backbone.data import eval_transform
-from backbone.errors import UserError
-from backbone.io import atomic_write, read_json
-from backbone.voc import VOCObject, write_annotation
+from smix.arch import build_model
+from smix.checkpoint import BackboneMeta, save_checkpoint
+from smix.data import eval_transform
+from smix.errors import UserError
+from smix.io import atomic_write, read_json
+from smix.voc import VOCObject, write_annotation
 from cam.boxes import from_boxes_file, from_voc
 from cam.localize import (GTDataset, LocalizeConfig, best_iou, box_masks, energy_in_boxes,
                           largest_region_boxes, localize, localization_hits, threshold_sweep)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbone.arch import build_model
-from backbone.errors import UserError
+from smix.arch import build_model
+from smix.errors import UserError
 from cam.methods import (CamMethod, build_cam, get_cam_method, list_cam_methods, postprocess,
                          register_cam)
 

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from backbone.cli import main as smix
+from smix.cli import main as smix
 
 
 @pytest.mark.slow
@@ -26,7 +26,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "report:" in capsys.readouterr().out
     # Running it again continues rather than redoing: every step is already done.
     import importlib.util
-    from backbone.demo import QUICK, steps
+    from smix.demo import QUICK, steps
     n_steps = len(steps(out, QUICK, importlib.util.find_spec("detectron2") is not None))
     assert smix(["demo", "--quick", "--out", str(out)]) == 0
     # the report step always re-runs (it reads whatever runs exist); every other step is skipped

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from backbone.arch import build_model
-from backbone.checkpoint import read_checkpoint
-from backbone.cli import main as smix
-from backbone.data import denormalize
-from backbone.errors import UserError
+from smix.arch import build_model
+from smix.checkpoint import read_checkpoint
+from smix.cli import main as smix
+from smix.data import denormalize
+from smix.errors import UserError
 from pretrain.greedy import (gaussian_blur_maps, greedy_cycle, greedy_pairing, guided_maps,
                              pairwise_distances)
 from pretrain.mixers import MixContext, MixParams, get_mixer

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from backbone.checkpoint import read_checkpoint
-from backbone.cli import main as smix
-from backbone.errors import UserError
+from smix.checkpoint import read_checkpoint
+from smix.cli import main as smix
+from smix.errors import UserError
 from pretrain import engine
 from pretrain.config import build_config
 from pretrain.mixers import MixContext, get_mixer

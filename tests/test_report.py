@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from backbone.cli import main as smix
-from backbone.errors import UserError
-from backbone.io import RunDir
-from backbone.report import build_report
+from smix.cli import main as smix
+from smix.errors import UserError
+from smix.io import RunDir
+from smix.report import build_report
 
 
 def pretrain_run(root: Path, name: str, method: dict, seed: int, best_err: float,

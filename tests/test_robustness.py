@@ -17,12 +17,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from backbone.arch import build_model
-from backbone.checkpoint import BackboneMeta, load_backbone, save_checkpoint
-from backbone.cli import run as cli_run
-from backbone.data import ClassFolder, eval_transform
-from backbone.errors import UserError
-from backbone.shapes import ShapesConfig, generate_shapes
+from smix.arch import build_model
+from smix.checkpoint import BackboneMeta, load_backbone, save_checkpoint
+from smix.cli import run as cli_run
+from smix.data import ClassFolder, eval_transform
+from smix.errors import UserError
+from smix.shapes import ShapesConfig, generate_shapes
 from robustness.adversarial import AttackConfig, run_attack
 from robustness.attacks import AttackParams, get_attack, list_attacks
 from robustness.common import group_by_transform

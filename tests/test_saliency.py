@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from backbone.errors import UserError
+from smix.errors import UserError
 from pretrain import saliency
 from pretrain.saliency import (fine_grained, frequency_tuned, get_detector, gradient_saliency,
                                list_detectors, register_detector, spectral_residual)

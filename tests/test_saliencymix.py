@@ -12,10 +12,10 @@ import pytest
 import skimage.data
 import torch
 
-from backbone.checkpoint import read_checkpoint
-from backbone.cli import main as smix
-from backbone.data import denormalize, normalize
-from backbone.errors import UserError
+from smix.checkpoint import read_checkpoint
+from smix.cli import main as smix
+from smix.data import denormalize, normalize
+from smix.errors import UserError
 from pretrain.mixers import MixContext, get_mixer
 from pretrain.mixers.saliencymix import SCHEMES, place_like, scheme_boxes
 from pretrain.saliency import get_detector

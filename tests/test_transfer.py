@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from backbone.arch import build_model
-from backbone.checkpoint import BackboneMeta, read_checkpoint, save_checkpoint
-from backbone.cli import run as smix_run
-from backbone.errors import UserError
-from backbone.io import RunDir
-from backbone.shapes import ShapesConfig, generate_shapes
+from smix.arch import build_model
+from smix.checkpoint import BackboneMeta, read_checkpoint, save_checkpoint
+from smix.cli import run as smix_run
+from smix.errors import UserError
+from smix.io import RunDir
+from smix.shapes import ShapesConfig, generate_shapes
 from transfer.config import TransferConfig, get_preset, resolve
 from transfer.convert import check_detection_backbone, save_detectron2_weights, to_detectron2
 from transfer.data import load_splits, parse_sets

@@ -15,12 +15,12 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model as d2_build_model  # noqa: E402
 from detectron2.solver import build_lr_scheduler  # noqa: E402
 
-from backbone.arch import build_model  # noqa: E402
-from backbone.checkpoint import BackboneMeta, read_checkpoint, save_checkpoint  # noqa: E402
-from backbone.cli import run as smix_run  # noqa: E402
-from backbone.errors import UserError  # noqa: E402
-from backbone.io import RunDir  # noqa: E402
-from backbone.shapes import ShapesConfig, generate_shapes  # noqa: E402
+from smix.arch import build_model  # noqa: E402
+from smix.checkpoint import BackboneMeta, read_checkpoint, save_checkpoint  # noqa: E402
+from smix.cli import run as smix_run  # noqa: E402
+from smix.errors import UserError  # noqa: E402
+from smix.io import RunDir  # noqa: E402
+from smix.shapes import ShapesConfig, generate_shapes  # noqa: E402
 from transfer.config import TransferConfig, resolve  # noqa: E402
 from transfer.convert import save_detectron2_weights, to_detectron2  # noqa: E402
 from transfer.d2_config import build_d2_config  # noqa: E402

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backbone.errors import UserError
-from backbone.voc import VOCObject, VOCRecord
+from smix.errors import UserError
+from smix.voc import VOCObject, VOCRecord
 from transfer.voc_eval import (IOU_THRESHOLDS, Detections, average_precision, evaluate_voc,
                                to_voc_boxes)
 
@@ -204,8 +204,8 @@ def test_identical_to_detectron2_pascal_voc_evaluator(tmp_path: Path) -> None:
     import torch
     from detectron2.structures import Boxes, Instances
 
-    from backbone.io import atomic_write
-    from backbone.voc import load_voc, write_annotation
+    from smix.io import atomic_write
+    from smix.voc import load_voc, write_annotation
     from transfer.d2_backend import VOCEvaluator, d2_rounded, register
 
     for seed in range(3):

@@ -12,9 +12,9 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
-from backbone.checkpoint import checkpoint_ref, read_meta
-from backbone.errors import UserError
-from backbone.io import RunDir, file_sha256, read_json, to_jsonable
+from smix.checkpoint import checkpoint_ref, read_meta
+from smix.errors import UserError
+from smix.io import RunDir, file_sha256, read_json, to_jsonable
 from transfer.config import BACKENDS, Settings, TransferConfig, resolve
 from transfer.convert import check_detection_backbone
 from transfer.data import VOCSplits, load_splits, parse_sets

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backbone.cli import ArgParser, parse_overrides
+from smix.cli import ArgParser, parse_overrides
 from transfer.config import ARCHS, BACKENDS, TransferConfig, list_presets
 
 

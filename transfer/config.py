@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 ARCHS = ("c4", "fpn")
 BACKENDS = ("auto", "detectron2", "torchvision")

@@ -19,10 +19,10 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from backbone.arch import arch_spec
-from backbone.checkpoint import BackboneMeta
-from backbone.errors import UserError
-from backbone.io import atomic_save
+from smix.arch import arch_spec
+from smix.checkpoint import BackboneMeta
+from smix.errors import UserError
+from smix.io import atomic_save
 
 _BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
 _CONV_NORM = re.compile(r"^bn([1-3])\.(weight|bias|running_mean|running_var)$")

@@ -35,10 +35,10 @@ from detectron2.utils.events import CommonMetricPrinter, EventWriter, get_event_
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from backbone.checkpoint import BackboneMeta, read_checkpoint
-from backbone.dist import pick_device
-from backbone.io import RunDir, atomic_save, atomic_write, read_json, write_json
-from backbone.voc import VOCRecord
+from smix.checkpoint import BackboneMeta, read_checkpoint
+from smix.dist import pick_device
+from smix.io import RunDir, atomic_save, atomic_write, read_json, write_json
+from smix.voc import VOCRecord
 from transfer.config import Settings, TransferConfig
 from transfer.convert import Conversion, save_detectron2_weights, to_detectron2
 from transfer.d2_config import build_d2_config

@@ -14,9 +14,9 @@ from typing import Sequence
 
 from detectron2.config import CfgNode, get_cfg
 
-from backbone.arch import arch_spec
-from backbone.checkpoint import BackboneMeta
-from backbone.errors import UserError
+from smix.arch import arch_spec
+from smix.checkpoint import BackboneMeta
+from smix.errors import UserError
 from transfer.config import Settings
 
 FPN_FEATURES = ["res2", "res3", "res4", "res5"]

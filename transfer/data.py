@@ -1,6 +1,6 @@
 """VOC07+12 trainval -> VOC07 test, read with the toolkit's VOC reader, and the class list.
 
-Every file is read through `backbone.voc.load_voc` (validated fields, boxes inside the image,
+Every file is read through `smix.voc.load_voc` (validated fields, boxes inside the image,
 classes in the list), never through detectron2's `load_voc_instances`, whose `np.loadtxt` turns a
 one-line split file into a 0-d array.
 """
@@ -11,8 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-from backbone.errors import UserError
-from backbone.voc import VOC_CLASSES, VOCRecord, classes_in, find_year_dir, load_voc
+from smix.errors import UserError
+from smix.voc import VOC_CLASSES, VOCRecord, classes_in, find_year_dir, load_voc
 
 DEFAULT_TRAIN = (("2007", "trainval"), ("2012", "trainval"))
 DEFAULT_TEST = ("2007", "test")

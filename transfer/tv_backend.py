@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from backbone.checkpoint import BackboneMeta, load_backbone
-from backbone.dist import pick_device
-from backbone.errors import UserError
-from backbone.io import RunDir, atomic_save
+from smix.checkpoint import BackboneMeta, load_backbone
+from smix.dist import pick_device
+from smix.errors import UserError
+from smix.io import RunDir, atomic_save
 from transfer.config import Settings, TransferConfig
 from transfer.data import VOCSplits
 from transfer.tv_data import BatchPlan, PlanSampler, VOCDetection, collate_list, iteration_seed

@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from backbone.data import load_rgb
-from backbone.voc import VOCRecord
+from smix.data import load_rgb
+from smix.voc import VOCRecord
 
 _EPOCH_STREAM, _ITER_STREAM, _MODEL_STREAM = 1, 2, 3
 

@@ -20,8 +20,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from backbone.checkpoint import BackboneMeta
-from backbone.errors import UserError
+from smix.checkpoint import BackboneMeta
+from smix.errors import UserError
 from transfer.config import Settings
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)

@@ -27,8 +27,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from backbone.errors import UserError
-from backbone.voc import VOCRecord
+from smix.errors import UserError
+from smix.voc import VOCRecord
 
 IOU_THRESHOLDS = tuple(t / 100.0 for t in range(50, 100, 5))  # as detectron2: 0.5 ... 0.95
 METRICS = ("voc07", "area")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

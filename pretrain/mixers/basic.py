@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from backbone.errors import UserError
+from smix.errors import UserError
 from pretrain.mixers.base import Mixer, MixOutput, MixParams, bernoulli, beta, register_mixer
 from pretrain.mixers.boxes import box_area, box_mask, boxes_from_centres, paste
 from pretrain.pairing import get_pairing

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from backbone.data import denormalize
-from backbone.errors import UserError
+from smix.data import denormalize
+from smix.errors import UserError
 from pretrain.greedy import guided_maps
 from pretrain.mixers.base import MixContext, Mixer, MixOutput, MixParams, bernoulli, register_mixer
 from pretrain.pairing import get_pairing

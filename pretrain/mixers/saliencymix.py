@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from backbone.data import denormalize
-from backbone.errors import UserError
+from smix.data import denormalize
+from smix.errors import UserError
 from pretrain.mixers.base import (MixContext, Mixer, MixOutput, MixParams, bernoulli, beta,
                                   register_mixer)
 from pretrain.mixers.boxes import box_area, boxes_from_centres, paste

@@ -1,7 +1,7 @@
 """`smix report RUN_DIR … --out DIR`: paper-style tables and plots from run folders.
 
 Reads only `metrics.json` (schema `smix.metrics/1`, written by every stage through
-`backbone.io.RunDir`) and `log.jsonl`; it knows nothing of the stages' code. Every row names
+`smix.io.RunDir`) and `log.jsonl`; it knows nothing of the stages' code. Every row names
 the run folder(s) it came from, so each cell can be traced back.
 """
 
@@ -16,8 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from backbone.errors import UserError
-from backbone.io import METRICS_FORMAT, RunDir, atomic_save, atomic_write, read_json, write_json
+from smix.errors import UserError
+from smix.io import METRICS_FORMAT, RunDir, atomic_save, atomic_write, read_json, write_json
 
 KEY_PARAMS = ("mode", "scheme", "pairing", "saliency", "detector")
 
@@ -319,7 +319,7 @@ def build_report(paths: list[Path], out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    from backbone.cli import ArgParser
+    from smix.cli import ArgParser
 
     p = ArgParser(prog="smix report", description="Paper-style tables and plots from run folders.")
     p.add_argument("runs", nargs="+", type=Path, help="run folders (or folders holding them)")

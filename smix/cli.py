@@ -1,6 +1,6 @@
 """The `smix` console script: one dispatcher, a thin CLI per stage.
 
-Stages are found by module name, so `backbone` never imports a stage: each stage's `cli.py`
+Stages are found by module name, so `smix` never imports a stage: each stage's `cli.py`
 exposes `main(argv) -> int` and owns its own argument parsing. A `UserError` anywhere ends in
 one line on stderr and exit code 2; other exceptions keep their traceback.
 """
@@ -12,17 +12,17 @@ import importlib
 import sys
 from typing import NoReturn, Sequence
 
-from backbone.errors import UserError, one_line
+from smix.errors import UserError, one_line
 
 COMMANDS = {
     "pretrain": ("pretrain.cli", "train a backbone with a mixing method"),
     "transfer": ("transfer.cli", "fine-tune Faster R-CNN on Pascal VOC from a checkpoint"),
     "robustness": ("robustness.cli", "FGSM / PGD / corruption evaluation"),
     "cam": ("cam.cli", "class activation maps: export, mixed pairs, localisation"),
-    "report": ("backbone.report", "paper-style tables and plots from run folders"),
-    "demo": ("backbone.demo", "the whole pipeline on generated shapes data"),
-    "ckpt": ("backbone.ckpt_cli", "inspect or import checkpoints"),
-    "data": ("backbone.data_cli", "generate the synthetic shapes dataset"),
+    "report": ("smix.report", "paper-style tables and plots from run folders"),
+    "demo": ("smix.demo", "the whole pipeline on generated shapes data"),
+    "ckpt": ("smix.ckpt_cli", "inspect or import checkpoints"),
+    "data": ("smix.data_cli", "generate the synthetic shapes dataset"),
 }
 
 

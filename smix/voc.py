@@ -10,7 +10,7 @@ import dataclasses
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

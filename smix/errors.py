@@ -8,7 +8,7 @@ other exception is a bug in the toolkit and keeps its traceback.
 class UserError(Exception):
     """Bad input from the user: a missing file, a wrong checkpoint, an unknown option.
 
-    `prog` names the command whose usage was wrong (set by `backbone.cli.ArgParser`), so the
+    `prog` names the command whose usage was wrong (set by `smix.cli.ArgParser`), so the
     one-line message can say `smix robustness fgsm: error: …` without repeating itself.
     """
 

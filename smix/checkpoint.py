@@ -21,9 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from backbone.arch import arch_spec, build_model, list_archs, unwrap
-from backbone.errors import UserError
-from backbone.io import atomic_save, provenance
+from smix.arch import arch_spec, build_model, list_archs, unwrap
+from smix.errors import UserError
+from smix.io import atomic_save, provenance
 
 FORMAT = "smix.backbone/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -204,7 +204,7 @@ def describe(meta: BackboneMeta, state: Mapping[str, torch.Tensor] | None = None
 
 def checkpoint_ref(path: str | os.PathLike, meta: BackboneMeta) -> dict[str, Any]:
     """How a stage's metrics.json names the checkpoint it evaluated (traceable by hash)."""
-    from backbone.io import file_sha256
+    from smix.io import file_sha256
 
     return {
         "path": str(Path(path).resolve()),

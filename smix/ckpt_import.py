@@ -18,10 +18,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from backbone.arch import arch_spec, build_model, list_archs
-from backbone.checkpoint import BackboneMeta, save_checkpoint, strip_prefixes
-from backbone.errors import UserError
-from backbone.io import provenance
+from smix.arch import arch_spec, build_model, list_archs
+from smix.checkpoint import BackboneMeta, save_checkpoint, strip_prefixes
+from smix.errors import UserError
+from smix.io import provenance
 
 
 def read_external(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -106,7 +106,7 @@ def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
         metrics=_metrics_from(extras), provenance=provenance(),
     )
     if size == 32:
-        from backbone.data import CIFAR10_MEAN, CIFAR10_STD
+        from smix.data import CIFAR10_MEAN, CIFAR10_STD
         meta = dataclasses.replace(meta, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     save_checkpoint(dst, state, meta)
     return meta

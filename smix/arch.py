@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

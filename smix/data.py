@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)  # as the official SaliencyMix code

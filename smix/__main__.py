@@ -1,5 +1,5 @@
 import sys
 
-from backbone.cli import main
+from smix.cli import main
 
 sys.exit(main())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backbone.checkpoint import describe, read_checkpoint
-from backbone.ckpt_import import import_checkpoint
-from backbone.cli import ArgParser
-from backbone.errors import UserError
+from smix.checkpoint import describe, read_checkpoint
+from smix.ckpt_import import import_checkpoint
+from smix.cli import ArgParser
+from smix.errors import UserError
 
 
 def _print_human(info: dict) -> None:
@@ -31,7 +31,7 @@ def _print_human(info: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = ArgParser(prog="smix ckpt", description="Inspect or import backbone checkpoints.")
+    p = ArgParser(prog="smix ckpt", description="Inspect checkpoints, or import external ones into the toolkit format.")
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("inspect", help="print a checkpoint's metadata")
     i.add_argument("file", type=Path)

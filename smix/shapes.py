@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from backbone.errors import UserError
-from backbone.io import atomic_write, write_json
-from backbone.voc import VOCObject, write_annotation
+from smix.errors import UserError
+from smix.io import atomic_write, write_json
+from smix.voc import VOCObject, write_annotation
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
 

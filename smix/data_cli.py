@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backbone.cli import ArgParser
-from backbone.shapes import SHAPES, ShapesConfig, generate_shapes
+from smix.cli import ArgParser
+from smix.shapes import SHAPES, ShapesConfig, generate_shapes
 
 
 def main(argv: list[str]) -> int:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 T = TypeVar("T")
 

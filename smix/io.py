@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 METRICS_FORMAT = "smix.metrics/1"
 
@@ -104,7 +104,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def code_version() -> str:
     """The toolkit version plus the git commit when run from a checkout."""
-    from backbone import __version__
+    from smix import __version__
 
     root = Path(__file__).resolve().parent.parent
     try:

@@ -13,13 +13,13 @@ import torchvision
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from backbone.arch import arch_spec, build_model, list_archs
-from backbone.checkpoint import BackboneMeta, load_backbone, read_checkpoint, save_checkpoint
-from backbone.ckpt_import import import_checkpoint
-from backbone.cli import main as smix
-from backbone.data import CIFAR, ClassFolder, read_cifar
-from backbone.errors import UserError
-from backbone.voc import find_year_dir, load_voc
+from smix.arch import arch_spec, build_model, list_archs
+from smix.checkpoint import BackboneMeta, load_backbone, read_checkpoint, save_checkpoint
+from smix.ckpt_import import import_checkpoint
+from smix.cli import main as smix
+from smix.data import CIFAR, ClassFolder, read_cifar
+from smix.errors import UserError
+from smix.voc import find_year_dir, load_voc
 from tests.conftest import write_cifar10
 
 
@@ -115,7 +115,7 @@ def test_checkpoint_validation_errors(tmp_path):
 
 
 def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
-    import backbone.checkpoint as ck
+    import smix.checkpoint as ck
 
     model = build_model("resnet18", 3)
     path = save_checkpoint(tmp_path / "b.safetensors", model, meta_for("resnet18"))
@@ -227,3 +227,29 @@ def test_shapes_generator_formats(shapes_root):
     inside = img[y0:y1, x0:x1].reshape(-1, 3)
     assert inside.std(axis=0).max() > 20
     assert (shapes_root / "train" / "circle").is_dir()
+
+
+def test_checkpoint_written_before_the_rename_still_loads(tmp_path):
+    """A file as the `backbone/` layout wrote it: the same header fields, written by hand with
+    safetensors alone (no toolkit code), provenance naming the old package."""
+    model = torchvision.models.resnet18(num_classes=3)
+    state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+             for k, v in model.state_dict().items()}
+    header = {
+        "format": "smix.backbone/1", "arch": "resnet18", "num_classes": "3",
+        "class_names": json.dumps(["a", "b", "c"]), "arch_kwargs": "{}", "input_size": "224",
+        "mean": "[0.485, 0.456, 0.406]", "std": "[0.229, 0.224, 0.225]", "resize": "256",
+        "crop": "224", "dataset": "shapes", "method": json.dumps({"name": "saliencymix",
+                                                                   "prob": 1.0}),
+        "epochs": "8", "metrics": json.dumps({"top1": 0.5}),
+        "provenance": json.dumps({"code_version": "0.1.0+d0c5121", "torch_version": "2.9.1",
+                                   "command": "python -m backbone demo",
+                                   "created_utc": "2026-11-27T00:00:00Z"}),
+    }
+    path = tmp_path / "old.safetensors"
+    save_file(state, str(path), metadata=header)
+    loaded, meta = load_backbone(path)
+    assert meta.arch == "resnet18" and meta.class_names == ("a", "b", "c")
+    assert meta.method == {"name": "saliencymix", "prob": 1.0} and meta.epochs == 8
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from backbone.errors import UserError
+from smix.errors import UserError
 
 METHODS = ("none", "cutmix", "saliencymix")
 
@@ -82,7 +82,7 @@ def demo_detection_overrides(s: DemoSize) -> list[str]:
 
 def cam_images(data: Path, s: DemoSize) -> list[str]:
     """One validation image per class (known names: the generator's own layout)."""
-    from backbone.shapes import SHAPES
+    from smix.shapes import SHAPES
     return [str(data / "val" / c / f"val_{c}_00000.jpg") for c in SHAPES[: s.classes]]
 
 
@@ -104,7 +104,7 @@ def resolve_step(argv: list[str]) -> list[str] | None:
         return argv
     if argv[0] != "pretrain":
         return None  # (an unfinished transfer has no metrics.json and runs with --resume)
-    from backbone.io import read_json
+    from smix.io import read_json
     res = read_json(marker).get("results", {})
     if res.get("epochs_done") == res.get("epochs"):
         return None
@@ -112,7 +112,7 @@ def resolve_step(argv: list[str]) -> list[str] | None:
 
 
 def run_demo(out: Path, quick: bool = False) -> Path:
-    from backbone.cli import run
+    from smix.cli import run
 
     detectron2 = importlib.util.find_spec("detectron2") is not None
     plan = steps(out, QUICK if quick else FULL, detectron2)
@@ -135,7 +135,7 @@ def run_demo(out: Path, quick: bool = False) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    from backbone.cli import ArgParser
+    from smix.cli import ArgParser
 
     p = ArgParser(prog="smix demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("demo_out"))
