@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from smix.data import denormalize
+from smix.devices import constant
 from pretrain.pairing import register_pairing
 
 GREEDY_DETECTOR = "spectral_residual"
@@ -40,7 +41,7 @@ def gaussian_blur_maps(maps: torch.Tensor, size: int = 7, sigma: float = 3.0) ->
     `gaussian_blur(maps, (size, size), (sigma, sigma))` in the official GuidedMixup code."""
     if size <= 1:
         return maps
-    k = gaussian_kernel1d(size, float(sigma)).to(maps.device, maps.dtype)
+    k = constant(tuple(gaussian_kernel1d(size, float(sigma)).tolist()), maps.dtype, maps.device)
     pad = size // 2
     h, w = maps.shape[-2:]
     mode = "reflect" if min(h, w) > pad else "replicate"  # reflect needs pad < size
@@ -70,26 +71,26 @@ def pairwise_distances(maps: torch.Tensor) -> torch.Tensor:
 def greedy_cycle(dist: torch.Tensor) -> torch.Tensor:
     """Algorithm 1 on a distance matrix: `perm[i]` is the source mixed into target i.
 
-    Runs on the CPU (one transfer; B steps of an argmax over a row), ties go to the lowest
-    index as numpy's argmax in the official `onecycle_cover`."""
+    Runs on the matrix's device as tensor ops only (B steps of an argmax over a row; the
+    indices stay tensors, so the host never waits for the device); ties go to the lowest index
+    as numpy's argmax in the official `onecycle_cover` (torch's argmax returns the first
+    maximum on every device)."""
     n = dist.shape[0]
     if n < 2:
-        return torch.arange(n)
-    d = dist.detach().to("cpu", torch.float64).clone()
+        return torch.arange(n, device=dist.device)
+    d = dist.detach().to(torch.float64).clone()
     d.fill_diagonal_(float("-inf"))
-    start = int(torch.argmax(d))
-    row, col = divmod(start, n)
-    perm = torch.empty(n, dtype=torch.long)
-    perm[row] = col
-    first = row
-    d[:, row] = float("-inf")  # `row` is taken as a source only when the cycle closes
+    start = torch.argmax(d).view(1)
+    first, col = torch.div(start, n, rounding_mode="floor"), start % n
+    perm = torch.empty(n, dtype=torch.long, device=d.device)
+    perm.index_copy_(0, first, col)
+    d.index_fill_(1, first, float("-inf"))  # `first` is taken as a source only when closing
     for _ in range(n - 2):
         row = col
-        col = int(torch.argmax(d[row]))
-        perm[row] = col
-        d[:, row] = float("-inf")
-    perm[col] = first
-    return perm
+        col = torch.argmax(d.index_select(0, row), dim=1)
+        perm.index_copy_(0, row, col)
+        d.index_fill_(1, row, float("-inf"))
+    return perm.index_copy_(0, col, first)
 
 
 def saliency_for_pairing(images: torch.Tensor, mean, std) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from smix.devices import upload
 from smix.errors import UserError
 
 PairingFn = Callable[..., torch.Tensor]
@@ -37,5 +38,6 @@ def get_pairing(name: str) -> PairingFn:
 @register_pairing("random")
 def random_pairing(batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu",
                    **_: object) -> torch.Tensor:
-    """A uniformly random permutation (the official mixup/CutMix/SaliencyMix behaviour)."""
-    return torch.randperm(batch_size, generator=generator).to(device)
+    """A uniformly random permutation (the official mixup/CutMix/SaliencyMix behaviour), drawn
+    on the host and enqueued to the device without waiting for it."""
+    return upload(torch.randperm(batch_size, generator=generator), device)

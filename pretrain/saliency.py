@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smix.devices import constant, upload
 from smix.errors import UserError
 
 Detector = Callable[..., torch.Tensor]
@@ -172,14 +173,14 @@ def _fine_grained_plan(height: int, width: int, device: torch.device
     for n in _FINE_GRAINED_NEIGHBOURHOODS:
         key = (min(n, height), min(n, width))
         counts[key] = counts.get(key, 0) + 1
-    y = torch.arange(height, dtype=torch.float32)
-    x = torch.arange(width, dtype=torch.float32)
+    y = torch.arange(height, dtype=torch.float32, device=device)  # made there: no upload
+    x = torch.arange(width, dtype=torch.float32, device=device)
     areas = []
     for ny, nx in counts:
         h = (y + ny + 1).clamp(0, height) - (y - ny + 1).clamp(0, height)
         w = (x + nx + 1).clamp(0, width) - (x - nx + 1).clamp(0, width)
         areas.append(h[:, None] * w[None, :])
-    area = torch.stack(areas).to(device)
+    area = torch.stack(areas)
     scales = [(ny, nx, c) for (ny, nx), c in counts.items()]
     pad = (max(s[0] for s in scales), max(s[1] for s in scales))
     return scales, area, area - 1.0, pad
@@ -315,10 +316,10 @@ def _linear_exact_taps(src: int, dst: int, device: torch.device):
         inside = src > 1 and 0 <= i < src - 1
         first.append(i if inside else (0 if i < 0 or src == 1 else src - 1))
         w_second.append(round((f - i) * 256) if inside else 0)
-    w1 = torch.tensor(w_second, dtype=torch.float32, device=device)
-    idx0 = torch.tensor(first, device=device)
+    w1 = torch.tensor(w_second, dtype=torch.float32)
+    idx0 = torch.tensor(first)
     idx1 = (idx0 + 1).clamp_(max=src - 1)
-    return idx0, idx1, 256.0 - w1, w1
+    return tuple(upload(t, device) for t in (idx0, idx1, 256.0 - w1, w1))
 
 
 def _resize_u8_exact(gray: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -411,10 +412,9 @@ def _rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB 0..255 ``[B,3,H,W]`` to CIE Lab (D65, 2 degree observer), as skimage.color.rgb2lab."""
     c = rgb / 255.0
     linear = torch.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
-    m = torch.tensor([[0.412453, 0.357580, 0.180423],
-                      [0.212671, 0.715160, 0.072169],
-                      [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype, device=rgb.device)
-    white = torch.tensor([0.95047, 1.0, 1.08883], dtype=rgb.dtype, device=rgb.device)
+    m = constant((0.412453, 0.357580, 0.180423, 0.212671, 0.715160, 0.072169,
+                  0.019334, 0.119193, 0.950227), rgb.dtype, rgb.device, (3, 3))
+    white = constant((0.95047, 1.0, 1.08883), rgb.dtype, rgb.device)
     xyz = torch.einsum("ij,bjhw->bihw", m, linear) / white.view(1, 3, 1, 1)
     eps = (6.0 / 29.0) ** 3
     f = torch.where(xyz > eps, xyz.clamp(min=eps) ** (1.0 / 3.0),

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
+from smix.devices import channel_constant
 from smix.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
@@ -256,14 +257,11 @@ def eval_transform(meta: Any, normalize: bool = True) -> Callable:
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+    """(x - mean) / std per channel; the constants reach the device once, without a sync."""
+    return (x - channel_constant(mean, x)) / channel_constant(std, x)
 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                 scale: float = 1.0) -> torch.Tensor:
     """Back to pixel space: [0,1] by default, 0..255 with `scale=255`."""
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x * s + m) * scale
+    return (x * channel_constant(std, x) + channel_constant(mean, x)) * scale

@@ -100,3 +100,104 @@ def case_digest(mixer_name: str, params: dict[str, str], seed: int) -> str:
 def test_cpu_results_unchanged(case, mixer_name, params):
     got = tuple(case_digest(mixer_name, params, seed) for seed in (0, 1, 2))
     assert got == GOLDEN[case]
+
+
+aten = torch.ops.aten
+SYNCING = (aten._local_scalar_dense.default, aten.equal.default, aten.nonzero.default,
+           aten.masked_select.default, aten.item.default)
+
+
+class RefuseHostSync(TorchDispatchMode):
+    """Raise on every op that would make the host wait for a CUDA stream, for any tensor off
+    the CPU: reading a value on the host, copying to the host, a blocking upload."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        off_cpu = any(t.device.type != "cpu" for t in tensors)
+        if func in SYNCING and off_cpu:
+            raise AssertionError(f"host reads a device value: {func}")
+        if func is aten._to_copy.default and "device" in kwargs:
+            src, dst = args[0].device.type, torch.device(kwargs["device"]).type
+            if src != "cpu" and dst == "cpu":
+                raise AssertionError("device-to-host copy")
+            if src == "cpu" and dst != "cpu" and not kwargs.get("non_blocking", False):
+                raise AssertionError("blocking host-to-device copy")
+        if func is aten.copy_.default:
+            dst, src = args[0].device.type, args[1].device.type
+            blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+            if (src != "cpu" and dst == "cpu") or (src == "cpu" and dst != "cpu" and blocking):
+                raise AssertionError(f"copy {src}->{dst} (blocking={blocking})")
+        return func(*args, **kwargs)
+
+
+def refuse_device_literals(monkeypatch) -> None:
+    """`torch.tensor(data, device=...)` copies from the host inside C++, unseen by dispatch
+    modes: refuse it for devices other than the CPU."""
+    for name in ("tensor", "as_tensor"):
+        real = getattr(torch, name)
+
+        def guarded(*a, _real=real, **kw):
+            dev = kw.get("device")
+            if dev is not None and torch.device(dev).type != "cpu":
+                raise AssertionError(f"torch.tensor(..., device={dev}) uploads blocking")
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(torch, name, guarded)
+
+
+SYNC_FREE = [c for c in CASES]
+
+
+@pytest.mark.parametrize("case,mixer_name,params", SYNC_FREE, ids=[c[0] for c in SYNC_FREE])
+def test_sample_and_apply_never_wait_for_the_device(case, mixer_name, params, monkeypatch):
+    """On a fake device (meta: shapes, no data) nothing of the batch is read on the host."""
+    images, labels = batch()
+    model = model_for_ap().to("meta") if params.get("saliency") == "ap" else None
+    images, labels = images.to("meta"), labels.to("meta")
+    ctx = MixContext(MEAN, STD, 10, model)
+    mixer = get_mixer(mixer_name, **params)
+    refuse_device_literals(monkeypatch)
+    for seed in range(3):  # also after the caches (plans, taps, constants) are filled
+        with RefuseHostSync():
+            p = mixer.sample(images, labels, torch.Generator().manual_seed(seed), ctx)
+            out = mixer.apply(images, labels, p)
+        assert out.images.device.type == "meta" and out.lam.device.type == "meta"
+        assert out.images.shape == images.shape
+
+
+def test_the_guard_catches_what_would_sync():
+    """The guard is a real check: the old habits (`.cpu()`, `.item()`, `torch.equal`, a
+    blocking upload) all raise under it."""
+    x = torch.zeros(4, device="meta")
+    for bad in (lambda: x.cpu(), lambda: x.sum().item(), lambda: torch.equal(x, x),
+                lambda: torch.ones(4).to("meta"), lambda: x.nonzero()):
+        with pytest.raises((AssertionError, RuntimeError, NotImplementedError)) as info:
+            with RefuseHostSync():
+                bad()
+        assert info.type is AssertionError, info.value
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HOST_DRAWN = ("none", "cutout", "mixup", "cutmix")  # every decision is a host draw
+
+
+@cuda
+@pytest.mark.parametrize("case,mixer_name,params", SYNC_FREE, ids=[c[0] for c in SYNC_FREE])
+def test_cuda_mixers_under_sync_debug_error(case, mixer_name, params):
+    """Every mixer's sample+apply on CUDA with synchronising calls turned into errors; the
+    host-drawn methods decide exactly as on the CPU."""
+    run_case(mixer_name, params, 0, "cuda")  # warm-up: plans, cuFFT, pinned pool, constants
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        for seed in (0, 1, 2):
+            p, out, _ = run_case(mixer_name, params, seed, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu_p, cpu_out, _ = run_case(mixer_name, params, 2)
+    assert out.images.is_cuda and torch.isfinite(out.images).all()
+    assert ((out.lam >= 0) & (out.lam <= 1)).all()
+    if case in HOST_DRAWN:
+        for a, b in ((p.perm, cpu_p.perm), (p.boxes, cpu_p.boxes), (out.lam, cpu_out.lam)):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a.cpu(), b))

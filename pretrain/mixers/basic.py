@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from smix.devices import upload
 from smix.errors import UserError
 from pretrain.mixers.base import Mixer, MixOutput, MixParams, bernoulli, beta, register_mixer
 from pretrain.mixers.boxes import box_area, box_mask, boxes_from_centres, paste
@@ -92,7 +93,7 @@ class Mixup(PairMixer):
     def apply(self, images, labels, params) -> MixOutput:
         if not params.active:
             return _identity(images, labels)
-        lam = params.lam.to(images.device, images.dtype)
+        lam = upload(params.lam, images.device, images.dtype)
         mixed = lam.view(-1, 1, 1, 1) * images + (1 - lam.view(-1, 1, 1, 1)) * images[params.perm]
         return MixOutput(mixed, labels, labels[params.perm], lam)
 
@@ -120,4 +121,4 @@ class CutMix(PairMixer):
         if not params.active:
             return _identity(images, labels)
         mixed = paste(images, images[params.perm], params.boxes)
-        return MixOutput(mixed, labels, labels[params.perm], params.lam.to(images.device))
+        return MixOutput(mixed, labels, labels[params.perm], upload(params.lam, images.device))

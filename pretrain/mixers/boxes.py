@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from smix.devices import upload
+
 
 def boxes_from_centres(cy: torch.Tensor, cx: torch.Tensor, cut_h: torch.Tensor,
                        cut_w: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -26,7 +28,7 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
 def box_mask(boxes: torch.Tensor, height: int, width: int, device: torch.device | str
              ) -> torch.Tensor:
     """[B,1,H,W] bool mask, True inside each sample's box."""
-    b = boxes.to(device)
+    b = upload(boxes, device)
     ys = torch.arange(height, device=device).view(1, height, 1)
     xs = torch.arange(width, device=device).view(1, 1, width)
     inside = ((ys >= b[:, 0, None, None]) & (ys < b[:, 2, None, None])
@@ -39,15 +41,16 @@ def paste(target: torch.Tensor, source: torch.Tensor, src_boxes: torch.Tensor,
     """Copy source[i] inside src_boxes[i] into target[i] at dst_boxes[i] (same size boxes).
 
     One gather over the batch: every target pixel inside its destination box reads the source
-    pixel at the same offset inside the source box. Inputs are not modified.
+    pixel at the same offset inside the source box. Inputs are not modified. Boxes may live on
+    the host or on the device; nothing here reads a device value on the host.
     """
     bsz, _, height, width = target.shape
     dst = src_boxes if dst_boxes is None else dst_boxes
     inside = box_mask(dst, height, width, target.device)
-    if dst_boxes is None or torch.equal(dst_boxes, src_boxes):
+    if dst_boxes is None or dst_boxes is src_boxes:  # (equal values give the same result below)
         return torch.where(inside, source, target)
-    shift_y = (src_boxes[:, 0] - dst[:, 0]).to(target.device).view(bsz, 1, 1)
-    shift_x = (src_boxes[:, 1] - dst[:, 1]).to(target.device).view(bsz, 1, 1)
+    shift = upload(src_boxes[:, :2] - dst[:, :2], target.device)
+    shift_y, shift_x = shift[:, 0].view(bsz, 1, 1), shift[:, 1].view(bsz, 1, 1)
     ys = (torch.arange(height, device=target.device).view(1, height, 1) + shift_y).clamp(0, height - 1)
     xs = (torch.arange(width, device=target.device).view(1, 1, width) + shift_x).clamp(0, width - 1)
     flat = (ys * width + xs).view(bsz, 1, height * width).expand(-1, source.shape[1], -1)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from smix.data import denormalize
+from smix.devices import upload
 from smix.errors import UserError
 from pretrain.mixers.base import (MixContext, Mixer, MixOutput, MixParams, bernoulli, beta,
                                   register_mixer)
@@ -76,15 +77,18 @@ def place_like(src: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, height: in
 
 def scheme_boxes(src_maps: torch.Tensor, dst_maps: torch.Tensor | None, lam: torch.Tensor,
                  scheme: str, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source and destination boxes [N,4] (y0, x0, y1, x1) for λ [N] under a scheme."""
+    """Source and destination boxes [N,4] (y0, x0, y1, x1) for λ [N] under a scheme.
+
+    The boxes are computed on the maps' device: the sides come from the host λ (enqueued,
+    not waited for), the points never leave the device."""
     src_kind, dst_kind = SCHEMES[scheme]
-    cut_h, cut_w = cut_sides(lam, height, width)
+    cut_h, cut_w = (upload(s, src_maps.device) for s in cut_sides(lam, height, width))
     cy, cx = extreme_points(src_maps, src_kind)
-    src = boxes_from_centres(cy.cpu(), cx.cpu(), cut_h, cut_w, height, width)
+    src = boxes_from_centres(cy, cx, cut_h, cut_w, height, width)
     if dst_kind is None:
         return src, src
     ty, tx = extreme_points(dst_maps, dst_kind)
-    return src, place_like(src, ty.cpu(), tx.cpu(), height, width)
+    return src, place_like(src, ty, tx, height, width)
 
 
 def official_saliency_point(image: torch.Tensor) -> tuple[int, int]:
@@ -180,10 +184,8 @@ class SaliencyMix(Mixer):
     def apply(self, images: torch.Tensor, labels: torch.Tensor, params: MixParams) -> MixOutput:
         if not params.active:
             return MixOutput(images, labels, None, torch.ones(len(labels), device=images.device))
-        src = params.boxes.to(images.device)
-        dst = None if params.dst_boxes is None else params.dst_boxes.to(images.device)
-        mixed = paste(images, images[params.perm], src, dst)
-        return MixOutput(mixed, labels, labels[params.perm], params.lam.to(images.device))
+        mixed = paste(images, images[params.perm], params.boxes, params.dst_boxes)
+        return MixOutput(mixed, labels, labels[params.perm], upload(params.lam, images.device))
 
     def _info(self) -> dict[str, Any]:
         return {"mode": self.mode, "scheme": self.scheme, "pairing": self.pairing,
