@@ -42,6 +42,7 @@ class TrainConfig:
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     workers: int = 4
+    loader: str = "auto"  # auto (DALI on CUDA when installed) | torch | dali; see pretrain.dali
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | fp16

@@ -53,6 +53,7 @@ class Runtime:
     ctx: MixContext
     amp_dtype: torch.dtype | None
     channels_last: bool
+    loader: str = "torch"  # resolved `cfg.loader`: torch | dali
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -94,8 +95,11 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
     mixer = get_mixer(cfg.method, **cfg.method_params)
     ctx = MixContext(tuple(cfg.mean), tuple(cfg.std), len(data.classes), model)
+    from pretrain.dali import resolve_loader
+    loader = resolve_loader(cfg.loader, cfg.dataset, cfg.train_aug, dist.device,
+                            cfg.skip_bad_images)
     return Runtime(cfg, dist, RunDir(cfg.out, create=dist.is_main), data, model, ddp_model,
-                   optimizer, scheduler, scaler, mixer, ctx, amp_dtype, channels_last)
+                   optimizer, scheduler, scaler, mixer, ctx, amp_dtype, channels_last, loader)
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -108,6 +112,9 @@ def _lr_lambda(cfg: TrainConfig):
 
 def make_loader(rt: Runtime, train: bool, epoch: int) -> DataLoader:
     cfg, dist = rt.cfg, rt.dist
+    if rt.loader == "dali":
+        from pretrain.dali import make_dali_loader
+        return make_dali_loader(rt, train, epoch_seed(cfg.seed, epoch, 1))
     dataset = rt.data.train if train else rt.data.val
     per_rank = max(1, cfg.batch_size // dist.world_size)
     gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1))

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from smix.devices import channel_constant
+from smix.devices import channel_constant, constant
 from smix.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
@@ -201,6 +201,44 @@ class Lighting(torch.nn.Module):
         alpha = torch.randn(3) * self.alphastd
         rgb = (_PCA_EIGVEC * alpha * _PCA_EIGVAL).sum(dim=1)
         return img + rgb.view(3, 1, 1)
+
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def jitter_lighting_batch(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                          alpha: torch.Tensor) -> torch.Tensor:
+    """The `imagenet` recipe's colour ops on a whole batch on its device: ColorJitter's
+    brightness, contrast and saturation (torchvision's definitions: blends of the image with
+    black, with its mean grey level, with its grey image, clamped to [0,1]) in a per-sample
+    order, then PCA lighting as `Lighting`.
+
+    x: [B,3,H,W] float in [0,1]; factors: [B,3] (brightness, contrast, saturation);
+    order: [B,3] long, a permutation of (0, 1, 2) per sample; alpha: [B,3] lighting draws.
+    All tensor ops (no host reads), so a GPU input pipeline can run it right after decoding."""
+    gray_w = channel_constant(_GRAY, x)
+    for k in range(3):
+        op = order[:, k].view(-1, 1, 1, 1)
+        f = factors.gather(1, order[:, k:k + 1]).view(-1, 1, 1, 1).to(x.dtype)
+        gray = (x * gray_w).sum(1, keepdim=True)
+        base = torch.where(op == 0, torch.zeros_like(gray),
+                           torch.where(op == 1, gray.mean((2, 3), keepdim=True), gray))
+        x = (f * x + (1 - f) * base).clamp_(0.0, 1.0)
+    vec = constant(tuple(_PCA_EIGVEC.flatten().tolist()), x.dtype, x.device, (1, 3, 3))
+    val = constant(tuple(_PCA_EIGVAL.tolist()), x.dtype, x.device, (1, 3))
+    rgb = (vec * (alpha.to(x.dtype) * val).unsqueeze(1)).sum(-1)  # [B,3]: Σ_j V_ij α_j λ_j
+    return x + rgb.view(-1, 3, 1, 1)
+
+
+def draw_jitter_lighting(n: int, generator: torch.Generator, jitter: float, lighting: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host draws for `jitter_lighting_batch`: factors ~ U[max(0, 1-j), 1+j] as ColorJitter,
+    a uniformly random order of the three ops, lighting alpha ~ N(0, lighting)."""
+    low = max(0.0, 1.0 - jitter)
+    factors = low + torch.rand(n, 3, generator=generator) * (1.0 + jitter - low)
+    order = torch.rand(n, 3, generator=generator).argsort(1)
+    alpha = torch.randn(n, 3, generator=generator) * lighting
+    return factors, order, alpha
 
 
 @dataclasses.dataclass(frozen=True)
