@@ -41,3 +41,21 @@ def channel_constant(values: Sequence[float], like: torch.Tensor) -> torch.Tenso
     """Per-channel values as a [1,C,1,1] tensor of `like`'s dtype and device (cached)."""
     return constant(tuple(float(v) for v in values), like.dtype, like.device,
                     (1, len(values), 1, 1))
+
+
+def device_name(device: torch.device | str) -> str:
+    """What a benchmark ran on, for its JSON line: the card's name, or the CPU's model and
+    the cores this process may use."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} ({cores} cores)"

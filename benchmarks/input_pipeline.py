@@ -1,0 +1,137 @@
+"""Does the input pipeline keep the training step busy? Three rates in one process (issue 14):
+
+* loader alone  -- the engine's training loader for one epoch, batches delivered to the device;
+* step alone    -- the engine's `train_step` on a batch already on the device, per method;
+* engine epoch  -- `engine.train_epoch`: loader + step as training runs them (worker start
+                   included).
+
+Baseline: the step alone with method `none`. Ratios: `epoch_vs_step` (goal >= 0.9 on a GPU,
+ResNet-50, batch 256, bf16, loader=auto), `loader_vs_step`, and per method
+`step_vs_none` (goal >= 0.98 for saliencymix). The data is a class-folder tree of JPEGs of
+ImageNet's typical size (500x375), written once into `--data` (or a temporary folder).
+
+    python benchmarks/input_pipeline.py --device cuda --loader auto            # the issue's run
+    python benchmarks/input_pipeline.py --device cpu --arch resnet18 --size 64 --images 96 \
+        --batch 16 --workers 1 --steps 3                                        # a CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from smix.devices import device_name
+from smix.dist import init_distributed
+from pretrain import engine
+from pretrain.config import build_config
+from pretrain.data import to_device
+from pretrain.mixers import get_mixer
+
+GOALS = {"epoch_vs_step": 0.9, "saliencymix_step_vs_none": 0.98}
+
+
+def write_jpegs(root: Path, images: int, classes: int, seed: int = 0) -> None:
+    """`root/{train,val}/<class>/*.jpg`: smooth random 500x375 pictures, quality 90."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", images), ("val", max(classes, images // 10))):
+        for i in range(n):
+            folder = root / split / f"c{i % classes:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            low = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+            pic = Image.fromarray(low).resize((500, 375), Image.BILINEAR)
+            pic.save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loader_rate(rt: engine.Runtime, epoch: int) -> float:
+    """Images/s of one epoch of the training loader, batches moved onto the device."""
+    sync(rt.dist.device)
+    start, n = time.perf_counter(), 0
+    for batch in engine.make_loader(rt, True, epoch):
+        images, labels, _ = to_device(batch, rt.dist.device, rt.channels_last)
+        n += len(labels)
+    sync(rt.dist.device)
+    return n / (time.perf_counter() - start)
+
+
+def step_rate(rt: engine.Runtime, images: torch.Tensor, labels: torch.Tensor, method: str,
+              steps: int) -> float:
+    """Images/s of `train_step` alone (batch on the device), after two warm-up steps."""
+    rt.mixer = get_mixer(method, **build_config(rt.cfg.preset, rt.cfg.data, rt.cfg.out,
+                                                method).method_params)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        engine.train_step(rt, images, labels, gen)
+    sync(rt.dist.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.train_step(rt, images, labels, gen)
+    sync(rt.dist.device)
+    return steps * len(labels) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--loader", default="auto", help="auto, torch or dali")
+    p.add_argument("--preset", default="imagenet-resnet50")
+    p.add_argument("--arch", default=None, help="override the preset's architecture")
+    p.add_argument("--size", type=int, default=224, help="training crop")
+    p.add_argument("--images", type=int, default=2560)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--amp", default="auto")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--steps", type=int, default=20, help="timed steps per method")
+    p.add_argument("--methods", default="none,saliencymix")
+    p.add_argument("--data", type=Path, default=None, help="reuse/keep the JPEG tree here")
+    a = p.parse_args()
+    tmp = tempfile.TemporaryDirectory(prefix="smix-input-")
+    data = a.data or Path(tmp.name) / "data"
+    if not (data / "train").is_dir():
+        write_jpegs(data, a.images, a.classes)
+    overrides = {"device": a.device, "loader": a.loader, "batch_size": str(a.batch),
+                 "amp": a.amp, "workers": str(a.workers), "input_size": str(a.size),
+                 "crop": str(a.size), "resize": str(round(a.size * 256 / 224)),
+                 "progress": "false", "epochs": "100"}
+    if a.arch:
+        overrides["arch"] = a.arch
+    cfg = build_config(a.preset, data, Path(tmp.name) / "run", "none", overrides)
+    rt = engine.build_runtime(cfg, init_distributed(a.device))
+    device = rt.dist.device
+    engine.train_epoch(rt, 0)  # warm-up: kernels, autotuning, pipelines, page cache
+    epoch = engine.train_epoch(rt, 1)["images_per_s"]
+    loader = loader_rate(rt, 2)
+    batch = next(iter(engine.make_loader(rt, True, 3)))
+    images, labels, _ = to_device(batch, device, rt.channels_last)
+    steps = {m: step_rate(rt, images, labels, m, a.steps) for m in a.methods.split(",")}
+    line = {"benchmark": "input_pipeline", "device": device.type,
+            "device_name": device_name(device), "loader": rt.loader, "arch": cfg.arch,
+            "batch": len(labels), "size": a.size, "amp": str(rt.amp_dtype),
+            "channels_last": rt.channels_last, "workers": cfg.workers, "images": a.images,
+            "loader_img_s": round(loader, 1), "epoch_img_s": round(epoch, 1),
+            **{f"step_{m}_img_s": round(r, 1) for m, r in steps.items()},
+            "baseline": "step alone, method none (same process)",
+            "epoch_vs_step": round(epoch / steps["none"], 4),
+            "loader_vs_step": round(loader / steps["none"], 4),
+            **{f"{m}_step_vs_none": round(r / steps["none"], 4) for m, r in steps.items()
+               if m != "none"},
+            "goals": GOALS, "threads": torch.get_num_threads()}
+    print(json.dumps(line), flush=True)
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
