@@ -84,12 +84,15 @@ def greedy_cycle(dist: torch.Tensor) -> torch.Tensor:
     first, col = torch.div(start, n, rounding_mode="floor"), start % n
     perm = torch.empty(n, dtype=torch.long, device=d.device)
     perm.index_copy_(0, first, col)
-    d.index_fill_(1, first, float("-inf"))  # `first` is taken as a source only when closing
+    # -inf on the columns already taken as sources (`first` only closes the cycle); adding it
+    # to the current row equals writing -inf into those columns, without strided writes
+    taken = torch.zeros(1, n, dtype=d.dtype, device=d.device)
+    taken.index_fill_(1, first, float("-inf"))
     for _ in range(n - 2):
         row = col
-        col = torch.argmax(d.index_select(0, row), dim=1)
+        col = torch.argmax(d.index_select(0, row).add_(taken), dim=1)
         perm.index_copy_(0, row, col)
-        d.index_fill_(1, row, float("-inf"))
+        taken.index_fill_(1, row, float("-inf"))
     return perm.index_copy_(0, col, first)
 
 

@@ -201,3 +201,15 @@ def test_cuda_mixers_under_sync_debug_error(case, mixer_name, params):
     if case in HOST_DRAWN:
         for a, b in ((p.perm, cpu_p.perm), (p.boxes, cpu_p.boxes), (out.lam, cpu_out.lam)):
             assert (a is None) == (b is None) and (a is None or torch.equal(a.cpu(), b))
+
+
+@pytest.mark.parametrize("n", [24, 64])
+def test_device_greedy_walk_keeps_first_index_ties(n):
+    """The tensor-op walk (no host reads) against Algorithm 1 in plain Python loops, on maps
+    quantised so that many distances tie."""
+    from pretrain.greedy import greedy_pairing
+    from tests.test_guidedmixup import brute_force_walk
+
+    for seed in range(3):
+        maps = (torch.rand(n, 4, 4, generator=torch.Generator().manual_seed(seed)) * 2).round()
+        assert greedy_pairing(n, maps=maps).tolist() == brute_force_walk(maps.numpy())
