@@ -22,11 +22,13 @@ def upload(t: torch.Tensor, device: torch.device | str,
     Values are those of `t.to(device, dtype)`; on CUDA the host tensor is first copied into
     pinned memory, whose reuse the caching host allocator defers until the copy has run."""
     device = torch.device(device)
+    if dtype is not None:
+        t = t.to(dtype)  # converted where it is: a cross-device cast would stage unpinned
     if t.device == device:
-        return t if dtype is None else t.to(dtype)
+        return t
     if device.type == "cuda" and t.device.type == "cpu":
         t = t.pin_memory()
-    return t.to(device, dtype, non_blocking=True)
+    return t.to(device, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=64)

@@ -185,22 +185,28 @@ HOST_DRAWN = ("none", "cutout", "mixup", "cutmix")  # every decision is a host d
 @cuda
 @pytest.mark.parametrize("case,mixer_name,params", SYNC_FREE, ids=[c[0] for c in SYNC_FREE])
 def test_cuda_mixers_under_sync_debug_error(case, mixer_name, params):
-    """Every mixer's sample+apply on CUDA with synchronising calls turned into errors; the
-    host-drawn methods decide exactly as on the CPU."""
-    run_case(mixer_name, params, 0, "cuda")  # warm-up: plans, cuFFT, pinned pool, constants
+    """Every mixer's sample+apply on CUDA with synchronising calls turned into errors (the
+    batch, model and mixer are made before); the host-drawn methods decide as on the CPU."""
+    images, labels = (t.cuda() for t in batch())
+    model = model_for_ap().cuda() if params.get("saliency") == "ap" else None
+    ctx = MixContext(MEAN, STD, 10, model)
+    mixer = get_mixer(mixer_name, **params)
+    for seed in (0, 1, 2):  # warm-up: plans, cuFFT, pinned pool, constants
+        mixer(images, labels, torch.Generator().manual_seed(seed), ctx)
     torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
     try:
-        torch.cuda.set_sync_debug_mode("error")
         for seed in (0, 1, 2):
-            p, out, _ = run_case(mixer_name, params, seed, "cuda")
+            p = mixer.sample(images, labels, torch.Generator().manual_seed(seed), ctx)
+            out = mixer.apply(images, labels, p)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     cpu_p, cpu_out, _ = run_case(mixer_name, params, 2)
-    assert out.images.is_cuda and torch.isfinite(out.images).all()
-    assert ((out.lam >= 0) & (out.lam <= 1)).all()
+    assert out.images.is_cuda and bool(torch.isfinite(out.images).all())
+    assert bool(((out.lam >= 0) & (out.lam <= 1)).all())
     if case in HOST_DRAWN:
         for a, b in ((p.perm, cpu_p.perm), (p.boxes, cpu_p.boxes), (out.lam, cpu_out.lam)):
-            assert (a is None) == (b is None) and (a is None or torch.equal(a.cpu(), b))
+            assert (a is None) == (b is None) and (a is None or torch.equal(a.cpu(), b.cpu()))
 
 
 @pytest.mark.parametrize("n", [24, 64])
