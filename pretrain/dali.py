@@ -22,7 +22,9 @@ with `smix.dist.shard_indices` (exact totals, as the torch loader).
 Without CUDA the same pipelines run on DALI's CPU operators (`device_id=None`): that is how the
 tests check it on a machine without a GPU. Differences from the torch loader, within the
 recipe's distribution: colour ops on float pixels (PIL rounds to uint8 after each), DALI's
-resampling filter, and no `skip_bad_images` (DALI stops on an unreadable file).
+resampling filter, an eval centre crop that may sit up to a pixel apart where the margin is odd
+(torchvision rounds it half to even; measured at 256/224 on a 500x375 picture: within one
+grey level of a coordinate ramp), and no `skip_bad_images` (DALI stops on an unreadable file).
 """
 
 from __future__ import annotations

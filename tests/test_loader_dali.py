@@ -13,6 +13,7 @@ simulation, with two-sample Kolmogorov-Smirnov tests.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -189,7 +190,6 @@ def test_engine_trains_with_dali_on_cpu(shapes_root, tmp_path):
                         "crop": "32", "progress": "false", "epochs": "1", "loader": "dali",
                         "device": "cpu"})
     engine.train(cfg)
-    import json
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert log["train_images"] == 24 and log["val_images"] == 12
 
