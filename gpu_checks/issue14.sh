@@ -2,7 +2,7 @@
 # Issue 14 on one GPU, in one device call (see ../shared/gpu/README.md). Prepare on the CPU side:
 #   bash ../shared/gpu/prepare.sh --opencv      # cv2.saliency: aug_overhead's official/reference rows
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/whl \
-#       pytest pluggy iniconfig packaging     # ~0.6 MB, for the sync-debug test
+#       pytest pluggy iniconfig packaging pygments   # ~2 MB, for the sync-debug test
 # then: run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
 #           carry=[".gpu"], timeout_s=600)
 # Every step runs under `timeout`; logs and JSON lines land in $OUT (or ./gpu_out).
