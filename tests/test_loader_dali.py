@@ -120,15 +120,21 @@ def test_geometry_reader_on_known_crops(tmp_path):
 
 
 @needs_dali
-def test_dali_crops_match_the_torch_loader(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_dali_crops_match_the_torch_loader(tmp_path, device):
+    """DALI's CPU operators here; on a GPU, nvjpeg decoding and DALI's GPU operators."""
     from pretrain.dali import DaliLoader, PipeSpec
 
     png = coordinate_png(tmp_path)
+    dev = torch.device(device, 0) if device == "cuda" else CPU
     spec = PipeSpec(batch=200, size=OUT, resize=OUT, recipe="imagenet", mean=(0.0, 0.0, 0.0),
-                    std=(1 / 255,) * 3, color_jitter=0.0, lighting=0.0, threads=1)
-    loader = DaliLoader(spec, [(str(png), 0)] * DRAWS, True, 5, 0, 1, CPU, drop_last=True)
+                    std=(1 / 255,) * 3, color_jitter=0.0, lighting=0.0, threads=1,
+                    device_id=dev.index)
+    loader = DaliLoader(spec, [(str(png), 0)] * DRAWS, True, 5, 0, 1, dev, drop_last=True)
     dali = torch.cat([x for x, _, _ in loader])
-    assert dali.shape == (DRAWS, 3, OUT, OUT)
+    assert dali.shape == (DRAWS, 3, OUT, OUT) and dali.device == dev
+    dali = dali.cpu()
     area, aspect, flipped = crop_geometry(dali)
     t_area, t_aspect, _ = crop_geometry(torch_loader_draws(png))
     sim_area, sim_aspect = simulate_rrc(4000, RECIPES["imagenet"])
