@@ -76,6 +76,7 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None) -> Runtime:
     """Model, optimiser, schedule, mixer and data of a run (`data` given: in-memory data)."""
     torch.manual_seed(cfg.seed)
+    from_disk = data is None  # in-memory data (benchmarks, tests) is the torch loader's
     data = data if data is not None else build_datasets(cfg)
     model = build_model(cfg.arch, len(data.classes), **cfg.arch_kwargs).to(dist.device)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
@@ -96,8 +97,8 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     mixer = get_mixer(cfg.method, **cfg.method_params)
     ctx = MixContext(tuple(cfg.mean), tuple(cfg.std), len(data.classes), model)
     from pretrain.dali import resolve_loader
-    loader = resolve_loader(cfg.loader, cfg.dataset, cfg.train_aug, dist.device,
-                            cfg.skip_bad_images)
+    loader = resolve_loader(cfg.loader if from_disk else "torch", cfg.dataset, cfg.train_aug,
+                            dist.device, cfg.skip_bad_images)
     return Runtime(cfg, dist, RunDir(cfg.out, create=dist.is_main), data, model, ddp_model,
                    optimizer, scheduler, scaler, mixer, ctx, amp_dtype, channels_last, loader)
 
