@@ -13,6 +13,7 @@ simulation, with two-sample Kolmogorov-Smirnov tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -166,6 +167,11 @@ def test_dali_shards_cover_the_epoch_once_and_replay_it(tmp_path):
     assert labels(11, 0) == order[:12] and labels(11, 1) == order[13:25]
     assert labels(11, 0) == labels(11, 0)
     assert labels(12, 0) != labels(11, 0)
+
+    def images(seed: int) -> torch.Tensor:  # crops, flips and colours replay too
+        spec_c = dataclasses.replace(spec, recipe="imagenet")
+        return torch.cat([x for x, _, _ in DaliLoader(spec_c, samples, True, seed, 0, 2, CPU, True)])
+    assert torch.equal(images(11), images(11)) and not torch.equal(images(11), images(12))
 
 
 @needs_dali
