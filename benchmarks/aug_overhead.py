@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -71,16 +72,17 @@ class Setting:
     mix_repeats: int  # mixer-only repeats
 
 
-def settings(quick: bool, r18_repeats: int, r50_repeats: int) -> dict[str, Setting]:
+def settings(quick: bool, r18_repeats: int, r50_repeats: int,
+             mix_repeats: int | None = None) -> dict[str, Setting]:
     if quick:
         return {"r18": Setting("resnet18-cifar", "cifar_resnet18", 8, 32, 10, CIFAR10_MEAN,
                                CIFAR10_STD, 1, 2),
                 "r50": Setting("resnet50", "resnet50", 4, 64, 1000, IMAGENET_MEAN, IMAGENET_STD,
                                1, 2)}
     return {"r18": Setting("resnet18-cifar", "cifar_resnet18", 64, 32, 10, CIFAR10_MEAN,
-                           CIFAR10_STD, r18_repeats, 5),
+                           CIFAR10_STD, r18_repeats, mix_repeats or 5),
             "r50": Setting("resnet50", "resnet50", 32, 224, 1000, IMAGENET_MEAN, IMAGENET_STD,
-                           r50_repeats, 3)}
+                           r50_repeats, mix_repeats or 3)}
 
 
 def reference_saliencymix(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
@@ -111,14 +113,27 @@ def reference_saliencymix(images: torch.Tensor, labels: torch.Tensor, gen: torch
                      torch.from_numpy(lam_actual).float().to(images.device))
 
 
+def has_opencv_saliency() -> bool:
+    try:
+        import cv2
+    except ImportError:
+        return False
+    return hasattr(cv2, "saliency")
+
+
 def mixers(setting: Setting) -> dict[str, MixFn]:
+    """Every method of the table; the two OpenCV rows only where cv2.saliency exists."""
+    opencv = has_opencv_saliency()
     fns: dict[str, MixFn] = {}
     for label, name, params in METHODS:
+        if params.get("mode") == "official" and not opencv:
+            continue
         extra = {"prob": "1.0"} if name != "none" else {}
         if name == "cutout":
             extra["size"] = str(setting.size // 2)
         fns[label] = get_mixer(name, **params, **extra)
-    fns[REFERENCE] = reference_saliencymix
+    if opencv:
+        fns[REFERENCE] = reference_saliencymix
     return fns
 
 
@@ -215,13 +230,18 @@ def main() -> None:
     p.add_argument("--device", default="all", help="cpu, cuda, or all (cpu + cuda if present)")
     p.add_argument("--r18-repeats", type=int, default=3, help="full-step rounds, ResNet-18")
     p.add_argument("--r50-repeats", type=int, default=1, help="full-step rounds, ResNet-50")
+    p.add_argument("--mix-repeats", type=int, default=None,
+                   help="mixer-only repeats (default 5 for ResNet-18, 3 for ResNet-50)")
     p.add_argument("--verbose", action="store_true", help="print every timed step (stderr)")
     a = p.parse_args()
     devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
                if a.device == "all" else [a.device])
-    chosen = settings(a.quick, a.r18_repeats, a.r50_repeats)
+    chosen = settings(a.quick, a.r18_repeats, a.r50_repeats, a.mix_repeats)
+    if not has_opencv_saliency():
+        print("# cv2.saliency missing (opencv-contrib): the official and OpenCV rows are left out",
+              file=sys.stderr)
     runs = [(chosen[m.strip()], torch.device(d)) for d in devices for m in a.models.split(",")]
-    total = sum((s.repeats * (len(METHODS) + 2)) + s.mix_repeats for s, _ in runs)
+    total = sum((s.repeats * (len(mixers(s)) + 1)) + s.mix_repeats for s, _ in runs)
     with tqdm(total=total, desc="aug_overhead", unit="step", leave=False) as bar:
         for setting, device in runs:
             report(setting, device, measure(setting, device, bar, a.verbose))
