@@ -267,3 +267,11 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x * s + m) * scale
+
+
+def subset_indices(n: int, limit: int | None) -> list[int]:
+    """All of range(n), or `limit` evenly spaced indices: class-folder datasets are sorted by
+    class, so the first N would be one class only; evenly spaced keeps every class."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return [i * n // limit for i in range(limit)]
