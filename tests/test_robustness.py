@@ -416,6 +416,17 @@ def test_cli_corruption_missing_severity(world, tmp_path, capsys):
     assert code == 2 and "unknown corruption 'snoww'" in err
 
 
+def test_cli_marks_an_mce_over_part_of_the_corruptions(world, tmp_path, capsys):
+    root = tmp_path / "ic"
+    write_imagenet_c(root, world["val"], corruptions=("snow",))
+    code = cli_run("robustness", ["corruption", "--ckpt", str(world["a"]), "--data", str(root),
+                                  "--clean", str(world["val"]), "--out", str(tmp_path / "o"),
+                                  "--workers", "0", "--device", "cpu"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if "mCE" in l]
+    assert code == 0 and len(lines) == 1
+    assert lines[0].endswith("(incomplete: 1 of 15 corruptions)")
+
+
 def test_cli_fgsm_end_to_end(world, tmp_path, capsys):
     code = cli_run("robustness", ["fgsm", "--ckpt", str(world["b"]), "--data", str(world["val"]),
                                   "--out", str(tmp_path / "o"), "--eps", "8", "--workers", "0",
