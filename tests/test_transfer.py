@@ -299,9 +299,17 @@ def test_cli_torchvision_end_to_end(ckpt18: Path, shapes: Path, tmp_path: Path,
 
 def test_default_backend_is_said(ckpt18: Path, shapes: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture) -> None:
-    from transfer.api import choose_backend, detectron2_available
-    expected = "detectron2" if detectron2_available() else "torchvision"
-    assert choose_backend("auto") == expected
+    import importlib.util
+
+    from transfer.api import choose_backend
+    real = importlib.util.find_spec
+    for installed, expected in ((True, "detectron2"), (False, "torchvision")):
+        spec = lambda name, *a, **k: (object() if installed else None) if name == "detectron2" \
+            else real(name, *a, **k)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(importlib.util, "find_spec", spec)
+            assert choose_backend("auto") == expected
+            assert choose_backend("torchvision") == "torchvision"  # asked for: kept
     with pytest.raises(UserError, match="valid: auto, detectron2, torchvision"):
         choose_backend("mmdet")
 
