@@ -20,8 +20,8 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
           "immunohistochemistry", "retina", "colorwheel", "camera", "coins")
 SIZES = (32, 224)
 # detector -> (OpenCV class, largest 1 - Pearson correlation per photo). Measured on this
-# suite's photos: fine_grained 0 (bit-exact, asserted below), spectral_residual at most 2.4e-7 (float32
-# rounding of the correlation itself; OpenCV's approximate atan and float32 sin/cos).
+# suite's photos: fine_grained 0 (bit-exact, asserted below), spectral_residual at most
+# 2.4e-7 (float32 rounding of the correlation; OpenCV's approximate atan, float32 sin/cos).
 OPENCV = {"fine_grained": ("StaticSaliencyFineGrained_create", 1e-6),
           "spectral_residual": ("StaticSaliencySpectralResidual_create", 1e-6)}
 
