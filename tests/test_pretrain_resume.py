@@ -4,7 +4,6 @@ skipping, the loss in float32, evenly spaced limits, best-epoch ties."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import types
@@ -15,14 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from smix import io as smix_io
-from smix.checkpoint import read_checkpoint, read_meta
+from smix.checkpoint import read_meta
 from smix.cli import main as smix
 from smix.dist import DistInfo
 from smix.errors import UserError
 from pretrain import engine
 from pretrain.config import build_config
 from pretrain.data import build_datasets
-from pretrain.mixers import MixOutput, get_mixer, list_mixers
+from pretrain.mixers import MixOutput, list_mixers
 from tests.conftest import write_cifar10
 
 TINY = ["workers=0", "progress=false", "batch_size=8", "input_size=32", "resize=32", "crop=32"]
@@ -235,15 +234,6 @@ def test_resume_accepts_data_location_and_io_settings_refuses_the_rest(shapes_ro
     saved = json.loads((run / "config.json").read_text())
     assert saved["data"] == str(moved) and saved["epochs"] == 2 and saved["device"] == "cpu"
     assert _epochs_logged(run) == [1, 2]
-
-
-# 7. mode=official needs OpenCV contrib -----------------------------------------------------
-
-def test_official_mode_without_opencv_contrib_is_one_line(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "cv2", types.ModuleType("cv2"))  # no saliency
-    with pytest.raises(UserError, match="install opencv-contrib-python-headless"):
-        get_mixer("saliencymix", mode="official")
-    get_mixer("saliencymix", mode="batch")  # the torch detectors need no OpenCV
 
 
 # 8. DDP: ranks skip a batch together -------------------------------------------------------

@@ -5,6 +5,7 @@ short training run through `smix pretrain`."""
 from __future__ import annotations
 
 import sys
+import types
 
 import cv2
 import numpy as np
@@ -123,11 +124,13 @@ def test_official_and_fixed_boxes_differ_on_photos():
     assert differ >= len(x) - 1
 
 
-def test_official_mode_without_opencv_is_one_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cv2", None)
-    mixer = get_mixer("saliencymix", mode="official")
-    with pytest.raises(UserError, match="opencv-contrib-python-headless"):
-        mixer(blobs(4, 16), torch.arange(4), torch.Generator().manual_seed(0), CTX)
+@pytest.mark.parametrize("cv2", [None, types.ModuleType("cv2")])  # absent; without contrib
+def test_official_mode_without_opencv_contrib_is_one_clear_error(monkeypatch, cv2):
+    """Said when the mixer is built (validate), not as a traceback on the first step."""
+    monkeypatch.setitem(sys.modules, "cv2", cv2)
+    with pytest.raises(UserError, match="install opencv-contrib-python-headless"):
+        get_mixer("saliencymix", mode="official")
+    get_mixer("saliencymix", mode="batch")  # the torch detectors need no OpenCV
 
 
 # ---------------------------------------------------------------------------- properties
