@@ -277,3 +277,29 @@ def test_limits_are_evenly_spaced(shapes_root, tmp_path):
     assert list(data.val.indices) == [0, 4, 8]  # 12 images, 4 per class: one of each
     labels = {data.val.dataset[i][1] for i in data.val.indices}
     assert labels == {0, 1, 2}
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_torchrun_ranks_skip_short_batches_together(shapes_root, tmp_path):
+    """Unreadable images leave some ranks with a batch of one at some steps: every rank must
+    skip those steps, or the others wait in DDP's all-reduce until the 30-minute timeout."""
+    import os
+    import subprocess
+    import sys
+    data = tmp_path / "data"
+    shutil.copytree(shapes_root / "train", data / "train")
+    shutil.copytree(shapes_root / "val", data / "val")
+    # With seed 0 the sampler puts it in rank 1's second batch of 2 and rank 0 has no short
+    # batch: without a shared decision rank 0 makes one more step than rank 1 and hangs.
+    (data / "train" / "circle" / "zz_broken.jpg").write_bytes(b"\x00garbage")
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29541", "-m", "pretrain", "--preset", "shapes-resnet18",
+           "--data", str(data), "--out", str(run), "--epochs", "1", "--skip-bad-images",
+           *TINY, "batch_size=4", "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert log["skipped_images"] == 1 and log["train_images"] == 20  # 6 steps of 4, one skipped
