@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import typing
 from pathlib import Path
 
 from smix.cli import ArgParser, parse_overrides
 from smix.errors import UserError
 from smix.io import read_json
-from pretrain.config import PRESETS, TrainConfig, build_config
+from pretrain.config import (PRESETS, TrainConfig, build_config, config_from_json,
+                             convert_setting)
 from pretrain.engine import train
 from pretrain.mixers import list_mixers
 
@@ -21,7 +22,8 @@ def _parser() -> ArgParser:
                          "parameter (method.prob=0.5), arch.<param>=v an arch parameter.")
     p.add_argument("--preset", help=f"one of: {', '.join(sorted(PRESETS))}")
     p.add_argument("--data", type=Path, help="class-folder root (train/, val/) or CIFAR pickles")
-    p.add_argument("--method", default="none", help=f"mixer: {', '.join(list_mixers())}")
+    p.add_argument("--method", default=None,
+                   help=f"mixer (default none): {', '.join(list_mixers())}")
     p.add_argument("--out", type=Path, help="run folder")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -33,17 +35,13 @@ def _parser() -> ArgParser:
     return p
 
 
+# What `--resume` may change: where the data is and how it is read or shown, not the result.
+RESUME_SETTABLE = ("workers", "progress", "device")
+
+
 def config_from_args(a) -> tuple[TrainConfig, bool]:
     if a.resume is not None:
-        saved = read_json(a.resume / "config.json")
-        overrides = {k: _to_str(v) for k, v in saved.items()
-                     if k not in ("preset", "data", "out", "method", "method_params", "arch_kwargs")}
-        overrides.update({f"method.{k}": _to_str(v) for k, v in saved["method_params"].items()})
-        overrides.update({f"arch.{k}": _to_str(v) for k, v in saved["arch_kwargs"].items()})
-        cfg = build_config(saved["preset"], Path(saved["data"]), a.resume, saved["method"], overrides)
-        if a.epochs is not None:  # extending a finished run is allowed
-            cfg = dataclasses.replace(cfg, epochs=a.epochs)
-        return cfg, True
+        return _resume_config(a), True
     for name in ("preset", "data", "out"):
         if getattr(a, name) is None:
             raise UserError(f"--{name} is required (or --resume RUN)")
@@ -54,13 +52,28 @@ def config_from_args(a) -> tuple[TrainConfig, bool]:
         overrides["seed"] = str(a.seed)
     if a.skip_bad_images:
         overrides["skip_bad_images"] = "true"
-    return build_config(a.preset, a.data, a.out, a.method, overrides), False
+    return build_config(a.preset, a.data, a.out, a.method or "none", overrides), False
 
 
-def _to_str(v) -> str:
-    if isinstance(v, list):
-        return ",".join(str(x) for x in v)
-    return str(v)
+def _resume_config(a) -> TrainConfig:
+    """The run's saved, typed config; `--epochs` (extending), `--data` and the settings in
+    `RESUME_SETTABLE` may change, anything else would change the result and is refused."""
+    overrides = parse_overrides(a.overrides)
+    refused = [f"--{n}" for n in ("preset", "method", "out", "seed") if getattr(a, n) is not None]
+    refused += ["--skip-bad-images"] * a.skip_bad_images
+    refused += [k for k in overrides if k not in RESUME_SETTABLE]
+    if refused:
+        raise UserError(f"--resume continues the run as it was configured; cannot change "
+                        f"{', '.join(refused)} (allowed: --epochs, --data, "
+                        f"{', '.join(RESUME_SETTABLE)}; or start a new run with --out)")
+    saved = read_json(a.resume / "config.json")
+    hints = typing.get_type_hints(TrainConfig)
+    changes = {k: convert_setting(v, hints[k], k) for k, v in overrides.items()}
+    if a.data is not None:
+        changes["data"] = a.data
+    if a.epochs is not None:  # extending a finished run is allowed
+        changes["epochs"] = a.epochs
+    return config_from_json(saved, out=a.resume, **changes)
 
 
 def main(argv: list[str]) -> int:

@@ -49,9 +49,16 @@ class TrainConfig:
     channels_last: str = "auto"  # auto (on for GPU) | on | off
     compile: bool = False
     skip_bad_images: bool = False
-    limit_train: int = 0  # 0 = all; otherwise the first N training samples (smoke runs)
+    limit_train: int = 0  # 0 = all; otherwise N evenly spaced training samples (smoke runs)
     limit_val: int = 0
     progress: bool = True
+    # What resolving the preset changed on its own (rescaled milestones, scaled lr), in words;
+    # recorded in config.json and printed at the start of a run.
+    notes: tuple[str, ...] = ()
+
+
+# Settings a user does not set with key=value: given by flags, or derived.
+_NOT_SETTABLE = ("preset", "data", "out", "method", "notes")
 
 
 def _cifar(arch: str, classes: int, **kw: Any) -> dict[str, Any]:
@@ -90,14 +97,23 @@ PRESETS["shapes-resnet18"] = dict(
     mean=IMAGENET_MEAN, std=IMAGENET_STD, nesterov=True, workers=2, warmup_epochs=0)
 
 # Method defaults that depend on the dataset (the papers' settings): mixing probability 0.5 on
-# CIFAR for CutMix/SaliencyMix, 1.0 on ImageNet.
+# CIFAR for CutMix/SaliencyMix, 1.0 on ImageNet. Cutout's hole is half the crop side for every
+# preset (DeVries & Taylor: 16 px at 32; 112 at 224), set in `_method_defaults`.
 METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "cifar": {"cutmix": {"prob": 0.5}, "saliencymix": {"prob": 0.5}},
-    "imagenet": {"cutmix": {"prob": 1.0}, "saliencymix": {"prob": 1.0}, "cutout": {"size": 112}},
+    "imagenet": {"cutmix": {"prob": 1.0}, "saliencymix": {"prob": 1.0}},
 }
 
 
-def _convert(value: str, annotation: Any, key: str) -> Any:
+def _method_defaults(method: str, values: dict[str, Any]) -> dict[str, Any]:
+    family = "cifar" if values["dataset"].startswith("cifar") else "imagenet"
+    defaults = dict(METHOD_DEFAULTS[family].get(method, {}))
+    if method == "cutout":
+        defaults["size"] = max(1, int(values["input_size"]) // 2)
+    return defaults
+
+
+def convert_setting(value: str, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     try:
         if annotation is bool:
@@ -122,31 +138,82 @@ def _convert(value: str, annotation: Any, key: str) -> Any:
 
 def build_config(preset: str, data: Path, out: Path, method: str = "none",
                  overrides: dict[str, str] | None = None) -> TrainConfig:
-    """Preset, then dataset-dependent method defaults, then the user's `key=value` overrides.
+    """Preset, then the user's `key=value` overrides, then what follows from them: the
+    dataset-dependent method defaults, LR milestones rescaled to `epochs`, the LR scaled
+    linearly with `batch_size` (each change said in `notes`). Every value is typed.
 
     `method.<param>=v` sets a mixer parameter; `arch.<param>=v` an architecture parameter.
     """
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; valid: {', '.join(sorted(PRESETS))}")
     values: dict[str, Any] = dict(PRESETS[preset])
-    family = "cifar" if values["dataset"].startswith("cifar") else "imagenet"
-    method_params: dict[str, Any] = dict(METHOD_DEFAULTS[family].get(method, {}))
     arch_kwargs: dict[str, Any] = dict(values.pop("arch_kwargs", {}))
+    method_set: dict[str, str] = {}
     hints = typing.get_type_hints(TrainConfig)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(_NOT_SETTABLE)
     for key, raw in (overrides or {}).items():
         if key.startswith("method."):
-            method_params[key[len("method."):]] = raw
+            method_set[key[len("method."):]] = raw
         elif key.startswith("arch."):
             arch_kwargs[key[len("arch."):]] = _literal(raw)
-        elif key in names and key not in ("preset", "data", "out", "method"):
-            values[key] = _convert(raw, hints[key], key)
+        elif key in names:
+            values[key] = convert_setting(raw, hints[key], key)
         else:
-            raise UserError(f"unknown setting {key!r}; valid: "
-                            f"{', '.join(sorted(names - {'preset', 'data', 'out', 'method'}))}, "
+            raise UserError(f"unknown setting {key!r}; valid: {', '.join(sorted(names))}, "
                             "method.<param>, arch.<param>")
+    notes = _follow_preset(PRESETS[preset], values, set(overrides or {}))
+    method_params = typed_method_params(method, {**_method_defaults(method, values), **method_set})
     return TrainConfig(preset=preset, data=Path(data), out=Path(out), method=method,
-                       method_params=method_params, arch_kwargs=arch_kwargs, **values)
+                       method_params=method_params, arch_kwargs=arch_kwargs,
+                       notes=tuple(notes), **values)
+
+
+def _follow_preset(preset: dict[str, Any], values: dict[str, Any], given: set[str]) -> list[str]:
+    """Keep the preset's recipe when the user changes `epochs` or `batch_size` alone: the LR
+    milestones at the same fractions of training, the LR linear in the batch (Goyal et al.,
+    as transfer does). Returns the changes in words."""
+    notes = []
+    if "epochs" in given and "milestones" not in given and values["epochs"] != preset["epochs"]:
+        scale = values["epochs"] / preset["epochs"]
+        values["milestones"] = tuple(max(1, int(m * scale + 0.5)) for m in preset["milestones"])
+        notes.append(f"LR milestones rescaled to {values['epochs']} epochs: "
+                     f"{_csv(preset['milestones'])} -> {_csv(values['milestones'])}")
+    if ("batch_size" in given and "lr" not in given
+            and values["batch_size"] != preset["batch_size"]):
+        values["lr"] = preset["lr"] * values["batch_size"] / preset["batch_size"]
+        notes.append(f"lr scaled linearly with the batch: {preset['lr']:g} x "
+                     f"{values['batch_size']}/{preset['batch_size']} = {values['lr']:g}")
+    return notes
+
+
+def _csv(items: tuple[int, ...]) -> str:
+    return ",".join(str(i) for i in items)
+
+
+def typed_method_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The mixer's parameters converted to its field types (and validated), so that a saved
+    config holds numbers, not the strings they were typed as."""
+    from pretrain.mixers import get_mixer
+    mixer = get_mixer(method, **params)
+    return {k: getattr(mixer, k) for k in params}
+
+
+def config_from_json(saved: dict[str, Any], **replace: Any) -> TrainConfig:
+    """A `TrainConfig` from its `config.json` (JSON lists back to tuples, strings to paths),
+    with `replace` applied; the inverse of writing it with `smix.io.to_jsonable`."""
+    hints = typing.get_type_hints(TrainConfig)
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in saved:
+            continue  # a field added since the run was written: its default
+        v, kind = saved[f.name], hints[f.name]
+        if kind is Path:
+            v = Path(v)
+        elif typing.get_origin(kind) is tuple:
+            v = tuple(v)
+        values[f.name] = v
+    values["method_params"] = typed_method_params(values["method"], values["method_params"])
+    return TrainConfig(**{**values, **replace})
 
 
 def _literal(raw: str) -> Any:

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from smix.data import CIFAR, ClassFolder, TrainAug, eval_transform, train_transform
+from smix.data import (CIFAR, ClassFolder, TrainAug, eval_transform, subset_indices,
+                       train_transform)
 from smix.errors import UserError
 from pretrain.config import TrainConfig
 
@@ -48,10 +49,11 @@ def build_datasets(cfg: TrainConfig) -> RunData:
         train = ClassFolder(root / "train", train_transform(aug), cfg.skip_bad_images)
         val = ClassFolder(root / "val", evaluate, cfg.skip_bad_images, classes=train.classes)
         classes = train.classes
+    # Evenly spaced, not the first N: class folders are sorted by class.
     if cfg.limit_train:
-        train = Subset(train, range(min(cfg.limit_train, len(train))))
+        train = Subset(train, subset_indices(len(train), cfg.limit_train))
     if cfg.limit_val:
-        val = Subset(val, range(min(cfg.limit_val, len(val))))
+        val = Subset(val, subset_indices(len(val), cfg.limit_val))
     return RunData(train, val, list(classes))
 
 

@@ -4,12 +4,18 @@ Per epoch: reseed every random stream from (seed, epoch) — the loader's shuffl
 the mixer's generator, the global RNG (dropout, transforms) — so that a run resumed at an epoch
 boundary is bit-identical on CPU to an uninterrupted one. Rank 0 alone writes; every write is
 atomic; `resume.pt` holds everything to continue (primitives and tensors only).
+
+An epoch has one commit point, `resume.pt`: it is written first, and everything else of the
+epoch (the `log.jsonl` line, `backbone.safetensors`, `best.safetensors`, `metrics.json`) is
+derived from it. A kill anywhere after the commit is repaired by `--resume`, which rewrites
+the derived files from the committed state, even when no epoch is left to train.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 from typing import Any
 
@@ -22,10 +28,11 @@ from tqdm import tqdm
 from smix.arch import build_model
 from smix.checkpoint import BackboneMeta, export_state, save_checkpoint
 from smix.data import collate_skip
-from smix.dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from smix.dist import (DistInfo, all_gather_tensor, all_reduce_sum, any_rank, barrier,
+                       init_distributed)
 from smix.errors import UserError
 from smix.io import RunDir, atomic_save, provenance, read_json
-from pretrain.config import TrainConfig
+from pretrain.config import TrainConfig, typed_method_params
 from pretrain.data import RunData, build_datasets, to_device
 from pretrain.mixers import MixContext, Mixer, MixOutput, get_mixer
 
@@ -138,12 +145,16 @@ def make_loader(rt: Runtime, train: bool, epoch: int) -> DataLoader:
 
 
 def mixed_loss(logits: torch.Tensor, out: MixOutput) -> torch.Tensor:
-    """λ·CE(y_a) + (1-λ)·CE(y_b), per sample; plain CE when nothing was mixed."""
+    """λ·CE(y_a) + (1-λ)·CE(y_b), per sample; plain CE when nothing was mixed.
+
+    In float32 whatever the autocast dtype: λ in bfloat16 would be off by up to 0.4%
+    (8 mantissa bits), and the loss is cheap next to the forward pass."""
+    logits = logits.float()
     if out.label_b is None:
         return F.cross_entropy(logits, out.label_a)
     ce_a = F.cross_entropy(logits, out.label_a, reduction="none")
     ce_b = F.cross_entropy(logits, out.label_b, reduction="none")
-    lam = out.lam.to(logits.dtype)
+    lam = out.lam.to(device=logits.device, dtype=torch.float32)
     return (lam * ce_a + (1 - lam) * ce_b).mean()
 
 
@@ -179,7 +190,7 @@ def train_epoch(rt: Runtime, epoch: int) -> dict[str, float]:
     for step, batch in enumerate(bar):
         images, labels, n_skip = to_device(batch, rt.dist.device, rt.channels_last)
         skipped += n_skip
-        if len(labels) < 2:
+        if _skip_batch(rt, len(labels)):
             continue
         loss = train_step(rt, images, labels, mix_gen)
         loss_sum += loss.double() * len(labels)
@@ -196,6 +207,15 @@ def train_epoch(rt: Runtime, epoch: int) -> dict[str, float]:
     return {"train_loss": float(totals[0]) / n, "train_images": int(totals[1]),
             "skipped_images": int(totals[2]), "epoch_time_s": elapsed,
             "images_per_s": int(totals[1]) / max(elapsed, 1e-9)}
+
+
+def _skip_batch(rt: Runtime, n: int) -> bool:
+    """Skip a batch of fewer than 2 images (nothing to mix). Under DDP every rank must skip
+    the same steps or the others wait in the gradient all-reduce forever; ranks can disagree
+    only when unreadable images are skipped, so only then do they decide together."""
+    if rt.dist.distributed and rt.cfg.skip_bad_images:
+        return any_rank(n < 2, rt.dist.device)
+    return n < 2
 
 
 def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
@@ -267,6 +287,7 @@ def load_resume(rt: Runtime) -> tuple[int, list[dict[str, Any]]]:
     except Exception as e:  # a torn or foreign file
         raise UserError(f"{path}: unreadable resume state ({type(e).__name__})") from None
     saved = state["config"]
+    saved["method_params"] = typed_method_params(saved["method"], saved["method_params"])
     for key in ("arch", "dataset", "method", "method_params", "batch_size", "seed"):
         if saved.get(key) != _plain_config(rt.cfg).get(key):
             raise UserError(f"{path}: cannot resume with a different {key} "
@@ -290,23 +311,38 @@ def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
     return {"best": pick(best), "last": pick(last)}
 
 
-def _write_epoch(rt: Runtime, epoch: int, history: list[dict[str, Any]], best_top1: float,
-                 train_time: float) -> None:
+def _write_epoch(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -> None:
+    """Commit `epoch` (resume.pt), then write what derives from it."""
+    save_resume(rt, epoch, history)
+    rt.run.log(history[-1])
+    _write_artefacts(rt, epoch, history)
+
+
+def _write_artefacts(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -> None:
+    """backbone.safetensors, best.safetensors (when `epoch` is the best one, as `summarise`
+    picks it) and metrics.json of the model as it is after `epoch`."""
     summary = summarise(history)
     meta = backbone_meta(rt, epoch, summary)
-    # Order matters for a kill at any point: resume state first, then the weights it implies.
-    save_resume(rt, epoch, history)
     save_checkpoint(rt.run.file("backbone.safetensors"), rt.model, meta)
-    if history[-1]["top1"] >= best_top1:
+    if summary["best"]["epoch"] == epoch:
         save_checkpoint(rt.run.file("best.safetensors"), rt.model, meta)
     results = {**summary, "arch": rt.cfg.arch, "dataset": rt.cfg.dataset,
                "method": rt.mixer.describe(), "seed": rt.cfg.seed, "epochs_done": epoch,
                "epochs": rt.cfg.epochs, "num_classes": len(rt.data.classes),
-               "train_time_s": train_time,
+               "train_time_s": sum(h["epoch_time_s"] for h in history),
                "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
                "world_size": rt.dist.world_size}
     rt.run.write_metrics(stage="pretrain", kind="classification", results=results,
                          config=rt.cfg, checkpoint=str(rt.run.file("backbone.safetensors")))
+
+
+def _restore_artefacts(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -> None:
+    """On resume: the log holds exactly the committed epochs (a line written after a later
+    epoch's kill is dropped), and the files derived from the committed state are rewritten
+    from it (a kill between the commit and them left them one epoch behind, or missing)."""
+    rt.run.write_log(history)
+    if epoch > 0:
+        _write_artefacts(rt, epoch, history)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -319,22 +355,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                         "or choose another --out")
     if dist.is_main:
         rt.run.write_config(cfg)
-    train_time = sum(h["epoch_time_s"] for h in history)
-    best_top1 = max((h["top1"] for h in history), default=-1.0)
+        for note in cfg.notes:
+            print(f"pretrain: {note}", file=sys.stderr)
+        if resume:
+            _restore_artefacts(rt, start, history)
     for epoch in range(start, cfg.epochs):
         stats = train_epoch(rt, epoch)
         sync_bn_buffers(rt)
         rt.scheduler.step()
         stats.update(evaluate(rt, epoch), epoch=epoch + 1, lr=rt.optimizer.param_groups[0]["lr"])
         history.append(stats)
-        train_time += stats["epoch_time_s"]
         if dist.is_main:
-            rt.run.log(stats)
-            _write_epoch(rt, epoch + 1, history, best_top1, train_time)
+            _write_epoch(rt, epoch + 1, history)
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
                        f"top1 {stats['top1']:.2f}  top5 {stats['top5']:.2f}  "
                        f"{stats['images_per_s']:.0f} img/s")
-        best_top1 = max(best_top1, stats["top1"])
         barrier()
     identical = replicas_identical(rt)
     if dist.is_main and dist.distributed:
@@ -364,6 +399,5 @@ def replicas_identical(rt: Runtime) -> bool:
     with torch.no_grad():
         digest = torch.stack([p.double().sum() for p in rt.model.state_dict().values()
                               if p.is_floating_point()]).cpu()
-    gathered = [torch.zeros_like(digest) for _ in range(rt.dist.world_size)]
-    torch.distributed.all_gather(gathered, digest.to(rt.dist.device))
-    return all(torch.equal(gathered[0].cpu(), g.cpu()) for g in gathered[1:])
+    gathered = all_gather_tensor(digest)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from smix.cli import ArgParser
 from smix.errors import UserError
+from smix.report import incomplete_note
 from robustness.adversarial import MAX_EPS, AttackConfig, run_attack
 from robustness.attacks import attack_info, list_attacks
 from robustness.corruption import CorruptionConfig, run_corruption
@@ -103,7 +104,7 @@ def _summary(results: dict[str, Any], kind: str) -> list[str]:
         name = Path(m["checkpoint"]["path"]).name
         if kind == "corruption":
             lines.append(f"{name}: mean error {_fmt(m['mean_error'])}  mCE {_fmt(m['mCE'])}  "
-                         f"clean error {_fmt(m['clean_error'])}")
+                         f"clean error {_fmt(m['clean_error'])}{incomplete_note(results)}")
         else:
             adv = "  ".join(f"eps {k}: {_fmt(v['top1'])}" for k, v in m["adversarial"].items())
             lines.append(f"{name}: clean top-1 {_fmt(m['clean_acc'])}  {adv}")

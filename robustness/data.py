@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from smix.data import subset_indices  # noqa: F401  (this stage's callers import it here)
 from smix.dist import shard_indices
 
 
@@ -26,14 +27,6 @@ class Shard:
     indices: tuple[int, ...]  # dataset indices this process evaluates, in order
     first_batch: int  # global index of its first batch (for per-batch seeds)
     batch_size: int
-
-
-def subset_indices(n: int, limit: int | None) -> list[int]:
-    """All of range(n), or `limit` evenly spaced indices: class-folder datasets are sorted by
-    class, so the first N would be one class only; evenly spaced keeps every class."""
-    if limit is None or limit >= n:
-        return list(range(n))
-    return [i * n // limit for i in range(limit)]
 
 
 def shard_batches(indices: Sequence[int], batch_size: int, rank: int, world_size: int) -> Shard:

@@ -2,8 +2,8 @@
 
 Sources: torchvision / timm ResNet state dicts (`.pth`, `.pt`, `.bin`, `.safetensors`), and the
 official SaliencyMix / CutMix `.pth.tar` files (`{'state_dict': {'module.…'}, 'epoch', 'arch',
-'best_err1', 'optimizer', …}`). `.pth*` files are opened with `torch.load(weights_only=True)`;
-anything that needs arbitrary unpickling is refused.
+'best_err1', 'optimizer', …}`). The reader is chosen by content, not by name; torch files are
+opened with `torch.load(weights_only=True)`; anything that needs arbitrary unpickling is refused.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ def read_external(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict of an external file, plus its non-tensor extras (epoch, arch, ...)."""
     if not src.is_file():
         raise UserError(f"{src}: no such file")
-    if src.suffix == ".safetensors":
+    if sniff_format(src) == "safetensors":
         try:
             return dict(load_file(str(src))), {}
         except SafetensorError as e:
             raise UserError(f"{src}: unreadable safetensors file ({e})") from None
-    try:
-        obj = torch.load(str(src), map_location="cpu", weights_only=True)
+    try:  # a file object: torch.load itself would pick a reader by the name's extension
+        with open(src, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
         raise UserError(f"{src}: refused, it needs full unpickling of arbitrary objects, which "
@@ -48,6 +49,20 @@ def read_external(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             extras = {k: v for k, v in obj.items() if k != key and not isinstance(v, Mapping)}
             return _tensors(obj[key], src), extras
     return _tensors(obj, src), {}
+
+
+def sniff_format(src: Path) -> str:
+    """"safetensors" or "torch" (a zip of torch.save, or a legacy pickle), read from the first
+    bytes rather than the name: `r50.st` or a `.bin` may be either."""
+    with open(src, "rb") as f:
+        head = f.read(9)
+    size = src.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 8 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"  # u64 little-endian header length, then the JSON header
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # zip (torch >= 1.6) / pickle protocol
+        return "torch"
+    raise UserError(f"{src}: not a checkpoint (neither safetensors, nor a torch.save zip or "
+                    "pickle)")
 
 
 def _tensors(d: Mapping[str, Any], src: Path) -> dict[str, torch.Tensor]:

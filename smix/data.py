@@ -303,3 +303,11 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                 scale: float = 1.0) -> torch.Tensor:
     """Back to pixel space: [0,1] by default, 0..255 with `scale=255`."""
     return (x * channel_constant(std, x) + channel_constant(mean, x)) * scale
+
+
+def subset_indices(n: int, limit: int | None) -> list[int]:
+    """All of range(n), or `limit` evenly spaced indices: class-folder datasets are sorted by
+    class, so the first N would be one class only; evenly spaced keeps every class."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return [i * n // limit for i in range(limit)]

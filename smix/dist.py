@@ -68,11 +68,48 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def group_device() -> torch.device:
+    """The device the process group's collectives take tensors on: the current GPU for NCCL
+    (which rejects CPU tensors: "No backend type associated with device type cpu"), the CPU
+    for gloo and the rest."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Exact sum over ranks (use integer or float64 counts for exact totals); in place."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    """Exact sum over ranks (use integer or float64 counts for exact totals); in place, on
+    whatever device `t` lives: it travels to the group's device and back when they differ."""
+    if not _active():
+        return t
+    device = group_device()
+    work = t if t.device == device else t.to(device)
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    if work is not t:
+        t.copy_(work)
     return t
+
+
+def all_gather_tensor(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape on every rank), in rank order, on `t`'s device."""
+    if not _active():
+        return [t]
+    device = group_device()
+    work = t.to(device)
+    parts = [torch.empty_like(work) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, work)
+    return [part.to(t.device) for part in parts]
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when `flag` is true on at least one (a decision all ranks share)."""
+    if not _active():
+        return flag
+    return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item() > 0)
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -170,6 +170,11 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def write_log(self, records: list[dict[str, Any]]) -> None:
+        """Replace log.jsonl with exactly `records`, atomically (used to repair it on resume)."""
+        atomic_write(self.file("log.jsonl"),
+                     "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
+
     def read_log(self) -> list[dict[str, Any]]:
         p = self.file("log.jsonl")
         if not p.exists():

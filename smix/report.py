@@ -206,13 +206,27 @@ def corruption_table(runs: list[Run]) -> Table | None:
     rows = []
     for r, m in models:
         ck = m.get("checkpoint") or {}
+        part = incomplete_note(r.results)
         rows.append([method_label(ck.get("method")), str(m.get("architecture", ck.get("arch"))),
-                     str(r.results.get("dataset")), fmt(m.get("clean_error")), fmt(m.get("mCE")),
-                     fmt(m.get("relative_mCE")), fmt(m.get("mean_error")), r.path.name])
+                     str(r.results.get("dataset")), fmt(m.get("clean_error")),
+                     *(fmt(m.get(k)) + part for k in ("mCE", "relative_mCE", "mean_error")),
+                     r.path.name])
     return Table("Corruption robustness (error, %)",
                  ["backbone method", "arch", "dataset", "clean err", "mCE", "relative mCE",
                   "mean corruption err", "run folder"], rows,
-                 "mCE normalised by AlexNet's published errors (ImageNet-C); CIFAR-C: mean error.")
+                 "mCE normalised by AlexNet's published errors (ImageNet-C); CIFAR-C: mean error. "
+                 "'incomplete: k of n': averaged over k of the n corruptions only, not "
+                 "comparable with full-set numbers.")
+
+
+def incomplete_note(results: dict[str, Any]) -> str:
+    """'' for a corruption run over the full set, else ' (incomplete: k of n corruptions)':
+    an mCE over a few corruptions is not comparable with the published ones."""
+    if results.get("complete", True):
+        return ""
+    done = len(results.get("corruptions", []))
+    return (f" (incomplete: {done} of {done + len(results.get('corruptions_missing', []))} "
+            "corruptions)")
 
 
 def localization_table(runs: list[Run]) -> Table | None:

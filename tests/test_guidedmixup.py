@@ -16,8 +16,7 @@ from smix.checkpoint import read_checkpoint
 from smix.cli import main as smix
 from smix.data import denormalize
 from smix.errors import UserError
-from pretrain.greedy import (gaussian_blur_maps, greedy_cycle, greedy_pairing, guided_maps,
-                             pairwise_distances)
+from pretrain.greedy import gaussian_blur_maps, greedy_cycle, greedy_pairing, guided_maps
 from pretrain.mixers import MixContext, MixParams, get_mixer
 from pretrain.mixers.guidedmixup import mixing_mask
 from pretrain.pairing import get_pairing
@@ -74,6 +73,36 @@ def brute_force_walk(maps: np.ndarray) -> list[int]:
     return perm
 
 
+def official_onecycle_cover(distance_matrix: np.ndarray) -> list[int]:
+    """`onecycle_cover` of the official code (3neutronstar/GuidedMixup, pairing.pyx),
+    transcribed from Cython to Python line by line; it takes the float32 distance matrix."""
+    distance_matrix = np.array(distance_matrix, dtype=np.float32)
+    max_idx = np.argmax(distance_matrix)
+    sorted_indices = np.zeros(distance_matrix.shape[0], dtype=np.int32)
+    np.fill_diagonal(distance_matrix, -np.inf)
+    row, col = max_idx // distance_matrix.shape[0], max_idx % distance_matrix.shape[0]
+    first_row = row
+    sorted_indices[row] = col
+    distance_matrix[:, row] = -np.inf
+    idx = 0
+    while idx < distance_matrix.shape[0] - 2:
+        idx += 1
+        row = col
+        col = np.argmax(distance_matrix[row])
+        sorted_indices[row] = col
+        distance_matrix[:, row] = -np.inf
+    sorted_indices[col] = first_row
+    return sorted_indices.tolist()
+
+
+def official_pairing(maps: torch.Tensor) -> list[int]:
+    """The official greedy pairing of saliency maps: L2 distances of the flattened maps
+    (numpy, float64), then `onecycle_cover`."""
+    flat = maps.reshape(len(maps), -1).double().numpy()
+    dist = np.sqrt(((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1))
+    return official_onecycle_cover(dist)
+
+
 def is_one_cycle(perm: list[int]) -> bool:
     seen, i = set(), 0
     for _ in range(len(perm)):
@@ -89,7 +118,7 @@ def test_greedy_is_one_cycle_and_matches_brute_force(n):
         perm = greedy_pairing(n, maps=maps).tolist()
         assert sorted(perm) == list(range(n)) and all(p != i for i, p in enumerate(perm))
         assert is_one_cycle(perm)
-        assert perm == brute_force_walk(maps.numpy())
+        assert perm == brute_force_walk(maps.numpy()) == official_pairing(maps)
 
 
 def test_greedy_walk_hand_example():
@@ -98,6 +127,12 @@ def test_greedy_walk_hand_example():
     pos = torch.tensor([0.0, 1.0, 3.0, 10.0])
     dist = (pos[:, None] - pos[None, :]).abs()
     assert greedy_cycle(dist).tolist() == [3, 2, 0, 1]
+    assert official_onecycle_cover(dist.numpy()) == [3, 2, 0, 1]  # the hand walk is the official
+    # 2-D points: (0,0) (4,0) (0,3) (1,1). Farthest pair: (4,0)-(0,3), 5 -> start 1→2; from
+    # (0,3): to (0,0) 3, to (1,1) √5 -> 2→0; then 0→3; close 3→1.
+    pts = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    assert greedy_pairing(4, maps=pts.view(4, 1, 2)).tolist() == [3, 2, 0, 1]
+    assert official_pairing(pts) == [3, 2, 0, 1]
     assert greedy_cycle(torch.zeros(1, 1)).tolist() == [0]
     # identical maps: all distances 0, still a cycle with no self-pairs (diagonal is -inf)
     assert is_one_cycle(greedy_cycle(torch.zeros(5, 5)).tolist())
@@ -107,8 +142,7 @@ def test_greedy_pairing_from_images_uses_guided_sr_maps():
     x = blobs(8, 32)
     pixels = denormalize(x, MEAN, STD, scale=255)
     maps = guided_maps(get_detector("spectral_residual")(pixels))
-    assert torch.equal(greedy_pairing(8, images=x, ctx=CTX), greedy_cycle(pairwise_distances(maps)))
-    assert greedy_pairing(8, images=x, ctx=CTX).tolist() == brute_force_walk(maps.numpy())
+    assert greedy_pairing(8, images=x, ctx=CTX).tolist() == official_pairing(maps)
     with pytest.raises(ValueError, match="needs saliency maps"):
         greedy_pairing(8)
 
@@ -119,7 +153,8 @@ def test_pairing_is_selectable_for_every_mixer(name):
     greedy = get_mixer(name, pairing="greedy")
     p = greedy.sample(x, y, torch.Generator().manual_seed(0), CTX)
     assert p.info["pairing"] == "greedy" and greedy.describe()["pairing"] == "greedy"
-    assert torch.equal(p.perm, greedy_pairing(8, images=x, ctx=CTX))  # Guided-SR maps
+    maps = guided_maps(get_detector("spectral_residual")(denormalize(x, MEAN, STD, scale=255)))
+    assert p.perm.tolist() == official_pairing(maps)  # on Guided-SR maps
     assert is_one_cycle(p.perm.tolist())
     rand = get_mixer(name, pairing="random").sample(x, y, torch.Generator().manual_seed(0), CTX)
     assert rand.info["pairing"] == "random" and sorted(rand.perm.tolist()) == list(range(8))
@@ -148,7 +183,7 @@ def test_guided_sr_sample_is_the_published_recipe():
     mixer = get_mixer("guidedmixup", saliency="sr", pairing="greedy")
     p = mixer.sample(x, y, torch.Generator().manual_seed(0), CTX)
     maps = guided_maps(get_detector("spectral_residual")(denormalize(x, MEAN, STD, scale=255)))
-    assert torch.equal(p.perm, greedy_cycle(pairwise_distances(maps)))
+    assert p.perm.tolist() == official_pairing(maps)
     expect = maps / (maps + maps[p.perm])
     assert torch.allclose(p.mask[:, 0], expect, atol=1e-6)
     out = mixer.apply(x, y, p)
@@ -200,7 +235,7 @@ def test_guided_ap_uses_the_model_gradient_and_leaves_the_model_alone():
     torch.nn.functional.cross_entropy(model(xg), y).backward()
     raw = xg.grad.square().mean(1).sqrt()
     assert torch.allclose(mixer.saliency_maps(x, y, ctx), guided_maps(raw), atol=1e-6)
-    assert torch.equal(p.perm, greedy_cycle(pairwise_distances(guided_maps(raw))))
+    assert p.perm.tolist() == official_pairing(guided_maps(raw))
     with pytest.raises(UserError, match="needs the model being trained"):
         mixer.sample(x, y, torch.Generator().manual_seed(0), CTX)
 

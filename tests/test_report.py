@@ -89,3 +89,21 @@ def test_report_bad_input(tmp_path, capsys):
     assert smix(["report", str(tmp_path / "foreign"), "--out", str(tmp_path / "rep")]) == 2
     assert "not a toolkit metrics.json" in capsys.readouterr().err
     assert smix(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "rep")]) == 2
+
+
+def test_corruption_table_marks_an_incomplete_set(tmp_path):
+    from robustness.corruption import ALEXNET_ERR
+    root = tmp_path / "runs"
+    for name, names in (("full", list(ALEXNET_ERR)), ("part", ["fog", "snow"])):
+        RunDir(root / name).write_metrics(stage="robustness", kind="corruption", results={
+            "dataset": "imagenet-c", "corruptions": names,
+            "corruptions_missing": [c for c in ALEXNET_ERR if c not in names],
+            "complete": len(names) == 15, "models": [
+                {"checkpoint": ck("none"), "architecture": "resnet18", "clean_error": 25.0,
+                 "mCE": 60.0, "relative_mCE": 80.0, "mean_error": 50.0}]})
+    build_report([root], tmp_path / "rep")
+    rows = {r["run folder"]: r for r in read_csv(tmp_path / "rep" / "corruption_robustness.csv")}
+    assert rows["full"]["mCE"] == "60.00" and rows["full"]["mean corruption err"] == "50.00"
+    assert rows["part"]["mCE"] == "60.00 (incomplete: 2 of 15 corruptions)"
+    assert rows["part"]["relative mCE"] == "80.00 (incomplete: 2 of 15 corruptions)"
+    assert rows["part"]["clean err"] == "25.00"

@@ -5,6 +5,7 @@ short training run through `smix pretrain`."""
 from __future__ import annotations
 
 import sys
+import types
 
 import cv2
 import numpy as np
@@ -123,11 +124,13 @@ def test_official_and_fixed_boxes_differ_on_photos():
     assert differ >= len(x) - 1
 
 
-def test_official_mode_without_opencv_is_one_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cv2", None)
-    mixer = get_mixer("saliencymix", mode="official")
-    with pytest.raises(UserError, match="opencv-contrib-python-headless"):
-        mixer(blobs(4, 16), torch.arange(4), torch.Generator().manual_seed(0), CTX)
+@pytest.mark.parametrize("cv2", [None, types.ModuleType("cv2")])  # absent; without contrib
+def test_official_mode_without_opencv_contrib_is_one_clear_error(monkeypatch, cv2):
+    """Said when the mixer is built (validate), not as a traceback on the first step."""
+    monkeypatch.setitem(sys.modules, "cv2", cv2)
+    with pytest.raises(UserError, match="install opencv-contrib-python-headless"):
+        get_mixer("saliencymix", mode="official")
+    get_mixer("saliencymix", mode="batch")  # the torch detectors need no OpenCV
 
 
 # ---------------------------------------------------------------------------- properties
@@ -251,7 +254,32 @@ def test_probability_and_sampling_match_official_draw_order():
     x, y = blobs(6, 16), torch.arange(6)
     never = get_mixer("saliencymix", prob=0.0)(x, y, torch.Generator().manual_seed(0), CTX)
     assert torch.equal(never.images, x) and never.label_b is None
-    # draw order as the official loop: coin, λ ~ Beta(α, α), permutation
+    # The official loop (train.py): `r = np.random.rand(1)`; if r < salmix_prob:
+    # `lam = np.random.beta(beta, beta)`, then `rand_index = torch.randperm(B)`. The same three
+    # draws in that order from one generator give the mixer's λ and permutation; any other
+    # order gives other values (checked for the two swaps below).
+    from pretrain.mixers.base import bernoulli, beta
+    from pretrain.pairing import random_pairing
+
+    def official(seed: int, order: str) -> tuple[float, list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        draws = {}
+        for step in order:
+            if step == "coin":
+                bernoulli(g, 1.0)
+            elif step == "lam":
+                draws["lam"] = float(beta(g, 1.0))
+            else:
+                draws["perm"] = random_pairing(6, g).tolist()
+        return draws["lam"], draws["perm"]
+
+    mixer = get_mixer("saliencymix", mode="batch", prob=1.0)
+    for seed in range(3):
+        p = mixer.sample(x, y, torch.Generator().manual_seed(seed), CTX)
+        lam, perm = official(seed, ("coin", "lam", "perm"))
+        assert p.active and p.info["lam_sampled"] == lam and p.perm.tolist() == perm
+        for other in (("lam", "coin", "perm"), ("coin", "perm", "lam")):
+            assert official(seed, other) != (lam, perm)
     mixer = get_mixer("saliencymix", mode="sample")
     p = mixer.sample(x, y, torch.Generator().manual_seed(1), CTX)
     assert p.active and sorted(p.perm.tolist()) == list(range(6))

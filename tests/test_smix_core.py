@@ -134,23 +134,56 @@ def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["b.safetensors"]
 
 
-def _official_layout(model: torch.nn.Module) -> dict:
-    return {"epoch": 300, "arch": "resnet", "best_err1": torch.tensor(21.26), "best_err5": 5.8,
-            "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-            "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(3)}},
-                          "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}]}}
+def _official_checkpoint(path: Path) -> torch.nn.Module:
+    """A `model_best.pth.tar` as the official SaliencyMix / CutMix `train.py` saves it: a
+    torchvision ResNet-50 wrapped in `DataParallel` (hence `module.` keys), its SGD state after
+    a step, `save_checkpoint({'epoch', 'arch', 'state_dict', 'best_err1', 'best_err5',
+    'optimizer'})`. Returns the torchvision model (the reference for the imported weights)."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(num_classes=7)
+    model = torch.nn.DataParallel(net)  # on CPU a plain wrapper: same `module.` keys as on GPU
+    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=1e-4,
+                                nesterov=True)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    torch.save({"epoch": 300, "arch": "resnet", "state_dict": model.state_dict(),
+                "best_err1": 21.26, "best_err5": 5.8, "optimizer": optimizer.state_dict()}, path)
+    return net
 
 
 def test_import_official_pth_tar(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("resnet50", 7)
-    torch.save(_official_layout(model), tmp_path / "model_best.pth.tar")
+    net = _official_checkpoint(tmp_path / "model_best.pth.tar")
     meta = import_checkpoint(tmp_path / "model_best.pth.tar", tmp_path / "b.safetensors")
     assert meta.arch == "resnet50" and meta.num_classes == 7 and meta.epochs == 300
     assert meta.metrics["best_err1"] == pytest.approx(21.26, abs=1e-4)
     state, _ = read_checkpoint(tmp_path / "b.safetensors")
-    for k, v in model.state_dict().items():
-        assert torch.equal(state[k], v)
+    reference = net.state_dict()
+    assert state.keys() == reference.keys()
+    for k, v in reference.items():
+        assert torch.equal(state[k], v), k
+
+
+@pytest.mark.parametrize("name,writer", [
+    ("r18.st", "safetensors"), ("r18.safetensors.bak", "safetensors"),
+    ("r18.safetensors", "torch-zip"), ("r18.weights", "torch-legacy")])
+def test_import_reads_by_content_not_name(tmp_path, name, writer):
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet18(num_classes=3).state_dict()
+    src = tmp_path / name
+    if writer == "safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(src))
+    else:
+        torch.save(sd, src, _use_new_zipfile_serialization=writer == "torch-zip")
+    meta = import_checkpoint(src, tmp_path / "out.safetensors")
+    state, _ = read_checkpoint(tmp_path / "out.safetensors")
+    assert meta.arch == "resnet18" and all(torch.equal(state[k], sd[k]) for k in sd)
+
+
+def test_import_names_a_file_that_is_no_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("hello, not weights")
+    assert smix(["ckpt", "import", str(tmp_path / "notes.pth"), str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "notes.pth: not a checkpoint" in err
 
 
 def test_import_cifar_stem_and_torchvision_plain(tmp_path):

@@ -299,9 +299,17 @@ def test_cli_torchvision_end_to_end(ckpt18: Path, shapes: Path, tmp_path: Path,
 
 def test_default_backend_is_said(ckpt18: Path, shapes: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture) -> None:
-    from transfer.api import choose_backend, detectron2_available
-    expected = "detectron2" if detectron2_available() else "torchvision"
-    assert choose_backend("auto") == expected
+    import importlib.util
+
+    from transfer.api import choose_backend
+    real = importlib.util.find_spec
+    for installed, expected in ((True, "detectron2"), (False, "torchvision")):
+        spec = lambda name, *a, **k: (object() if installed else None) if name == "detectron2" \
+            else real(name, *a, **k)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(importlib.util, "find_spec", spec)
+            assert choose_backend("auto") == expected
+            assert choose_backend("torchvision") == "torchvision"  # asked for: kept
     with pytest.raises(UserError, match="valid: auto, detectron2, torchvision"):
         choose_backend("mmdet")
 
@@ -427,6 +435,31 @@ def test_voc07_plus_12_in_a_devkit_folder(shapes: Path, tmp_path: Path) -> None:
     assert splits.train_sets == ("VOC2007/trainval", "VOC2012/trainval") and not splits.skipped_sets
     n07 = len((shapes / "VOC2007/ImageSets/Main/trainval.txt").read_text().split())
     assert len(splits.train) == 2 * n07 and splits.test_dir == devkit / "VOC2007"
+    assert splits.test_year == "2007"
+    on12 = load_splits(tmp_path, "auto", parse_sets("2007:trainval"), ("2012", "test"))
+    assert on12.test_year == "2012" and on12.test_dir == devkit / "VOC2012"
     shutil.rmtree(devkit / "VOC2012")
     with pytest.raises(UserError, match="no VOC2012/ folder"):
         load_splits(tmp_path, "auto", parse_sets("2012:trainval"))
+
+
+@pytest.mark.parametrize("test_set,metric,label", [("2007:test", "voc07", "voc07-11point"),
+                                                   ("2012:test", "area", "voc12-area")])
+def test_the_test_year_picks_and_names_the_metric(shapes: Path, ckpt18: Path, tmp_path: Path,
+                                                  monkeypatch, test_set, metric, label) -> None:
+    """VOC2012 is scored with the area AP (the devkit from 2010 on), and said so."""
+    from transfer import api
+    from transfer.voc_eval import Detections, evaluate_voc
+    shutil.copytree(shapes / "VOC2007", tmp_path / "voc" / "VOC2007")
+    shutil.copytree(shapes / "VOC2007", tmp_path / "voc" / "VOC2012")
+    asked = []
+
+    def backend(cfg, s, splits, run, sha):  # stands in for the training; evaluates nothing
+        asked.append(splits.test_year)
+        from transfer.voc_eval import year_metric
+        return evaluate_voc(splits.test, Detections.empty(), splits.class_names,
+                            year_metric(splits.test_year)), {}
+    monkeypatch.setitem(api._BACKENDS, "torchvision", backend)
+    results = api.run_transfer(tcfg(ckpt18, tmp_path / "voc", tmp_path / "run",
+                                    extra=(f"test_set={test_set}",)))
+    assert asked == [test_set[:4]] and results["metric"] == label

@@ -11,7 +11,7 @@ import pytest
 from smix.errors import UserError
 from smix.voc import VOCObject, VOCRecord
 from transfer.voc_eval import (IOU_THRESHOLDS, Detections, average_precision, evaluate_voc,
-                               to_voc_boxes)
+                               metric_label, to_voc_boxes, year_metric)
 
 HAS_D2 = importlib.util.find_spec("detectron2") is not None
 D2_REASON = "detectron2 is not installed in this environment (it is built from source)"
@@ -120,6 +120,15 @@ def test_average_precision_hand_values() -> None:
     assert average_precision(np.zeros(0), np.zeros(0), "voc07") == 0.0
 
 
+def test_the_test_year_decides_the_metric_and_its_name() -> None:
+    assert (year_metric("2007"), metric_label("2007")) == ("voc07", "voc07-11point")
+    assert (year_metric("2012"), metric_label(2012)) == ("area", "voc12-area")
+    # recall [.5 1], precision [1 .5]: 11-point (6·1 + 5·0.5)/11 = 0.7727…, area 0.5·1 + 0.5·0.5
+    rec_, prec = np.array([0.5, 1.0]), np.array([1.0, 0.5])
+    assert average_precision(rec_, prec, year_metric("2007")) == pytest.approx(8.5 / 11)
+    assert average_precision(rec_, prec, year_metric("2012")) == pytest.approx(0.75)
+
+
 def _loop_reference(records, d: Detections, names, t: float) -> list[float]:
     """The VOC devkit algorithm, detection by detection (the oracle for the vectorised code)."""
     out = []
@@ -199,8 +208,10 @@ def test_vectorised_matching_equals_the_loop_reference(seed: int) -> None:
 
 
 @pytest.mark.skipif(not HAS_D2, reason=D2_REASON)
-def test_identical_to_detectron2_pascal_voc_evaluator(tmp_path: Path) -> None:
-    """Same detections into detectron2's PascalVOCDetectionEvaluator and the toolkit's."""
+@pytest.mark.parametrize("year", ["2007", "2012"])
+def test_identical_to_detectron2_pascal_voc_evaluator(tmp_path: Path, year: str) -> None:
+    """Same detections into detectron2's PascalVOCDetectionEvaluator and the toolkit's; the
+    year registered decides the metric in both (11-point for 2007, area for 2012)."""
     import torch
     from detectron2.structures import Boxes, Instances
 
@@ -219,8 +230,8 @@ def test_identical_to_detectron2_pascal_voc_evaluator(tmp_path: Path) -> None:
             (voc / "JPEGImages" / f"{r.image_id}.jpg").touch()
         atomic_write(voc / "ImageSets/Main/test.txt", "\n".join(r.image_id for r in records))
         test = load_voc(voc, "test", tuple(names))
-        register("voc_eval_parity", test, names, voc, "test")
-        ev = VOCEvaluator("voc_eval_parity", test, run_d2=True)
+        register("voc_eval_parity", test, names, voc, "test", year)
+        ev = VOCEvaluator("voc_eval_parity", test, run_d2=True, metric=year_metric(year))
         ev.reset()
         for r in test:
             sel = [i for i, x in enumerate(d.image_ids) if x == r.image_id]
@@ -235,7 +246,8 @@ def test_identical_to_detectron2_pascal_voc_evaluator(tmp_path: Path) -> None:
         assert out["detectron2"]["AP"] == pytest.approx(out["toolkit"]["AP"], abs=1e-9)
         assert 0 < out["toolkit"]["AP50"] < 100
         # and d2_rounded is only text rounding: the unrounded detections give nearly the same AP
-        assert evaluate_voc(test, d, names).AP50 == pytest.approx(out["toolkit"]["AP50"], abs=2.0)
+        assert evaluate_voc(test, d, names, year_metric(year)).AP50 == pytest.approx(
+            out["toolkit"]["AP50"], abs=2.0)
         assert d2_rounded("x", np.array([[0.04, 1.26, 3.0, 4.0]]), [0.12345], [1])[1].tolist() \
             == [[1.0, 2.3, 3.0, 4.0]]
 

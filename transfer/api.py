@@ -18,7 +18,7 @@ from smix.io import RunDir, file_sha256, read_json, to_jsonable
 from transfer.config import BACKENDS, Settings, TransferConfig, resolve
 from transfer.convert import check_detection_backbone
 from transfer.data import VOCSplits, load_splits, parse_sets
-from transfer.voc_eval import VOCResult
+from transfer.voc_eval import VOCResult, metric_label
 
 # A backend returns the evaluation (None on machines other than rank 0) and facts for metrics.
 Backend = Callable[[TransferConfig, Settings, VOCSplits, RunDir, str],
@@ -129,7 +129,7 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any] | None:
     results = {**result.summary(), "per_class": result.per_class, "backend": backend,
                "preset": s.preset, "arch": cfg.arch, "iters": s.max_iter,
                "checkpoint": checkpoint_ref(cfg.ckpt, read_meta(cfg.ckpt)),
-               "per_class_AP": result.per_class_ap, "metric": "voc07-11point",
+               "per_class_AP": result.per_class_ap, "metric": metric_label(splits.test_year),
                "classes_without_ground_truth": list(result.classes_without_ground_truth),
                **_data_summary(splits), **facts}
     run.log({"event": "done", **result.summary()})

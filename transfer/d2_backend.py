@@ -43,7 +43,7 @@ from transfer.config import Settings, TransferConfig
 from transfer.convert import Conversion, save_detectron2_weights, to_detectron2
 from transfer.d2_config import build_d2_config
 from transfer.data import VOCSplits
-from transfer.voc_eval import Detections, VOCResult, evaluate_voc
+from transfer.voc_eval import Detections, VOCResult, evaluate_voc, year_metric
 
 TRAIN_NAME, TEST_NAME = "smix_transfer_train", "smix_transfer_test"
 
@@ -59,7 +59,7 @@ def to_d2_dicts(records: Sequence[VOCRecord], class_names: Sequence[str]) -> lis
 
 
 def register(name: str, records: Sequence[VOCRecord], class_names: Sequence[str],
-             dirname: Path | None = None, split: str | None = None) -> None:
+             dirname: Path | None = None, split: str | None = None, year: str = "2007") -> None:
     """(Re-)register a dataset; the test set carries what the VOC evaluator reads."""
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
@@ -68,7 +68,7 @@ def register(name: str, records: Sequence[VOCRecord], class_names: Sequence[str]
     DatasetCatalog.register(name, lambda: dicts)
     meta: dict[str, Any] = {"thing_classes": list(class_names)}
     if dirname is not None:
-        meta.update(dirname=str(dirname), split=split, year=2007)
+        meta.update(dirname=str(dirname), split=split, year=int(year))  # 2007: 11-point AP
     MetadataCatalog.get(name).set(**meta)
 
 
@@ -137,9 +137,10 @@ def d2_rounded(image_id: str, boxes: np.ndarray, scores: Sequence[float], classe
 class VOCEvaluator(PascalVOCDetectionEvaluator):
     """detectron2's VOC evaluator plus the toolkit's evaluator on the same detections."""
 
-    def __init__(self, dataset_name: str, records: Sequence[VOCRecord], run_d2: bool):
+    def __init__(self, dataset_name: str, records: Sequence[VOCRecord], run_d2: bool,
+                 metric: str = "voc07"):
         super().__init__(dataset_name)
-        self._records, self._run_d2 = list(records), run_d2
+        self._records, self._run_d2, self._metric = list(records), run_d2, metric
 
     def reset(self) -> None:
         super().reset()
@@ -158,7 +159,7 @@ class VOCEvaluator(PascalVOCDetectionEvaluator):
         if not comm.is_main_process():
             return {}
         dets = Detections.concat([p for part in gathered for p in part], one_based=True)
-        toolkit = evaluate_voc(self._records, dets, self._class_names)
+        toolkit = evaluate_voc(self._records, dets, self._class_names, self._metric)
         return {"detectron2": None if d2 is None else {k: float(v) for k, v in d2["bbox"].items()},
                 "toolkit": dataclasses.asdict(toolkit), "detections": len(dets.scores)}
 
@@ -221,6 +222,7 @@ class D2Job:
     class_names: tuple[str, ...]
     test_dir: Path
     test_split: str
+    test_year: str
     run: Path
     resume: bool
     log_period: int
@@ -233,7 +235,7 @@ def worker(job: D2Job) -> None:
     setup_logger(str(out / "log.txt"), distributed_rank=comm.get_rank(), name="detectron2")
     seed_all_rng(job.cfg.SEED + comm.get_rank())
     register(TRAIN_NAME, [r for r in job.train if r.objects], job.class_names)
-    register(TEST_NAME, job.test, job.class_names, job.test_dir, job.test_split)
+    register(TEST_NAME, job.test, job.class_names, job.test_dir, job.test_split, job.test_year)
     run = RunDir(job.run)
     trainer = Trainer(job.cfg, run, job.log_period)
     trainer.resume_or_load(job.resume)
@@ -241,7 +243,8 @@ def worker(job: D2Job) -> None:
     trainer.train(start, trainer.max_iter)
     if comm.is_main_process() and not (out / "model_final.pth").exists():
         trainer.checkpointer.save("model_final")  # e.g. --iters 0: the untrained detector
-    evaluator = VOCEvaluator(TEST_NAME, job.test, job.run_d2_evaluator)
+    evaluator = VOCEvaluator(TEST_NAME, job.test, job.run_d2_evaluator,
+                             year_metric(job.test_year))
     loader = build_detection_test_loader(job.cfg, TEST_NAME)
     results = inference_on_dataset(trainer.model, loader, evaluator)
     if comm.is_main_process():
@@ -274,8 +277,8 @@ def run_detectron2(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: Run
         print(f"smix transfer: detectron2's VOC evaluator cannot read the test annotations "
               f"({problem}); AP comes from the toolkit's evaluator", file=sys.stderr)
     job = D2Job(d2cfg, splits.train, splits.test, splits.class_names, splits.test_dir,
-                splits.test_set.split("/", 1)[1], run.path, cfg.resume, s.log_period,
-                problem is None)
+                splits.test_set.split("/", 1)[1], splits.test_year, run.path, cfg.resume,
+                s.log_period, problem is None)
     (out / "eval.json").unlink(missing_ok=True)
     launch(worker, cfg.num_gpus, num_machines=cfg.num_machines, machine_rank=cfg.machine_rank,
            dist_url=cfg.dist_url, args=(job,))

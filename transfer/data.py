@@ -27,8 +27,13 @@ class VOCSplits:
     class_names: tuple[str, ...]
     train_sets: tuple[str, ...]  # e.g. ("VOC2007/trainval", "VOC2012/trainval")
     test_set: str
-    test_dir: Path  # the VOC2007 folder the test split lives in
+    test_dir: Path  # the VOC<year> folder the test split lives in
     skipped_sets: tuple[str, ...]  # default sets that are absent (VOC2012 is optional)
+
+    @property
+    def test_year(self) -> str:
+        """"2007" for `VOC2007/test`: the year decides the AP metric (see `year_metric`)."""
+        return self.test_set.split("/", 1)[0][len("VOC"):]
 
 
 def parse_sets(text: str) -> tuple[tuple[str, str], ...]:

@@ -29,7 +29,7 @@ from transfer.config import Settings, TransferConfig
 from transfer.data import VOCSplits
 from transfer.tv_data import BatchPlan, PlanSampler, VOCDetection, collate_list, iteration_seed
 from transfer.tv_models import build_detector
-from transfer.voc_eval import Detections, VOCResult, evaluate_voc
+from transfer.voc_eval import Detections, VOCResult, evaluate_voc, year_metric
 
 STATE_FILE = "resume.pt"
 FINAL_WEIGHTS = "model_final.safetensors"
@@ -186,6 +186,6 @@ def run_torchvision(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: Ru
         "backend": "torchvision", "arch": cfg.arch, "class_names": list(splits.class_names),
         "backbone_sha256": ckpt_sha, "iterations": s.max_iter})
     dets = predict(model, VOCDetection(splits.test, splits.class_names), s, device, cfg.progress)
-    result = evaluate_voc(splits.test, dets, splits.class_names)
+    result = evaluate_voc(splits.test, dets, splits.class_names, year_metric(splits.test_year))
     return result, {"start_iter": start, "device": str(device), "detections": len(dets.scores),
                     "weights": FINAL_WEIGHTS, "evaluator": "toolkit (transfer.voc_eval)"}

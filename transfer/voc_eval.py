@@ -10,7 +10,9 @@ It follows the VOC devkit as re-implemented in py-faster-rcnn's `voc_eval` (the 
   difficult objects do not count as positives; a second detection of an already matched object is
   a false positive;
 - AP: the VOC07 11-point interpolation (`voc07`) or the area under the interpolated curve (`area`);
-  "AP" is the mean over IoU 0.50:0.05:0.95, "AP50"/"AP75" at 0.5/0.75, all in percent.
+  "AP" is the mean over IoU 0.50:0.05:0.95, "AP50"/"AP75" at 0.5/0.75, all in percent. Which one
+  follows the test set's year as in the devkit: 11-point for VOC2007, area from VOC2010 on
+  (`year_metric`).
 
 One deliberate difference: a class without any non-difficult ground truth has no defined AP; it is
 reported as None and left out of the means (the reference code silently counts it as 0).
@@ -136,6 +138,17 @@ def _tp_fp(gt: _ClassGT, image_index: np.ndarray, ovmax: np.ndarray, jmax: np.nd
     tp = first
     fp = ~hit | (hit & ~hard & ~first)
     return tp.astype(np.float64), fp.astype(np.float64)
+
+
+def year_metric(year: str | int) -> str:
+    """The AP the devkit of a VOC year computes: VOC2007's 11-point interpolation (detectron2's
+    `use_07_metric = year == 2007`), the area under the curve from VOC2010 on."""
+    return "voc07" if int(year) < 2010 else "area"
+
+
+def metric_label(year: str | int) -> str:
+    """How results name what was computed: `voc07-11point`, `voc12-area`."""
+    return "voc07-11point" if year_metric(year) == "voc07" else f"voc{str(year)[-2:]}-area"
 
 
 def average_precision(rec: np.ndarray, prec: np.ndarray, metric: str = "voc07") -> float:

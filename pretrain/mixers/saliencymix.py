@@ -91,16 +91,24 @@ def scheme_boxes(src_maps: torch.Tensor, dst_maps: torch.Tensor | None, lam: tor
     return src, place_like(src, ty, tx, height, width)
 
 
-def official_saliency_point(image: torch.Tensor) -> tuple[int, int]:
-    """The official `saliency_bbox` map argmax for one normalised CHW image: OpenCV's
-    fine-grained detector on the float32 HWC array exactly as the official code passes it."""
+def opencv_saliency() -> Any:
+    """`cv2.saliency`, which only OpenCV's contrib build has; else a one-line error."""
     try:
         import cv2
     except ImportError:
-        raise UserError("saliencymix mode=official runs OpenCV's detector as the official code "
-                        "does; install opencv-contrib-python-headless") from None
+        cv2 = None
+    if cv2 is None or not hasattr(cv2, "saliency"):
+        raise UserError("saliencymix mode=official runs OpenCV contrib's saliency detector as "
+                        "the official code does; install opencv-contrib-python-headless "
+                        "(plain opencv-python has no cv2.saliency)")
+    return cv2.saliency
+
+
+def official_saliency_point(image: torch.Tensor) -> tuple[int, int]:
+    """The official `saliency_bbox` map argmax for one normalised CHW image: OpenCV's
+    fine-grained detector on the float32 HWC array exactly as the official code passes it."""
     temp_img = image.detach().float().cpu().numpy().transpose(1, 2, 0)
-    _, sal = cv2.saliency.StaticSaliencyFineGrained_create().computeSaliency(temp_img)
+    _, sal = opencv_saliency().StaticSaliencyFineGrained_create().computeSaliency(temp_img)
     sal = (sal * 255).astype("uint8")
     row, col = np.unravel_index(np.argmax(sal, axis=None), sal.shape)
     return int(row), int(col)
@@ -132,6 +140,8 @@ class SaliencyMix(Mixer):
         get_pairing(self.pairing)
         if self.alpha <= 0 or not 0 <= self.prob <= 1:
             raise UserError("saliencymix: alpha must be > 0 and prob in [0, 1]")
+        if self.mode == "official":
+            opencv_saliency()  # now, not as a traceback on the first step
         default = SaliencyMix()
         if self.mode == "official" and (self.scheme, self.detector, self.pairing) != (
                 default.scheme, default.detector, default.pairing):
