@@ -97,7 +97,7 @@ def test_resolve_scales_lr_with_batch_and_steps_with_iters(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("kv, match", [
-    (("colour", "red"), "unknown override 'colour'; valid: anchor_sizes, batch"),
+    (("colour", "red"), "unknown override 'colour'; valid: amp, anchor_sizes, batch"),
     (("batch", "two"), "not a valid value"),
     (("batch", "0"), "batch must be >= 1"),
     (("steps", "5,3"), "steps must be increasing"),
