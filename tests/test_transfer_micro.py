@@ -1,6 +1,7 @@
 """Micro-batches and mixed precision in transfer: the split, `auto`'s arithmetic and probe, the
 accumulated step equal to the big batch's (torchvision backend; detectron2's in
-test_transfer_d2.py), CUDA out-of-memory as one line, the AMP setting, the REQUIRE_DETECTRON2 gate."""
+test_transfer_d2.py), CUDA out-of-memory as one line, the AMP setting, and the
+REQUIRE_DETECTRON2 gate."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ The trainer is a small `TrainerBase` built from detectron2's public pieces (as i
 for anything beyond `DefaultTrainer`'s defaults) so that: (1) the model is wrapped in DDP without
 GPU device ids on CPU, letting the gloo path run; (2) checkpoints are written atomically;
 (3) losses go to the run's log.jsonl; (4) an iteration runs in micro-batches with gradient
-accumulation (detectron2 has none; `AccumTrainer`, a subclass of its AMPTrainer, which also gives
-`amp=bf16|fp16` on CUDA), with the RPN/RoI sampling seeded per image. Datasets are registered from the toolkit's VOC reader.
+accumulation (detectron2 has none: `AccumTrainer`, a subclass of its AMPTrainer, which also gives
+`amp=bf16|fp16` on CUDA), the RPN/RoI sampling seeded per image. Datasets are registered from
+the toolkit's VOC reader.
 Evaluation: detectron2's `PascalVOCDetectionEvaluator` gives AP/AP50/AP75; on the very same
 (text-rounded) detections the toolkit's evaluator gives the per-class APs and a cross-check.
 """

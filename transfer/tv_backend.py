@@ -238,7 +238,7 @@ def run_torchvision(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: Ru
     state = run.file(STATE_FILE)
     start = (load_state(state, model, opt, fingerprint, st.scaler)
              if cfg.resume and state.is_file() else 0)
-    choice = MicroChoice(s.batch, s.batch, "whole batch")
+    choice = MicroChoice(s.batch, s.batch, "none: nothing left to train")
     if start < s.max_iter:
         choice = choose(s.micro_batch, s.batch, device, *probe_step(model, s, st))
         announce(choice)
