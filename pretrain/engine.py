@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from smix.amp import amp_dtype, autocast, grad_scaler
 from smix.arch import build_model
 from smix.checkpoint import BackboneMeta, export_state, save_checkpoint
 from smix.data import collate_skip
@@ -64,15 +65,7 @@ class Runtime:
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
-        return None
-    if cfg.amp == "fp16":
-        return torch.float16
-    if cfg.amp in ("bf16", "auto"):
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    raise UserError(f"amp must be auto, off, bf16 or fp16, got {cfg.amp!r}")
+    return amp_dtype(cfg.amp, device, allow_cpu=True)
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -100,7 +93,7 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     amp_dtype = _amp_dtype(cfg, dist.device)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
+    scaler = grad_scaler(dist.device, amp_dtype)
     mixer = get_mixer(cfg.method, **cfg.method_params)
     ctx = MixContext(tuple(cfg.mean), tuple(cfg.std), len(data.classes), model)
     from pretrain.dali import resolve_loader
@@ -159,9 +152,7 @@ def mixed_loss(logits: torch.Tensor, out: MixOutput) -> torch.Tensor:
 
 
 def _autocast(rt: Runtime) -> contextlib.AbstractContextManager:
-    if rt.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(rt.dist.device.type, dtype=rt.amp_dtype)
+    return autocast(rt.dist.device, rt.amp_dtype)
 
 
 def train_step(rt: Runtime, images: torch.Tensor, labels: torch.Tensor,

@@ -97,7 +97,7 @@ def test_resolve_scales_lr_with_batch_and_steps_with_iters(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("kv, match", [
-    (("colour", "red"), "unknown override 'colour'; valid: anchor_sizes, batch"),
+    (("colour", "red"), "unknown override 'colour'; valid: amp, anchor_sizes, batch"),
     (("batch", "two"), "not a valid value"),
     (("batch", "0"), "batch must be >= 1"),
     (("steps", "5,3"), "steps must be increasing"),
@@ -278,6 +278,9 @@ def test_cli_torchvision_end_to_end(ckpt18: Path, shapes: Path, tmp_path: Path,
     assert json.loads(stdout)["AP50"] == r["AP50"]
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["batch"] == 2 and config["settings"]["lr"] == pytest.approx(0.0025)
+    assert config["settings"]["micro_batch"] is None and config["settings"]["amp"] == "off"
+    assert r["amp"] == "off" and r["micro_batch"]["source"] == "auto"
+    assert r["micro_batch"]["micro_batch"] == 2 and "micro_batch=2 (auto)" in err  # 64 px fit
     assert [x["iter"] for x in RunDir(out).read_log() if "iter" in x] == [1, 2]
     with safe_open(str(out / "model_final.safetensors"), "pt") as f:
         assert f.metadata()["format"] == "smix.detector/1"
@@ -377,11 +380,21 @@ def _bad_args(tmp_path: Path, shapes: Path, ckpt18: Path) -> dict[str, tuple[lis
         "multi_gpu": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "--num-gpus", "2"],
                       "multi-GPU and multi-machine training go through --backend detectron2"),
         "bad_arch": (["--ckpt", str(ckpt18), *base, "--arch", "dc5"], "invalid choice: 'dc5'"),
+        "amp_cpu": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "--device", "cpu",
+                     "amp=bf16"], "amp=bf16 needs a CUDA device; on cpu this command trains in "
+                                  "fp32: use amp=off"),
+        "amp_value": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "amp=fp8"],
+                      "override amp='fp8': not a valid value"),
+        "micro_big": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "batch=4", "micro_batch=5"],
+                      "micro_batch=5 exceeds the 4 images each process trains on per iteration"),
+        "micro_zero": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "micro_batch=0"],
+                       "override micro_batch='0': not a valid value"),
     }
 
 
 @pytest.mark.parametrize("case", ["no_root", "not_resnet", "c4_r18", "voc_classes", "file_classes",
-                                  "no_class_file", "no_ckpt", "override", "multi_gpu", "bad_arch"])
+                                  "no_class_file", "no_ckpt", "override", "multi_gpu", "bad_arch",
+                                  "amp_cpu", "amp_value", "micro_big", "micro_zero"])
 def test_bad_arguments(case: str, shapes: Path, ckpt18: Path, tmp_path: Path,
                        capsys: pytest.CaptureFixture) -> None:
     argv, match = _bad_args(tmp_path, shapes, ckpt18)[case]

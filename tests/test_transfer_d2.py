@@ -1,4 +1,5 @@
-"""The detectron2 backend: runs where detectron2 is importable, skipped (reason shown) elsewhere."""
+"""The detectron2 backend: runs where detectron2 is importable, skipped (reason shown) elsewhere,
+failed where REQUIRE_DETECTRON2=1 says it must be there (CI)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("detectron2", reason="detectron2 is not installed in this environment "
-                                         "(it is built from its source repository)")
+from tests.conftest import need_detectron2
+
+need_detectron2(module_level=True)
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model as d2_build_model  # noqa: E402
@@ -206,3 +208,51 @@ def test_annotations_detectron2s_evaluator_cannot_read_are_detected(shapes: Path
     x0, y0, x1, y1 = obj.bbox
     assert d["annotations"][0]["bbox"] == [x0 - 1, y0 - 1, x1, y1]
     assert d["image_id"] == ids[0] and d["height"] == d["width"] == 64
+
+
+def _final_weights(ckpt: Path, shapes: Path, out: Path, iters: int, *extra: str) -> dict:
+    argv = _argv(ckpt, shapes, out, "--backend", "detectron2", "--iters", str(iters), "batch=4",
+                 "warmup=0", "lr=0.02", *extra)
+    assert smix_run("transfer", argv) == 0
+    return torch.load(out / "detectron2" / "model_final.pth", weights_only=False)["model"]
+
+
+def test_micro_batches_equal_the_big_batch(shapes: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """AccumTrainer: batch=4 in one pass vs four passes of one image, two iterations, FrozenBN
+    ResNet-18 FPN, same seed -> the same weights. Valid because the RPN/RoI sampling is seeded
+    per image (without it the passes would draw other anchors; the torchvision test shows that
+    control failing). --iters 0 gives the initial weights, to compare the updates too."""
+    from tests.test_transfer_micro import relative_distance, updates
+    ckpt, _ = make_ckpt(tmp_path / "r18.safetensors", "resnet18")
+    w0 = _final_weights(ckpt, shapes, tmp_path / "w0", 0)
+    big = _final_weights(ckpt, shapes, tmp_path / "big", 2, "micro_batch=4")
+    small = _final_weights(ckpt, shapes, tmp_path / "small", 2, "micro_batch=1")
+    assert "micro_batch=1 (set): 4 images per iteration in 4 passes (1, 1, 1, 1)" in \
+        capsys.readouterr().err
+    step = updates(big, w0)
+    assert relative_distance(step, {k: 0 * v for k, v in step.items()}) > 1e-3  # it trained
+    assert relative_distance(big, small) < 1e-5
+    assert relative_distance(step, updates(small, w0)) < 1e-4
+    r = json.loads((tmp_path / "small" / "metrics.json").read_text())["results"]
+    assert r["micro_batch"]["micro_batch"] == 1 and r["micro_batch"]["batch"] == 4
+    assert r["amp"] == "off" and r["backend"] == "detectron2"
+
+
+def test_cuda_out_of_memory_ends_in_one_line(shapes: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    from transfer.d2_backend import AccumTrainer
+
+    def oom(self, data):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(AccumTrainer, "_accumulate", oom)
+    ckpt, _ = make_ckpt(tmp_path / "r18.safetensors", "resnet18")
+    code = smix_run("transfer", _argv(ckpt, shapes, tmp_path / "run", "--iters", "2"))
+    err = capsys.readouterr().err
+    # (not "Traceback" in general: detectron2's cached log handler may still point at an earlier
+    # test's closed capture stream, which makes `logging` print its own errors here)
+    assert code == 2 and "Exception during training" not in err and "OutOfMemoryError" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "smix transfer: error: CUDA out of memory in iteration 1 with micro_batch=2; rerun with "
+        "--resume and micro_batch=1")

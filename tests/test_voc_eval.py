@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from smix.errors import UserError
+from tests.conftest import need_detectron2
 from smix.voc import VOCObject, VOCRecord
 from transfer.voc_eval import (IOU_THRESHOLDS, Detections, average_precision, evaluate_voc,
                                metric_label, to_voc_boxes, year_metric)
 
-HAS_D2 = importlib.util.find_spec("detectron2") is not None
-D2_REASON = "detectron2 is not installed in this environment (it is built from source)"
 
 
 def rec(image_id: str, *objects: tuple[str, tuple[int, int, int, int], bool]) -> VOCRecord:
@@ -165,8 +163,9 @@ def _loop_reference(records, d: Detections, names, t: float) -> list[float]:
     return out
 
 
-def random_scene(seed: int, n_images: int = 12, names=("cat", "dog", "bus")):
-    """Images with several objects (some difficult), jittered, duplicated and spurious boxes."""
+def random_scene(seed: int, n_images: int = 12, names=("cat", "dog", "bus"), tied: bool = False):
+    """Images with several objects (some difficult), jittered, duplicated and spurious boxes;
+    distinct scores, or (`tied`) scores from four levels so that many tie."""
     rng = np.random.default_rng(seed)
     records, items = [], []
     for i in range(n_images):
@@ -187,6 +186,8 @@ def random_scene(seed: int, n_images: int = 12, names=("cat", "dog", "bus")):
             items.append((f"img{i:03d}", int(rng.integers(0, len(names))), None,
                           (float(x0), float(y0), float(x0 + 10), float(y0 + 12))))
     scores = rng.permutation(len(items)) / max(1, len(items)) + 0.001  # distinct
+    if tied:
+        scores = rng.integers(1, 5, size=len(items)) / 4
     items = [(a, b, float(s), d) for (a, b, _, d), s in zip(items, scores)]
     return records, dets(*items), list(names)
 
@@ -207,11 +208,12 @@ def test_vectorised_matching_equals_the_loop_reference(seed: int) -> None:
     assert res.AP == pytest.approx(float(np.mean(all_t)))
 
 
-@pytest.mark.skipif(not HAS_D2, reason=D2_REASON)
 @pytest.mark.parametrize("year", ["2007", "2012"])
 def test_identical_to_detectron2_pascal_voc_evaluator(tmp_path: Path, year: str) -> None:
-    """Same detections into detectron2's PascalVOCDetectionEvaluator and the toolkit's; the
-    year registered decides the metric in both (11-point for 2007, area for 2012)."""
+    """Same detections into detectron2's PascalVOCDetectionEvaluator and the toolkit's: several
+    objects per image, duplicates, difficult objects, distinct and tied scores; the year
+    registered decides the metric in both (11-point for 2007, area for 2012)."""
+    need_detectron2()
     import torch
     from detectron2.structures import Boxes, Instances
 
@@ -219,8 +221,10 @@ def test_identical_to_detectron2_pascal_voc_evaluator(tmp_path: Path, year: str)
     from smix.voc import load_voc, write_annotation
     from transfer.d2_backend import VOCEvaluator, d2_rounded, register
 
-    for seed in range(3):
-        records, d, names = random_scene(100 + seed, n_images=20)
+    for seed, tied in ((0, False), (1, False), (2, False), (3, True), (4, True)):
+        records, d, names = random_scene(100 + seed, n_images=20, tied=tied)
+        assert max(len(r.objects) for r in records) >= 2
+        assert (len(np.unique(d.scores)) < len(d.scores)) == tied
         voc = tmp_path / f"s{seed}" / "VOC2007"
         for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
             (voc / sub).mkdir(parents=True)

@@ -12,7 +12,9 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
+from smix.amp import amp_dtype
 from smix.checkpoint import checkpoint_ref, read_meta
+from smix.dist import pick_device
 from smix.errors import UserError
 from smix.io import RunDir, file_sha256, read_json, to_jsonable
 from transfer.config import BACKENDS, Settings, TransferConfig, resolve
@@ -98,6 +100,10 @@ def prepare(cfg: TransferConfig) -> tuple[str, Settings, VOCSplits]:
     world = cfg.num_gpus * cfg.num_machines
     if s.batch % world:
         raise UserError(f"batch {s.batch} is not divisible by the {world} processes")
+    if s.micro_batch is not None and s.micro_batch > s.batch // world:
+        raise UserError(f"micro_batch={s.micro_batch} exceeds the {s.batch // world} images each "
+                        f"process trains on per iteration (batch {s.batch} / {world})")
+    amp_dtype(s.amp, pick_device(cfg.device), allow_cpu=False)  # one line if it cannot run here
     if cfg.num_machines > 1 and cfg.dist_url == "auto":
         raise UserError("a multi-machine job needs --dist-url tcp://HOST:PORT (the same on all)")
     meta = read_meta(cfg.ckpt)

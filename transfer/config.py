@@ -4,7 +4,9 @@ A preset is the published recipe (batch, lr, schedule, input sizes); `resolve` a
 and `key=value` overrides to it once, so both backends train with the same resolved numbers and
 the run folder records them. Changing the batch scales the learning rate linearly (Goyal et al.,
 "ImageNet in 1 hour", as detectron2's `auto_scale_workers` does); `--iters` rescales the LR steps
-to the same fractions of the schedule.
+to the same fractions of the schedule. The batch is the *effective* batch: `micro_batch=N|auto`
+splits it into micro-batches with gradient accumulation (`transfer.micro`) and leaves the learning
+rate alone; `amp=bf16|fp16` trains in mixed precision on CUDA.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from smix.errors import UserError
 
 ARCHS = ("c4", "fpn")
 BACKENDS = ("auto", "detectron2", "torchvision")
+AMP_MODES = ("off", "bf16", "fp16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +132,28 @@ class Settings:
     log_period: int = 20
     train_sets: str = "2007:trainval,2012:trainval"
     test_set: str = "2007:test"
+    micro_batch: int | None = None  # images per forward/backward pass; None: auto
+    amp: str = "off"  # off (fp32, the recipe) | bf16 | fp16 (CUDA only)
     d2_options: tuple[tuple[str, str], ...] = ()  # raw detectron2 keys (UPPER.CASE=value)
 
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _micro_batch(text: str) -> int | None:
+    if text == "auto":
+        return None
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _amp(text: str) -> str:
+    if text not in AMP_MODES:
+        raise ValueError(text)
+    return text
 
 
 # key -> (Settings field(s), parser); `min_size` also sets the test size to its largest value.
@@ -153,6 +173,7 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "detections_per_image": ("detections_per_image", int), "workers": ("workers", int),
     "seed": ("seed", int), "log_period": ("log_period", int),
     "train_sets": ("train_sets", str), "test_set": ("test_set", str),
+    "micro_batch": ("micro_batch", _micro_batch), "amp": ("amp", _amp),
 }
 
 

@@ -3,20 +3,25 @@
 The trainer is a small `TrainerBase` built from detectron2's public pieces (as its docs advise
 for anything beyond `DefaultTrainer`'s defaults) so that: (1) the model is wrapped in DDP without
 GPU device ids on CPU, letting the gloo path run; (2) checkpoints are written atomically;
-(3) losses go to the run's log.jsonl. Datasets are registered from the toolkit's VOC reader.
+(3) losses go to the run's log.jsonl; (4) an iteration runs in micro-batches with gradient
+accumulation (detectron2 has none: `AccumTrainer`, a subclass of its AMPTrainer, which also gives
+`amp=bf16|fp16` on CUDA), the RPN/RoI sampling seeded per image. Datasets are registered from
+the toolkit's VOC reader.
 Evaluation: detectron2's `PascalVOCDetectionEvaluator` gives AP/AP50/AP75; on the very same
 (text-rounded) detections the toolkit's evaluator gives the per-class APs and a cross-check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
+import time
 import weakref
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,25 +29,30 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_test_loader,
                              build_detection_train_loader)
-from detectron2.engine import SimpleTrainer, TrainerBase, hooks, launch
+from detectron2.engine import AMPTrainer, SimpleTrainer, TrainerBase, hooks, launch
 from detectron2.evaluation import PascalVOCDetectionEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
-from detectron2.structures import BoxMode
+from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import CommonMetricPrinter, EventWriter, get_event_storage
+from detectron2.utils.events import (CommonMetricPrinter, EventStorage, EventWriter,
+                                     get_event_storage)
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from smix.amp import amp_dtype, autocast, grad_scaler
 from smix.checkpoint import BackboneMeta, read_checkpoint
 from smix.dist import pick_device
+from smix.errors import UserError
 from smix.io import RunDir, atomic_save, atomic_write, read_json, write_json
 from smix.voc import VOCRecord
 from transfer.config import Settings, TransferConfig
 from transfer.convert import Conversion, save_detectron2_weights, to_detectron2
 from transfer.d2_config import build_d2_config
 from transfer.data import VOCSplits
+from transfer.micro import (ImageSeeds, MicroChoice, announce, choose, largest_train_size,
+                            oom_error, split)
 from transfer.voc_eval import Detections, VOCResult, evaluate_voc, year_metric
 
 TRAIN_NAME, TEST_NAME = "smix_transfer_train", "smix_transfer_test"
@@ -164,21 +174,128 @@ class VOCEvaluator(PascalVOCDetectionEvaluator):
                 "toolkit": dataclasses.asdict(toolkit), "detections": len(dets.scores)}
 
 
-class Trainer(TrainerBase):
-    """SimpleTrainer + LR schedule + periodic atomic checkpoints + logging, resumable."""
+def seed_sampling(model: torch.nn.Module) -> ImageSeeds:
+    """Per-image seeds for the RPN's anchor and the RoI heads' proposal sampling (both are
+    per-image methods of detectron2's modules, wrapped on the instance)."""
+    seeds = ImageSeeds()
+    rpn, roi = model.proposal_generator, model.roi_heads
+    rpn._subsample_labels = seeds.wrap("rpn", rpn._subsample_labels)
+    roi._sample_proposals = seeds.wrap("roi", roi._sample_proposals)
+    return seeds
 
-    def __init__(self, cfg: CfgNode, run: RunDir, log_period: int):
+
+class AccumTrainer(AMPTrainer):
+    """detectron2's AMPTrainer step, split into micro-batches with gradient accumulation.
+
+    The loader yields the process's whole batch; each micro-batch's loss is weighted by its share
+    of it, gradients accumulate (DDP synchronises on the last pass only), the optimiser steps
+    once: the big batch's step (`transfer.micro`). `precision` None trains in fp32, and the
+    loss scaler is active for fp16 only.
+    """
+
+    def __init__(self, model: torch.nn.Module, data_loader: Any, optimizer: torch.optim.Optimizer,
+                 *, precision: torch.dtype | None, device: torch.device, seed: int,
+                 micro_batch: int, seeds: ImageSeeds):
+        super().__init__(model, data_loader, optimizer, precision=precision,
+                         grad_scaler=grad_scaler(device, precision))
+        self.device, self.seed, self.micro_batch, self.seeds = device, seed, micro_batch, seeds
+
+    def run_step(self) -> None:
+        assert self.model.training, "[AccumTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        self.optimizer.zero_grad()
+        try:
+            loss_dict = self._accumulate(data)
+        except torch.cuda.OutOfMemoryError:
+            raise oom_error(self.micro_batch, self.iter) from None
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+    def _accumulate(self, data: list[dict]) -> dict[str, torch.Tensor]:
+        """Forward/backward over the micro-batches; returns the batch's (weighted) losses."""
+        parts, totals = split(len(data), self.micro_batch), {}
+        rank = comm.get_rank()
+        for i, part in enumerate(parts):
+            weight = (part.stop - part.start) / len(data)
+            last = i == len(parts) - 1
+            no_sync = (self.model.no_sync() if isinstance(self.model, DistributedDataParallel)
+                       and not last else contextlib.nullcontext())
+            keys = [(self.iter, rank, k) for k in range(part.start, part.stop)]
+            with no_sync:
+                with self.seeds.images(self.seed, keys, self.device), \
+                        autocast(self.device, self.precision):
+                    loss_dict = self.model(data[part])
+                losses = sum(v.float() for v in loss_dict.values())
+                self.grad_scaler.scale(losses * weight).backward()
+            for k, v in loss_dict.items():
+                totals[k] = totals.get(k, 0.0) + weight * v.detach().float()
+        return totals
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        SimpleTrainer.load_state_dict(self, state_dict)
+        if state_dict.get("grad_scaler"):  # absent in runs written before AMP support
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def probe_step(model: torch.nn.Module, cfg: CfgNode, precision: torch.dtype | None
+               ) -> tuple[Callable[[], None], tuple[int, int]]:
+    """One training forward/backward on one synthetic image of the largest training size (for
+    `micro_batch=auto`), on the model before DDP wraps it; gradients dropped, RNG untouched."""
+    h, w = largest_train_size(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN)
+    image = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.uint8)
+    inst = Instances((h, w), gt_boxes=Boxes(torch.tensor([[w / 4, h / 4, 3 * w / 4, 3 * h / 4]])),
+                     gt_classes=torch.tensor([0]))
+    data = [{"image": image, "instances": inst, "height": h, "width": w}]
+    device = torch.device(cfg.MODEL.DEVICE)
+
+    def step() -> None:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                EventStorage(), autocast(device, precision):  # the heads log sample counts
+            loss_dict = model(data)
+        sum(v.float() for v in loss_dict.values()).backward()
+        model.zero_grad(set_to_none=True)
+    return step, (h, w)
+
+
+def choose_micro_batch(model: torch.nn.Module, cfg: CfgNode, setting: int | None,
+                       precision: torch.dtype | None) -> MicroChoice:
+    """The micro-batch of every process: each probes its own device; all use the smallest."""
+    per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+    choice = choose(setting, per_process, torch.device(cfg.MODEL.DEVICE),
+                    *probe_step(model, cfg, precision), sharing=comm.get_local_size())
+    smallest = min(comm.all_gather(choice), key=lambda c: c.micro_batch)
+    if comm.is_main_process():
+        announce(smallest)
+    return smallest
+
+
+class Trainer(TrainerBase):
+    """AccumTrainer + LR schedule + periodic atomic checkpoints + logging, resumable."""
+
+    def __init__(self, cfg: CfgNode, run: RunDir, log_period: int, micro_batch: int | None,
+                 amp: str):
         super().__init__()
         model = build_model(cfg)
         self.optimizer = build_optimizer(cfg, model)
         loader = build_detection_train_loader(cfg)
+        device = torch.device(cfg.MODEL.DEVICE)
+        precision = amp_dtype(amp, device, allow_cpu=False)
+        seeds = seed_sampling(model)
+        self.micro = choose_micro_batch(model, cfg, micro_batch, precision)
         if comm.get_world_size() > 1:
             on_gpu = cfg.MODEL.DEVICE.startswith("cuda")
             model = DistributedDataParallel(
                 model, device_ids=[comm.get_local_rank()] if on_gpu else None,
                 broadcast_buffers=False)
         self.model = model
-        self._trainer = SimpleTrainer(model, loader, self.optimizer)
+        self._trainer = AccumTrainer(model, loader, self.optimizer, precision=precision,
+                                     device=device, seed=cfg.SEED,
+                                     micro_batch=self.micro.micro_batch, seeds=seeds)
         self.max_iter = cfg.SOLVER.MAX_ITER
         # --iters 0 evaluates the untrained detector; detectron2's schedulers need >= 1 update.
         self.scheduler = build_lr_scheduler(cfg, self.optimizer) if self.max_iter else None
@@ -227,6 +344,8 @@ class D2Job:
     resume: bool
     log_period: int
     run_d2_evaluator: bool
+    micro_batch: int | None = None  # None: auto
+    amp: str = "off"
 
 
 def worker(job: D2Job) -> None:
@@ -237,7 +356,10 @@ def worker(job: D2Job) -> None:
     register(TRAIN_NAME, [r for r in job.train if r.objects], job.class_names)
     register(TEST_NAME, job.test, job.class_names, job.test_dir, job.test_split, job.test_year)
     run = RunDir(job.run)
-    trainer = Trainer(job.cfg, run, job.log_period)
+    # a user error raised inside detectron2's loop (CUDA OOM) ends in its one line, no traceback
+    logging.getLogger("detectron2.engine.train_loop").addFilter(
+        lambda rec: not (rec.exc_info and isinstance(rec.exc_info[1], UserError)))
+    trainer = Trainer(job.cfg, run, job.log_period, job.micro_batch, job.amp)
     trainer.resume_or_load(job.resume)
     start = trainer.start_iter
     trainer.train(start, trainer.max_iter)
@@ -248,7 +370,8 @@ def worker(job: D2Job) -> None:
     loader = build_detection_test_loader(job.cfg, TEST_NAME)
     results = inference_on_dataset(trainer.model, loader, evaluator)
     if comm.is_main_process():
-        write_json(out / "eval.json", {**results, "start_iter": start})
+        write_json(out / "eval.json", {**results, "start_iter": start,
+                                       "micro_batch": dataclasses.asdict(trainer.micro)})
     comm.synchronize()
     logging.getLogger("detectron2").info("transfer worker done")
 
@@ -278,7 +401,7 @@ def run_detectron2(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: Run
               f"({problem}); AP comes from the toolkit's evaluator", file=sys.stderr)
     job = D2Job(d2cfg, splits.train, splits.test, splits.class_names, splits.test_dir,
                 splits.test_set.split("/", 1)[1], splits.test_year, run.path, cfg.resume,
-                s.log_period, problem is None)
+                s.log_period, problem is None, s.micro_batch, s.amp)
     (out / "eval.json").unlink(missing_ok=True)
     launch(worker, cfg.num_gpus, num_machines=cfg.num_machines, machine_rank=cfg.machine_rank,
            dist_url=cfg.dist_url, args=(job,))
@@ -292,6 +415,7 @@ def run_detectron2(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: Run
     result = _result(ev)
     toolkit = ev["toolkit"]
     facts.update(start_iter=ev["start_iter"], detections=ev["detections"],
+                 micro_batch=ev["micro_batch"], amp=s.amp,
                  evaluator="detectron2.PascalVOCDetectionEvaluator" if problem is None
                  else "toolkit (detectron2's could not read the annotations)",
                  toolkit_evaluator={k: toolkit[k] for k in ("AP", "AP50", "AP75")})

@@ -10,6 +10,8 @@ with the checkpoint's mean/std (the preprocessing contract), anchors 32..512 x {
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
@@ -23,6 +25,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from smix.checkpoint import BackboneMeta
 from smix.errors import UserError
 from transfer.config import Settings
+from transfer.micro import ImageSeeds
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
@@ -82,9 +85,44 @@ def _common_kwargs(meta: BackboneMeta, s: Settings) -> dict:
     )
 
 
+class PerImageSampler:
+    """torchvision's balanced positive/negative sampler called one image at a time, each call
+    under that image's seed (`ImageSeeds`): how a batch is split into micro-batches then does
+    not change which anchors or proposals an image samples."""
+
+    def __init__(self, sampler: Any, seeds: ImageSeeds, stream: str):
+        self.sampler = sampler
+        self._call = seeds.wrap(stream, sampler)
+
+    def __call__(self, matched_idxs: list[torch.Tensor]) -> tuple[list, list]:
+        pos: list[torch.Tensor] = []
+        neg: list[torch.Tensor] = []
+        for m in matched_idxs:
+            p, n = self._call([m])
+            pos += p
+            neg += n
+        return pos, neg
+
+
+def seed_sampling(model: FasterRCNN) -> ImageSeeds:
+    """Give the RPN's and the RoI heads' samplers per-image seeds; returns the seed source."""
+    seeds = ImageSeeds()
+    model.rpn.fg_bg_sampler = PerImageSampler(model.rpn.fg_bg_sampler, seeds, "rpn")
+    model.roi_heads.fg_bg_sampler = PerImageSampler(model.roi_heads.fg_bg_sampler, seeds, "roi")
+    return seeds
+
+
 def build_detector(resnet: nn.Module, meta: BackboneMeta, arch: str, num_classes: int,
                    s: Settings) -> FasterRCNN:
-    """Faster R-CNN (`num_classes` object classes + background) on the checkpoint's ResNet."""
+    """Faster R-CNN (`num_classes` object classes + background) on the checkpoint's ResNet;
+    `model.image_seeds` seeds its sampling per image (see `PerImageSampler`)."""
+    model = _faster_rcnn(resnet, meta, arch, num_classes, s)
+    model.image_seeds = seed_sampling(model)
+    return model
+
+
+def _faster_rcnn(resnet: nn.Module, meta: BackboneMeta, arch: str, num_classes: int,
+                 s: Settings) -> FasterRCNN:
     resnet = freeze_batchnorm(resnet)
     freeze_at_res2(resnet)
     channels = _stage_channels(resnet)
