@@ -11,7 +11,7 @@ m = torchvision.models.resnet50()
 save_checkpoint(Path(sys.argv[1]) / "r50.safetensors", m,
                 BackboneMeta("resnet50", 1000, tuple(f"c{i}" for i in range(1000))))
 PY
-for backend in detectron2 torchvision; do for amp in ${AMPS:-off bf16}; do
+for backend in ${BACKENDS:-detectron2 torchvision}; do for amp in ${AMPS:-off bf16}; do
   run="$W/$backend-$amp"; t0=$(date +%s.%N)
   timeout 45 smix transfer --ckpt "$W/r50.safetensors" --voc-root "$W/data" --classes auto \
     --iters ${ITERS:-12} --backend $backend --out "$run" amp=$amp log_period=4 checkpoint_period=100000 ${EXTRA:-} \

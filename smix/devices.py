@@ -27,7 +27,8 @@ def upload(t: torch.Tensor, device: torch.device | str,
     if t.device == device:
         return t
     if device.type == "cuda" and t.device.type == "cpu":
-        t = t.pin_memory()
+        # pin_memory refuses views whose elements share storage (expand, broadcast)
+        t = t.contiguous().pin_memory()
     return t.to(device, non_blocking=True)
 
 
