@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from smix.data import denormalize
-from smix.devices import constant
+from smix.devices import GraphCache, constant
 from pretrain.pairing import register_pairing
 
 GREEDY_DETECTOR = "spectral_residual"
@@ -96,6 +96,21 @@ def greedy_cycle(dist: torch.Tensor) -> torch.Tensor:
     return perm.index_copy_(0, col, first)
 
 
+@torch.no_grad()
+def greedy_from_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 on maps [B,H,W]: distances, then the walk. On CUDA one graph replay per
+    (shape, dtype, device) (`GraphCache`: the walk is n small steps, each a few kernel
+    launches); elsewhere eager. Deterministic, so a replay is the eager result."""
+    return _GREEDY_GRAPHS(maps)
+
+
+def _greedy_from_maps(maps: torch.Tensor) -> torch.Tensor:
+    return greedy_cycle(pairwise_distances(maps))
+
+
+_GREEDY_GRAPHS = GraphCache(_greedy_from_maps, "greedy pairing")
+
+
 def saliency_for_pairing(images: torch.Tensor, mean, std) -> torch.Tensor:
     """Guided-SR maps of a normalised batch: spectral residual of the 0..255 image, prepared."""
     from pretrain.saliency import get_detector
@@ -116,4 +131,4 @@ def greedy_pairing(batch_size: int, generator: torch.Generator | None = None,
         maps = saliency_for_pairing(images, ctx.mean, ctx.std)
     if maps.shape[0] != batch_size:
         raise ValueError(f"greedy pairing: {maps.shape[0]} maps for a batch of {batch_size}")
-    return greedy_cycle(pairwise_distances(maps)).to(device)
+    return greedy_from_maps(maps).to(device)

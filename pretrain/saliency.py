@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smix.devices import constant, upload
+from smix.devices import GraphCache, constant, upload
 from smix.errors import UserError
 
 Detector = Callable[..., torch.Tensor]
@@ -287,8 +287,13 @@ def _mix_on_off(sums: torch.Tensor, saturate: bool, buf: dict[str, torch.Tensor]
 @torch.no_grad()
 def fine_grained(images: torch.Tensor, *, saturate: bool = False) -> torch.Tensor:
     """Montabone & Soto fine-grained saliency, bit-exact with OpenCV's
-    ``StaticSaliencyFineGrained`` on uint8 BGR input (``saturate`` clamps its uint8 wrap)."""
-    images = _check_images(images)
+    ``StaticSaliencyFineGrained`` on uint8 BGR input (``saturate`` clamps its uint8 wrap).
+    On CUDA one graph replay per batch shape (``GraphCache``); elsewhere eager."""
+    return _FINE_GRAINED_GRAPHS(_check_images(images), saturate=saturate)
+
+
+def _fine_grained(images: torch.Tensor, saturate: bool = False) -> torch.Tensor:
+    """The fine-grained detector's computation, on checked images."""
     b, _, h, w = images.shape
     out = torch.empty((b, h, w), device=images.device)
     parts = _chunks(b, h * w, images.device)
@@ -297,6 +302,15 @@ def fine_grained(images: torch.Tensor, *, saturate: bool = False) -> torch.Tenso
         gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(images[part]))))
         _mix_on_off(_on_off_sums(gray, ws), saturate, ws.view(len(gray)), out[part])
     return out
+
+
+def _fine_grained_keep(images: torch.Tensor, **_: object) -> object:
+    """The cached plan a captured fine_grained reads (its area tensors)."""
+    return _fine_grained_plan(images.shape[2], images.shape[3], images.device)
+
+
+_FINE_GRAINED_GRAPHS = GraphCache(_fine_grained, "saliency fine_grained",
+                                  keep=_fine_grained_keep)
 
 
 # ------------------------------------------------------------------------ spectral residual
@@ -391,8 +405,13 @@ def _spectral_residual_small(small: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def spectral_residual(images: torch.Tensor, *, size: int = 64) -> torch.Tensor:
     """Hou & Zhang spectral residual saliency as OpenCV's ``StaticSaliencySpectralResidual``
-    computes it (``size`` is its resImWidth/Height, 64)."""
-    images = _check_images(images)
+    computes it (``size`` is its resImWidth/Height, 64). On CUDA one graph replay per batch
+    shape (``GraphCache``); elsewhere eager."""
+    return _SPECTRAL_RESIDUAL_GRAPHS(_check_images(images), size=size)
+
+
+def _spectral_residual(images: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """The spectral-residual detector's computation, on checked images."""
     b, _, h, w = images.shape
     small = torch.empty((b, size, size), device=images.device)
     for part in _chunks(b, max(h * w, size * size), images.device):
@@ -403,6 +422,16 @@ def spectral_residual(images: torch.Tensor, *, size: int = 64) -> torch.Tensor:
     # float maps: OpenCV's INTER_LINEAR_EXACT falls back to INTER_LINEAR (half-pixel, 2 taps).
     return F.interpolate(small.unsqueeze(1), size=(h, w), mode="bilinear",
                          align_corners=False).squeeze(1)
+
+
+def _spectral_residual_keep(images: torch.Tensor, size: int = 64) -> object:
+    """The cached resize taps a captured spectral_residual reads."""
+    h, w = images.shape[2:]
+    return (_linear_exact_taps(h, size, images.device), _linear_exact_taps(w, size, images.device))
+
+
+_SPECTRAL_RESIDUAL_GRAPHS = GraphCache(_spectral_residual, "saliency spectral_residual",
+                                       keep=_spectral_residual_keep)
 
 
 # -------------------------------------------------------------------------- frequency tuned

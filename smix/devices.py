@@ -5,12 +5,18 @@ synchronises the host with the device's stream: the CPU waits until the GPU has 
 queued kernel, so the next step's kernels are queued late. Random draws made on the host (a
 mixer's λ, permutation and boxes) and constants (normalisation, filter taps) reach the device
 here instead: from pinned memory with `non_blocking=True`, which only enqueues the copy.
+
+What remains after that is host-side launch overhead of chains of small kernels; `GraphCache`
+replays such a chain as one CUDA graph.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Sequence
+import os
+import warnings
+from typing import Callable, Sequence
 
 import torch
 
@@ -59,6 +65,112 @@ def device_name(device: torch.device | str) -> str:
                           if line.startswith("model name")), model)
     except OSError:
         pass
-    import os
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{model} ({cores} cores)"
+
+
+# ------------------------------------------------------------------------------ CUDA graphs
+
+_GRAPHS_ENV = "SMIX_CUDA_GRAPHS"  # "0" turns capture off (eager everywhere), e.g. to compare
+
+
+def graphs_enabled() -> bool:
+    """Whether `GraphCache` may capture (on unless SMIX_CUDA_GRAPHS=0)."""
+    return os.environ.get(_GRAPHS_ENV, "1") != "0"
+
+
+def _clone_outputs(out):
+    """A replay's outputs copied out of the graph's buffers (the next replay overwrites them)."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    return type(out)(_clone_outputs(o) for o in out)
+
+
+class _Captured:
+    """One captured call: static inputs, the graph, its static outputs, and what it reads
+    that lives outside its memory pool (kept alive as long as the graph)."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, keep: object) -> None:
+        self.static_in = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy caches, cuFFT plans, constants
+            fn(*self.static_in, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: loader threads (pinning, DALI) may use CUDA meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.static_out = fn(*self.static_in, **kwargs)
+        self.keep = keep
+
+    def __call__(self, args: tuple):
+        for static, a in zip(self.static_in, args):
+            static.copy_(a)
+        self.graph.replay()
+        return _clone_outputs(self.static_out)
+
+
+class GraphCache:
+    """Replays a deterministic function of CUDA tensors as one CUDA graph per input signature.
+
+    A chain of many small kernels (a detector's ~100 elementwise passes, the greedy walk's n
+    argmax steps) costs more in host-side launches than on the device; a graph launches them
+    all at once. Per (shapes, dtypes, device, keyword values) the first call warms up and
+    captures `fn` on static buffers; later calls copy the inputs in, replay, and clone the
+    outputs. At most `maxsize` graphs are kept (least recently used dropped: each holds a
+    memory pool). Where capture fails (an op that cannot be captured), that signature runs
+    eagerly from then on, with one warning per cache. CPU and other devices always run eagerly,
+    so their results are untouched. `fn` must draw no randomness (a replay would repeat it),
+    and `keep(*args, **kwargs)` must return every tensor `fn` reads that it did not allocate
+    itself besides its arguments (cached constants), so that an evicted cache entry cannot free
+    memory the graph still reads.
+    """
+
+    def __init__(self, fn: Callable, name: str, maxsize: int = 4,
+                 keep: Callable[..., object] | None = None) -> None:
+        self.fn, self.name, self.maxsize, self.keep = fn, name, maxsize, keep
+        self.entries: collections.OrderedDict[tuple, Callable | None] = collections.OrderedDict()
+        self.warned = False
+
+    @staticmethod
+    def signature(args: tuple, kwargs: dict) -> tuple:
+        """The cache key: shape, dtype and device of every tensor, plus the keyword values."""
+        return (tuple((tuple(a.shape), a.dtype, a.device) for a in args),
+                tuple(sorted(kwargs.items())))
+
+    def eligible(self, args: tuple) -> bool:
+        """Capture only CUDA tensors, outside another capture, when graphs are enabled."""
+        return (graphs_enabled() and len(args) > 0
+                and all(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+                and not torch.cuda.is_current_stream_capturing())
+
+    def capture(self, args: tuple, kwargs: dict) -> Callable:
+        """A replayable call for this signature (raises where `fn` cannot be captured)."""
+        keep = self.keep(*args, **kwargs) if self.keep is not None else None
+        return _Captured(self.fn, args, kwargs, keep)
+
+    def __call__(self, *args: torch.Tensor, **kwargs):
+        if not self.eligible(args):
+            return self.fn(*args, **kwargs)
+        key = self.signature(args, kwargs)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            entry = self.entries[key]
+        else:
+            entry = self._new_entry(key, args, kwargs)
+        return self.fn(*args, **kwargs) if entry is None else entry(args)
+
+    def _new_entry(self, key: tuple, args: tuple, kwargs: dict) -> Callable | None:
+        """Capture (None where that fails: eager for good), store, evict beyond maxsize."""
+        try:
+            entry = self.capture(args, kwargs)
+        except Exception as e:  # an op that cannot be captured: eager is still right
+            entry = None
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"{self.name}: CUDA graph capture failed, running eagerly "
+                              f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=3)
+        self.entries[key] = entry
+        while len(self.entries) > self.maxsize:
+            self.entries.popitem(last=False)
+        return entry

@@ -1,0 +1,175 @@
+"""CUDA graphs of the detectors and the greedy walk (`smix.devices.GraphCache`).
+
+On the CPU: the cache's keying, LRU eviction and eager fallback, with a stand-in capture (the
+CPU cannot capture); that CPU tensors never reach a capture; that a graph keeps alive the cached
+constants it reads. On CUDA (skipped without one): graph replays equal eager results bit for
+bit, for new inputs too, outputs do not alias the graph's buffers, and a replay does not make
+the host wait.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from smix.devices import GraphCache, graphs_enabled
+from pretrain import greedy, saliency
+
+
+class FakeCapture(GraphCache):
+    """A GraphCache that 'captures' CPU tensors: the entry runs fn and counts replays."""
+
+    def __init__(self, fn, maxsize=2, fail_on=()):
+        super().__init__(fn, "fake", maxsize=maxsize)
+        self.captured: list[tuple] = []
+        self.replays = 0
+        self.fail_on = fail_on
+
+    def eligible(self, args):
+        return True
+
+    def capture(self, args, kwargs):
+        key = self.signature(args, kwargs)
+        self.captured.append(key)
+        if args[0].shape[0] in self.fail_on:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def replay(new_args):
+            self.replays += 1
+            return self.fn(*new_args, **kwargs)
+        return replay
+
+
+def double(x: torch.Tensor, *, k: int = 2) -> torch.Tensor:
+    return x * k
+
+
+def test_one_capture_per_signature_and_lru_eviction():
+    cache = FakeCapture(double, maxsize=2)
+    a, b, c = torch.ones(2), torch.ones(3), torch.ones(4)
+    assert torch.equal(cache(a), torch.full((2,), 2.0))
+    cache(a.clone())  # same shape, dtype, device: replayed, not captured again
+    assert len(cache.captured) == 1 and cache.replays == 2
+    cache(b)
+    cache(a)  # a is now the most recent, so c evicts b
+    cache(c)
+    assert [k[0][0][0] for k in cache.entries] == [(2,), (4,)]
+    cache(b)  # evicted: captured anew
+    assert len(cache.captured) == 4
+    # keyword values and dtypes are part of the signature
+    cache(a, k=3)
+    cache(a.double())
+    assert len(cache.captured) == 6
+    assert torch.equal(cache(a, k=3), torch.full((2,), 3.0))
+
+
+def test_failed_capture_runs_eagerly_warns_once_and_is_not_retried():
+    cache = FakeCapture(double, maxsize=4, fail_on=(5, 6))
+    with pytest.warns(RuntimeWarning, match="fake: CUDA graph capture failed") as rec:
+        out = cache(torch.arange(5.0))
+        cache(torch.arange(5.0))
+        cache(torch.arange(6.0))
+    assert len(rec) == 1
+    assert torch.equal(out, torch.arange(5.0) * 2)
+    assert len(cache.captured) == 2 and cache.replays == 0  # 5 tried once, 6 once
+    assert torch.equal(cache(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
+    assert cache.replays == 1
+
+
+def test_cpu_tensors_never_reach_a_capture(monkeypatch):
+    cache = GraphCache(double, "cpu")
+
+    def refuse(*_):
+        raise AssertionError("capture attempted for CPU tensors")
+    monkeypatch.setattr(cache, "capture", refuse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(cache(torch.ones(3)), torch.full((3,), 2.0))
+    assert not cache.entries
+
+
+def test_graphs_switch(monkeypatch):
+    monkeypatch.setenv("SMIX_CUDA_GRAPHS", "0")
+    assert not graphs_enabled()
+    monkeypatch.setenv("SMIX_CUDA_GRAPHS", "1")
+    assert graphs_enabled()
+
+
+def test_graphs_keep_the_cached_constants_they_read():
+    """What a captured detector reads besides its input (cached plans and taps) is handed to
+    the graph to keep: the very objects the computation uses, so an LRU eviction of those
+    caches cannot free memory a graph still reads."""
+    images = torch.zeros(2, 3, 40, 30)
+    plan = saliency._FINE_GRAINED_GRAPHS.keep(images)
+    assert plan is saliency._fine_grained_plan(40, 30, images.device)
+    taps = saliency._SPECTRAL_RESIDUAL_GRAPHS.keep(images, size=64)
+    assert taps[0] is saliency._linear_exact_taps(40, 64, images.device)
+    assert taps[1] is saliency._linear_exact_taps(30, 64, images.device)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def pixels(n: int, size: int, seed: int, channels_last: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, 3, size // 4, size // 4, generator=g) * 255)
+    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear").cuda()
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def eager(fn, *args, **kwargs):
+    """The same call with graphs switched off."""
+    import os
+    os.environ["SMIX_CUDA_GRAPHS"] = "0"
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        os.environ.pop("SMIX_CUDA_GRAPHS")
+
+
+@cuda
+@pytest.mark.parametrize("name", ["fine_grained", "spectral_residual"])
+@pytest.mark.parametrize("n,size,channels_last", [(6, 32, False), (5, 224, True)])
+def test_cuda_detector_graph_equals_eager(name, n, size, channels_last):
+    cache = {"fine_grained": saliency._FINE_GRAINED_GRAPHS,
+             "spectral_residual": saliency._SPECTRAL_RESIDUAL_GRAPHS}[name]
+    detector = saliency.get_detector(name)
+    first_in, second_in = pixels(n, size, 0, channels_last), pixels(n, size, 1, channels_last)
+    first = detector(first_in)
+    mine = [e for k, e in cache.entries.items() if k[0][0][0] == (n, 3, size, size)]
+    assert len(mine) == 1 and mine[0] is not None  # captured, not fallen back to eager
+    second = detector(second_in)  # a replay on new data
+    assert torch.equal(first, eager(detector, first_in))
+    assert torch.equal(second, eager(detector, second_in))
+    assert not torch.equal(first, second)  # the first output is not the graph's buffer
+
+
+@cuda
+@pytest.mark.parametrize("n", [2, 7, 64])
+def test_cuda_greedy_graph_equals_eager(n):
+    g = torch.Generator().manual_seed(n)
+    maps = [(torch.rand(n, 8, 8, generator=g) * 3).round().cuda() for _ in range(3)]
+    perms = [greedy.greedy_from_maps(m) for m in maps]
+    key = GraphCache.signature((maps[0],), {})
+    assert greedy._GREEDY_GRAPHS.entries.get(key) is not None  # captured, not fallen back
+    for m, p in zip(maps, perms):
+        assert torch.equal(p, eager(greedy.greedy_from_maps, m))
+        assert sorted(p.tolist()) == list(range(n))
+
+
+@cuda
+def test_cuda_replay_does_not_wait_for_the_device():
+    images = pixels(4, 64, 2)
+    maps = torch.rand(4, 8, 8, device="cuda")
+    for _ in range(2):  # capture (which synchronises) before the guarded region
+        saliency.fine_grained(images), saliency.spectral_residual(images)
+        greedy.greedy_from_maps(maps)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        saliency.fine_grained(images), saliency.spectral_residual(images)
+        greedy.greedy_from_maps(maps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
