@@ -28,11 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from smix.devices import device_name
+from smix.devices import device_name, graphs_enabled
 from smix.dist import init_distributed
 from pretrain import engine
 from pretrain.config import build_config
-from pretrain.data import to_device
 from pretrain.mixers import get_mixer
 
 GOALS = {"epoch_vs_step": 0.9, "saliencymix_step_vs_none": 0.98}
@@ -59,8 +58,9 @@ def loader_rate(rt: engine.Runtime, epoch: int) -> float:
     """Images/s of one epoch of the training loader, batches moved onto the device."""
     sync(rt.dist.device)
     start, n = time.perf_counter(), 0
+    colour = engine.colour_generator(rt, epoch)
     for batch in engine.make_loader(rt, True, epoch):
-        images, labels, _ = to_device(batch, rt.dist.device, rt.channels_last)
+        images, labels, _ = engine.train_batch(rt, batch, colour)
         n += len(labels)
     sync(rt.dist.device)
     return n / (time.perf_counter() - start)
@@ -115,12 +115,14 @@ def main() -> None:
     epoch = engine.train_epoch(rt, 1)["images_per_s"]
     loader = loader_rate(rt, 2)
     batch = next(iter(engine.make_loader(rt, True, 3)))
-    images, labels, _ = to_device(batch, device, rt.channels_last)
+    images, labels, _ = engine.train_batch(rt, batch, engine.colour_generator(rt, 3))
     steps = {m: step_rate(rt, images, labels, m, a.steps) for m in a.methods.split(",")}
     line = {"benchmark": "input_pipeline", "device": device.type,
             "device_name": device_name(device), "loader": rt.loader, "arch": cfg.arch,
             "batch": len(labels), "size": a.size, "amp": str(rt.amp_dtype),
             "channels_last": rt.channels_last, "workers": cfg.workers, "images": a.images,
+            "colour_on": "device" if rt.data.finish is not None else "workers",
+            "cuda_graphs": graphs_enabled(),
             "loader_img_s": round(loader, 1), "epoch_img_s": round(epoch, 1),
             **{f"step_{m}_img_s": round(r, 1) for m, r in steps.items()},
             "baseline": "step alone, method none (same process)",

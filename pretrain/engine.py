@@ -77,7 +77,12 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     """Model, optimiser, schedule, mixer and data of a run (`data` given: in-memory data)."""
     torch.manual_seed(cfg.seed)
     from_disk = data is None  # in-memory data (benchmarks, tests) is the torch loader's
-    data = data if data is not None else build_datasets(cfg)
+    from pretrain.dali import resolve_loader
+    loader = resolve_loader(cfg.loader if from_disk else "torch", cfg.dataset, cfg.train_aug,
+                            dist.device, cfg.skip_bad_images)
+    # the torch loader feeding a GPU leaves colour and normalisation to the GPU (uint8 batches)
+    on_device = loader == "torch" and dist.device.type == "cuda"
+    data = data if data is not None else build_datasets(cfg, on_device)
     model = build_model(cfg.arch, len(data.classes), **cfg.arch_kwargs).to(dist.device)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
                                                   and dist.device.type == "cuda")
@@ -96,9 +101,6 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     scaler = grad_scaler(dist.device, amp_dtype)
     mixer = get_mixer(cfg.method, **cfg.method_params)
     ctx = MixContext(tuple(cfg.mean), tuple(cfg.std), len(data.classes), model)
-    from pretrain.dali import resolve_loader
-    loader = resolve_loader(cfg.loader if from_disk else "torch", cfg.dataset, cfg.train_aug,
-                            dist.device, cfg.skip_bad_images)
     return Runtime(cfg, dist, RunDir(cfg.out, create=dist.is_main), data, model, ddp_model,
                    optimizer, scheduler, scaler, mixer, ctx, amp_dtype, channels_last, loader)
 
@@ -168,10 +170,22 @@ def train_step(rt: Runtime, images: torch.Tensor, labels: torch.Tensor,
     return loss.detach()
 
 
+def colour_generator(rt: Runtime, epoch: int) -> torch.Generator:
+    """The host generator of the batched colour draws (`RunData.finish`), per epoch and rank."""
+    return torch.Generator().manual_seed(epoch_seed(rt.cfg.seed, epoch, 4) + rt.dist.rank)
+
+
+def train_batch(rt: Runtime, batch: tuple, colour: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A training loader batch on the device, finished there when the workers left it uint8."""
+    return to_device(batch, rt.dist.device, rt.channels_last, rt.data.finish, colour)
+
+
 def train_epoch(rt: Runtime, epoch: int) -> dict[str, float]:
     """One pass over the training data; stops with `TrainingDiverged` on a non-finite loss."""
     torch.manual_seed(epoch_seed(rt.cfg.seed, epoch, 2))
     mix_gen = torch.Generator().manual_seed(epoch_seed(rt.cfg.seed, epoch, 3))
+    colour = colour_generator(rt, epoch)
     loader = make_loader(rt, train=True, epoch=epoch)
     rt.ddp_model.train()
     loss_sum = torch.zeros((), device=rt.dist.device, dtype=torch.float64)
@@ -179,7 +193,7 @@ def train_epoch(rt: Runtime, epoch: int) -> dict[str, float]:
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{rt.cfg.epochs}", unit="batch",
                disable=not (rt.cfg.progress and rt.dist.is_main), leave=False)
     for step, batch in enumerate(bar):
-        images, labels, n_skip = to_device(batch, rt.dist.device, rt.channels_last)
+        images, labels, n_skip = train_batch(rt, batch, colour)
         skipped += n_skip
         if _skip_batch(rt, len(labels)):
             continue

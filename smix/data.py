@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from smix.devices import channel_constant, constant
+from smix.devices import channel_constant, constant, upload
 from smix.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
@@ -258,7 +258,14 @@ def _to_float() -> list[Any]:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
 
 
-def train_transform(aug: TrainAug) -> Callable:
+def train_transform(aug: TrainAug, on_device: bool = False) -> Callable:
+    """The recipe as one per-image transform (PIL or uint8 tensor in, normalised float out).
+
+    `on_device`: only the geometry runs per image (crop, flip; the same draws from the worker's
+    RNG), returning uint8 CHW tensors: a quarter of the bytes to pin and copy, and no per-image
+    float work in the loader workers; `finish_on_device` does the rest on the whole batch."""
+    if on_device:
+        return T.Compose(_geometry(aug) + [T.ToImage()])
     norm = T.Normalize(aug.mean, aug.std)
     if aug.kind == "cifar":
         ops = [T.ToImage(), T.RandomCrop(aug.size, padding=4), T.RandomHorizontalFlip(),
@@ -275,6 +282,36 @@ def train_transform(aug: TrainAug) -> Callable:
     else:
         raise UserError(f"unknown train augmentation {aug.kind!r}; valid: cifar, imagenet, shapes, none")
     return T.Compose(ops)
+
+
+def _geometry(aug: TrainAug) -> list[Any]:
+    """The per-image geometric half of a recipe, as `train_transform` orders it."""
+    if aug.kind == "cifar":
+        return [T.ToImage(), T.RandomCrop(aug.size, padding=4), T.RandomHorizontalFlip()]
+    if aug.kind in ("imagenet", "shapes"):
+        scale = (0.08, 1.0) if aug.kind == "imagenet" else (0.5, 1.0)
+        return [T.RandomResizedCrop(aug.size, scale=scale, antialias=True),
+                T.RandomHorizontalFlip()]
+    if aug.kind == "none":
+        return [T.Resize((aug.size, aug.size), antialias=True)]
+    raise UserError(f"unknown train augmentation {aug.kind!r}; valid: cifar, imagenet, shapes, none")
+
+
+def finish_on_device(images: torch.Tensor, aug: TrainAug,
+                     generator: torch.Generator) -> torch.Tensor:
+    """The rest of a recipe on a uint8 batch `[B,3,H,W]` on its device (from
+    `train_transform(aug, on_device=True)`): to [0,1] as torchvision's ToDtype, the `imagenet`
+    recipe's colour jitter and PCA lighting (`jitter_lighting_batch`, host draws from
+    `generator`: nothing waits for the device), normalisation. Within the recipe's
+    distribution, not bit-identical to the per-image path: the colour ops run on float pixels
+    where PIL rounds to uint8 after each."""
+    if images.numel() == 0:  # every image of the batch was skipped
+        return images.float()
+    x = images.float().mul_(1.0 / 255.0)
+    if aug.kind == "imagenet" and (aug.color_jitter or aug.lighting):
+        draws = draw_jitter_lighting(len(x), generator, aug.color_jitter, aug.lighting)
+        x = jitter_lighting_batch(x, *(upload(d, x.device) for d in draws))
+    return normalize(x, aug.mean, aug.std)
 
 
 def eval_transform(meta: Any, normalize: bool = True) -> Callable:
