@@ -173,3 +173,22 @@ def test_cuda_replay_does_not_wait_for_the_device():
         greedy.greedy_from_maps(maps)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_box_mask_and_paste_hand_computed():
+    """The one-compare paste mask on non-square images, against masks written out."""
+    from pretrain.mixers.boxes import box_mask, paste
+    boxes = torch.tensor([[1, 2, 3, 5], [0, 0, 0, 4], [2, 4, 4, 6]])  # second box empty
+    mask = box_mask(boxes, 4, 6, "cpu")
+    want = torch.zeros(3, 1, 4, 6, dtype=torch.bool)
+    want[0, 0, 1:3, 2:5] = True
+    want[2, 0, 2:4, 4:6] = True
+    assert mask.dtype == torch.bool and torch.equal(mask, want)
+    target = torch.zeros(3, 2, 4, 6)
+    source = torch.arange(3 * 2 * 4 * 6, dtype=torch.float32).view(3, 2, 4, 6)
+    src = torch.tensor([[0, 0, 2, 3], [0, 0, 0, 4], [0, 1, 2, 3]])
+    out = paste(target, source, src, boxes)  # moved: source box -> destination box
+    ref = target.clone()
+    ref[0, :, 1:3, 2:5] = source[0, :, 0:2, 0:3]
+    ref[2, :, 2:4, 4:6] = source[2, :, 0:2, 1:3]
+    assert torch.equal(out, ref)
