@@ -53,7 +53,6 @@ measured 13 ms on one thread vs 3.4 s on two for 10 images of 224x224 with one c
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
@@ -61,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smix.devices import GraphCache, constant, upload
+from smix.devices import GraphCache, constant, device_cache, upload
 from smix.errors import UserError
 
 Detector = Callable[..., torch.Tensor]
@@ -161,7 +160,7 @@ def _chunks(batch: int, pixels: int, device: torch.device) -> list[slice]:
 # ----------------------------------------------------------------------------- fine grained
 
 
-@functools.lru_cache(maxsize=32)
+@device_cache(maxsize=32)
 def _fine_grained_plan(height: int, width: int, device: torch.device
                        ) -> tuple[list[tuple[int, int, int]], torch.Tensor, torch.Tensor,
                                   tuple[int, int]]:
@@ -304,19 +303,13 @@ def _fine_grained(images: torch.Tensor, saturate: bool = False) -> torch.Tensor:
     return out
 
 
-def _fine_grained_keep(images: torch.Tensor, **_: object) -> object:
-    """The cached plan a captured fine_grained reads (its area tensors)."""
-    return _fine_grained_plan(images.shape[2], images.shape[3], images.device)
-
-
-_FINE_GRAINED_GRAPHS = GraphCache(_fine_grained, "saliency fine_grained",
-                                  keep=_fine_grained_keep)
+_FINE_GRAINED_GRAPHS = GraphCache(_fine_grained, "saliency fine_grained")
 
 
 # ------------------------------------------------------------------------ spectral residual
 
 
-@functools.lru_cache(maxsize=64)
+@device_cache(maxsize=64)
 def _linear_exact_taps(src: int, dst: int, device: torch.device):
     """Source offsets and 8-bit fixed-point weights of OpenCV's INTER_LINEAR_EXACT (uint8).
 
@@ -424,14 +417,7 @@ def _spectral_residual(images: torch.Tensor, size: int = 64) -> torch.Tensor:
                          align_corners=False).squeeze(1)
 
 
-def _spectral_residual_keep(images: torch.Tensor, size: int = 64) -> object:
-    """The cached resize taps a captured spectral_residual reads."""
-    h, w = images.shape[2:]
-    return (_linear_exact_taps(h, size, images.device), _linear_exact_taps(w, size, images.device))
-
-
-_SPECTRAL_RESIDUAL_GRAPHS = GraphCache(_spectral_residual, "saliency spectral_residual",
-                                       keep=_spectral_residual_keep)
+_SPECTRAL_RESIDUAL_GRAPHS = GraphCache(_spectral_residual, "saliency spectral_residual")
 
 
 # -------------------------------------------------------------------------- frequency tuned

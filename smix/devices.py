@@ -13,10 +13,12 @@ replays such a chain as one CUDA graph.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
+import threading
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -38,7 +40,44 @@ def upload(t: torch.Tensor, device: torch.device | str,
     return t.to(device, non_blocking=True)
 
 
-@functools.lru_cache(maxsize=64)
+_capture = threading.local()  # .reads: a list while a GraphCache warms up or captures
+
+
+def device_cache(maxsize: int) -> Callable[[Callable], Callable]:
+    """`functools.lru_cache` for functions that hand out device tensors (constants, plans).
+
+    A CUDA graph reads such a tensor by address, so it must outlive every graph that captured
+    it, whatever the LRU evicts meanwhile: while a `GraphCache` captures, every value handed
+    out (hit or miss) is recorded, and the graph holds on to it."""
+    def decorator(fn: Callable) -> Callable:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            value = cached(*args, **kwargs)
+            reads = getattr(_capture, "reads", None)
+            if reads is not None:
+                reads.append(value)
+            return value
+
+        wrapper.cache_clear, wrapper.cache_info = cached.cache_clear, cached.cache_info
+        return wrapper
+    return decorator
+
+
+@contextlib.contextmanager
+def recording_cached_reads() -> Iterator[list]:
+    """Collect what `device_cache` functions hand out inside the block (and tell nested
+    `GraphCache`s to run eagerly: a graph cannot be captured inside another)."""
+    outer = getattr(_capture, "reads", None)
+    _capture.reads = reads = []
+    try:
+        yield reads
+    finally:
+        _capture.reads = outer
+
+
+@device_cache(maxsize=64)
 def constant(values: tuple, dtype: torch.dtype, device: torch.device | str,
              shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """A small constant tensor on `device`, uploaded once per (values, dtype, device)."""
@@ -90,18 +129,18 @@ class _Captured:
     """One captured call: static inputs, the graph, its static outputs, and what it reads
     that lives outside its memory pool (kept alive as long as the graph)."""
 
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict, keep: object) -> None:
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict) -> None:
         self.static_in = [a.clone() for a in args]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: lazy caches, cuFFT plans, constants
-            fn(*self.static_in, **kwargs)
+        with recording_cached_reads(), torch.cuda.stream(side):
+            fn(*self.static_in, **kwargs)  # warm-up: lazy caches, cuFFT plans, constants
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: loader threads (pinning, DALI) may use CUDA meanwhile
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with recording_cached_reads() as self.keep, \
+                torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_out = fn(*self.static_in, **kwargs)
-        self.keep = keep
 
     def __call__(self, args: tuple):
         for static, a in zip(self.static_in, args):
@@ -121,14 +160,13 @@ class GraphCache:
     memory pool). Where capture fails (an op that cannot be captured), that signature runs
     eagerly from then on, with one warning per cache. CPU and other devices always run eagerly,
     so their results are untouched. `fn` must draw no randomness (a replay would repeat it),
-    and `keep(*args, **kwargs)` must return every tensor `fn` reads that it did not allocate
-    itself besides its arguments (cached constants), so that an evicted cache entry cannot free
-    memory the graph still reads.
+    and every tensor it reads besides its arguments and what it allocates must come from a
+    `device_cache` function (the graph keeps those alive). Inside another capture it runs
+    eagerly, so graphs may nest in code (the outer one captures everything).
     """
 
-    def __init__(self, fn: Callable, name: str, maxsize: int = 4,
-                 keep: Callable[..., object] | None = None) -> None:
-        self.fn, self.name, self.maxsize, self.keep = fn, name, maxsize, keep
+    def __init__(self, fn: Callable, name: str, maxsize: int = 4) -> None:
+        self.fn, self.name, self.maxsize = fn, name, maxsize
         self.entries: collections.OrderedDict[tuple, Callable | None] = collections.OrderedDict()
         self.warned = False
 
@@ -140,14 +178,13 @@ class GraphCache:
 
     def eligible(self, args: tuple) -> bool:
         """Capture only CUDA tensors, outside another capture, when graphs are enabled."""
-        return (graphs_enabled() and len(args) > 0
+        return (graphs_enabled() and len(args) > 0 and getattr(_capture, "reads", None) is None
                 and all(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
                 and not torch.cuda.is_current_stream_capturing())
 
     def capture(self, args: tuple, kwargs: dict) -> Callable:
         """A replayable call for this signature (raises where `fn` cannot be captured)."""
-        keep = self.keep(*args, **kwargs) if self.keep is not None else None
-        return _Captured(self.fn, args, kwargs, keep)
+        return _Captured(self.fn, args, kwargs)
 
     def __call__(self, *args: torch.Tensor, **kwargs):
         if not self.eligible(args):

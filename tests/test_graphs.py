@@ -14,7 +14,8 @@ import warnings
 import pytest
 import torch
 
-from smix.devices import GraphCache, graphs_enabled
+from smix.data import denormalize
+from smix.devices import GraphCache, constant, graphs_enabled, recording_cached_reads
 from pretrain import greedy, saliency
 
 
@@ -98,15 +99,23 @@ def test_graphs_switch(monkeypatch):
 
 
 def test_graphs_keep_the_cached_constants_they_read():
-    """What a captured detector reads besides its input (cached plans and taps) is handed to
-    the graph to keep: the very objects the computation uses, so an LRU eviction of those
-    caches cannot free memory a graph still reads."""
-    images = torch.zeros(2, 3, 40, 30)
-    plan = saliency._FINE_GRAINED_GRAPHS.keep(images)
-    assert plan is saliency._fine_grained_plan(40, 30, images.device)
-    taps = saliency._SPECTRAL_RESIDUAL_GRAPHS.keep(images, size=64)
-    assert taps[0] is saliency._linear_exact_taps(40, 64, images.device)
-    assert taps[1] is saliency._linear_exact_taps(30, 64, images.device)
+    """What a captured function reads besides its inputs (cached plans, taps, constants) is
+    recorded while it is captured, as the very objects the computation uses, so the graph
+    holds them and an LRU eviction of those caches cannot free memory it still reads."""
+    images = torch.full((2, 3, 40, 30), 100.0)
+    with recording_cached_reads() as reads:
+        saliency.fine_grained(images)
+        saliency.spectral_residual(images)
+        denormalize(images, (0.5,) * 3, (0.25,) * 3)
+    kept = {id(r) for r in reads}
+    assert id(saliency._fine_grained_plan(40, 30, images.device)) in kept
+    assert id(saliency._linear_exact_taps(40, 64, images.device)) in kept
+    assert id(saliency._linear_exact_taps(30, 64, images.device)) in kept
+    assert id(constant((0.5,) * 3, torch.float32, images.device, (1, 3, 1, 1))) in kept
+    with recording_cached_reads() as outside:
+        pass
+    saliency.fine_grained(images)
+    assert outside == []  # nothing is recorded outside a capture
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -192,3 +201,36 @@ def test_box_mask_and_paste_hand_computed():
     ref[0, :, 1:3, 2:5] = source[0, :, 0:2, 0:3]
     ref[2, :, 2:4, 4:6] = source[2, :, 0:2, 1:3]
     assert torch.equal(out, ref)
+
+
+MIXER_GRAPHS = [("saliencymix", {"mode": "batch"}, "_BOX_GRAPHS"),
+                ("saliencymix", {"mode": "batch", "scheme": "salient_to_nonsalient"}, "_BOX_GRAPHS"),
+                ("saliencymix", {"mode": "sample"}, "_BOX_GRAPHS"),
+                ("saliencymix", {"mode": "sample", "detector": "spectral_residual",
+                                 "scheme": "nonsalient_to_salient"}, "_BOX_GRAPHS"),
+                ("guidedmixup", {"saliency": "sr"}, "_SR_GRAPHS"),
+                ("guidedmixup", {"saliency": "sr", "pairing": "random"}, "_SR_GRAPHS")]
+
+
+@cuda
+@pytest.mark.parametrize("name,params,cache", MIXER_GRAPHS,
+                         ids=[f"{m}-{'-'.join(p.values())}" for m, p, _ in MIXER_GRAPHS])
+def test_cuda_mixer_graphs_equal_eager(name, params, cache):
+    """A mixer's graph-captured plan (maps, boxes or pairing and mask, λ) replays exactly what
+    the eager code computes, for several batches and seeds."""
+    import importlib
+    from pretrain.mixers import MixContext, get_mixer
+    from tests.test_mixers_nosync import MEAN, STD
+    module = importlib.import_module(f"pretrain.mixers.{name}")
+    mixer = get_mixer(name, **params)
+    ctx = MixContext(MEAN, STD, 10)
+    labels = torch.arange(6, device="cuda")
+    for seed in range(3):
+        images = (pixels(6, 32, seed) / 255 - 0.5) / 0.25
+        got = mixer(images, labels, torch.Generator().manual_seed(seed), ctx)
+        want = eager(mixer, images, labels, torch.Generator().manual_seed(seed), ctx)
+        for a, b in ((got.images, want.images), (got.label_b, want.label_b),
+                     (got.lam, want.lam)):
+            assert torch.equal(a, b)
+    entries = getattr(module, cache).entries
+    assert entries and all(e is not None for e in entries.values())

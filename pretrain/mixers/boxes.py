@@ -5,11 +5,9 @@ Boxes are int64 [B,4] as (y0, x0, y1, x1), half-open, in pixels of the batch's i
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from smix.devices import upload
+from smix.devices import device_cache, upload
 
 
 def boxes_from_centres(cy: torch.Tensor, cx: torch.Tensor, cut_h: torch.Tensor,
@@ -27,7 +25,7 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
     return ((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0))
 
 
-@functools.lru_cache(maxsize=16)
+@device_cache(maxsize=16)
 def _grid(length: int, device: torch.device) -> torch.Tensor:
     """0..length-1 on the device, made there once (no upload)."""
     return torch.arange(length, device=device)

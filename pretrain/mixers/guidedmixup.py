@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from smix.data import denormalize
+from smix.devices import GraphCache
 from smix.errors import UserError
 from pretrain.greedy import guided_maps
 from pretrain.mixers.base import MixContext, Mixer, MixOutput, MixParams, bernoulli, register_mixer
@@ -43,6 +44,25 @@ def mixing_mask(maps: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     m = torch.where(total > 0, s_a / total.clamp(min=torch.finfo(total.dtype).tiny),
                     torch.full_like(total, 0.5))
     return m.unsqueeze(1)
+
+
+@torch.no_grad()
+def _sr_plan(images: torch.Tensor, perm: torch.Tensor | None = None, *, pairing: str,
+             mean: tuple, std: tuple, blur: int, sigma: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Guided-SR's permutation, mask and λ: spectral-residual maps of the de-normalised batch,
+    blurred and normalised, paired greedily (`perm` None: deterministic) or by the drawn
+    `perm`. Device tensors in and out, nothing drawn: one CUDA graph per batch shape."""
+    from pretrain.saliency import get_detector
+    pixels = denormalize(images.detach().float(), mean, std, scale=255.0)
+    maps = guided_maps(get_detector(SALIENCY["sr"])(pixels), blur, sigma)
+    if perm is None:
+        perm = get_pairing(pairing)(len(images), None, images.device, maps=maps)
+    mask = mixing_mask(maps, perm)
+    return perm, mask, mask.mean((1, 2, 3))
+
+
+_SR_GRAPHS = GraphCache(_sr_plan, "guidedmixup sr")
 
 
 @register_mixer("guidedmixup")
@@ -84,6 +104,14 @@ class GuidedMixup(Mixer):
                ctx: MixContext) -> MixParams:
         if not bernoulli(generator, self.prob):
             return MixParams(active=False, info=self._info())
+        if self.saliency == "sr":  # a function of the images (and a drawn perm): one graph
+            perm = None if self.pairing == "greedy" else get_pairing(self.pairing)(
+                len(labels), generator, images.device, images=images, ctx=ctx, labels=labels)
+            opts = {"pairing": self.pairing, "mean": tuple(ctx.mean), "std": tuple(ctx.std),
+                    "blur": self.blur, "sigma": self.sigma}
+            perm, mask, lam = _SR_GRAPHS(images, **opts) if perm is None else \
+                _SR_GRAPHS(images, perm, **opts)
+            return MixParams(active=True, perm=perm, lam=lam, mask=mask, info=self._info())
         maps = self.saliency_maps(images, labels, ctx)
         perm = get_pairing(self.pairing)(len(labels), generator, images.device, images=images,
                                          ctx=ctx, labels=labels, maps=maps)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from smix.data import denormalize
-from smix.devices import upload
+from smix.devices import GraphCache, upload
 from smix.errors import UserError
 from pretrain.mixers.base import (MixContext, Mixer, MixOutput, MixParams, bernoulli, beta,
                                   register_mixer)
@@ -81,14 +81,42 @@ def scheme_boxes(src_maps: torch.Tensor, dst_maps: torch.Tensor | None, lam: tor
 
     The boxes are computed on the maps' device: the sides come from the host λ (enqueued,
     not waited for), the points never leave the device."""
+    sides = upload(torch.stack(cut_sides(lam, height, width)), src_maps.device)
+    return boxes_from_sides(src_maps, dst_maps, sides, scheme, height, width)
+
+
+def boxes_from_sides(src_maps: torch.Tensor, dst_maps: torch.Tensor | None,
+                     sides: torch.Tensor, scheme: str, height: int, width: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scheme_boxes` for box sides already on the device (`sides` [2,N]: heights, widths)."""
     src_kind, dst_kind = SCHEMES[scheme]
-    cut_h, cut_w = (upload(s, src_maps.device) for s in cut_sides(lam, height, width))
     cy, cx = extreme_points(src_maps, src_kind)
-    src = boxes_from_centres(cy, cx, cut_h, cut_w, height, width)
+    src = boxes_from_centres(cy, cx, sides[0], sides[1], height, width)
     if dst_kind is None:
         return src, src
     ty, tx = extreme_points(dst_maps, dst_kind)
     return src, place_like(src, ty, tx, height, width)
+
+
+@torch.no_grad()
+def _boxes_on_device(images: torch.Tensor, sides: torch.Tensor, perm: torch.Tensor | None = None,
+                     *, scheme: str, detector: str, mean: tuple, std: tuple
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Maps, boxes and actual λ of modes batch/sample, all from device tensors and so one CUDA
+    graph per batch shape (`GraphCache`): de-normalise, detect, argmax/argmin, boxes, areas.
+
+    Without `perm` (mode batch): `images` are the first source and, for a scheme that needs
+    it, the first target; one box. With it (mode sample): a box per sample from `maps[perm]`."""
+    from pretrain.saliency import get_detector
+    h, w = images.shape[2:]
+    pixels = denormalize(images.detach().float(), mean, std, scale=255.0)
+    maps = get_detector(detector)(pixels)
+    src_maps, dst_maps = (maps[:1], maps[1:]) if perm is None else (maps[perm], maps)
+    src, dst = boxes_from_sides(src_maps, dst_maps, sides, scheme, h, w)
+    return src, dst, 1.0 - box_area(src).double() / (h * w)
+
+
+_BOX_GRAPHS = GraphCache(_boxes_on_device, "saliencymix boxes")
 
 
 def opencv_saliency() -> Any:
@@ -169,17 +197,19 @@ class SaliencyMix(Mixer):
             cut_h, cut_w = cut_sides(lam, h, w)
             src = boxes_from_centres(torch.tensor([cy]), torch.tensor([cx]), cut_h, cut_w, h, w)
             dst = src
-        elif self.mode == "batch":
-            # the first source's map, and the first target's when the scheme needs it
-            needs_dst = SCHEMES[self.scheme][1] is not None
-            pick = torch.cat([perm[:1], perm.new_zeros(1)]) if needs_dst else perm[:1]
-            maps = self._maps(images[pick], ctx)
-            src, dst = scheme_boxes(maps[:1], maps[1:], lam, self.scheme, h, w)
+            actual = 1.0 - box_area(src).double() / (h * w)
         else:
-            maps = self._maps(images, ctx)
-            src, dst = scheme_boxes(maps[perm], maps, lam, self.scheme, h, w)
-        src, dst = src.expand(bsz, 4), dst.expand(bsz, 4)
-        actual = 1.0 - box_area(src).double() / (h * w)
+            sides = upload(torch.stack(cut_sides(lam, h, w)), images.device)
+            opts = {"scheme": self.scheme, "detector": self.detector, "mean": tuple(ctx.mean),
+                    "std": tuple(ctx.std)}
+            if self.mode == "batch":
+                # the first source's map, and the first target's when the scheme needs it
+                needs_dst = SCHEMES[self.scheme][1] is not None
+                pick = torch.cat([perm[:1], perm.new_zeros(1)]) if needs_dst else perm[:1]
+                src, dst, actual = _BOX_GRAPHS(images[pick], sides, **opts)
+            else:
+                src, dst, actual = _BOX_GRAPHS(images, sides, perm, **opts)
+        src, dst, actual = src.expand(bsz, 4), dst.expand(bsz, 4), actual.expand(bsz)
         info = self._info()
         if self.mode != "sample":
             info["lam_sampled"] = float(lam[0])
