@@ -9,7 +9,9 @@ alternating order, `none` again; medians over rounds), so machine noise hits eve
 alike. Because a few-% effect drowns in the noise of a handful of multi-second steps on a busy
 CPU, the mixer alone is also timed (median of more repeats): the convolutions cost the same
 whatever the pixels, so T_method = T_none + T_mix and `overhead_mix` = T_mix / T_none
-estimates the same quantity with less variance; the goals are checked on it.
+estimates the same quantity with less variance; the goals are checked on it. On CUDA the
+mixers replay CUDA graphs (`smix.devices.GraphCache`); each mixer is also timed with them
+switched off in the same rounds (`t_mix_eager_s`, `overhead_mix_eager`).
 
 One JSON line per (device, model, method), naming the device (the card, or the CPU model).
 `--quick` is a CI-sized run (tiny batches). On CUDA the mixers make no host round-trip
@@ -21,6 +23,7 @@ One JSON line per (device, model, method), naming the device (the card, or the C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -37,7 +40,7 @@ from tqdm import tqdm
 from smix.arch import build_model
 from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from smix.data import CIFAR10_MEAN, CIFAR10_STD
-from smix.devices import device_name
+from smix.devices import device_name, graphs_enabled
 from pretrain.engine import mixed_loss
 from pretrain.mixers import MixContext, MixOutput, get_mixer
 
@@ -194,13 +197,36 @@ def measure(setting: Setting, device: torch.device, bar: tqdm,
             if verbose:
                 tqdm.write(f"{setting.model} {name} {steps[name][-1]:.3f}s")
             bar.update(1)
+    mix_once = lambda name, r: timed(
+        lambda: fns[name](x, y, torch.Generator().manual_seed(r), ctx), device)
+    eager: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(setting.mix_repeats):
         for name in fns:
-            mix[name].append(timed(lambda: fns[name](x, y, torch.Generator().manual_seed(r), ctx),
-                                   device))
+            mix[name].append(mix_once(name, r))
+            if device.type == "cuda":  # the same mixer without CUDA graphs, same round
+                with graphs_off():
+                    eager[name].append(mix_once(name, r))
         bar.update(1)
-    return {k: {"t_step": statistics.median(steps[k]), "t_mix": statistics.median(mix[k])}
-            for k in fns}
+    times = {k: {"t_step": statistics.median(steps[k]), "t_mix": statistics.median(mix[k])}
+             for k in fns}
+    for k in fns:
+        if eager[k]:
+            times[k]["t_mix_eager"] = statistics.median(eager[k])
+    return times
+
+
+@contextlib.contextmanager
+def graphs_off() -> Iterator[None]:
+    """Run the block eagerly (SMIX_CUDA_GRAPHS=0), as before the graphs existed."""
+    old = os.environ.get("SMIX_CUDA_GRAPHS")
+    os.environ["SMIX_CUDA_GRAPHS"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SMIX_CUDA_GRAPHS")
+        else:
+            os.environ["SMIX_CUDA_GRAPHS"] = old
 
 
 def report(setting: Setting, device: torch.device, times: dict[str, dict[str, float]]) -> None:
@@ -213,10 +239,15 @@ def report(setting: Setting, device: torch.device, times: dict[str, dict[str, fl
                 "overhead": round((t["t_step"] - t_none) / t_none, 4),
                 "t_mix_s": round(t["t_mix"], 5),
                 "overhead_mix": round((t["t_mix"] - times["none"]["t_mix"]) / t_none, 4),
+                "cuda_graphs": device.type == "cuda" and graphs_enabled(),
                 "baseline": "none (same model, batch and process)",
                 "rounds": setting.repeats, "mix_repeats": setting.mix_repeats,
                 "threads": torch.get_num_threads(),
                 "load_avg_1m": round(os.getloadavg()[0], 2)}
+        if "t_mix_eager" in t:  # same run, graphs off: what the graphs save
+            line["t_mix_eager_s"] = round(t["t_mix_eager"], 5)
+            line["overhead_mix_eager"] = round(
+                (t["t_mix_eager"] - times["none"]["t_mix_eager"]) / t_none, 4)
         if name in GOALS:
             line["goal"] = GOALS[name]
             line["goal_met"] = bool(line["overhead_mix"] <= GOALS[name])
