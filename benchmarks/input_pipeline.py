@@ -40,6 +40,7 @@ GOALS = {"epoch_vs_step": 0.9, "saliencymix_step_vs_none": 0.98}
 def write_jpegs(root: Path, images: int, classes: int, seed: int = 0) -> None:
     """`root/{train,val}/<class>/*.jpg`: smooth random 500x375 pictures, quality 90."""
     rng = np.random.default_rng(seed)
+    classes = min(classes, images)  # every class in train/, or val/ would hold classes it lacks
     for split, n in (("train", images), ("val", max(classes, images // 10))):
         for i in range(n):
             folder = root / split / f"c{i % classes:03d}"
