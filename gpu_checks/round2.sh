@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, second round, in ONE device call of at most 240 s (3 steps + a summary; 4 files in $OUT):
+# Issue 14, round 2, in ONE device call of at most 240 s (3 steps + a summary; 4 files in $OUT):
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/round2.sh",
 #       carry=[".gpu"], timeout_s=300)          # .gpu: pytest's wheels, as for issue14.sh
 # What it measures: the CUDA graphs of the detectors, the greedy walk and the SaliencyMix /

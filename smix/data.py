@@ -203,6 +203,7 @@ class Lighting(torch.nn.Module):
         return img + rgb.view(3, 1, 1)
 
 
+RECIPE_NAMES = "cifar, imagenet, shapes, none"
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
@@ -280,7 +281,7 @@ def train_transform(aug: TrainAug, on_device: bool = False) -> Callable:
     elif aug.kind == "none":
         ops = [T.Resize((aug.size, aug.size), antialias=True), *_to_float(), norm]
     else:
-        raise UserError(f"unknown train augmentation {aug.kind!r}; valid: cifar, imagenet, shapes, none")
+        raise UserError(f"unknown train augmentation {aug.kind!r}; valid: {RECIPE_NAMES}")
     return T.Compose(ops)
 
 
@@ -294,7 +295,7 @@ def _geometry(aug: TrainAug) -> list[Any]:
                 T.RandomHorizontalFlip()]
     if aug.kind == "none":
         return [T.Resize((aug.size, aug.size), antialias=True)]
-    raise UserError(f"unknown train augmentation {aug.kind!r}; valid: cifar, imagenet, shapes, none")
+    raise UserError(f"unknown train augmentation {aug.kind!r}; valid: {RECIPE_NAMES}")
 
 
 def finish_on_device(images: torch.Tensor, aug: TrainAug,

@@ -204,7 +204,8 @@ def test_box_mask_and_paste_hand_computed():
 
 
 MIXER_GRAPHS = [("saliencymix", {"mode": "batch"}, "_BOX_GRAPHS"),
-                ("saliencymix", {"mode": "batch", "scheme": "salient_to_nonsalient"}, "_BOX_GRAPHS"),
+                ("saliencymix", {"mode": "batch", "scheme": "salient_to_nonsalient"},
+                 "_BOX_GRAPHS"),
                 ("saliencymix", {"mode": "sample"}, "_BOX_GRAPHS"),
                 ("saliencymix", {"mode": "sample", "detector": "spectral_residual",
                                  "scheme": "nonsalient_to_salient"}, "_BOX_GRAPHS"),
