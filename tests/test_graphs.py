@@ -235,3 +235,22 @@ def test_cuda_mixer_graphs_equal_eager(name, params, cache):
             assert torch.equal(a, b)
     entries = getattr(module, cache).entries
     assert entries and all(e is not None for e in entries.values())
+
+
+def test_paste_permuted_one_host_box_hand_computed():
+    """CutMix's batch-wide host box takes the slicing shortcut: the patch of each permuted
+    source at the same place, the rest of the target untouched, inputs not modified; an
+    empty box is the identity; per-sample boxes take the mask path, with the same meaning."""
+    from pretrain.mixers.boxes import paste_permuted
+    images = torch.arange(3 * 1 * 4 * 5, dtype=torch.float32).view(3, 1, 4, 5)
+    before = images.clone()
+    perm = torch.tensor([2, 0, 1])
+    box = torch.tensor([[1, 1, 3, 4]]).expand(3, 4)
+    out = paste_permuted(images, perm, box)
+    ref = images.clone()
+    for i, j in enumerate(perm.tolist()):
+        ref[i, :, 1:3, 1:4] = images[j, :, 1:3, 1:4]
+    assert torch.equal(out, ref) and torch.equal(images, before)
+    assert torch.equal(paste_permuted(images, perm, torch.tensor([[2, 2, 2, 5]])), images)
+    per_sample = torch.tensor([[1, 1, 3, 4], [1, 1, 3, 4], [1, 1, 3, 4]])
+    assert torch.equal(paste_permuted(images, perm, per_sample), ref)

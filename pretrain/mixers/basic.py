@@ -9,7 +9,7 @@ import torch
 from smix.devices import upload
 from smix.errors import UserError
 from pretrain.mixers.base import Mixer, MixOutput, MixParams, bernoulli, beta, register_mixer
-from pretrain.mixers.boxes import box_area, box_mask, boxes_from_centres, paste
+from pretrain.mixers.boxes import box_area, box_mask, boxes_from_centres, paste_permuted
 from pretrain.pairing import get_pairing
 
 
@@ -120,5 +120,5 @@ class CutMix(PairMixer):
     def apply(self, images, labels, params) -> MixOutput:
         if not params.active:
             return _identity(images, labels)
-        mixed = paste(images, images[params.perm], params.boxes)
+        mixed = paste_permuted(images, params.perm, params.boxes)
         return MixOutput(mixed, labels, labels[params.perm], upload(params.lam, images.device))

@@ -65,3 +65,19 @@ def paste(target: torch.Tensor, source: torch.Tensor, src_boxes: torch.Tensor,
     flat = (ys * width + xs).view(bsz, 1, height * width).expand(-1, source.shape[1], -1)
     moved = source.flatten(2).gather(2, flat).view_as(source)
     return torch.where(inside, moved, target)
+
+
+def paste_permuted(images: torch.Tensor, perm: torch.Tensor, src_boxes: torch.Tensor,
+                   dst_boxes: torch.Tensor | None = None) -> torch.Tensor:
+    """`paste(images, images[perm], src_boxes, dst_boxes)`, with a shortcut for the batch-wide
+    box drawn on the host (CutMix, official SaliencyMix): its corners are host integers, so
+    the patch is copied with slices — three kernels, no mask, no upload — where the general
+    path needs the boxes on the device, a mask and a gather of the whole batch."""
+    one_box = src_boxes.device.type == "cpu" and (len(src_boxes) == 1 or src_boxes.stride(0) == 0)
+    if dst_boxes is not None or not one_box:
+        return paste(images, images[perm], src_boxes, dst_boxes)
+    y0, x0, y1, x1 = (int(v) for v in src_boxes[0].tolist())
+    out = images.clone()
+    if y1 > y0 and x1 > x0:
+        out[:, :, y0:y1, x0:x1] = images[:, :, y0:y1, x0:x1][perm]
+    return out

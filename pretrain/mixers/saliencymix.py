@@ -36,7 +36,7 @@ from smix.devices import GraphCache, upload
 from smix.errors import UserError
 from pretrain.mixers.base import (MixContext, Mixer, MixOutput, MixParams, bernoulli, beta,
                                   register_mixer)
-from pretrain.mixers.boxes import box_area, boxes_from_centres, paste
+from pretrain.mixers.boxes import box_area, boxes_from_centres, paste_permuted
 from pretrain.pairing import get_pairing
 
 MODES = ("official", "batch", "sample")
@@ -224,7 +224,7 @@ class SaliencyMix(Mixer):
     def apply(self, images: torch.Tensor, labels: torch.Tensor, params: MixParams) -> MixOutput:
         if not params.active:
             return MixOutput(images, labels, None, torch.ones(len(labels), device=images.device))
-        mixed = paste(images, images[params.perm], params.boxes, params.dst_boxes)
+        mixed = paste_permuted(images, params.perm, params.boxes, params.dst_boxes)
         return MixOutput(mixed, labels, labels[params.perm], upload(params.lam, images.device))
 
     def _info(self) -> dict[str, Any]:
