@@ -71,10 +71,12 @@ def pairwise_distances(maps: torch.Tensor) -> torch.Tensor:
 def greedy_cycle(dist: torch.Tensor) -> torch.Tensor:
     """Algorithm 1 on a distance matrix: `perm[i]` is the source mixed into target i.
 
-    Runs on the matrix's device as tensor ops only (B steps of an argmax over a row; the
-    indices stay tensors, so the host never waits for the device); ties go to the lowest index
-    as numpy's argmax in the official `onecycle_cover` (torch's argmax returns the first
-    maximum on every device)."""
+    Runs on the matrix's device as tensor ops only (the indices stay tensors, so the host never
+    waits for the device): per step, -inf into the column of the current image (now taken as
+    a source; `first` only closes the cycle, so its column is closed from the start), then
+    the argmax of its row -- three small kernels; the path becomes `perm` in one scatter at
+    the end. Ties go to the lowest index as numpy's argmax in the official `onecycle_cover`
+    (torch's argmax returns the first maximum on every device)."""
     n = dist.shape[0]
     if n < 2:
         return torch.arange(n, device=dist.device)
@@ -82,18 +84,14 @@ def greedy_cycle(dist: torch.Tensor) -> torch.Tensor:
     d.fill_diagonal_(float("-inf"))
     start = torch.argmax(d).view(1)
     first, col = torch.div(start, n, rounding_mode="floor"), start % n
-    perm = torch.empty(n, dtype=torch.long, device=d.device)
-    perm.index_copy_(0, first, col)
-    # -inf on the columns already taken as sources (`first` only closes the cycle); adding it
-    # to the current row equals writing -inf into those columns, without strided writes
-    taken = torch.zeros(1, n, dtype=d.dtype, device=d.device)
-    taken.index_fill_(1, first, float("-inf"))
+    d.index_fill_(1, first, float("-inf"))
+    path = [first, col]
     for _ in range(n - 2):
-        row = col
-        col = torch.argmax(d.index_select(0, row).add_(taken), dim=1)
-        perm.index_copy_(0, row, col)
-        taken.index_fill_(1, row, float("-inf"))
-    return perm.index_copy_(0, col, first)
+        d.index_fill_(1, col, float("-inf"))
+        col = torch.argmax(d.index_select(0, col), dim=1)
+        path.append(col)
+    order = torch.cat(path)  # the cycle: order[k] receives order[k + 1], the last `first`
+    return torch.empty_like(order).index_copy_(0, order, order.roll(-1))
 
 
 @torch.no_grad()
