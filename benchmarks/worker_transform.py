@@ -1,0 +1,72 @@
+"""What one loader worker spends per training image, full recipe vs the uint8 half (issue 14).
+
+With the torch loader feeding a GPU, workers only decode, crop and flip (`train_transform(aug,
+on_device=True)`); colour jitter, PCA lighting and normalisation run batched on the device
+(`finish_on_device`). Baseline: the full per-image `imagenet` recipe, decode included, in the
+same process on the same JPEGs (500x375, quality 90, as input_pipeline.py writes them).
+One JSON line: ms per image for both, their ratio (the worker-side speed-up; the loader's
+img/s scales with it while workers are the bottleneck), and, for reference, the batched finish
+on this CPU per image (on a GPU it is a few kernels per batch).
+
+    python benchmarks/worker_transform.py [--images 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from smix.data import TrainAug, finish_on_device, load_rgb, train_transform
+from smix.devices import device_name
+
+
+def per_image_ms(fn, paths: list[Path], repeats: int) -> float:
+    """Median over repeats of the mean ms per image of `fn(path)`."""
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for p in paths:
+            fn(p)
+        runs.append((time.perf_counter() - start) * 1000 / len(paths))
+    return statistics.median(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    from benchmarks.input_pipeline import write_jpegs
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jpegs(Path(tmp), a.images, 1)
+        paths = sorted(Path(tmp, "train").rglob("*.jpg"))
+        aug = TrainAug("imagenet", 224, IMAGENET_MEAN, IMAGENET_STD)
+        full, half = train_transform(aug), train_transform(aug, on_device=True)
+        torch.manual_seed(0)
+        t_full = per_image_ms(lambda p: full(load_rgb(p)), paths, a.repeats)
+        t_half = per_image_ms(lambda p: half(load_rgb(p)), paths, a.repeats)
+        t_decode = per_image_ms(load_rgb, paths, a.repeats)
+        batch = torch.stack([half(load_rgb(p)) for p in paths])
+        gen = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        finish_on_device(batch, aug, gen)
+        t_finish = (time.perf_counter() - start) * 1000 / len(paths)
+    print(json.dumps({
+        "benchmark": "worker_transform", "device_name": device_name("cpu"), "images": a.images,
+        "baseline": "full per-image imagenet recipe (decode, RRC, flip, jitter, lighting, "
+                    "normalise), same process",
+        "full_ms_per_image": round(t_full, 3), "uint8_half_ms_per_image": round(t_half, 3),
+        "decode_ms_per_image": round(t_decode, 3), "speedup": round(t_full / t_half, 3),
+        "batched_finish_cpu_ms_per_image": round(t_finish, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
