@@ -72,9 +72,19 @@ def to_device(batch: tuple, device: torch.device, channels_last: bool,
     """A loader batch on the device (enqueued from pinned memory); with `finish`, a uint8
     batch gets the recipe's per-batch half there (colour draws from `generator`)."""
     images, labels, skipped = batch
+    if isinstance(images, list):  # chunks of one batch (engine.ChunkedLoader)
+        images, labels = _join_on_device(images, device), _join_on_device(labels, device)
     images = images.to(device, non_blocking=True)
     if finish is not None:
         images = finish_on_device(images, finish, generator)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True), int(skipped)
+
+
+def _join_on_device(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One tensor on the device from pinned host chunks: each copy is enqueued (a host-side
+    concatenation would be unpinned, and its copy would block); empty chunks (every image of
+    the chunk skipped) are left out."""
+    kept = [p.to(device, non_blocking=True) for p in parts if p.numel()]
+    return torch.cat(kept) if kept else parts[0].to(device)

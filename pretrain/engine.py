@@ -131,12 +131,53 @@ def make_loader(rt: Runtime, train: bool, epoch: int) -> DataLoader:
             from torch.utils.data import Subset
             from smix.dist import shard_indices
             dataset = Subset(dataset, shard_indices(len(dataset), dist.rank, dist.world_size))
-    return DataLoader(
-        dataset, batch_size=per_rank, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
-        drop_last=train and len(dataset) >= 2 * per_rank,
-        generator=gen, collate_fn=collate_skip, persistent_workers=False,
+    drop_last = train and len(dataset) >= 2 * per_rank
+    parts = chunks_per_batch(per_rank, cfg.workers) if train and rt.data.finish else 1
+    loader = DataLoader(
+        dataset, batch_size=per_rank // parts, shuffle=train and sampler is None,
+        sampler=sampler, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
+        drop_last=drop_last, generator=gen, collate_fn=collate_skip, persistent_workers=False,
     )
+    return loader if parts == 1 else ChunkedLoader(loader, parts, drop_last)
+
+
+def chunks_per_batch(batch: int, workers: int, min_chunk: int = 32) -> int:
+    """How many workers share one batch: the largest divisor of `batch` up to `workers` that
+    leaves chunks of at least `min_chunk` images (1: one worker makes the whole batch)."""
+    limit = min(workers, batch // min_chunk)
+    return max([k for k in range(1, limit + 1) if batch % k == 0], default=1)
+
+
+class ChunkedLoader:
+    """Batches assembled from `parts` consecutive chunks of a DataLoader, so that several
+    workers make one batch. With one worker per batch, the first batch of an epoch waits for
+    a whole batch of decodes in one process (256 x a few ms: on an H200 the step would run
+    ~10 batches meanwhile) and the epoch's end waits for the slowest worker's batch; chunks
+    cut both by `parts`. The sampler's order is the same as one worker per batch would see (the
+    same permutation, cut in the same places). Chunks stay separate, pinned tensors until
+    `to_device` joins them on the device. Only for uint8 batches finished on a GPU: on the
+    CPU the worker RNG streams, and so the bit-identical resume, stay as they were."""
+
+    def __init__(self, loader: DataLoader, parts: int, drop_last: bool) -> None:
+        self.loader, self.parts, self.drop_last = loader, parts, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.loader)
+        return n // self.parts if self.drop_last else -(-n // self.parts)
+
+    def __iter__(self):
+        group: list[tuple] = []
+        for chunk in self.loader:
+            group.append(chunk)
+            if len(group) == self.parts:
+                yield self._join(group)
+                group = []
+        if group and not self.drop_last:
+            yield self._join(group)
+
+    @staticmethod
+    def _join(group: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        return [c[0] for c in group], [c[1] for c in group], sum(c[2] for c in group)
 
 
 def mixed_loss(logits: torch.Tensor, out: MixOutput) -> torch.Tensor:

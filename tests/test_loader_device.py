@@ -114,3 +114,54 @@ def test_engine_trains_on_uint8_batches(shapes_root, tmp_path):
         engine.train_step = real_step
     assert stats["train_images"] == 24 and np.isfinite(stats["train_loss"])
     assert all(x.dtype == torch.float32 and -3 < float(x.mean()) < 3 for x in seen)
+
+
+def test_chunks_per_batch():
+    from pretrain.engine import chunks_per_batch
+    assert chunks_per_batch(256, 15) == 8  # 32-image chunks from 8 workers
+    assert chunks_per_batch(256, 4) == 4
+    assert chunks_per_batch(100, 4) == 2  # 3 does not divide 100
+    assert chunks_per_batch(8, 0) == 1 and chunks_per_batch(8, 4) == 1  # too small to share
+
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return None if i == 7 else (torch.full((1, 2, 2), i, dtype=torch.uint8), i)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_chunked_batches_are_the_unchunked_batches(drop_last):
+    """Two chunks of two make the batches of four that one loader would make from the same
+    generator: same images in the same order, same labels, skipped counts added, and the same
+    batches kept or dropped at the end."""
+    from torch.utils.data import DataLoader
+    from smix.data import collate_skip
+    from pretrain.engine import ChunkedLoader
+
+    def loader(batch):
+        return DataLoader(Items(), batch_size=batch, shuffle=True, drop_last=drop_last,
+                          generator=torch.Generator().manual_seed(5), collate_fn=collate_skip)
+    whole = list(loader(4))
+    chunked = ChunkedLoader(loader(2), 2, drop_last)
+    assert len(chunked) == len(whole) == (2 if drop_last else 3)
+    for (im, lab, skip), batch in zip(whole, chunked):
+        im2, lab2, skip2 = to_device(batch, torch.device("cpu"), False)
+        assert torch.equal(im2, im) and torch.equal(lab2, lab) and skip2 == skip
+    assert sum(b[2] for b in chunked) == sum(b[2] for b in whole)
+
+
+def test_engine_trains_on_chunked_uint8_batches(shapes_root, tmp_path, monkeypatch):
+    """The engine with several workers sharing each batch (as on CUDA with large batches)."""
+    cfg = build_config("shapes-resnet18", shapes_root, tmp_path / "run", "saliencymix",
+                       {"workers": "0", "batch_size": "8", "input_size": "32", "resize": "32",
+                        "crop": "32", "progress": "false", "epochs": "1", "device": "cpu"})
+    rt = engine.build_runtime(cfg, init_distributed("cpu"), build_datasets(cfg, on_device=True))
+    monkeypatch.setattr(engine, "chunks_per_batch", lambda batch, workers: 4)
+    loader = engine.make_loader(rt, True, 0)
+    assert isinstance(loader, engine.ChunkedLoader) and len(loader) == 3
+    stats = engine.train_epoch(rt, 0)
+    assert stats["train_images"] == 24 and np.isfinite(stats["train_loss"])
+    assert not isinstance(engine.make_loader(rt, False, 0), engine.ChunkedLoader)
