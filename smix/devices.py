@@ -167,8 +167,8 @@ class GraphCache:
     argmax steps) costs more in host-side launches than on the device; a graph launches them
     all at once. Per (shapes, dtypes, device, keyword values) the first call warms up and
     captures `fn` on static buffers; later calls copy the inputs in, replay, and clone the
-    outputs. At most `maxsize` graphs are kept (least recently used dropped: each holds a
-    memory pool). Where capture fails (an op that cannot be captured), that signature runs
+    outputs. At most `maxsize` graphs are kept (least recently used dropped; all graphs of a
+    device share one memory pool, see `_graph_pool`). Where capture fails (an op that cannot be captured), that signature runs
     eagerly from then on, with one warning per cache. CPU and other devices always run eagerly,
     so their results are untouched. `fn` must draw no randomness (a replay would repeat it),
     and every tensor it reads besides its arguments and what it allocates must come from a
