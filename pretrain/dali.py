@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from smix.data import draw_jitter_lighting, jitter_lighting_batch, normalize
+from smix.data import TrainAug, finish_on_device
 from smix.devices import upload
 from smix.dist import shard_indices
 from smix.errors import UserError
@@ -183,16 +183,14 @@ class DaliLoader:
             yield self._finish(images), upload(labels, self.device), 0
 
     def _finish(self, images: torch.Tensor) -> torch.Tensor:
-        """Train batches: uint8 -> colour ops (imagenet recipe) -> normalised, on the device."""
+        """Train batches: uint8 -> colour ops (imagenet recipe) -> normalised, on the device,
+        by the same code as the torch loader's device path."""
         images = upload(images, self.device)
         if not self.train:
             return images
-        x = images.float().div_(255.0)
-        if self.spec.recipe == "imagenet" and (self.spec.color_jitter or self.spec.lighting):
-            draws = draw_jitter_lighting(len(x), self.color, self.spec.color_jitter,
-                                         self.spec.lighting)
-            x = jitter_lighting_batch(x, *(upload(d, x.device) for d in draws))
-        return normalize(x, self.spec.mean, self.spec.std)
+        aug = TrainAug(self.spec.recipe, self.spec.size, self.spec.mean, self.spec.std,
+                       self.spec.color_jitter, self.spec.lighting)
+        return finish_on_device(images, aug, self.color)
 
 
 def dataset_samples(dataset) -> list[tuple[str, int]]:
