@@ -90,11 +90,13 @@ PRESETS["tinyimagenet-resnet50"] = _imagenet(
 PRESETS["imagenet-resnet50"] = _imagenet("resnet50")
 PRESETS["imagenet-resnet101"] = _imagenet("resnet101")
 # Sized for the demo's shapes data on a 2-core CPU: ImageNet stem (so detection transfer and
-# CAM work as for ImageNet backbones), 64 px, a few epochs.
+# CAM work as for ImageNet backbones), 64 px, three epochs. lr 0.02 without crops: at lr 0.05
+# with random-resized crops the first epoch diverged (train loss 2.9 > ln 4) and 6 epochs
+# reached 48%; this setting reaches 99.5% after one epoch on the demo's data.
 PRESETS["shapes-resnet18"] = dict(
-    arch="resnet18", dataset="shapes", epochs=6, batch_size=32, lr=0.05, weight_decay=5e-4,
-    milestones=(4,), gamma=0.1, input_size=64, resize=64, crop=64, train_aug="shapes",
-    mean=IMAGENET_MEAN, std=IMAGENET_STD, nesterov=True, workers=2, warmup_epochs=0)
+    arch="resnet18", dataset="shapes", epochs=3, batch_size=32, lr=0.02, weight_decay=5e-4,
+    milestones=(2,), gamma=0.1, input_size=64, resize=64, crop=64, train_aug="none",
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, nesterov=True, workers=0, warmup_epochs=0)
 
 # Method defaults that depend on the dataset (the papers' settings): mixing probability 0.5 on
 # CIFAR for CutMix/SaliencyMix, 1.0 on ImageNet. Cutout's hole is half the crop side for every

@@ -448,7 +448,10 @@ def frequency_tuned(images: torch.Tensor) -> torch.Tensor:
     b, _, h, w = lab.shape
     binomial = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
     blurred = _filter2d_reflect(lab.reshape(b * 3, h, w), binomial).view(b, 3, h, w)
-    sal = (blurred - lab.mean((2, 3), keepdim=True)).norm(dim=1)
+    diff = blurred - lab.mean((2, 3), keepdim=True)
+    # the channel norm spelled out: `norm(dim=1)` is a strided reduction, ~40x slower on CPU
+    # (measured 15 ms vs 0.4 ms for one 432x432 image)
+    sal = (diff[:, 0].square() + diff[:, 1].square() + diff[:, 2].square()).sqrt_()
     return sal / sal.amax((1, 2), keepdim=True).clamp(min=1e-12)  # a flat image stays 0
 
 

@@ -19,6 +19,7 @@ COMMANDS = {
     "transfer": ("transfer.cli", "fine-tune Faster R-CNN on Pascal VOC from a checkpoint"),
     "robustness": ("robustness.cli", "FGSM / PGD / corruption evaluation"),
     "cam": ("cam.cli", "class activation maps: export, mixed pairs, localisation"),
+    "audit": ("smix.audit", "what mixing methods do to labels and objects (data with boxes)"),
     "report": ("smix.report", "paper-style tables and plots from run folders"),
     "demo": ("smix.demo", "the whole pipeline on generated shapes data"),
     "ckpt": ("smix.ckpt_cli", "inspect or import checkpoints"),

@@ -11,6 +11,8 @@ import csv
 import dataclasses
 import io
 import math
+import os
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -307,23 +309,43 @@ def plot_training(runs: list[Run], out: Path) -> Path | None:
     return path
 
 
+def audit_section(runs: list[Run], out: Path) -> tuple[list[Table], list[Path]]:
+    """The `smix audit` runs' tables and summary plots (they come first in the report: they
+    say what the mixers do to the data before any training), plus their example figures."""
+    from smix.audit import audit_tables, plot_summary
+
+    tables, plots = [], []
+    audits = [r for r in runs if r.kind == "audit/audit"]
+    for r in audits:
+        tag = r.path.name if len(audits) > 1 else ""
+        tables += audit_tables(r.results, tag)
+        plot = plot_summary(r.results, out / f"audit_summary{'_' + tag if tag else ''}.png")
+        plots += [plot] if plot is not None else []
+        plots += [r.path / m["figure"] for m in r.results.get("methods", [])
+                  if (r.path / m.get("figure", "")).is_file()]
+    return tables, plots
+
+
 def build_report(paths: list[Path], out: Path) -> dict[str, Any]:
     """Write report.md, one CSV per table and the plots; return what was written."""
     runs = find_runs(paths)
     out.mkdir(parents=True, exist_ok=True)
-    tables = [t for t in (classification_table(runs), detection_table(runs),
-                          attack_table(runs, "fgsm"), attack_table(runs, "pgd"),
-                          corruption_table(runs), localization_table(runs)) if t is not None]
-    plots = [p for p in (plot_training(runs, out), plot_eps(runs, out)) if p is not None]
+    audit_tabs, audit_plots = audit_section(runs, out)
+    tables = audit_tabs + [t for t in (classification_table(runs), detection_table(runs),
+                                       attack_table(runs, "fgsm"), attack_table(runs, "pgd"),
+                                       corruption_table(runs), localization_table(runs))
+                           if t is not None]
+    plots = audit_plots + [p for p in (plot_training(runs, out), plot_eps(runs, out))
+                           if p is not None]
     md = ["# Report", "", f"{len(runs)} run folders: "
           + ", ".join(f"`{r.path.name}` ({r.kind})" for r in runs), ""]
     written = []
     for t in tables:
         md.append(t.markdown())
-        name = t.title.split(" (")[0].lower().replace(" ", "_") + ".csv"
+        name = re.sub(r"[^a-z0-9_]+", "_", t.title.split(" (")[0].lower()).strip("_") + ".csv"
         atomic_write(out / name, t.csv())
         written.append(str(out / name))
-    md += [f"![{p.stem}]({p.name})\n" for p in plots]
+    md += [f"![{p.stem}]({Path(os.path.relpath(p, out)).as_posix()})\n" for p in plots]
     md += ["## Run folders", ""] + [f"- `{r.path.name}`: {r.path.resolve()}" for r in runs]
     atomic_write(out / "report.md", "\n".join(md) + "\n")
     summary = {"report": str(out / "report.md"), "tables": written,

@@ -3,7 +3,10 @@
 Written in the real formats the toolkit reads: a class-folder split (`train/`, `val/`) and a VOC
 devkit copy of the same images (`VOC2007/{JPEGImages,Annotations,ImageSets/Main}`) with the true
 boxes. Backgrounds are textured (oriented sinusoids plus noise) so that saliency detectors and
-CAMs have something to tell apart; the object has a contrasting colour. Deterministic per seed.
+CAMs have something to tell apart; the object has a contrasting colour — a random one, or with
+`class_colours` one colour per class (jittered), which a ResNet-18 learns in one CPU epoch where
+shape alone needs far longer (measured on 64 px data: 99.5% val top-1 after one epoch of 800
+images, against 56% after three epochs of 1200 with random colours). Deterministic per seed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from smix.io import atomic_write, write_json
 from smix.voc import VOCObject, write_annotation
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
+# With `class_colours`, class k is drawn in PALETTE[k] (each channel jittered by ±JITTER).
+PALETTE = ((225, 35, 35), (35, 200, 35), (45, 70, 235), (235, 215, 35), (215, 45, 215),
+           (35, 210, 220), (240, 140, 25), (245, 245, 245))
+JITTER = 25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +38,12 @@ class ShapesConfig:
     size: int = 64
     seed: int = 0
     val_fraction: float = 0.25
+    radius: tuple[float, float] = (0.16, 0.3)  # object radius, as a fraction of the side
+    texture: float = 0.5  # amplitude of the background's sinusoids (0: flat colour + noise)
+    class_colours: bool = False  # each class in its own colour (else a random saturated one)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, texture: float = 0.5) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     img = np.zeros((size, size, 3), np.float32)
     for _ in range(3):
@@ -41,7 +51,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         wave = np.sin(2 * math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta)) + phase)
         img += wave[..., None] * rng.uniform(0.1, 0.3, size=3)
     base = rng.uniform(0.25, 0.6, size=3)
-    img = base + img * 0.5 + rng.normal(0, 0.04, size=img.shape)
+    img = base + img * texture + rng.normal(0, 0.04, size=img.shape)
     return np.clip(img * 255, 0, 255).astype(np.uint8)
 
 
@@ -71,15 +81,24 @@ def draw_shape(img: Image.Image, kind: str, cx: float, cy: float, r: float, rot:
                   fill=colour)
 
 
-def make_image(rng: np.random.Generator, kind: str, size: int
-               ) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """One image and the true box of its object (VOC convention: 1-based inclusive)."""
-    img = Image.fromarray(_background(rng, size))
-    r = rng.uniform(0.16, 0.3) * size
-    cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
+def _colour(rng: np.random.Generator, kind: str, class_colours: bool) -> tuple[int, int, int]:
+    if class_colours:
+        base = np.array(PALETTE[SHAPES.index(kind)])
+        return tuple(int(c) for c in np.clip(base + rng.integers(-JITTER, JITTER + 1, 3), 0, 255))
     colour = tuple(int(c) for c in rng.choice([30, 230], size=3))
     if len(set(colour)) == 1:  # avoid grey objects that blend into the background
         colour = (colour[0], 255 - colour[1], colour[2])
+    return colour  # type: ignore[return-value]
+
+
+def make_image(rng: np.random.Generator, kind: str, size: int,
+               radius: tuple[float, float] = (0.16, 0.3), texture: float = 0.5,
+               class_colours: bool = False) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """One image and the true box of its object (VOC convention: 1-based inclusive)."""
+    img = Image.fromarray(_background(rng, size, texture))
+    r = rng.uniform(*radius) * size
+    cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
+    colour = _colour(rng, kind, class_colours)
     rot = rng.uniform(0, 2 * math.pi)
     draw_shape(img, kind, cx, cy, r, rot, colour)  # type: ignore[arg-type]
     mask = Image.new("L", (size, size))
@@ -106,7 +125,8 @@ def generate_shapes(cfg: ShapesConfig, progress: bool = True) -> dict:
     jobs = [(split, c, i) for c in range(cfg.classes)
             for split, n in (("train", cfg.per_class), ("val", n_val)) for i in range(n)]
     for split, c, i in tqdm(jobs, desc="shapes", disable=not progress, unit="img"):
-        img, box = make_image(rng, names[c], cfg.size)
+        img, box = make_image(rng, names[c], cfg.size, cfg.radius, cfg.texture,
+                              cfg.class_colours)
         image_id = f"{split}_{names[c]}_{i:05d}"
         folder = out / split / names[c]
         folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +141,8 @@ def generate_shapes(cfg: ShapesConfig, progress: bool = True) -> dict:
                       ("trainval", splits["train"]), ("test", splits["val"])):
         atomic_write(main / f"{name}.txt", "\n".join(ids) + "\n")
     summary = {"classes": list(names), "train": len(splits["train"]), "val": len(splits["val"]),
-               "size": cfg.size, "seed": cfg.seed, "class_folders": [str(out / "train"), str(out / "val")],
+               "size": cfg.size, "seed": cfg.seed, "radius": list(cfg.radius),
+               "texture": cfg.texture, "class_colours": cfg.class_colours, "class_folders": [str(out / "train"), str(out / "val")],
                "voc_root": str(out), "voc_note": "VOC2007 trainval = train split, test = val split"}
     write_json(out / "shapes.json", summary)
     return summary
