@@ -202,3 +202,22 @@ def test_require_detectron2_turns_its_skip_into_a_failure(monkeypatch: pytest.Mo
     monkeypatch.setenv("REQUIRE_DETECTRON2", "1")
     with pytest.raises(pytest.fail.Exception, match="REQUIRE_DETECTRON2=1 but detectron2 is not"):
         need_detectron2()
+
+
+def test_probe_samples_the_full_roi_batch(tv_setup) -> None:
+    """The probe must cost what the worst training image costs: `roi_batch` RoIs, which a fresh
+    detector's few post-NMS proposals would not give (hence NMS off during the probe)."""
+    import dataclasses
+
+    from transfer.tv_backend import probe_step
+    _, ckpt, s, splits = tv_setup
+    # at 64 px the FPN has 1023 anchors: 512 RoIs need (nearly) all of them as proposals
+    s = dataclasses.replace(s, roi_batch=512, rpn_pre_nms_train=2000, rpn_post_nms_train=2000)
+    model, _ = build_from_checkpoint(ckpt, "fpn", splits.class_names, s)
+    rois: list[int] = []
+    model.roi_heads.box_roi_pool.register_forward_hook(lambda m, i, o: rois.append(len(o)))
+    step, size = probe_step(model, s, Stepper(CPU))
+    nms = model.rpn.nms_thresh
+    step()
+    assert size == (64, 64) and rois == [s.roi_batch] and model.rpn.nms_thresh == nms
+    assert all(p.grad is None for p in model.parameters())

@@ -51,8 +51,8 @@ from transfer.config import Settings, TransferConfig
 from transfer.convert import Conversion, save_detectron2_weights, to_detectron2
 from transfer.d2_config import build_d2_config
 from transfer.data import VOCSplits
-from transfer.micro import (ImageSeeds, MicroChoice, announce, choose, largest_train_size,
-                            oom_error, split)
+from transfer.micro import (ImageSeeds, MicroChoice, all_proposals, announce, choose,
+                            largest_train_size, oom_error, split)
 from transfer.voc_eval import Detections, VOCResult, evaluate_voc, year_metric
 
 TRAIN_NAME, TEST_NAME = "smix_transfer_train", "smix_transfer_test"
@@ -255,7 +255,8 @@ def probe_step(model: torch.nn.Module, cfg: CfgNode, precision: torch.dtype | No
 
     def step() -> None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                EventStorage(), autocast(device, precision):  # the heads log sample counts
+                EventStorage(), all_proposals(model.proposal_generator), \
+                autocast(device, precision):  # (the heads log their sample counts)
             loss_dict = model(data)
         sum(v.float() for v in loss_dict.values()).backward()
         model.zero_grad(set_to_none=True)

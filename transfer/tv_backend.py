@@ -31,7 +31,8 @@ from smix.errors import UserError
 from smix.io import RunDir, atomic_save
 from transfer.config import Settings, TransferConfig
 from transfer.data import VOCSplits
-from transfer.micro import MicroChoice, announce, choose, largest_train_size, oom_error, split
+from transfer.micro import (MicroChoice, all_proposals, announce, choose, largest_train_size,
+                            oom_error, split)
 from transfer.tv_data import BatchPlan, PlanSampler, VOCDetection, collate_list, iteration_seed
 from transfer.tv_models import build_detector
 from transfer.voc_eval import Detections, VOCResult, evaluate_voc, year_metric
@@ -194,7 +195,7 @@ def probe_step(model: nn.Module, s: Settings, st: Stepper) -> tuple[Callable[[],
         model.train()
         model.transform.min_size, model.transform.max_size = (h,), s.max_size_train
         with torch.random.fork_rng(devices=[st.device] if st.device.type == "cuda" else []), \
-                autocast(st.device, st.amp):
+                all_proposals(model.rpn), autocast(st.device, st.amp):
             losses = model(*_to(st.device, [image], [target]))
         torch.stack([v.float() for v in losses.values()]).sum().backward()
         model.zero_grad(set_to_none=True)
