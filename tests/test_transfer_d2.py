@@ -256,3 +256,18 @@ def test_cuda_out_of_memory_ends_in_one_line(shapes: Path, tmp_path: Path,
     assert err.strip().splitlines()[-1].startswith(
         "smix transfer: error: CUDA out of memory in iteration 1 with micro_batch=2; rerun with "
         "--resume and micro_batch=1")
+
+
+def test_detectron2_logger_prints_each_line_once_across_runs(tmp_path, capsys):
+    """Runs in one process (the demo) must not stack detectron2's handlers."""
+    import logging
+
+    from transfer.d2_backend import fresh_d2_logger
+    for run in ("a", "b", "c"):
+        (tmp_path / run).mkdir()
+        fresh_d2_logger(tmp_path / run / "log.txt")
+    logging.getLogger("detectron2").info("hello once")
+    out = capsys.readouterr().out
+    assert out.count("hello once") == 1
+    assert "hello once" in (tmp_path / "c" / "log.txt").read_text()
+    assert "hello once" not in (tmp_path / "a" / "log.txt").read_text()

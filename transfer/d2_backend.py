@@ -349,10 +349,21 @@ class D2Job:
     amp: str = "off"
 
 
+def fresh_d2_logger(log_file: Path) -> None:
+    """detectron2's logger writing to this run's log only. `setup_logger` adds handlers on every
+    new output path, so several runs in one process (the demo) would print each line once per
+    run so far; drop the previous runs' handlers and its call cache first."""
+    logger = logging.getLogger("detectron2")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    setup_logger.cache_clear()
+    setup_logger(str(log_file), distributed_rank=comm.get_rank(), name="detectron2")
+
+
 def worker(job: D2Job) -> None:
     """One process of the job (all of it when not distributed): register, train, evaluate."""
     out = Path(job.cfg.OUTPUT_DIR)
-    setup_logger(str(out / "log.txt"), distributed_rank=comm.get_rank(), name="detectron2")
+    fresh_d2_logger(out / "log.txt")
     seed_all_rng(job.cfg.SEED + comm.get_rank())
     register(TRAIN_NAME, [r for r in job.train if r.objects], job.class_names)
     register(TEST_NAME, job.test, job.class_names, job.test_dir, job.test_split, job.test_year)
