@@ -208,8 +208,9 @@ def test_notes_are_printed_and_recorded(shapes_root, tmp_path, capsys):
     assert smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root),
                  "--out", str(run), "--epochs", "1", *TINY]) == 0
     err = capsys.readouterr().err
-    assert "pretrain: LR milestones rescaled to 1 epochs: 4 -> 1" in err
-    assert "pretrain: lr scaled linearly with the batch: 0.05 x 8/32 = 0.0125" in err
+    # the shapes preset: 3 epochs, milestone 2, lr 0.02 at batch 32 (TINY trains at batch 8)
+    assert "pretrain: LR milestones rescaled to 1 epochs: 2 -> 1" in err
+    assert "pretrain: lr scaled linearly with the batch: 0.02 x 8/32 = 0.005" in err
     assert len(json.loads((run / "config.json").read_text())["notes"]) == 2
 
 
