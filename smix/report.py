@@ -148,7 +148,8 @@ def detection_table(runs: list[Run]) -> Table | None:
 
     def setting(r: Run) -> tuple:
         res = r.results
-        return (res.get("backend"), res.get("preset"), res.get("arch"), res.get("iters"))
+        return (res.get("backend"), res.get("preset"), res.get("arch"), res.get("iters"),
+                res.get("test_set"), res.get("metric"))
 
     def backbone_method(r: Run) -> str:
         return method_label((r.results.get("checkpoint") or {}).get("method"))
@@ -165,13 +166,15 @@ def detection_table(runs: list[Run]) -> Table | None:
             f"{res['AP50'] - statistics.mean(base):+.2f}"
         rows.append([backbone_method(r), str((res.get("checkpoint") or {}).get("arch", "?")),
                      str(res.get("backend")), str(res.get("preset")), str(res.get("arch")),
-                     fmt(res.get("iters")), fmt(res.get("AP50")), fmt(res.get("AP")),
+                     fmt(res.get("iters")), f"{res.get('test_set', '?')} {res.get('metric', '?')}",
+                     fmt(res.get("AP50")), fmt(res.get("AP")),
                      fmt(res.get("AP75")), delta, r.path.name])
-    return Table("Detection transfer (Faster R-CNN, VOC07 test, %)",
+    return Table("Detection transfer (Faster R-CNN on Pascal VOC, %)",
                  ["backbone method", "backbone", "backend", "preset", "detector", "iters",
-                  "AP50", "AP", "AP75", "ΔAP50 vs none", "run folder"], rows,
-                 "AP50 is VOC07 11-point AP at IoU 0.5; Δ against the `none` backbone of the same "
-                 "backend, preset, detector and iterations.")
+                  "test set / AP", "AP50", "AP", "AP75", "ΔAP50 vs none", "run folder"], rows,
+                 "AP50 is AP at IoU 0.5 as the test set's devkit computes it (VOC2007: 11-point, "
+                 "voc07-11point; VOC2010+: area, voc12-area); Δ against the `none` backbone of the "
+                 "same backend, preset, detector, iterations, test set and metric.")
 
 
 def _models(runs: list[Run], kind: str) -> list[tuple[Run, dict[str, Any]]]:

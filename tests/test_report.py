@@ -37,10 +37,15 @@ def runs(tmp_path) -> Path:
     pretrain_run(root, "none-s0", {"name": "none"}, 0, 30.0, 31.0, 100.0)
     pretrain_run(root, "cutmix-s0", {"name": "cutmix", "pairing": "random"}, 0, 20.0, 21.0, 110.0)
     pretrain_run(root, "cutmix-s1", {"name": "cutmix", "pairing": "random"}, 1, 22.0, 23.0, 110.0)
-    for name, method, ap50 in (("det-none", "none", 70.0), ("det-cutmix", "cutmix", 72.5)):
+    for name, method, ap50, test in (("det-none", "none", 70.0, "2007"),
+                                     ("det-cutmix", "cutmix", 72.5, "2007"),
+                                     ("det-cutmix-12", "cutmix", 60.0, "2012")):
+        test_set, metric = (("VOC2007/test", "voc07-11point") if test == "2007"
+                            else ("VOC2012/val", "voc12-area"))
         RunDir(root / name).write_metrics(stage="transfer", kind="detection", results={
             "AP50": ap50, "AP": ap50 - 30, "AP75": ap50 - 20, "backend": "torchvision",
-            "preset": "d2-voc", "arch": "fpn", "iters": 100, "checkpoint": ck(method)})
+            "preset": "d2-voc", "arch": "fpn", "iters": 100, "checkpoint": ck(method),
+            "test_set": test_set, "metric": metric})
     RunDir(root / "fgsm").write_metrics(stage="robustness", kind="fgsm", results={
         "dataset": "shapes", "n_images": 40, "eps": [1, 8], "models": [
             {"checkpoint": ck("none"), "architecture": "resnet18", "clean": {"top1": 90.0},
@@ -68,8 +73,11 @@ def test_report_tables_are_hand_computed(runs, tmp_path):
     assert cut["run folders"] == "cutmix-s0, cutmix-s1"
     assert rows[0]["best top-1 err"] == "30.00" and rows[0]["aug. overhead"] == "+0.0%"
     det = read_csv(tmp_path / "rep" / "detection_transfer.csv")
-    assert [(d["backbone method"], d["AP50"], d["ΔAP50 vs none"]) for d in det] == [
-        ("none", "70.00", "+0.00"), ("cutmix", "72.50", "+2.50")]
+    # the VOC2012 run (area AP) has no `none` baseline of its own metric: no Δ against VOC07's
+    assert [(d["backbone method"], d["test set / AP"], d["AP50"], d["ΔAP50 vs none"])
+            for d in det] == [("none", "VOC2007/test voc07-11point", "70.00", "+0.00"),
+                              ("cutmix", "VOC2007/test voc07-11point", "72.50", "+2.50"),
+                              ("cutmix", "VOC2012/val voc12-area", "60.00", "–")]
     fgsm = read_csv(tmp_path / "rep" / "fgsm_robustness.csv")
     assert [(f["clean"], f["ε=1/255"], f["ε=8/255"]) for f in fgsm] == [
         ("90.00", "50.00", "5.00"), ("92.50", "60.00", "12.50")]
@@ -77,7 +85,7 @@ def test_report_tables_are_hand_computed(runs, tmp_path):
     assert "Corruption" not in md and "localisation" not in md  # stages never run: no table
     assert (tmp_path / "rep" / "training_curves.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "fgsm_accuracy_vs_eps.png").stat().st_size > 1000
-    assert summary["runs"] == 6
+    assert summary["runs"] == 7
 
 
 def test_report_bad_input(tmp_path, capsys):
