@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import math
 import sys
 from pathlib import Path
@@ -107,6 +108,7 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    gc.collect()  # garbage freed during the step would hide part of its peak
     try:
         base = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
