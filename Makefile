@@ -57,4 +57,4 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not dist"
 
 bench: setup
-	for b in benchmarks/*.py; do echo "# $$b"; $(PY) $$b || exit 1; done
+	for b in benchmarks/*.py; do echo "# $$b"; PYTHONPATH=. $(PY) $$b || exit 1; done  # benchmarks import each other

@@ -11,6 +11,7 @@ ResNet-50, batch 256, bf16, loader=auto), `loader_vs_step`, and per method
 ImageNet's typical size (500x375), written once into `--data` (or a temporary folder).
 
     python benchmarks/input_pipeline.py --device cuda --loader auto            # the issue's run
+    python benchmarks/input_pipeline.py --device cuda --loader torch,nvjpeg    # two loaders
     python benchmarks/input_pipeline.py --device cpu --arch resnet18 --size 64 --images 96 \
         --batch 16 --workers 1 --steps 3                                        # a CPU smoke run
 """
@@ -18,6 +19,7 @@ ImageNet's typical size (500x375), written once into `--data` (or a temporary fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -83,10 +85,37 @@ def step_rate(rt: engine.Runtime, images: torch.Tensor, labels: torch.Tensor, me
     return steps * len(labels) / (time.perf_counter() - start)
 
 
+def loader_line(cfg, device: str, loader: str, steps: dict[str, float], size: int,
+                images: int) -> dict:
+    """Engine epoch and loader-alone rates of one loader, against the step rates `steps`."""
+    cfg = dataclasses.replace(cfg, loader=loader)
+    rt = engine.build_runtime(cfg, init_distributed(device))
+    engine.train_epoch(rt, 0)  # warm-up: kernels, autotuning, pipelines, page cache
+    epoch = engine.train_epoch(rt, 1)["images_per_s"]
+    loader_s = loader_rate(rt, 2)
+    return {"benchmark": "input_pipeline", "device": rt.dist.device.type,
+            "device_name": device_name(rt.dist.device), "loader_asked": loader,
+            "loader": rt.loader, "arch": cfg.arch, "batch": cfg.batch_size, "size": size,
+            "amp": str(rt.amp_dtype), "channels_last": rt.channels_last,
+            "workers": cfg.workers, "images": images,
+            "colour_on": "device" if rt.data.finish is not None else "workers",
+            "cuda_graphs": graphs_enabled(),
+            "loader_img_s": round(loader_s, 1), "epoch_img_s": round(epoch, 1),
+            **{f"step_{m}_img_s": round(r, 1) for m, r in steps.items()},
+            "baseline": "step alone, method none (same process)",
+            "epoch_vs_step": round(epoch / steps["none"], 4),
+            "loader_vs_step": round(loader_s / steps["none"], 4),
+            **{f"{m}_step_vs_none": round(r / steps["none"], 4) for m, r in steps.items()
+               if m != "none"},
+            "goals": GOALS, "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--loader", default="auto", help="auto, torch or dali")
+    p.add_argument("--loader", default="auto",
+                   help="auto, torch, dali or nvjpeg; several, comma-separated, are compared "
+                        "against one step baseline (one JSON line each)")
     p.add_argument("--preset", default="imagenet-resnet50")
     p.add_argument("--arch", default=None, help="override the preset's architecture")
     p.add_argument("--size", type=int, default=224, help="training crop")
@@ -103,36 +132,21 @@ def main() -> None:
     data = a.data or Path(tmp.name) / "data"
     if not (data / "train").is_dir():
         write_jpegs(data, a.images, a.classes)
-    overrides = {"device": a.device, "loader": a.loader, "batch_size": str(a.batch),
-                 "amp": a.amp, "workers": str(a.workers), "input_size": str(a.size),
-                 "crop": str(a.size), "resize": str(round(a.size * 256 / 224)),
-                 "progress": "false", "epochs": "100"}
+    overrides = {"device": a.device, "batch_size": str(a.batch), "amp": a.amp,
+                 "workers": str(a.workers), "input_size": str(a.size), "crop": str(a.size),
+                 "resize": str(round(a.size * 256 / 224)), "progress": "false", "epochs": "100",
+                 "loader": "torch"}
     if a.arch:
         overrides["arch"] = a.arch
     cfg = build_config(a.preset, data, Path(tmp.name) / "run", "none", overrides)
-    rt = engine.build_runtime(cfg, init_distributed(a.device))
-    device = rt.dist.device
-    engine.train_epoch(rt, 0)  # warm-up: kernels, autotuning, pipelines, page cache
-    epoch = engine.train_epoch(rt, 1)["images_per_s"]
-    loader = loader_rate(rt, 2)
+    rt = engine.build_runtime(cfg, init_distributed(a.device))  # the step baseline's
     batch = next(iter(engine.make_loader(rt, True, 3)))
     images, labels, _ = engine.train_batch(rt, batch, engine.colour_generator(rt, 3))
     steps = {m: step_rate(rt, images, labels, m, a.steps) for m in a.methods.split(",")}
-    line = {"benchmark": "input_pipeline", "device": device.type,
-            "device_name": device_name(device), "loader": rt.loader, "arch": cfg.arch,
-            "batch": len(labels), "size": a.size, "amp": str(rt.amp_dtype),
-            "channels_last": rt.channels_last, "workers": cfg.workers, "images": a.images,
-            "colour_on": "device" if rt.data.finish is not None else "workers",
-            "cuda_graphs": graphs_enabled(),
-            "loader_img_s": round(loader, 1), "epoch_img_s": round(epoch, 1),
-            **{f"step_{m}_img_s": round(r, 1) for m, r in steps.items()},
-            "baseline": "step alone, method none (same process)",
-            "epoch_vs_step": round(epoch / steps["none"], 4),
-            "loader_vs_step": round(loader / steps["none"], 4),
-            **{f"{m}_step_vs_none": round(r / steps["none"], 4) for m, r in steps.items()
-               if m != "none"},
-            "goals": GOALS, "threads": torch.get_num_threads()}
-    print(json.dumps(line), flush=True)
+    del rt, images, labels, batch
+    for loader in a.loader.split(","):
+        print(json.dumps(loader_line(cfg, a.device, loader, steps, a.size, a.images)),
+              flush=True)
     tmp.cleanup()
 
 

@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# Issue 14 in ONE device call of at most 240 s (3 steps + a summary; 4 files in $OUT):
+# Issue 14 in ONE device call of at most ~420 s (5 steps + a summary; 6 files in $OUT):
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
-#       carry=[".gpu"], timeout_s=300)          # .gpu: bash ../shared/gpu/prepare.sh
+#       carry=[".gpu"], timeout_s=480)          # .gpu: bash ../shared/gpu/prepare.sh
 # What it measures: the CUDA graphs of the detectors, the greedy walk and the SaliencyMix /
 # Guided-SR plans (tests: graph == eager, no host sync; aug_overhead: overhead_mix with graphs,
-# overhead_mix_eager without, same rounds), and the torch loader with uint8 workers and the
-# colour ops on the GPU (input_pipeline: colour_on=device).
+# overhead_mix_eager without, same rounds); loader=nvjpeg (test: nvjpeg + fp16 resampling vs
+# the CPU path; decode_resample: nvjpeg batch decode, batched vs per-image resampling); where
+# each mixer's time goes (mixer_profile: host vs kernel time, kernels per call); and the engine
+# epoch with the torch loader (uint8 workers, colour on the GPU) and with loader=nvjpeg against
+# one step baseline (input_pipeline).
 # CPU dry run (small settings): DEVICE=cpu AUG_ARGS="--quick --models r18" \
 #   PIPE_ARGS="--arch resnet18 --size 64 --images 48 --batch 8 --workers 1 --steps 2" \
-#   OUT=/tmp/r2 bash gpu_checks/issue14.sh
+#   DEC_ARGS="--batch 8 --repeats 1" PROF_ARGS="--calls 3" OUT=/tmp/r2 bash gpu_checks/issue14.sh
 set -u
 export PY=${PYTHON:-python3} OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}
 AUG_ARGS=${AUG_ARGS:---models r18,r50 --r18-repeats 8 --r50-repeats 4 --mix-repeats 15}
 PIPE_ARGS=${PIPE_ARGS:---batch 256 --images 2560 --steps 12}
+DEC_ARGS=${DEC_ARGS:---batch 256 --repeats 5}
+PROF_ARGS=${PROF_ARGS:---calls 30}
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # benchmarks import each other
 T0=$(date +%s)
 step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines echoed
   local name=$1 secs=$2; shift 2
@@ -23,11 +29,14 @@ step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines e
   timeout --kill-after=5 "$secs" "$@" > "$OUT/$name.log" 2>&1
   echo "   rc=$?"; grep -h '^{' "$OUT/$name.log" | cut -c1-600; tail -n 3 "$OUT/$name.log"
 }
-# graph == eager (detectors, greedy walk, mixer plans), every mixer under sync_debug "error"
-step tests 40 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
-  tests/test_graphs.py -k cuda
+# graph == eager (detectors, greedy walk, mixer plans), every mixer under sync_debug "error",
+# nvjpeg decode + fp16 resampling against the CPU path
+step tests 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
+  tests/test_graphs.py tests/test_loader_nvjpeg.py -k cuda
+step decode_resample 40 $PY benchmarks/decode_resample.py --device "$DEVICE" $DEC_ARGS
+step mixer_profile 40 $PY benchmarks/mixer_profile.py --device "$DEVICE" $PROF_ARGS
 step aug_overhead 100 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
-step input_pipeline 95 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader auto \
+step input_pipeline 150 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader torch,nvjpeg \
   $PIPE_ARGS --methods none,saliencymix --data /tmp/jpeg
 $PY - "$OUT" <<'PY' | tee "$OUT/goals.txt"
 import json, sys
@@ -51,6 +60,15 @@ for r in lines("input_pipeline"):
         v = r.get(key)
         print(f"  {'MET ' if v is not None and v >= limit else 'MISS'} {key} >= {limit}: {v}"
               f"  (loader {r['loader_img_s']} img/s, epoch {r['epoch_img_s']}, step none "
-              f"{r.get('step_none_img_s')}; loader={r['loader']}, colour on {r.get('colour_on')})")
+              f"{r.get('step_none_img_s')}; loader={r['loader']}, colour on {r.get('colour_on')})"
+              f" [{r['device_name']}]")
+for r in lines("decode_resample"):
+    print(f"  nvjpeg batch: decode {r['decode_img_s']} img/s, resample {r['resample_img_s']} "
+          f"(per-image {r['per_image_img_s']}, x{r['resample_speedup']}), assemble "
+          f"{r['assemble_img_s']} img/s [{r['device_name']}]")
+for r in lines("mixer_profile"):
+    print(f"  profile {r['method']}: wall {r['wall_ms_per_call']} ms, host {r['host_ms_per_call']}"
+          f" ms, kernels {r['device_ms_per_call']} ms ({r['kernels_per_call']}/call, graphs "
+          f"{r['graph_launches_per_call']}); top host {r['top_host_ms'][:3]}")
 PY
 echo "total $(( $(date +%s) - T0 ))s"

@@ -42,7 +42,8 @@ class TrainConfig:
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     workers: int = 4
-    loader: str = "auto"  # auto (DALI on CUDA when installed) | torch | dali; see pretrain.dali
+    loader: str = "auto"  # auto (DALI on CUDA when installed) | torch | dali | nvjpeg; see
+    # pretrain.dali and pretrain.nvjpeg
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | fp16

@@ -9,7 +9,8 @@ by DALI, and the colour half of the recipe runs right after, as batched tensor o
   (`decoders.image_random_crop`: area ~ U(scale), aspect log-uniform in (3/4, 4/3), as
   torchvision), linear resize with antialiasing, horizontal flip p=0.5; then on the device
   ColorJitter(0.4, 0.4, 0.4) in a random order per sample and PCA lighting 0.1
-  (`smix.data.jitter_lighting_batch`, draws from a per-epoch host generator), normalisation.
+  (`smix.data.jitter_lighting_batch`, draws from a per-epoch host generator), normalisation;
+  the `none` recipe (the demo's): a square resize, no flip.
 * eval: resize of the shorter side to `resize`, centre crop `crop`, normalisation (a square
   resize when `resize == crop`, as `smix.data.eval_transform`).
 
@@ -40,9 +41,11 @@ from smix.devices import upload
 from smix.dist import shard_indices
 from smix.errors import UserError
 
-LOADERS = ("auto", "torch", "dali")
-# recipe -> RandomResizedCrop area range; the colour ops apply to `imagenet` only
-RECIPES: dict[str, tuple[float, float]] = {"imagenet": (0.08, 1.0), "shapes": (0.5, 1.0)}
+LOADERS = ("auto", "torch", "dali", "nvjpeg")
+# recipe -> RandomResizedCrop area range (None: a square resize, no flip); the colour ops
+# apply to `imagenet` only
+RECIPES: dict[str, tuple[float, float] | None] = {"imagenet": (0.08, 1.0), "shapes": (0.5, 1.0),
+                                                  "none": None}
 ASPECT = (3.0 / 4.0, 4.0 / 3.0)
 INSTALL = ("pip install 'saliencymix-toolkit[dali]' (nvidia-dali-cuda120 for torch built with "
            "CUDA 12, nvidia-dali-cuda130 for CUDA 13)")
@@ -54,25 +57,41 @@ def dali_installed() -> bool:
 
 def resolve_loader(loader: str, dataset: str, train_aug: str, device: torch.device,
                    skip_bad_images: bool = False) -> str:
-    """`torch` or `dali` for a run. `auto`: DALI when it is installed, the run trains on CUDA
-    and reads class folders with a recipe DALI implements; the torch loader otherwise.
-    `dali` asked for where it cannot run is a user error naming why."""
+    """`torch`, `dali` or `nvjpeg` for a run. `auto`: DALI when it is installed, the run trains
+    on CUDA and reads class folders with a recipe DALI implements; the torch loader otherwise.
+    `nvjpeg` (`pretrain.nvjpeg`: torchvision's GPU decoder, no extra) is chosen by name only,
+    until its GPU throughput is measured. A loader asked for where it cannot run is a user
+    error naming why."""
     if loader not in LOADERS:
         raise UserError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
-    why = None
-    if dataset.startswith("cifar"):
-        why = "CIFAR pickles are read by the torch loader"
-    elif train_aug not in RECIPES:
-        why = f"train_aug={train_aug} has no DALI pipeline (only {', '.join(RECIPES)})"
-    elif skip_bad_images:
+    if loader == "nvjpeg":
+        from pretrain.nvjpeg import nvjpeg_works
+
+        from pretrain.nvjpeg import RECIPES as NVJPEG_RECIPES
+
+        why = _class_folder_recipe(dataset, train_aug, NVJPEG_RECIPES) or nvjpeg_works(device)
+        if why:
+            raise UserError(f"loader=nvjpeg: {why}")
+        return loader
+    why = _class_folder_recipe(dataset, train_aug, RECIPES)
+    if why is None and skip_bad_images:
         why = "DALI cannot skip unreadable images (skip_bad_images)"
-    elif not dali_installed():
+    elif why is None and not dali_installed():
         why = f"NVIDIA DALI is not installed: {INSTALL}"
     if loader == "dali" and why:
         raise UserError(f"loader=dali: {why}")
     if loader == "auto":
         return "dali" if why is None and device.type == "cuda" else "torch"
     return loader
+
+
+def _class_folder_recipe(dataset: str, train_aug: str, recipes: dict) -> str | None:
+    """Why a GPU-decoding loader with these `recipes` cannot take this data (None: it can)."""
+    if dataset.startswith("cifar"):
+        return "CIFAR pickles are read by the torch loader"
+    if train_aug not in recipes:
+        return f"train_aug={train_aug} has no pipeline here (only {', '.join(recipes)})"
+    return None
 
 
 def epoch_files(n: int, seed: int, world_size: int) -> list[int]:
@@ -114,7 +133,12 @@ def _pipeline(spec: PipeSpec, files: Sequence[str], labels: Sequence[int], train
         jpegs, lab = fn.readers.file(files=list(files), labels=list(labels), name="reader",
                                      shard_id=shard_id, num_shards=num_shards,
                                      random_shuffle=False, pad_last_batch=False)
-        if train:
+        if train and RECIPES[spec.recipe] is None:  # the `none` recipe: resize only
+            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **pad)
+            images = fn.resize(images, resize_x=spec.size, resize_y=spec.size,
+                               interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW")
+        elif train:
             images = fn.decoders.image_random_crop(
                 jpegs, device=decoder, output_type=types.RGB, random_area=list(RECIPES[spec.recipe]),
                 random_aspect_ratio=list(ASPECT), num_attempts=10, **pad)

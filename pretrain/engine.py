@@ -61,7 +61,7 @@ class Runtime:
     ctx: MixContext
     amp_dtype: torch.dtype | None
     channels_last: bool
-    loader: str = "torch"  # resolved `cfg.loader`: torch | dali
+    loader: str = "torch"  # resolved `cfg.loader`: torch | dali | nvjpeg
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -80,8 +80,9 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     from pretrain.dali import resolve_loader
     loader = resolve_loader(cfg.loader if from_disk else "torch", cfg.dataset, cfg.train_aug,
                             dist.device, cfg.skip_bad_images)
-    # the torch loader feeding a GPU leaves colour and normalisation to the GPU (uint8 batches)
-    on_device = loader == "torch" and dist.device.type == "cuda"
+    # the torch loader feeding a GPU leaves colour and normalisation to the GPU (uint8
+    # batches); nvjpeg's batches always get them on their device
+    on_device = (loader == "torch" and dist.device.type == "cuda") or loader == "nvjpeg"
     data = data if data is not None else build_datasets(cfg, on_device)
     model = build_model(cfg.arch, len(data.classes), **cfg.arch_kwargs).to(dist.device)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
@@ -113,32 +114,45 @@ def _lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def make_loader(rt: Runtime, train: bool, epoch: int) -> DataLoader:
+def make_loader(rt: Runtime, train: bool, epoch: int):
+    """The run's training or validation loader for an epoch: the torch DataLoader (chunked
+    when uint8 batches are finished on a GPU), DALI's, or nvjpeg's over the same sampler."""
     cfg, dist = rt.cfg, rt.dist
     if rt.loader == "dali":
         from pretrain.dali import make_dali_loader
         return make_dali_loader(rt, train, epoch_seed(cfg.seed, epoch, 1))
     dataset = rt.data.train if train else rt.data.val
     per_rank = max(1, cfg.batch_size // dist.world_size)
-    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1))
-    sampler = None
-    if dist.distributed:
-        if train:
-            sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True,
-                                         seed=cfg.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        else:
-            from torch.utils.data import Subset
-            from smix.dist import shard_indices
-            dataset = Subset(dataset, shard_indices(len(dataset), dist.rank, dist.world_size))
-    drop_last = train and len(dataset) >= 2 * per_rank
+
+    def loader_for(data, collate=collate_skip, parts: int = 1) -> DataLoader:
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1))
+        sampler = None
+        if dist.distributed:
+            if train:
+                sampler = DistributedSampler(data, dist.world_size, dist.rank, shuffle=True,
+                                             seed=cfg.seed, drop_last=True)
+                sampler.set_epoch(epoch)
+            else:
+                from torch.utils.data import Subset
+                from smix.dist import shard_indices
+                data = Subset(data, shard_indices(len(data), dist.rank, dist.world_size))
+        return DataLoader(
+            data, batch_size=per_rank // parts, shuffle=train and sampler is None,
+            sampler=sampler, num_workers=cfg.workers,
+            pin_memory=dist.device.type == "cuda" and collate is collate_skip,
+            drop_last=train and len(data) >= 2 * per_rank, generator=gen, collate_fn=collate,
+            persistent_workers=False)
+
+    if rt.loader == "nvjpeg":
+        from pretrain.nvjpeg import Geometry, make_nvjpeg_loader
+        geometry = (Geometry.for_recipe(cfg.train_aug, cfg.input_size) if train
+                    else Geometry(False, cfg.crop, cfg.resize))
+        norm = None if train else (cfg.mean, cfg.std)
+        return make_nvjpeg_loader(loader_for, dataset, geometry, dist.device,
+                                  cfg.skip_bad_images, norm)
     parts = chunks_per_batch(per_rank, cfg.workers) if train and rt.data.finish else 1
-    loader = DataLoader(
-        dataset, batch_size=per_rank // parts, shuffle=train and sampler is None,
-        sampler=sampler, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
-        drop_last=drop_last, generator=gen, collate_fn=collate_skip, persistent_workers=False,
-    )
-    return loader if parts == 1 else ChunkedLoader(loader, parts, drop_last)
+    loader = loader_for(dataset, parts=parts)
+    return loader if parts == 1 else ChunkedLoader(loader, parts, loader.drop_last)
 
 
 def chunks_per_batch(batch: int, workers: int, min_chunk: int = 32) -> int:

@@ -1,0 +1,103 @@
+"""Where a mixer's time goes per call: host (Python + dispatch + launches) or device (kernels).
+
+`aug_overhead.py` says how much a mixer costs; this says why, so that the next cut aims right.
+For each method at one setting (ResNet-18 CIFAR batch 64 by default, the setting whose goals are
+the hardest), `--calls` calls are profiled with `torch.profiler` after a warm-up (CUDA graphs
+captured). One JSON line per method: wall ms per call (synchronised), host ms per call (the
+profiler's CPU time of the top-level ops), device ms per call (kernel time), kernels and graph
+launches per call, and the top ops by host and by device time. Baseline: method `none`, same
+process (its wall time is the fixed cost of a call and a synchronisation).
+
+    python benchmarks/mixer_profile.py --device cuda
+    python benchmarks/mixer_profile.py --device cpu --calls 5          # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from smix.arch import build_model
+from smix.data import CIFAR10_MEAN, CIFAR10_STD
+from smix.devices import device_name
+from pretrain.mixers import MixContext, get_mixer
+
+METHODS = {"none": ("none", {}), "mixup": ("mixup", {}), "cutmix": ("cutmix", {}),
+           "saliencymix-batch": ("saliencymix", {"mode": "batch"}),
+           "saliencymix-sample": ("saliencymix", {"mode": "sample"}),
+           "guided-sr-greedy": ("guidedmixup", {"saliency": "sr", "pairing": "greedy"})}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def top(events, key: str, n: int = 8) -> list[list]:
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:n]
+    return [[e.key, e.count, round(getattr(e, key) / 1000, 3)] for e in rows if getattr(e, key) > 0]
+
+
+def profile_method(mix, x, y, ctx, device: torch.device, calls: int) -> dict:
+    for k in range(3):  # warm-up: caches, graph capture
+        mix(x, y, torch.Generator().manual_seed(k), ctx)
+    sync(device)
+    start = time.perf_counter()
+    for k in range(calls):
+        mix(x, y, torch.Generator().manual_seed(k), ctx)
+    sync(device)
+    wall = (time.perf_counter() - start) / calls
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for k in range(calls):
+            mix(x, y, torch.Generator().manual_seed(k), ctx)
+        sync(device)
+    events = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    kernels = sum(e.count for e in events
+                  if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    host_us = sum(e.self_cpu_time_total for e in events)
+    graphs = sum(e.count for e in events if "cudaGraphLaunch" in e.key)
+    return {"wall_ms_per_call": round(wall * 1000, 4),
+            "host_ms_per_call": round(host_us / calls / 1000, 4),
+            "device_ms_per_call": round(device_us / calls / 1000, 4),
+            "kernels_per_call": round(kernels / calls, 1),
+            "graph_launches_per_call": round(graphs / calls, 2),
+            "top_host_ms": top(events, "self_cpu_time_total"),
+            "top_device_ms": top(events, "self_device_time_total") if device.type == "cuda" else []}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--arch", default="cifar_resnet18")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    model = build_model(a.arch, 10).to(device)
+    ctx = MixContext(CIFAR10_MEAN, CIFAR10_STD, 10, model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, 3, a.size, a.size, generator=g).to(device)
+    y = torch.randint(0, 10, (a.batch,), generator=g).to(device)
+    base = None
+    for name in a.methods.split(","):
+        method, params = METHODS[name]
+        line = profile_method(get_mixer(method, **params), x, y, ctx, device, a.calls)
+        base = base if base is not None else line["wall_ms_per_call"]
+        print(json.dumps({"benchmark": "mixer_profile", "device": device.type,
+                          "device_name": device_name(device), "arch": a.arch, "batch": a.batch,
+                          "size": a.size, "method": name, "calls": a.calls,
+                          "baseline": f"{a.methods.split(',')[0]} wall ms per call, same process",
+                          "wall_minus_baseline_ms": round(line["wall_ms_per_call"] - base, 4),
+                          **line}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
