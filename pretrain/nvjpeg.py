@@ -241,6 +241,9 @@ def collate_packed(items: list[Item | None]) -> Packed:
         paths=[it.path for _, it in jpeg], skipped=len(items) - len(kept))
 
 
+_FALLBACK_WARNED = False
+
+
 def decode(blobs: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """uint8 [3,H,W] RGB images on `device`: one batched nvjpeg call; where it refuses the
     batch, image by image, an image nvjpeg refuses by libjpeg-turbo on the CPU; None for
@@ -251,8 +254,13 @@ def decode(blobs: Sequence[torch.Tensor], device: torch.device) -> list[torch.Te
         return []
     try:
         return list(decode_jpeg(list(blobs), mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        pass
+    except RuntimeError as e:
+        global _FALLBACK_WARNED
+        if not _FALLBACK_WARNED:  # once: a refusal on every batch would be a slow epoch
+            _FALLBACK_WARNED = True
+            warnings.warn(f"loader=nvjpeg: the decoder refused a batch of {len(blobs)} "
+                          f"({str(e).splitlines()[0][:200]}); decoding such batches image by "
+                          "image", RuntimeWarning, stacklevel=2)
     out: list[torch.Tensor | None] = []
     for blob in blobs:
         image = None

@@ -162,6 +162,12 @@ def test_unreadable_files_are_named_or_skipped(tmp_path):
     body = tmp_path / "body.jpg"  # a valid header, then zeros: only decoding finds out
     body.write_bytes(good.read_bytes()[:600] + bytes(400))
     geometry = Geometry(False, 32, 32)
+    import pretrain.nvjpeg as nv
+
+    nv._FALLBACK_WARNED = False
+    with pytest.warns(RuntimeWarning, match="refused a batch of 2"):
+        with pytest.raises(UserError, match=body.name):
+            batches([good, body], geometry)
     for bad in (noise, body):
         with pytest.raises(UserError, match=bad.name):
             batches([good, bad], geometry)
