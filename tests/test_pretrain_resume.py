@@ -282,9 +282,11 @@ def test_limits_are_evenly_spaced(shapes_root, tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_torchrun_ranks_skip_short_batches_together(shapes_root, tmp_path):
+@pytest.mark.parametrize("loader,port", [("torch", 29541), ("nvjpeg", 29543)])
+def test_torchrun_ranks_skip_short_batches_together(shapes_root, tmp_path, loader, port):
     """Unreadable images leave some ranks with a batch of one at some steps: every rank must
-    skip those steps, or the others wait in DDP's all-reduce until the 30-minute timeout."""
+    skip those steps, or the others wait in DDP's all-reduce until the 30-minute timeout.
+    Both loaders that can skip files (nvjpeg: its feeder thread under torchrun, same shards)."""
     import os
     import subprocess
     import sys
@@ -296,9 +298,9 @@ def test_torchrun_ranks_skip_short_batches_together(shapes_root, tmp_path):
     (data / "train" / "circle" / "zz_broken.jpg").write_bytes(b"\x00garbage")
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29541", "-m", "pretrain", "--preset", "shapes-resnet18",
+           "--master_port", str(port), "-m", "pretrain", "--preset", "shapes-resnet18",
            "--data", str(data), "--out", str(run), "--epochs", "1", "--skip-bad-images",
-           *TINY, "batch_size=4", "device=cpu"]
+           *TINY, "batch_size=4", "device=cpu", f"loader={loader}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
