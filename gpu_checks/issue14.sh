@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 14 in ONE device call of at most ~480 s (6 steps + a summary; 7 files in $OUT):
+# Issue 14 in ONE device call of at most ~500 s (7 steps + a summary; 8 files in $OUT):
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
-#       carry=[".gpu"], timeout_s=540)          # .gpu: bash ../shared/gpu/prepare.sh
+#       carry=[".gpu"], timeout_s=560)          # .gpu: bash ../shared/gpu/prepare.sh
 # What it measures: the CUDA graphs of the detectors, the greedy walk and the SaliencyMix /
 # Guided-SR plans (tests: graph == eager, no host sync; aug_overhead: overhead_mix with graphs,
 # overhead_mix_eager without, same rounds); loader=nvjpeg (test: nvjpeg + fp16 resampling vs
@@ -11,7 +11,8 @@
 # one step baseline (input_pipeline).
 # CPU dry run (small settings): DEVICE=cpu AUG_ARGS="--quick --models r18" \
 #   PIPE_ARGS="--arch resnet18 --size 64 --images 48 --batch 8 --workers 1 --steps 2" \
-#   DEC_ARGS="--batch 8 --repeats 1" PROF_ARGS="--calls 3" OUT=/tmp/r2 bash gpu_checks/issue14.sh
+#   DEC_ARGS="--batch 8 --repeats 1" PROF_ARGS="--calls 3" PERS_ARGS="--workers 1 --images 32 \
+#   --batch 8 --epochs 2" OUT=/tmp/r2 bash gpu_checks/issue14.sh
 set -u
 export PY=${PYTHON:-python3} OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -20,6 +21,7 @@ AUG_ARGS=${AUG_ARGS:---models r18,r50 --r18-repeats 8 --r50-repeats 4 --mix-repe
 PIPE_ARGS=${PIPE_ARGS:---batch 256 --images 2560 --steps 12}
 DEC_ARGS=${DEC_ARGS:---batch 256 --repeats 5}
 PROF_ARGS=${PROF_ARGS:---calls 30}
+PERS_ARGS=${PERS_ARGS:---workers 15 --images 1024 --batch 128 --size 224 --epochs 4}
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # benchmarks import each other
 T0=$(date +%s)
@@ -37,10 +39,11 @@ step decode_resample 40 $PY benchmarks/decode_resample.py --device "$DEVICE" $DE
 step mixer_profile 40 $PY benchmarks/mixer_profile.py --device "$DEVICE" $PROF_ARGS
 # can this machine torch.compile for CUDA (Triton builds its launcher with a C compiler)? The
 # next lever on the detectors' ~100 tiny kernels per call, if mixer_profile says kernels dominate
-step compile_probe 90 $PY -c "import time, torch; t = time.time(); \
+step compile_probe 60 $PY -c "import time, torch; t = time.time(); \
 f = torch.compile(lambda x: (x.sin() * 2 + 1).relu().sum(-1)); \
 x = torch.randn(64, 1024, device='$DEVICE'); torch.testing.assert_close(f(x), (x.sin() * 2 + 1).relu().sum(-1)); \
 print('{\"benchmark\": \"compile_probe\", \"ok\": true, \"compile_s\": %.1f}' % (time.time() - t))"
+step persistent_workers 45 $PY benchmarks/persistent_workers.py --device "$DEVICE" $PERS_ARGS
 step aug_overhead 100 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
 step input_pipeline 150 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader torch,nvjpeg \
   $PIPE_ARGS --methods none,saliencymix --data /tmp/jpeg
@@ -72,6 +75,10 @@ for r in lines("decode_resample"):
     print(f"  nvjpeg batch: decode {r['decode_img_s']} img/s, resample {r['resample_img_s']} "
           f"(per-image {r['per_image_img_s']}, x{r['resample_speedup']}), assemble "
           f"{r['assemble_img_s']} img/s [{r['device_name']}]")
+for r in lines("persistent_workers"):
+    print(f"  persistent workers: epoch {r['persistent_epoch_s']} s vs fresh {r['fresh_epoch_s']} s"
+          f" (x{r['epoch_speedup']}; first batch {r['persistent_first_batch_s']} vs "
+          f"{r['fresh_first_batch_s']} s) [{r['device_name']}]")
 for r in lines("compile_probe"):
     print(f"  torch.compile works here: compiled in {r['compile_s']} s")
 for r in lines("mixer_profile"):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from typing import Any, Callable, Iterator
+
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Sampler, Subset
 
 from smix.data import (CIFAR, ClassFolder, TrainAug, eval_transform, finish_on_device,
                        subset_indices, train_transform)
@@ -88,3 +90,55 @@ def _join_on_device(parts: list[torch.Tensor], device: torch.device) -> torch.Te
     the chunk skipped) are left out."""
     kept = [p.to(device, non_blocking=True) for p in parts if p.numel()]
     return torch.cat(kept) if kept else parts[0].to(device)
+
+
+class SeededSampler(Sampler):
+    """The training order of an epoch, each index paired with its own seed.
+
+    `inner` gives the order: a `RandomSampler` over `generator` (reseeded from `order_seed(e)`
+    at `set_epoch(e)`: the order the DataLoader's shuffle drew before) or a
+    `DistributedSampler` (its own `set_epoch`). The seed of sample i is
+    `sample_seed(e) + i`: `SeededDataset` seeds the worker's RNG with it before the sample's
+    random transform, so an image's crop and flip depend on (run seed, epoch, index) alone —
+    not on which worker made it, how many there are, or which epochs that worker made before.
+    That is what lets the workers persist across epochs (no start-up each epoch) while a
+    resumed run, with any `workers`, draws what an uninterrupted one draws."""
+
+    def __init__(self, inner: Sampler, generator: torch.Generator | None,
+                 order_seed: Callable[[int], int], sample_seed: Callable[[int], int]) -> None:
+        self.inner, self.generator = inner, generator
+        self.order_seed, self.sample_seed = order_seed, sample_seed
+        self.base = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+        if self.generator is not None:
+            self.generator.manual_seed(self.order_seed(epoch))
+        self.base = self.sample_seed(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = self.base
+        return ((i, (base + i) % (2**63 - 1)) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class SeededDataset(Dataset):
+    """`dataset[index]` for `SeededSampler` keys, with the process's torch RNG seeded by the
+    key first when `seed` (loader workers, whose RNG is their own). Without workers the
+    samples are made in the training process, whose RNG the epoch seeds once (`seed` False):
+    the draws then differ from those of any number of workers, which all agree."""
+
+    def __init__(self, dataset: Dataset, seed: bool = True) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        if self.seed:
+            torch.manual_seed(seed)
+        return self.dataset[index]

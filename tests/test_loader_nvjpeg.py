@@ -218,7 +218,7 @@ def test_same_order_and_shards_as_the_torch_loader(shapes_root, tmp_path):
                                            DistInfo(0, 1, 0, CPU)) for name in ("torch", "nvjpeg")}
 
     def labels(loader: str, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
-        rt = dataclasses.replace(runtimes[loader], dist=DistInfo(rank, world, 0, CPU))
+        rt = dataclasses.replace(runtimes[loader], dist=DistInfo(rank, world, 0, CPU), loaders={})
         return torch.cat([b[1] for b in engine.make_loader(rt, True, epoch)]).tolist()
 
     assert labels("nvjpeg", 0) == labels("torch", 0) != labels("nvjpeg", 1)
