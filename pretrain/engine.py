@@ -123,7 +123,7 @@ def make_loader(rt: Runtime, train: bool, epoch: int):
     With workers, the training loader is built once and its workers persist across epochs
     (`persistent_workers`; each epoch only reseeds its `SeededSampler`): starting 15 workers
     costs about as much as a whole epoch of a small dataset on a GPU."""
-    cfg, dist = rt.cfg, rt.dist
+    cfg = rt.cfg
     if rt.loader == "dali":
         from pretrain.dali import make_dali_loader
         return make_dali_loader(rt, train, epoch_seed(cfg.seed, epoch, 1))
@@ -133,40 +133,22 @@ def make_loader(rt: Runtime, train: bool, epoch: int):
         sampler.set_epoch(epoch)
         return loader
     dataset = rt.data.train if train else rt.data.val
-    per_rank = max(1, cfg.batch_size // dist.world_size)
-    samplers: list[SeededSampler] = []
+    samplers: list[SeededSampler | None] = []
 
     def loader_for(data, collate=collate_skip, parts: int = 1) -> DataLoader:
-        sampler = None
-        if train:  # the order from its own generator; with workers, a seed per sample
-            order = None if dist.distributed else torch.Generator()
-            inner = (DistributedSampler(data, dist.world_size, dist.rank, shuffle=True,
-                                        seed=cfg.seed, drop_last=True)
-                     if dist.distributed else RandomSampler(data, generator=order))
-            sampler = SeededSampler(inner, order, lambda e: epoch_seed(cfg.seed, e, 1),
-                                    lambda e: epoch_seed(cfg.seed, e, 5))
-            sampler.set_epoch(epoch)
-            samplers.append(sampler)
-            data = SeededDataset(data, seed=cfg.workers > 0)
-        elif dist.distributed:
-            from torch.utils.data import Subset
-            from smix.dist import shard_indices
-            data = Subset(data, shard_indices(len(data), dist.rank, dist.world_size))
-        return DataLoader(
-            data, batch_size=per_rank // parts, sampler=sampler, num_workers=cfg.workers,
-            pin_memory=dist.device.type == "cuda" and collate is collate_skip,
-            drop_last=train and len(data) >= 2 * per_rank, collate_fn=collate,
-            generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 6)),
-            persistent_workers=persistent)
+        loader, sampler = _data_loader(rt, data, train, epoch, collate, parts, persistent)
+        samplers.append(sampler)
+        return loader
 
     if rt.loader == "nvjpeg":
         from pretrain.nvjpeg import Geometry, make_nvjpeg_loader
         geometry = (Geometry.for_recipe(cfg.train_aug, cfg.input_size) if train
                     else Geometry(False, cfg.crop, cfg.resize))
         norm = None if train else (cfg.mean, cfg.std)
-        loader = make_nvjpeg_loader(loader_for, dataset, geometry, dist.device,
+        loader = make_nvjpeg_loader(loader_for, dataset, geometry, rt.dist.device,
                                     cfg.skip_bad_images, norm)
     else:
+        per_rank = max(1, cfg.batch_size // rt.dist.world_size)
         parts = chunks_per_batch(per_rank, cfg.workers) if train and rt.data.finish else 1
         loader = loader_for(dataset, parts=parts)
         if parts > 1:
@@ -174,6 +156,35 @@ def make_loader(rt: Runtime, train: bool, epoch: int):
     if persistent:
         rt.loaders["train"] = (loader, samplers[0])
     return loader
+
+
+def _data_loader(rt: Runtime, data, train: bool, epoch: int, collate, parts: int,
+                 persistent: bool) -> tuple[DataLoader, SeededSampler | None]:
+    """The DataLoader of `make_loader`. Training: the order from its own generator (or
+    DistributedSampler's), each index paired with its sample seed; eval: this rank's shard."""
+    cfg, dist = rt.cfg, rt.dist
+    per_rank = max(1, cfg.batch_size // dist.world_size)
+    sampler = None
+    if train:
+        order = None if dist.distributed else torch.Generator()
+        inner = (DistributedSampler(data, dist.world_size, dist.rank, shuffle=True,
+                                    seed=cfg.seed, drop_last=True)
+                 if dist.distributed else RandomSampler(data, generator=order))
+        sampler = SeededSampler(inner, order, lambda e: epoch_seed(cfg.seed, e, 1),
+                                lambda e: epoch_seed(cfg.seed, e, 5))
+        sampler.set_epoch(epoch)
+        data = SeededDataset(data, seed=cfg.workers > 0)
+    elif dist.distributed:
+        from torch.utils.data import Subset
+        from smix.dist import shard_indices
+        data = Subset(data, shard_indices(len(data), dist.rank, dist.world_size))
+    loader = DataLoader(
+        data, batch_size=per_rank // parts, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=dist.device.type == "cuda" and collate is collate_skip,
+        drop_last=train and len(data) >= 2 * per_rank, collate_fn=collate,
+        generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 6)),
+        persistent_workers=persistent)
+    return loader, sampler
 
 
 def chunks_per_batch(batch: int, workers: int, min_chunk: int = 32) -> int:
