@@ -67,13 +67,11 @@ def resolve_loader(loader: str, dataset: str, train_aug: str, device: torch.devi
     if loader == "nvjpeg":
         from pretrain.nvjpeg import nvjpeg_works
 
-        from pretrain.nvjpeg import RECIPES as NVJPEG_RECIPES
-
-        why = _class_folder_recipe(dataset, train_aug, NVJPEG_RECIPES) or nvjpeg_works(device)
+        why = _class_folder_recipe(dataset, train_aug) or nvjpeg_works(device)
         if why:
             raise UserError(f"loader=nvjpeg: {why}")
         return loader
-    why = _class_folder_recipe(dataset, train_aug, RECIPES)
+    why = _class_folder_recipe(dataset, train_aug)
     if why is None and skip_bad_images:
         why = "DALI cannot skip unreadable images (skip_bad_images)"
     elif why is None and not dali_installed():
@@ -85,12 +83,12 @@ def resolve_loader(loader: str, dataset: str, train_aug: str, device: torch.devi
     return loader
 
 
-def _class_folder_recipe(dataset: str, train_aug: str, recipes: dict) -> str | None:
-    """Why a GPU-decoding loader with these `recipes` cannot take this data (None: it can)."""
+def _class_folder_recipe(dataset: str, train_aug: str) -> str | None:
+    """Why a GPU-decoding loader (DALI, nvjpeg) cannot take this data (None: it can)."""
     if dataset.startswith("cifar"):
         return "CIFAR pickles are read by the torch loader"
-    if train_aug not in recipes:
-        return f"train_aug={train_aug} has no pipeline here (only {', '.join(recipes)})"
+    if train_aug not in RECIPES:
+        return f"train_aug={train_aug} has no GPU-decoding pipeline (only {', '.join(RECIPES)})"
     return None
 
 

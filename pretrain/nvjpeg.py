@@ -52,16 +52,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from smix.data import normalize
+from pretrain.dali import ASPECT, RECIPES  # the recipes the GPU-decoding loaders implement
 from smix.devices import upload
 from smix.errors import UserError
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
                         "TorchVision are deprecated", category=DeprecationWarning)
 
-ASPECT = (3.0 / 4.0, 4.0 / 3.0)
-# train_aug -> RandomResizedCrop's area range (None: resize only); colour ops: `imagenet` only
-RECIPES: dict[str, tuple[float, float] | None] = {"imagenet": (0.08, 1.0), "shapes": (0.5, 1.0),
-                                                   "none": None}
 NVJPEG_MODES = ("RGB", "L")  # JPEG colour modes nvjpeg decodes to RGB (CMYK/YCCK it does not)
 
 
