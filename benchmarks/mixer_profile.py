@@ -6,7 +6,9 @@ the hardest), `--calls` calls are profiled with `torch.profiler` after a warm-up
 captured). One JSON line per method: wall ms per call (synchronised), host ms per call (the
 profiler's CPU time of the top-level ops), device ms per call (kernel time), kernels and graph
 launches per call, and the top ops by host and by device time. Baseline: method `none`, same
-process (its wall time is the fixed cost of a call and a synchronisation).
+process (its wall time is the fixed cost of a call and a synchronisation). A last line,
+`upload-perm`, profiles one host draw enqueued to the device (`smix.devices.upload`: pinning
+and a non-blocking copy), the step every mixer takes for its permutation and λ.
 
     python benchmarks/mixer_profile.py --device cuda
     python benchmarks/mixer_profile.py --device cpu --calls 5          # a smoke run
@@ -23,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from smix.arch import build_model
 from smix.data import CIFAR10_MEAN, CIFAR10_STD
-from smix.devices import device_name
+from smix.devices import device_name, upload
 from pretrain.mixers import MixContext, get_mixer
 
 METHODS = {"none": ("none", {}), "mixup": ("mixup", {}), "cutmix": ("cutmix", {}),
@@ -87,9 +89,14 @@ def main() -> None:
     x = torch.randn(a.batch, 3, a.size, a.size, generator=g).to(device)
     y = torch.randint(0, 10, (a.batch,), generator=g).to(device)
     base = None
-    for name in a.methods.split(","):
-        method, params = METHODS[name]
-        line = profile_method(get_mixer(method, **params), x, y, ctx, device, a.calls)
+    for name in a.methods.split(",") + ["upload-perm"]:
+        if name == "upload-perm":  # what one host draw costs to enqueue (pinning + H2D copy)
+            mix = lambda images, labels, gen, ctx: upload(torch.randperm(len(labels),
+                                                                         generator=gen), device)
+        else:
+            method, params = METHODS[name]
+            mix = get_mixer(method, **params)
+        line = profile_method(mix, x, y, ctx, device, a.calls)
         base = base if base is not None else line["wall_ms_per_call"]
         print(json.dumps({"benchmark": "mixer_profile", "device": device.type,
                           "device_name": device_name(device), "arch": a.arch, "batch": a.batch,
