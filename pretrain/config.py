@@ -42,7 +42,7 @@ class TrainConfig:
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     workers: int = 4
-    # training workers live for the whole run (pretrain.engine.make_loader); no effect on results
+    # loader workers live for the whole run (pretrain.engine.make_loader); no effect on results
     persistent_workers: bool = True
     loader: str = "auto"  # auto (DALI on CUDA when installed) | torch | dali | nvjpeg; see
     # pretrain.dali and pretrain.nvjpeg

@@ -1,4 +1,4 @@
-"""Training workers persist across epochs, and neither their number nor their persistence
+"""Loader workers persist across epochs, and neither their number nor their persistence
 changes what a run draws: each sample's crop, flip and colour come from a seed of
 (run seed, epoch, index) (`pretrain.data.SeededSampler`)."""
 
@@ -37,6 +37,12 @@ def test_workers_persist_across_epochs_and_each_epoch_is_reseeded(shapes_root, t
     first.append(torch.cat([b[1] for b in loader]).tolist())
     assert [w.pid for w in loader._iterator._workers] == workers  # the same processes
     assert first[0] != first[1]
+    val = engine.make_loader(rt, False, 0)
+    before = [torch.cat([b[1] for b in val]).tolist()]
+    pids = [w.pid for w in val._iterator._workers]
+    assert engine.make_loader(rt, False, 1) is val  # evaluation's workers persist too
+    before.append(torch.cat([b[1] for b in val]).tolist())
+    assert [w.pid for w in val._iterator._workers] == pids and before[0] == before[1]
     fresh = engine.build_runtime(_cfg(shapes_root, tmp_path / "b", workers="1",
                                       persistent_workers="false"), CPU)
     again = [torch.cat([b[1] for b in engine.make_loader(fresh, True, e)]).tolist()
