@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from smix.devices import device_name
-from pretrain.nvjpeg import EncodedImages, Geometry, assemble, collate_packed, decode, resample
+from pretrain.nvjpeg import (EncodedImages, Geometry, assemble, collate_packed, decode,
+                             pad_batch, resample)
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-          "motorcycle_left", "cat")
+          "cat")  # colour photos bundled with scikit-image (no download)
 
 
 def write_photos(folder: Path) -> list[Path]:
@@ -44,10 +45,7 @@ def write_photos(folder: Path) -> list[Path]:
     paths = []
     for k, name in enumerate(PHOTOS):
         size = (500, 375) if k % 2 == 0 else (375, 500)
-        try:
-            image = Image.fromarray(getattr(data, name)()).convert("RGB").resize(size, Image.BICUBIC)
-        except Exception:  # a photo this scikit-image lacks (or cannot fetch): skip it
-            continue
+        image = Image.fromarray(getattr(data, name)()).convert("RGB").resize(size, Image.BICUBIC)
         path = folder / f"{name}.jpg"
         image.save(path, "JPEG", quality=90)
         paths.append(path)
@@ -99,8 +97,6 @@ def main() -> None:
     blobs = torch.split(packed.blob, packed.lengths)
     decoded = decode(blobs, device)
     plans, flips = packed.plans.to(device), packed.flips.to(device)
-    from pretrain.nvjpeg import pad_batch
-
     t_decode = timed(lambda: decode(blobs, device), device, a.repeats)
     t_resample = timed(lambda: resample(pad_batch(decoded), plans, flips, a.size), device,
                        a.repeats)

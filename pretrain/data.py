@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-
 from typing import Any, Callable, Iterator
 
 import torch

@@ -136,28 +136,24 @@ def make_loader(rt: Runtime, train: bool, epoch: int):
             sampler.set_epoch(epoch)
         return loader
     dataset = rt.data.train if train else rt.data.val
-    samplers: list[SeededSampler | None] = []
-
-    def loader_for(data, collate=collate_skip, parts: int = 1) -> DataLoader:
-        loader, sampler = _data_loader(rt, data, train, epoch, collate, parts, persistent)
-        samplers.append(sampler)
-        return loader
-
     if rt.loader == "nvjpeg":
-        from pretrain.nvjpeg import Geometry, make_nvjpeg_loader
+        from pretrain.nvjpeg import Geometry, collate_packed, encoded_images, nvjpeg_loader
         geometry = (Geometry.for_recipe(cfg.train_aug, cfg.input_size) if train
                     else Geometry(False, cfg.crop, cfg.resize))
-        norm = None if train else (cfg.mean, cfg.std)
-        loader = make_nvjpeg_loader(loader_for, dataset, geometry, rt.dist.device,
-                                    cfg.skip_bad_images, norm)
+        batches, sampler = _data_loader(
+            rt, encoded_images(dataset, geometry, cfg.skip_bad_images), train, epoch,
+            collate_packed, 1, persistent)
+        loader = nvjpeg_loader(batches, geometry, rt.dist.device, cfg.skip_bad_images,
+                               None if train else (cfg.mean, cfg.std))
     else:
         per_rank = max(1, cfg.batch_size // rt.dist.world_size)
         parts = chunks_per_batch(per_rank, cfg.workers) if train and rt.data.finish else 1
-        loader = loader_for(dataset, parts=parts)
+        loader, sampler = _data_loader(rt, dataset, train, epoch, collate_skip, parts,
+                                       persistent)
         if parts > 1:
             loader = ChunkedLoader(loader, parts, loader.drop_last)
     if persistent:
-        rt.loaders[split] = (loader, samplers[0])
+        rt.loaders[split] = (loader, sampler)
     return loader
 
 

@@ -50,11 +50,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import RandomResizedCrop
 
 from smix.data import normalize
-from pretrain.dali import ASPECT, RECIPES  # the recipes the GPU-decoding loaders implement
 from smix.devices import upload
 from smix.errors import UserError
+from pretrain.dali import ASPECT, RECIPES, dataset_samples  # recipes both GPU loaders implement
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
                         "TorchVision are deprecated", category=DeprecationWarning)
@@ -85,8 +87,6 @@ class Geometry:
         window) and the flip, drawn from the torch RNG (the worker's) for training."""
         width, height = image.size
         if self.train and self.scale is not None:
-            from torchvision.transforms import RandomResizedCrop
-
             top, left, h, w = RandomResizedCrop.get_params(image, list(self.scale), list(ASPECT))
             flip = bool(torch.rand(1) < 0.5)
             return [top, h, self.size, 0, left, w, self.size, 0], flip
@@ -245,8 +245,6 @@ def decode(blobs: Sequence[torch.Tensor], device: torch.device) -> list[torch.Te
     """uint8 [3,H,W] RGB images on `device`: one batched nvjpeg call; where it refuses the
     batch, image by image, an image nvjpeg refuses by libjpeg-turbo on the CPU; None for
     what neither reads."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     if not blobs:
         return []
     try:
@@ -385,8 +383,6 @@ class DecodeLoader:
 @functools.lru_cache(maxsize=None)
 def nvjpeg_works(device: torch.device) -> str | None:
     """None when torchvision decodes JPEGs on `device` (a tiny one made here); else why not."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     buf = io.BytesIO()
     Image.new("RGB", (16, 8), (200, 30, 60)).save(buf, "JPEG")
     try:
@@ -397,14 +393,16 @@ def nvjpeg_works(device: torch.device) -> str | None:
     return None if tuple(image.shape) == (3, 8, 16) else "torchvision decoded a test JPEG wrongly"
 
 
-def make_nvjpeg_loader(loader_for: Callable[[Dataset, Callable], object], dataset: Dataset,
-                       geometry: Geometry, device: torch.device, skip_bad: bool,
-                       norm: tuple[Sequence[float], Sequence[float]] | None) -> DecodeLoader:
-    """The engine's loader for `loader=nvjpeg`: `loader_for(dataset, collate)` builds the torch
-    loader's DataLoader (sampler, seeds, workers) over the encoded images of `dataset`."""
-    from pretrain.dali import dataset_samples
+def encoded_images(dataset: Dataset, geometry: Geometry, skip_bad: bool) -> EncodedImages:
+    """A ClassFolder (or a Subset of one) as the dataset the engine's DataLoader reads."""
+    return EncodedImages(dataset_samples(dataset), geometry, skip_bad)
 
-    encoded = EncodedImages(dataset_samples(dataset), geometry, skip_bad)
+
+def nvjpeg_loader(batches, geometry: Geometry, device: torch.device, skip_bad: bool,
+                  norm: tuple[Sequence[float], Sequence[float]] | None) -> DecodeLoader:
+    """The engine's loader for `loader=nvjpeg`: `batches`, the torch loader's DataLoader
+    (sampler, seeds, workers) over `encoded_images` with `collate_packed`, finished on
+    `device` by the feeder thread."""
     make = functools.partial(assemble, geometry=geometry, device=device, skip_bad=skip_bad,
                              norm=norm)
-    return DecodeLoader(loader_for(encoded, collate_packed), make, device)
+    return DecodeLoader(batches, make, device)
