@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Issue 14 in ONE device call of at most ~500 s (7 steps + a summary; 8 files in $OUT):
+# Issue 14 in ONE device call: 9 steps within a 545 s budget (a step gets at most what is left;
+# most important first), then a summary; 10 files in $OUT:
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
-#       carry=[".gpu"], timeout_s=560)          # .gpu: bash ../shared/gpu/prepare.sh
+#       carry=[".gpu"], timeout_s=580)          # .gpu: bash ../shared/gpu/prepare.sh
 # What it measures: the CUDA graphs of the detectors, the greedy walk and the SaliencyMix /
 # Guided-SR plans (tests: graph == eager, no host sync; aug_overhead: overhead_mix with graphs,
-# overhead_mix_eager without, same rounds); loader=nvjpeg (test: nvjpeg + fp16 resampling vs
-# the CPU path; decode_resample: nvjpeg batch decode, batched vs per-image resampling); where
-# each mixer's time goes (mixer_profile: host vs kernel time, kernels per call); and the engine
-# epoch with the torch loader (uint8 workers, colour on the GPU) and with loader=nvjpeg against
-# one step baseline (input_pipeline).
+# overhead_mix_eager without, same rounds; single synchronised calls and 16 calls per sync);
+# loader=nvjpeg (test: nvjpeg + fp16 resampling vs the CPU path; decode_resample: nvjpeg batch
+# decode, batched vs per-image resampling); where each mixer's time goes (mixer_profile: host
+# vs kernel time, kernels per call); the engine epoch with the torch loader (uint8 workers,
+# colour on the GPU) and with loader=nvjpeg against one step baseline (input_pipeline, 4
+# batches per worker); which stage caps each loader (loader_stages, worker_transform).
 # CPU dry run (small settings): DEVICE=cpu AUG_ARGS="--quick --models r18" \
 #   PIPE_ARGS="--arch resnet18 --size 64 --images 48 --batch 8 --workers 1 --steps 2" \
+#   STAGE_ARGS="--batch 8 --workers 1 --images 64 --size 64" \
 #   DEC_ARGS="--batch 8 --repeats 1" PROF_ARGS="--calls 3" PERS_ARGS="--workers 1 --images 32 \
 #   --batch 8 --epochs 2" OUT=/tmp/r2 bash gpu_checks/issue14.sh
 set -u
@@ -18,35 +21,45 @@ export PY=${PYTHON:-python3} OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}
 AUG_ARGS=${AUG_ARGS:---models r18,r50 --r18-repeats 8 --r50-repeats 4 --mix-repeats 15}
-PIPE_ARGS=${PIPE_ARGS:---batch 256 --images 2560 --steps 12}
+PIPE_ARGS=${PIPE_ARGS:---batch 256 --steps 12}  # 4 batches per worker: 15,360 images
 DEC_ARGS=${DEC_ARGS:---batch 256 --repeats 5}
 PROF_ARGS=${PROF_ARGS:---calls 30}
 PERS_ARGS=${PERS_ARGS:---workers 15 --images 1024 --batch 128 --size 224 --epochs 4}
+STAGE_ARGS=${STAGE_ARGS:---batch 256}  # 2 batches per worker: 7,680 images
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # benchmarks import each other
 T0=$(date +%s)
+BUDGET=${BUDGET:-545}  # seconds for all steps; a step gets at most what is left of it
 step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines echoed
   local name=$1 secs=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - T0) ))
+  if (( left < 15 )); then echo "== $name skipped: ${left}s of the budget left"; return; fi
+  (( secs > left )) && secs=$left
   echo "== $name (timeout ${secs}s, t=$(( $(date +%s) - T0 ))s)"
   timeout --kill-after=5 "$secs" "$@" > "$OUT/$name.log" 2>&1
   echo "   rc=$?"; grep -h '^{' "$OUT/$name.log" | cut -c1-600; tail -n 3 "$OUT/$name.log"
 }
+# Most important first (what a step that runs out of budget loses is the least needed).
 # graph == eager (detectors, greedy walk, mixer plans), every mixer under sync_debug "error",
 # nvjpeg decode + fp16 resampling against the CPU path
 step tests 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
   tests/test_graphs.py tests/test_loader_nvjpeg.py -k cuda
-step decode_resample 40 $PY benchmarks/decode_resample.py --device "$DEVICE" $DEC_ARGS
+step input_pipeline 170 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader torch,nvjpeg \
+  $PIPE_ARGS --methods none,saliencymix --data /tmp/jpeg
+step aug_overhead 100 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
+# which stage caps the torch loader (IPC, decode, pinning, device finish), and nvjpeg's
+step loader_stages 75 $PY benchmarks/loader_stages.py --device "$DEVICE" --loader torch,nvjpeg \
+  $STAGE_ARGS --data /tmp/jpeg
 step mixer_profile 40 $PY benchmarks/mixer_profile.py --device "$DEVICE" $PROF_ARGS
+step decode_resample 40 $PY benchmarks/decode_resample.py --device "$DEVICE" $DEC_ARGS
+step worker_transform 25 $PY benchmarks/worker_transform.py --images 64
+step persistent_workers 45 $PY benchmarks/persistent_workers.py --device "$DEVICE" $PERS_ARGS
 # can this machine torch.compile for CUDA (Triton builds its launcher with a C compiler)? The
 # next lever on the detectors' ~100 tiny kernels per call, if mixer_profile says kernels dominate
-step compile_probe 60 $PY -c "import time, torch; t = time.time(); \
+step compile_probe 45 $PY -c "import time, torch; t = time.time(); \
 f = torch.compile(lambda x: (x.sin() * 2 + 1).relu().sum(-1)); \
 x = torch.randn(64, 1024, device='$DEVICE'); torch.testing.assert_close(f(x), (x.sin() * 2 + 1).relu().sum(-1)); \
 print('{\"benchmark\": \"compile_probe\", \"ok\": true, \"compile_s\": %.1f}' % (time.time() - t))"
-step persistent_workers 45 $PY benchmarks/persistent_workers.py --device "$DEVICE" $PERS_ARGS
-step aug_overhead 100 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
-step input_pipeline 150 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader torch,nvjpeg \
-  $PIPE_ARGS --methods none,saliencymix --data /tmp/jpeg
 $PY - "$OUT" <<'PY' | tee "$OUT/goals.txt"
 import json, sys
 from pathlib import Path
@@ -61,14 +74,19 @@ for r in lines("aug_overhead"):
     if r["method"] in goals or "overhead_mix_eager" in r:
         limit = goals.get(r["method"])
         verdict = "    " if limit is None else ("MET " if r["overhead_mix"] <= limit else "MISS")
+        piped = r.get("overhead_mix_pipelined")
+        pverdict = "" if limit is None or piped is None else (" MET" if piped <= limit else " MISS")
         print(f"  {verdict} {r['model']} b{r['batch']} {r['method']}: overhead_mix "
               f"{r['overhead_mix']} (graphs off: {r.get('overhead_mix_eager')}; t_mix "
-              f"{r['t_mix_s']} s, none step {r['t_none_s']} s) [{r['device_name']}]")
+              f"{r['t_mix_s']} s, none step {r['t_none_s']} s) | {r.get('pipeline')} calls per "
+              f"sync: overhead_mix {piped}{pverdict}, full step {r.get('overhead_pipelined')} "
+              f"[{r['device_name']}]")
 for r in lines("input_pipeline"):
     for key, limit in (("epoch_vs_step", 0.9), ("saliencymix_step_vs_none", 0.98)):
         v = r.get(key)
         print(f"  {'MET ' if v is not None and v >= limit else 'MISS'} {key} >= {limit}: {v}"
-              f"  (loader {r['loader_img_s']} img/s, epoch {r['epoch_img_s']}, step none "
+              f"  (loader {r['loader_img_s']} img/s, first batch {r.get('loader_first_batch_s')}"
+              f" s, epoch {r['epoch_img_s']} of {r['images']} images, step none "
               f"{r.get('step_none_img_s')}; loader={r['loader']}, colour on {r.get('colour_on')})"
               f" [{r['device_name']}]")
 for r in lines("decode_resample"):
@@ -79,6 +97,13 @@ for r in lines("persistent_workers"):
     print(f"  persistent workers: epoch {r['persistent_epoch_s']} s vs fresh {r['fresh_epoch_s']} s"
           f" (x{r['epoch_speedup']}; first batch {r['persistent_first_batch_s']} vs "
           f"{r['fresh_first_batch_s']} s) [{r['device_name']}]")
+for r in lines("loader_stages"):
+    stages = {k[:-6]: v for k, v in r.items() if k.endswith("_img_s")}
+    print(f"  loader {r['loader']} stages (img/s, {r['workers']} workers): {stages}")
+for r in lines("worker_transform"):
+    print(f"  one worker: {r['uint8_half_ms_per_image']} ms/image for decode+crop+flip (decode "
+          f"{r['decode_ms_per_image']}) -> 15 such: {round(15000 / r['uint8_half_ms_per_image'])}"
+          f" img/s at most")
 for r in lines("compile_probe"):
     print(f"  torch.compile works here: compiled in {r['compile_s']} s")
 for r in lines("mixer_profile"):
