@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2 as T
 
 from smix.devices import channel_constant, constant, upload
@@ -183,7 +183,9 @@ def collate_skip(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
     skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
-    images = torch.stack([b[0] for b in kept])
+    # default_collate stacks straight into shared memory in a loader worker: a plain stack
+    # would be copied there once more on its way to the main process
+    images = default_collate([b[0] for b in kept])
     labels = torch.tensor([b[1] for b in kept], dtype=torch.long)
     return images, labels, skipped
 
