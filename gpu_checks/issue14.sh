@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 14 in ONE device call: 9 steps within a 545 s budget (a step gets at most what is left;
-# most important first), then a summary; 10 files in $OUT:
+# Issue 14 in ONE device call: 10 steps within a 545 s budget (a step gets at most what is left;
+# most important first), then a summary; 11 files in $OUT:
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
 #       carry=[".gpu"], timeout_s=580)          # .gpu: bash ../shared/gpu/prepare.sh
 # What it measures: the CUDA graphs of the detectors, the greedy walk and the SaliencyMix /
@@ -10,7 +10,8 @@
 # decode, batched vs per-image resampling); where each mixer's time goes (mixer_profile: host
 # vs kernel time, kernels per call); the engine epoch with the torch loader (uint8 workers,
 # colour on the GPU) and with loader=nvjpeg against one step baseline (input_pipeline, 4
-# batches per worker); which stage caps each loader (loader_stages, worker_transform).
+# batches per worker); which stage caps each loader (loader_stages, worker_transform,
+# worker_overhead).
 # CPU dry run (small settings): DEVICE=cpu AUG_ARGS="--quick --models r18" \
 #   PIPE_ARGS="--arch resnet18 --size 64 --images 48 --batch 8 --workers 1 --steps 2" \
 #   STAGE_ARGS="--batch 8 --workers 1 --images 64 --size 64" \
@@ -53,6 +54,7 @@ step loader_stages 75 $PY benchmarks/loader_stages.py --device "$DEVICE" --loade
 step mixer_profile 40 $PY benchmarks/mixer_profile.py --device "$DEVICE" $PROF_ARGS
 step decode_resample 40 $PY benchmarks/decode_resample.py --device "$DEVICE" $DEC_ARGS
 step worker_transform 25 $PY benchmarks/worker_transform.py --images 64
+step worker_overhead 40 $PY benchmarks/worker_overhead.py --workers 15 --images 1024
 step persistent_workers 45 $PY benchmarks/persistent_workers.py --device "$DEVICE" $PERS_ARGS
 # can this machine torch.compile for CUDA (Triton builds its launcher with a C compiler)? The
 # next lever on the detectors' ~100 tiny kernels per call, if mixer_profile says kernels dominate
@@ -104,6 +106,11 @@ for r in lines("worker_transform"):
     print(f"  one worker: {r['uint8_half_ms_per_image']} ms/image for decode+crop+flip (decode "
           f"{r['decode_ms_per_image']}) -> 15 such: {round(15000 / r['uint8_half_ms_per_image'])}"
           f" img/s at most")
+for r in lines("worker_overhead"):
+    print(f"  worker bookkeeping, {r['workers']} workers: blank {r['blank_old_img_s']} -> "
+          f"{r['blank_new_img_s']} img/s (x{r['blank_speedup']}), decode+crop+flip "
+          f"{r['decode_crop_flip_old_img_s']} -> {r['decode_crop_flip_new_img_s']} img/s "
+          f"(x{r['decode_crop_flip_speedup']})")
 for r in lines("compile_probe"):
     print(f"  torch.compile works here: compiled in {r['compile_s']} s")
 for r in lines("mixer_profile"):
