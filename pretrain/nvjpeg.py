@@ -247,6 +247,12 @@ def decode(blobs: Sequence[torch.Tensor], device: torch.device) -> list[torch.Te
     what neither reads."""
     if not blobs:
         return []
+    if device.type == "cuda":
+        # nvjpeg writes from torchvision's own stream into outputs allocated on ours, and the
+        # allocator may hand out memory our queued kernels (the last batch's copies) still
+        # read: they are ordered on our stream only. Let them finish first (the feeder waits;
+        # torchvision blocks it until the decode is done anyway).
+        torch.cuda.current_stream(device).synchronize()
     try:
         return list(decode_jpeg(list(blobs), mode=ImageReadMode.RGB, device=device))
     except RuntimeError as e:
