@@ -6,9 +6,10 @@ the hardest), `--calls` calls are profiled with `torch.profiler` after a warm-up
 captured). One JSON line per method: wall ms per call (synchronised), host ms per call (the
 profiler's CPU time of the top-level ops), device ms per call (kernel time), kernels and graph
 launches per call, and the top ops by host and by device time. Baseline: method `none`, same
-process (its wall time is the fixed cost of a call and a synchronisation). A last line,
-`upload-perm`, profiles one host draw enqueued to the device (`smix.devices.upload`: pinning
-and a non-blocking copy), the step every mixer takes for its permutation and λ.
+process (its wall time is the fixed cost of a call and a synchronisation). Three last lines
+profile host draws enqueued to the device (`smix.devices.upload`: pinning and a non-blocking
+copy), the step every mixer takes for its permutation and λ: one upload (`upload-perm`), two
+(`upload-perm-lam`, as CutMix and Mixup do), and the two packed into one (`upload-packed`).
 
     python benchmarks/mixer_profile.py --device cuda
     python benchmarks/mixer_profile.py --device cpu --calls 5          # a smoke run
@@ -17,6 +18,7 @@ and a non-blocking copy), the step every mixer takes for its permutation and λ.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -73,6 +75,29 @@ def profile_method(mix, x, y, ctx, device: torch.device, calls: int) -> dict:
             "top_device_ms": top(events, "self_device_time_total") if device.type == "cuda" else []}
 
 
+def _upload_perm(images, labels, gen, ctx, device):
+    """One host draw enqueued to the device (pinning + H2D copy)."""
+    return upload(torch.randperm(len(labels), generator=gen), device)
+
+
+def _upload_perm_lam(images, labels, gen, ctx, device):
+    """Two draws, two uploads: what CutMix and Mixup enqueue per call (perm, λ)."""
+    perm, lam = torch.randperm(len(labels), generator=gen), torch.rand(len(labels), generator=gen)
+    return upload(perm, device), upload(lam, device)
+
+
+def _upload_packed(images, labels, gen, ctx, device):
+    """The same two draws packed into one byte buffer, one upload, viewed apart on the device:
+    the candidate if `upload-perm-lam` costs about twice `upload-perm`."""
+    perm, lam = torch.randperm(len(labels), generator=gen), torch.rand(len(labels), generator=gen)
+    buf = upload(torch.cat([perm.view(torch.uint8), lam.view(torch.uint8)]), device)
+    return buf[:perm.numel() * 8].view(torch.int64), buf[perm.numel() * 8:].view(torch.float32)
+
+
+UPLOADS = {"upload-perm": _upload_perm, "upload-perm-lam": _upload_perm_lam,
+           "upload-packed": _upload_packed}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,10 +114,9 @@ def main() -> None:
     x = torch.randn(a.batch, 3, a.size, a.size, generator=g).to(device)
     y = torch.randint(0, 10, (a.batch,), generator=g).to(device)
     base = None
-    for name in a.methods.split(",") + ["upload-perm"]:
-        if name == "upload-perm":  # what one host draw costs to enqueue (pinning + H2D copy)
-            mix = lambda images, labels, gen, ctx: upload(torch.randperm(len(labels),
-                                                                         generator=gen), device)
+    for name in a.methods.split(",") + list(UPLOADS):
+        if name in UPLOADS:
+            mix = functools.partial(UPLOADS[name], device=device)
         else:
             method, params = METHODS[name]
             mix = get_mixer(method, **params)
