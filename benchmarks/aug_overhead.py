@@ -21,6 +21,7 @@ is also K consecutive calls and one synchronisation, divided by K: `t_step_pipel
 `t_mix_pipelined_s` / `overhead_mix_pipelined` for the mixer alone (max of its host and device
 time per call). The single-call figures stay as they were, comparable with earlier runs.
 
+On CUDA cuDNN's benchmark mode is on, as the engine trains (`cudnn_benchmark`).
 One JSON line per (device, model, method), naming the device (the card, or the CPU model).
 `--quick` is a CI-sized run (tiny batches). On CUDA the mixers make no host round-trip
 (tests/test_mixers_nosync.py), so `t_mix` is the time of their kernels, not of a drained queue.
@@ -188,6 +189,7 @@ def measure(setting: Setting, device: torch.device, bar: tqdm, verbose: bool = F
     """Median full-step and mixer-only times per method, interleaved; with `pipeline` > 1 also
     per call of `pipeline` calls between synchronisations, in the same rounds."""
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as the engine trains on CUDA
     model = build_model(setting.arch, setting.classes).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     ctx = MixContext(setting.mean, setting.std, setting.classes, model)
@@ -272,6 +274,7 @@ def report(setting: Setting, device: torch.device, times: dict[str, dict[str, fl
                 "t_mix_s": round(t["t_mix"], 5),
                 "overhead_mix": round((t["t_mix"] - times["none"]["t_mix"]) / t_none, 4),
                 "cuda_graphs": device.type == "cuda" and graphs_enabled(),
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
                 "baseline": "none (same model, batch and process)",
                 "rounds": setting.repeats, "mix_repeats": setting.mix_repeats,
                 "threads": torch.get_num_threads(),

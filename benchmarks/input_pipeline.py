@@ -125,7 +125,7 @@ def loader_line(cfg, device: str, loader: str, steps: dict[str, float], size: in
             "amp": str(rt.amp_dtype), "channels_last": rt.channels_last,
             "workers": cfg.workers, "images": images,
             "colour_on": "device" if rt.data.finish is not None else "workers",
-            "cuda_graphs": graphs_enabled(),
+            "cuda_graphs": graphs_enabled(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "loader_img_s": round(loader_s, 1), "epoch_img_s": round(epoch, 1),
             "loader_first_batch_s": round(first_batch, 3),
             **{f"step_{m}_img_s": round(r, 1) for m, r in steps.items()},

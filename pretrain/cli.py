@@ -36,7 +36,7 @@ def _parser() -> ArgParser:
 
 
 # What `--resume` may change: where the data is and how it is read or shown, not the result.
-RESUME_SETTABLE = ("workers", "persistent_workers", "progress", "device")
+RESUME_SETTABLE = ("workers", "persistent_workers", "progress", "device", "cudnn_benchmark")
 
 
 def config_from_args(a) -> tuple[TrainConfig, bool]:

@@ -50,6 +50,9 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | fp16
     channels_last: str = "auto"  # auto (on for GPU) | on | off
+    # CUDA: cuDNN times its convolution algorithms once per shape and keeps the fastest, as
+    # torchvision's references and timm train; GPU runs are not bit-exact either way
+    cudnn_benchmark: bool = True
     compile: bool = False
     skip_bad_images: bool = False
     limit_train: int = 0  # 0 = all; otherwise N evenly spaced training samples (smoke runs)

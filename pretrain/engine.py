@@ -86,6 +86,7 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     # batches); nvjpeg's batches always get them on their device
     on_device = (loader == "torch" and dist.device.type == "cuda") or loader == "nvjpeg"
     data = data if data is not None else build_datasets(cfg, on_device)
+    cudnn_settings(cfg, dist.device)
     model = build_model(cfg.arch, len(data.classes), **cfg.arch_kwargs).to(dist.device)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
                                                   and dist.device.type == "cuda")
@@ -106,6 +107,13 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     ctx = MixContext(tuple(cfg.mean), tuple(cfg.std), len(data.classes), model)
     return Runtime(cfg, dist, RunDir(cfg.out, create=dist.is_main), data, model, ddp_model,
                    optimizer, scheduler, scaler, mixer, ctx, amp_dtype, channels_last, loader)
+
+
+def cudnn_settings(cfg: TrainConfig, device: torch.device) -> None:
+    """On CUDA, let cuDNN pick each convolution's fastest algorithm (`cudnn_benchmark`): the
+    shapes of a pretraining run are fixed (crop, batch), so the one-time timing pays back."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
 
 
 def _lr_lambda(cfg: TrainConfig):

@@ -231,9 +231,10 @@ def test_resume_accepts_data_location_and_io_settings_refuses_the_rest(shapes_ro
     moved = tmp_path / "moved"
     shutil.copytree(shapes_root, moved)
     assert smix(["pretrain", "--resume", str(run), "--epochs", "2", "--data", str(moved),
-                 "workers=0", "progress=false", "device=cpu"]) == 0
+                 "workers=0", "progress=false", "device=cpu", "cudnn_benchmark=false"]) == 0
     saved = json.loads((run / "config.json").read_text())
     assert saved["data"] == str(moved) and saved["epochs"] == 2 and saved["device"] == "cpu"
+    assert saved["cudnn_benchmark"] is False
     assert _epochs_logged(run) == [1, 2]
 
 
@@ -306,3 +307,21 @@ def test_torchrun_ranks_skip_short_batches_together(shapes_root, tmp_path, loade
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = json.loads((run / "log.jsonl").read_text().splitlines()[0])
     assert log["skipped_images"] == 1 and log["train_images"] == 20  # 6 steps of 4, one skipped
+
+
+# 10. cuDNN's algorithm search --------------------------------------------------------------
+
+def test_cudnn_benchmark_is_set_for_cuda_runs_only(monkeypatch, tmp_path):
+    """On CUDA the run sets cuDNN's benchmark mode from `cudnn_benchmark` (default on, as
+    torchvision's references); other devices leave the process-wide flag alone."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored afterwards
+    cfg = build_config("shapes-resnet18", tmp_path, tmp_path / "run", "none", {})
+    assert cfg.cudnn_benchmark is True
+    engine.cudnn_settings(cfg, torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    engine.cudnn_settings(cfg, torch.device("cuda", 0))  # sets a flag; needs no GPU
+    assert torch.backends.cudnn.benchmark is True
+    off = build_config("shapes-resnet18", tmp_path, tmp_path / "run", "none",
+                       {"cudnn_benchmark": "false"})
+    engine.cudnn_settings(off, torch.device("cuda", 0))
+    assert torch.backends.cudnn.benchmark is False
