@@ -92,10 +92,11 @@ def stages(rt: engine.Runtime) -> dict[str, float]:
     out: dict[str, float] = {}
     if rt.loader == "torch":
         blank = SeededDataset(BlankImages(len(rt.data.train), cfg.input_size), cfg.workers > 0)
-        runs = [("ipc", like(base, blank)), ("workers", like(base, pin=False))]
+        runs = [("ipc", dict(dataset=blank)), ("workers", dict(pin=False))]
         if device.type == "cuda":  # pinning is a CUDA thing
-            runs.append(("pinned", like(base, pin=True)))
-        for name, loader in runs:
+            runs.append(("pinned", dict(pin=True)))
+        for name, change in runs:  # one stage's workers at a time
+            loader = like(base, **change)
             out[name] = rate(lambda: loader, device)
             del loader
     else:
