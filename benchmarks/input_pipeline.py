@@ -31,6 +31,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +73,18 @@ def write_jpegs(root: Path, images: int, classes: int, seed: int = 0) -> None:
     fork = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
     with multiprocessing.get_context("fork" if fork else "spawn").Pool(os.cpu_count() or 1) as pool:
         pool.starmap(write_jpeg, jobs, chunksize=64)
+
+
+def jpeg_tree(root: Path, images: int, classes: int) -> Path:
+    """`root/jpeg<images>x<classes>`, written unless there: into a sibling folder renamed when
+    complete, so that a tree killed half-written is never reused."""
+    data = root / f"jpeg{images}x{classes}"
+    if not (data / "train").is_dir():
+        partial = data.with_name(data.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_jpegs(partial, images, classes)
+        partial.rename(data)
+    return data
 
 
 def sync(device: torch.device) -> None:
@@ -158,9 +171,7 @@ def main() -> None:
     a = p.parse_args()
     n_images = a.images or max(2560, 4 * a.batch * max(a.workers, 1))
     tmp = tempfile.TemporaryDirectory(prefix="smix-input-")
-    data = (a.data or Path(tmp.name)) / f"jpeg{n_images}"  # a tree per size: reused only as is
-    if not (data / "train").is_dir():
-        write_jpegs(data, n_images, a.classes)
+    data = jpeg_tree(a.data or Path(tmp.name), n_images, a.classes)
     overrides = {"device": a.device, "batch_size": str(a.batch), "amp": a.amp,
                  "workers": str(a.workers), "input_size": str(a.size), "crop": str(a.size),
                  "resize": str(round(a.size * 256 / 224)), "progress": "false", "epochs": "100",

@@ -26,7 +26,6 @@ that baseline, plus the device and the worker count.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import tempfile
@@ -42,7 +41,7 @@ from pretrain import engine
 from pretrain.config import build_config
 from pretrain.data import SeededDataset
 from pretrain.nvjpeg import DecodeLoader
-from benchmarks.input_pipeline import sync, write_jpegs
+from benchmarks.input_pipeline import jpeg_tree, sync
 
 
 class BlankImages(Dataset):
@@ -120,9 +119,7 @@ def main() -> None:
     a = p.parse_args()
     n_images = a.images or max(2560, 2 * a.batch * max(a.workers, 1))
     tmp = tempfile.TemporaryDirectory(prefix="smix-stages-")
-    data = (a.data or Path(tmp.name)) / f"jpeg{n_images}"
-    if not (data / "train").is_dir():
-        write_jpegs(data, n_images, 100)
+    data = jpeg_tree(a.data or Path(tmp.name), n_images, 100)
     overrides = {"device": a.device, "batch_size": str(a.batch), "workers": str(a.workers),
                  "input_size": str(a.size), "crop": str(a.size),
                  "resize": str(round(a.size * 256 / 224)), "progress": "false",

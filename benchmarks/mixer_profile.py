@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     a = ap.parse_args()
     device = torch.device(a.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as the engine trains on CUDA
     model = build_model(a.arch, 10).to(device)
     ctx = MixContext(CIFAR10_MEAN, CIFAR10_STD, 10, model)
     g = torch.Generator().manual_seed(0)
@@ -125,6 +126,7 @@ def main() -> None:
         print(json.dumps({"benchmark": "mixer_profile", "device": device.type,
                           "device_name": device_name(device), "arch": a.arch, "batch": a.batch,
                           "size": a.size, "method": name, "calls": a.calls,
+                          "cudnn_benchmark": torch.backends.cudnn.benchmark,
                           "baseline": f"{a.methods.split(',')[0]} wall ms per call, same process",
                           "wall_minus_baseline_ms": round(line["wall_ms_per_call"] - base, 4),
                           **line}), flush=True)

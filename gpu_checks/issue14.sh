@@ -14,7 +14,7 @@
 # worker_overhead).
 # CPU dry run (small settings): DEVICE=cpu AUG_ARGS="--quick --models r18" \
 #   PIPE_ARGS="--arch resnet18 --size 64 --images 48 --batch 8 --workers 1 --steps 2" \
-#   STAGE_ARGS="--batch 8 --workers 1 --images 64 --size 64" \
+#   STAGE_ARGS="--batch 8 --workers 1 --images 64 --size 64" OVER_ARGS="--workers 1 --images 64" \
 #   DEC_ARGS="--batch 8 --repeats 1" PROF_ARGS="--calls 3" PERS_ARGS="--workers 1 --images 32 \
 #   --batch 8 --epochs 2" OUT=/tmp/r2 bash gpu_checks/issue14.sh
 set -u
@@ -27,6 +27,7 @@ DEC_ARGS=${DEC_ARGS:---batch 256 --repeats 5}
 PROF_ARGS=${PROF_ARGS:---calls 30}
 PERS_ARGS=${PERS_ARGS:---workers 15 --images 1024 --batch 128 --size 224 --epochs 4}
 STAGE_ARGS=${STAGE_ARGS:---batch 256}  # 2 batches per worker: 7,680 images
+OVER_ARGS=${OVER_ARGS:---workers 15 --images 4096}
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # benchmarks import each other
 T0=$(date +%s)
@@ -47,14 +48,14 @@ step tests 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.
   tests/test_graphs.py tests/test_loader_nvjpeg.py -k cuda
 step input_pipeline 170 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader torch,nvjpeg \
   $PIPE_ARGS --methods none,saliencymix --data /tmp/jpeg
-step aug_overhead 100 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
+step aug_overhead 130 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
 # which stage caps the torch loader (IPC, decode, pinning, device finish), and nvjpeg's
 step loader_stages 75 $PY benchmarks/loader_stages.py --device "$DEVICE" --loader torch,nvjpeg \
   $STAGE_ARGS --data /tmp/jpeg
 step mixer_profile 40 $PY benchmarks/mixer_profile.py --device "$DEVICE" $PROF_ARGS
 step decode_resample 40 $PY benchmarks/decode_resample.py --device "$DEVICE" $DEC_ARGS
 step worker_transform 25 $PY benchmarks/worker_transform.py --images 64
-step worker_overhead 40 $PY benchmarks/worker_overhead.py --workers 15 --images 1024
+step worker_overhead 40 $PY benchmarks/worker_overhead.py $OVER_ARGS
 step persistent_workers 45 $PY benchmarks/persistent_workers.py --device "$DEVICE" $PERS_ARGS
 # can this machine torch.compile for CUDA (Triton builds its launcher with a C compiler)? The
 # next lever on the detectors' ~100 tiny kernels per call, if mixer_profile says kernels dominate

@@ -256,6 +256,8 @@ def decode(blobs: Sequence[torch.Tensor], device: torch.device) -> list[torch.Te
     try:
         return list(decode_jpeg(list(blobs), mode=ImageReadMode.RGB, device=device))
     except RuntimeError as e:
+        if device.type == "cuda":  # the refused batch's outputs may still be written to
+            torch.cuda.synchronize(device)
         global _FALLBACK_WARNED
         if not _FALLBACK_WARNED:  # once: a refusal on every batch would be a slow epoch
             _FALLBACK_WARNED = True
@@ -338,6 +340,16 @@ class DecodeLoader:
     def __init__(self, loader, make: Callable[[Packed], tuple], device: torch.device,
                  depth: int = 2) -> None:
         self.loader, self.make, self.device, self.depth = loader, make, device, depth
+        self._stream: torch.cuda.Stream | None = None  # made once, on the first epoch
+
+    def stream(self) -> torch.cuda.Stream:
+        """The feeder's CUDA stream, one per loader. High priority: streams of that pool are
+        not the ones `torch.cuda.graph` captures on (PyTorch hands out pool streams round
+        robin, and a stream taken each epoch would in time be one a capture is using), and
+        decoding is not starved by the training step's kernels."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device, priority=-1)
+        return self._stream
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -372,7 +384,7 @@ class DecodeLoader:
             cuda = self.device.type == "cuda"
             if cuda:
                 torch.cuda.set_device(self.device)
-            stream = torch.cuda.Stream(self.device) if cuda else None
+            stream = self.stream() if cuda else None
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                 for packed in batches:
                     batch = self.make(packed)

@@ -325,3 +325,14 @@ def test_cudnn_benchmark_is_set_for_cuda_runs_only(monkeypatch, tmp_path):
                        {"cudnn_benchmark": "false"})
     engine.cudnn_settings(off, torch.device("cuda", 0))
     assert torch.backends.cudnn.benchmark is False
+
+
+def test_every_run_applies_the_cudnn_setting(monkeypatch, shapes_root, tmp_path):
+    """`build_runtime` (training, resuming, benchmarks) applies it for the run's device."""
+    seen = []
+    monkeypatch.setattr(engine, "cudnn_settings", lambda cfg, device: seen.append(
+        (cfg.cudnn_benchmark, device.type)))
+    cfg = build_config("shapes-resnet18", shapes_root, tmp_path / "run", "none",
+                       {"device": "cpu", "cudnn_benchmark": "false", "workers": "0"})
+    engine.build_runtime(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert seen == [(False, "cpu")]
