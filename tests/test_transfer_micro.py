@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,19 +94,28 @@ def test_a_set_micro_batch_is_kept_and_checked() -> None:
         micro.choose(9, 8, CPU, never, (8, 8))
 
 
+PEAK_PROBE = """
+import numpy as np, torch
+import transfer.micro as micro
+size, held = 256 * 2**20, []
+def step():
+    a = np.ones(size, np.uint8)  # touched: resident
+    held.append(a[:1].copy())
+    del a
+print(micro.peak_bytes(step, torch.device("cpu")))
+"""
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
 def test_cpu_probe_measures_the_peak_of_a_step() -> None:
+    """In a process of its own: RSS is process-wide, and memory that another thread of the
+    test process frees during the step (the full suite's leftovers: up to 90 of 256 MiB seen)
+    hides part of the peak, which the probe's 0.6 safety margin absorbs in a real run."""
     size = 256 * 2**20
-    held: list[np.ndarray] = []
-
-    def step() -> None:
-        a = np.ones(size, np.uint8)  # touched: resident
-        held.append(a[:1].copy())
-        del a
-    peak = micro.peak_bytes(step, CPU)
-    # RSS is process-wide: memory another thread frees during the step (seen in the full suite:
-    # 200 of 256 MiB) hides part of the peak; the probe's 0.6 safety margin absorbs that
-    assert peak is not None and 0.7 * size <= peak < size + 64 * 2**20
+    got = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120, check=True)
+    peak = int(got.stdout.split()[-1])
+    assert 0.9 * size <= peak < size + 64 * 2**20
     assert micro.available_bytes(CPU) > 0
 
 
