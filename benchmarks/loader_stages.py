@@ -2,7 +2,7 @@
 
 On an H200 with 16 cores the torch loader delivered 2,392 img/s from 15 workers, while one
 worker's decode + crop + flip costs ~1.2 ms per image on a 2-core CPU (`worker_transform.py`):
-15 such workers would make ~10,000. This tells which stage caps it. Every stage runs the engine's
+15 such workers would make ~12,000. This tells which stage caps it. Every stage runs the engine's
 own DataLoader settings (sampler and per-sample seeds, chunks of a batch, workers that persist),
 two epochs each, the second timed:
 
