@@ -1,8 +1,9 @@
 """Where the training loader's time goes: its rate stage by stage, in one process (issue 14).
 
 On an H200 with 16 cores the torch loader delivered 2,392 img/s from 15 workers, while one
-worker's decode + crop + flip costs ~1.2 ms per image on a 2-core CPU (`worker_transform.py`):
-15 such workers would make ~12,000. This tells which stage caps it. Every stage runs the engine's
+worker's decode + crop + flip cost ~1.0-1.2 ms per image with PIL on a 2-core CPU, and costs
+~0.6 ms reading tensors (`worker_transform.py`): 15 such workers would make 12,000-25,000. This
+tells which stage caps it. Every stage runs the engine's
 own DataLoader settings (sampler and per-sample seeds, chunks of a batch, workers that persist),
 two epochs each, the second timed:
 

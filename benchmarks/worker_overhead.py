@@ -1,4 +1,4 @@
-"""What the torch loader's per-sample bookkeeping costs its workers, before and after (issue 14).
+"""What the torch loader's workers spend besides their transform, and on reading (issue 14).
 
 Two costs that were not decoding: seeding each sample with `torch.manual_seed` (which also
 seeds every accelerator; in a worker without CUDA it formats a traceback for a lazy call each
@@ -8,8 +8,11 @@ memory, which the DataLoader's queue then copies into shared memory once more
 same DataLoader settings (sampler keys, workers that persist, chunks of 32 as the GPU path
 makes): the old way, `torch.manual_seed` + `torch.stack`. Measured: `smix.data.collate_skip` +
 `pretrain.data.SeededDataset`, on blank images (the bookkeeping alone) and on the GPU path's
-real samples (decode, crop, flip of 500x375 JPEGs). One JSON line: img/s of both ways per
-dataset, medians over interleaved rounds, and their ratio.
+real samples (decode, crop, flip of 500x375 JPEGs read as PIL images, as then). Then the reader,
+with the new bookkeeping on both sides: PIL images (`load_rgb`, the baseline) against tensors
+(`load_rgb_tensor`, what the GPU path's workers read now); and the whole change: old bookkeeping
+on PIL images against new on tensors. One JSON line: img/s of both sides per row, medians over
+interleaved rounds, and their ratio.
 
     python benchmarks/worker_overhead.py [--workers 2] [--images 512] [--rounds 3]
 """
@@ -17,6 +20,7 @@ dataset, medians over interleaved rounds, and their ratio.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -27,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from smix.data import collate_skip
+from smix.data import collate_skip, load_rgb
 from smix.devices import device_name
 from pretrain.config import build_config
 from pretrain.data import SeededDataset, build_datasets
@@ -75,20 +79,27 @@ def main() -> None:
         write_jpegs(Path(tmp), a.images, 10)
         cfg = build_config("imagenet-resnet50", Path(tmp), Path(tmp) / "run", "none",
                            {"device": "cpu", "input_size": "224", "crop": "224"})
-        sets = {"blank": BlankImages(a.images, 224),
-                "decode_crop_flip": build_datasets(cfg, on_device=True).train}
+        tensors = build_datasets(cfg, on_device=True).train
+        pil = copy.copy(tensors)
+        pil.reader = load_rgb
+        blank = BlankImages(a.images, 224)
+        rows = {"blank": ((blank, True), (blank, False)),  # (dataset, old bookkeeping) per side
+                "decode_crop_flip": ((pil, True), (pil, False)),
+                "reader": ((pil, False), (tensors, False)),
+                "all": ((pil, True), (tensors, False))}
         line = {"benchmark": "worker_overhead", "device_name": device_name("cpu"),
                 "workers": a.workers, "chunk": a.chunk, "images": a.images, "rounds": a.rounds,
-                "baseline": "torch.manual_seed per sample + torch.stack (same process)"}
-        for name, data in sets.items():
-            loaders = {old: loader(data, old, a.workers, a.chunk) for old in (True, False)}
-            for dl in loaders.values():
+                "baseline": "torch.manual_seed per sample + torch.stack (same process); for "
+                            "the reader row, PIL images"}
+        for name, sides in rows.items():
+            loaders = [loader(data, old, a.workers, a.chunk) for data, old in sides]
+            for dl in loaders:
                 epoch_rate(dl)  # warm-up: workers start, page cache
-            rates: dict[bool, list[float]] = {True: [], False: []}
+            rates: list[list[float]] = [[], []]
             for r in range(a.rounds):
-                for old in ((True, False) if r % 2 == 0 else (False, True)):
-                    rates[old].append(epoch_rate(loaders[old]))
-            old_s, new_s = statistics.median(rates[True]), statistics.median(rates[False])
+                for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+                    rates[k].append(epoch_rate(loaders[k]))
+            old_s, new_s = statistics.median(rates[0]), statistics.median(rates[1])
             line.update({f"{name}_old_img_s": round(old_s, 1), f"{name}_new_img_s": round(new_s, 1),
                          f"{name}_speedup": round(new_s / old_s, 3)})
             del loaders

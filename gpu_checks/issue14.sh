@@ -55,7 +55,7 @@ step loader_stages 75 $PY benchmarks/loader_stages.py --device "$DEVICE" --loade
 step mixer_profile 40 $PY benchmarks/mixer_profile.py --device "$DEVICE" $PROF_ARGS
 step decode_resample 40 $PY benchmarks/decode_resample.py --device "$DEVICE" $DEC_ARGS
 step worker_transform 25 $PY benchmarks/worker_transform.py --images 64
-step worker_overhead 40 $PY benchmarks/worker_overhead.py $OVER_ARGS
+step worker_overhead 55 $PY benchmarks/worker_overhead.py $OVER_ARGS
 step persistent_workers 45 $PY benchmarks/persistent_workers.py --device "$DEVICE" $PERS_ARGS
 # can this machine torch.compile for CUDA (Triton builds its launcher with a C compiler)? The
 # next lever on the detectors' ~100 tiny kernels per call, if mixer_profile says kernels dominate
@@ -104,14 +104,15 @@ for r in lines("loader_stages"):
     stages = {k[:-6]: v for k, v in r.items() if k.endswith("_img_s")}
     print(f"  loader {r['loader']} stages (img/s, {r['workers']} workers): {stages}")
 for r in lines("worker_transform"):
-    print(f"  one worker: {r['uint8_half_ms_per_image']} ms/image for decode+crop+flip (decode "
+    print(f"  one worker: {r['uint8_half_ms_per_image']} ms/image for decode+crop+flip on tensors"
+          f" (PIL: {r['uint8_half_pil_ms_per_image']}, x{r['speedup_vs_pil_half']}; decode "
           f"{r['decode_ms_per_image']}) -> 15 such: {round(15000 / r['uint8_half_ms_per_image'])}"
           f" img/s at most")
 for r in lines("worker_overhead"):
-    print(f"  worker bookkeeping, {r['workers']} workers: blank {r['blank_old_img_s']} -> "
-          f"{r['blank_new_img_s']} img/s (x{r['blank_speedup']}), decode+crop+flip "
-          f"{r['decode_crop_flip_old_img_s']} -> {r['decode_crop_flip_new_img_s']} img/s "
-          f"(x{r['decode_crop_flip_speedup']})")
+    print(f"  workers, {r['workers']} of them: bookkeeping on blanks {r['blank_old_img_s']} -> "
+          f"{r['blank_new_img_s']} img/s (x{r['blank_speedup']}); reader PIL -> tensors "
+          f"{r['reader_old_img_s']} -> {r['reader_new_img_s']} img/s (x{r['reader_speedup']}); "
+          f"all {r['all_old_img_s']} -> {r['all_new_img_s']} img/s (x{r['all_speedup']})")
 for r in lines("compile_probe"):
     print(f"  torch.compile works here: compiled in {r['compile_s']} s")
 for r in lines("mixer_profile"):

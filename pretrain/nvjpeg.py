@@ -30,7 +30,7 @@ else it ends the run with one line naming it.
 Without CUDA the same code decodes with libjpeg-turbo in the feeder thread: slower than the
 torch loader, it lets the tests run this path on a CPU. torchvision 0.29 deprecates its image
 decoders in favour of TorchCodec; the call used here is unchanged there (its warning is
-silenced below).
+silenced in `smix.data`).
 """
 
 from __future__ import annotations
@@ -57,9 +57,6 @@ from smix.data import normalize
 from smix.devices import upload
 from smix.errors import UserError
 from pretrain.dali import ASPECT, RECIPES, dataset_samples  # recipes both GPU loaders implement
-
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
-                        "TorchVision are deprecated", category=DeprecationWarning)
 
 NVJPEG_MODES = ("RGB", "L")  # JPEG colour modes nvjpeg decodes to RGB (CMYK/YCCK it does not)
 
