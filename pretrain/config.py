@@ -4,6 +4,7 @@ and `key=value` overrides converted to the field types."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ class TrainConfig:
     train_aug: str = "cifar"
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
-    workers: int = 4
+    workers: int = 4  # `workers=auto` (the ImageNet presets): `auto_workers()`
     # loader workers live for the whole run (pretrain.engine.make_loader); no effect on results
     persistent_workers: bool = True
     loader: str = "auto"  # auto (DALI on CUDA when installed) | torch | dali | nvjpeg; see
@@ -76,10 +77,11 @@ def _cifar(arch: str, classes: int, **kw: Any) -> dict[str, Any]:
 
 
 def _imagenet(arch: str, **kw: Any) -> dict[str, Any]:
+    # workers: decoding JPEGs for a GPU wants every core the process has
     base = dict(arch=arch, dataset="imagenet", epochs=300, batch_size=256, lr=0.1,
                 weight_decay=1e-4, milestones=(75, 150, 225), gamma=0.1, input_size=224,
                 resize=256, crop=224, train_aug="imagenet", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                nesterov=True)
+                nesterov=True, workers="auto")
     return {**base, **kw}
 
 
@@ -121,7 +123,22 @@ def _method_defaults(method: str, values: dict[str, Any]) -> dict[str, Any]:
     return defaults
 
 
+def auto_workers() -> int:
+    """Loader workers for one training process: its share of the CPUs this process may run
+    on (split over torchrun's processes on the node), less one for the process itself; at
+    least 1, at most 16 (torchvision's reference scripts' default). Any count of at least 1
+    draws the same crops, so the choice never changes a run (`pretrain.data.SeededSampler`)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        cpus = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, cpus // local - 1))
+
+
 def convert_setting(value: str, annotation: Any, key: str) -> Any:
+    if key == "workers" and value == "auto":
+        return auto_workers()
     origin = typing.get_origin(annotation)
     try:
         if annotation is bool:
@@ -170,6 +187,9 @@ def build_config(preset: str, data: Path, out: Path, method: str = "none",
             raise UserError(f"unknown setting {key!r}; valid: {', '.join(sorted(names))}, "
                             "method.<param>, arch.<param>")
     notes = _follow_preset(PRESETS[preset], values, set(overrides or {}))
+    if values.get("workers") == "auto":  # the preset's: resolved here, recorded as a number
+        values["workers"] = auto_workers()
+        notes.append(f"workers=auto: {values['workers']} loader workers on this machine")
     method_params = typed_method_params(method, {**_method_defaults(method, values), **method_set})
     return TrainConfig(preset=preset, data=Path(data), out=Path(out), method=method,
                        method_params=method_params, arch_kwargs=arch_kwargs,

@@ -48,6 +48,29 @@ def test_presets_carry_paper_settings():
         build_config("cifar10-resnet18", Path("d"), Path("o"), overrides={"lr": "fast"})
 
 
+def test_imagenet_presets_take_every_core_for_loader_workers(monkeypatch):
+    """`workers=auto`: the process's share of its CPUs less one, 1..16, resolved when the run
+    is configured and saved as a number (said in the notes); CIFAR keeps the preset's 4."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    i = build_config("imagenet-resnet50", Path("d"), Path("o"))
+    assert i.workers == 15 and "workers=auto: 15 loader workers on this machine" in i.notes
+    assert build_config("tinyimagenet-resnet50", Path("d"), Path("o")).workers == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes share the 16 CPUs
+    assert build_config("imagenet-resnet101", Path("d"), Path("o")).workers == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(256)), raising=False)
+    assert build_config("imagenet-resnet50", Path("d"), Path("o")).workers == 16  # capped
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert build_config("imagenet-resnet50", Path("d"), Path("o")).workers == 1
+    given = build_config("imagenet-resnet50", Path("d"), Path("o"), overrides={"workers": "6"})
+    assert given.workers == 6 and not any("workers" in n for n in given.notes)
+    assert build_config("cifar10-resnet18", Path("d"), Path("o")).workers == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert build_config("cifar10-resnet18", Path("d"), Path("o"),
+                        overrides={"workers": "auto"}).workers == 7
+
+
 def test_unknown_method_lists_valid():
     with pytest.raises(UserError, match="unknown method 'mixmix'; valid: .*cutmix"):
         get_mixer("mixmix")

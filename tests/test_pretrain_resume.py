@@ -5,6 +5,7 @@ skipping, the loss in float32, evenly spaced limits, best-epoch ties."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import types
 from pathlib import Path
@@ -217,7 +218,7 @@ def test_notes_are_printed_and_recorded(shapes_root, tmp_path, capsys):
 # 6. what --resume accepts ------------------------------------------------------------------
 
 def test_resume_accepts_data_location_and_io_settings_refuses_the_rest(shapes_root, tmp_path,
-                                                                      capsys):
+                                                                      capsys, monkeypatch):
     run = tmp_path / "run"
     assert smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root),
                  "--out", str(run), "--epochs", "1", *TINY]) == 0
@@ -234,8 +235,14 @@ def test_resume_accepts_data_location_and_io_settings_refuses_the_rest(shapes_ro
                  "workers=0", "progress=false", "device=cpu", "cudnn_benchmark=false"]) == 0
     saved = json.loads((run / "config.json").read_text())
     assert saved["data"] == str(moved) and saved["epochs"] == 2 and saved["device"] == "cpu"
-    assert saved["cudnn_benchmark"] is False
+    assert saved["cudnn_benchmark"] is False and saved["workers"] == 0
     assert _epochs_logged(run) == [1, 2]
+    # on another machine: `workers=auto` is this one's count (here 2 CPUs: one worker)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "3", "workers=auto"]) == 0
+    assert json.loads((run / "config.json").read_text())["workers"] == 1
+    assert _epochs_logged(run) == [1, 2, 3]
 
 
 # 8. DDP: ranks skip a batch together -------------------------------------------------------
