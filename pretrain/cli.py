@@ -10,7 +10,7 @@ from smix.cli import ArgParser, parse_overrides
 from smix.errors import UserError
 from smix.io import read_json
 from pretrain.config import (PRESETS, TrainConfig, build_config, config_from_json,
-                             convert_setting)
+                             convert_setting, resolve_workers)
 from pretrain.engine import train
 from pretrain.mixers import list_mixers
 
@@ -69,6 +69,9 @@ def _resume_config(a) -> TrainConfig:
     saved = read_json(a.resume / "config.json")
     hints = typing.get_type_hints(TrainConfig)
     changes = {k: convert_setting(v, hints[k], k) for k, v in overrides.items()}
+    if "workers" in changes:  # `auto`: this machine's count; a stale note goes either way
+        changes["workers"], changes["notes"] = resolve_workers(changes["workers"],
+                                                               tuple(saved.get("notes", ())))
     if a.data is not None:
         changes["data"] = a.data
     if a.epochs is not None:  # extending a finished run is allowed

@@ -4,12 +4,12 @@ and `key=value` overrides converted to the field types."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from pathlib import Path
 from typing import Any
 
 from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from smix.cpus import auto_workers
 from smix.data import CIFAR10_MEAN, CIFAR10_STD
 from smix.errors import UserError
 
@@ -42,7 +42,7 @@ class TrainConfig:
     train_aug: str = "cifar"
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
-    workers: int = 4  # `workers=auto` (the ImageNet presets): `auto_workers()`
+    workers: int = 4  # `workers=auto` (the ImageNet presets): `resolve_workers`
     # loader workers live for the whole run (pretrain.engine.make_loader); no effect on results
     persistent_workers: bool = True
     loader: str = "auto"  # auto (DALI on CUDA when installed) | torch | dali | nvjpeg; see
@@ -123,22 +123,20 @@ def _method_defaults(method: str, values: dict[str, Any]) -> dict[str, Any]:
     return defaults
 
 
-def auto_workers() -> int:
-    """Loader workers for one training process: its share of the CPUs this process may run
-    on (split over torchrun's processes on the node), less one for the process itself; at
-    least 1, at most 16 (torchvision's reference scripts' default). Any count of at least 1
-    draws the same crops, so the choice never changes a run (`pretrain.data.SeededSampler`)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform
-        cpus = os.cpu_count() or 1
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(16, cpus // local - 1))
+def resolve_workers(workers: int | str, notes: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
+    """`workers=auto` as this machine's count (`smix.cpus.auto_workers`), said in the notes;
+    what an earlier resolution said there (the machine a resumed run started on) is dropped.
+    Any count of at least 1 draws the same crops (`pretrain.data.SeededSampler`)."""
+    kept = tuple(n for n in notes if not n.startswith("workers=auto"))
+    if workers != "auto":
+        return int(workers), kept
+    count = auto_workers()
+    return count, (*kept, f"workers=auto: {count} on this machine")
 
 
 def convert_setting(value: str, annotation: Any, key: str) -> Any:
     if key == "workers" and value == "auto":
-        return auto_workers()
+        return value  # resolved by `resolve_workers`
     origin = typing.get_origin(annotation)
     try:
         if annotation is bool:
@@ -187,9 +185,9 @@ def build_config(preset: str, data: Path, out: Path, method: str = "none",
             raise UserError(f"unknown setting {key!r}; valid: {', '.join(sorted(names))}, "
                             "method.<param>, arch.<param>")
     notes = _follow_preset(PRESETS[preset], values, set(overrides or {}))
-    if values.get("workers") == "auto":  # the preset's: resolved here, recorded as a number
-        values["workers"] = auto_workers()
-        notes.append(f"workers=auto: {values['workers']} loader workers on this machine")
+    if "workers" in values:  # `auto` (a preset's or the user's): resolved, saved as a number
+        values["workers"], said = resolve_workers(values["workers"], ())
+        notes.extend(said)
     method_params = typed_method_params(method, {**_method_defaults(method, values), **method_set})
     return TrainConfig(preset=preset, data=Path(data), out=Path(out), method=method,
                        method_params=method_params, arch_kwargs=arch_kwargs,

@@ -43,7 +43,7 @@ def build_datasets(cfg: TrainConfig, on_device: bool = False) -> RunData:
     `to_device` (measured on an H200: 894 img/s from 15 workers doing the whole recipe per
     image, against 4721 img/s for the ResNet-50 step). Class-folder images then travel as
     tensors (`load_rgb_tensor`): the same pixels as PIL's, and a crop and resize by torch's
-    uint8 kernels, in about 0.55 of the PIL path's time per image (`worker_transform.py`)."""
+    uint8 kernels, in about 0.58 of the PIL path's time per image (`worker_transform.py`)."""
     aug = TrainAug(cfg.train_aug, cfg.input_size, cfg.mean, cfg.std)
     evaluate = eval_transform(_EvalSpec(cfg.resize, cfg.crop, cfg.input_size, cfg.mean, cfg.std))
     if cfg.dataset.startswith("cifar"):

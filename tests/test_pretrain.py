@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from smix.checkpoint import read_checkpoint
 from smix.cli import main as smix
+from smix import cpus as cpus_mod
 from smix.errors import UserError
 from pretrain import engine
 from pretrain.config import build_config
@@ -48,28 +49,56 @@ def test_presets_carry_paper_settings():
         build_config("cifar10-resnet18", Path("d"), Path("o"), overrides={"lr": "fast"})
 
 
-def test_imagenet_presets_take_every_core_for_loader_workers(monkeypatch):
-    """`workers=auto`: the process's share of its CPUs less one, 1..16, resolved when the run
-    is configured and saved as a number (said in the notes); CIFAR keeps the preset's 4."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+def _machine(monkeypatch, tmp_path, usable: int, cpus: int, local: int | None = None,
+             files: dict[str, str] | None = None) -> None:
+    """A machine for `smix.cpus`: this process's affinity, the machine's CPU count, torchrun's
+    local world size and cgroup files (written under a stand-in /sys/fs/cgroup)."""
+    root = tmp_path / f"cgroup{len(list(tmp_path.glob('cgroup*')))}"
+    for name, text in (files or {}).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    monkeypatch.setattr(cpus_mod, "CGROUP", root)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+
+
+@pytest.mark.parametrize("usable,cpus,local,files,expected", [
+    (16, 16, None, {}, 15),                       # one process, the whole machine
+    (16, 16, 4, {}, 3),                           # torchrun: 4 processes share 16 CPUs
+    (1, 1, None, {}, 1),                          # at least one worker
+    (256, 256, None, {}, 16),                     # at most 16
+    (8, 64, 8, {}, 7),                            # each rank bound to its own 8 (srun --cpu-bind)
+    (32, 64, 8, {}, 7),                           # bound to a NUMA node shared by 4 ranks
+    (32, 256, 8, {"cpuset/cpuset.effective_cpus": "0-31\n"}, 3),  # container cpuset (v1)
+    (32, 256, 8, {"cpuset.cpus.effective": "0-15,64-79\n"}, 3),  # container cpuset (v2)
+    (256, 256, 8, {"cpu.max": "6400000 100000\n"}, 7),           # a 64-CPU quota (v2)
+    (256, 256, 8, {"cpu.max": "max 100000\n"}, 16),              # no quota (v2)
+    (16, 16, None, {"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    (16, 16, None, {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 15),
+])
+def test_auto_workers_takes_this_process_share_of_the_cpus(monkeypatch, tmp_path, usable, cpus,
+                                                           local, files, expected):
+    _machine(monkeypatch, tmp_path, usable, cpus, local, files)
+    assert cpus_mod.auto_workers() == expected
+
+
+def test_imagenet_presets_take_every_core_for_loader_workers(monkeypatch, tmp_path):
+    """`workers=auto` in the ImageNet presets, resolved when the run is configured and saved
+    as a number (said in the notes); CIFAR keeps the preset's 4 unless asked."""
+    _machine(monkeypatch, tmp_path, 16, 16)
     i = build_config("imagenet-resnet50", Path("d"), Path("o"))
-    assert i.workers == 15 and "workers=auto: 15 loader workers on this machine" in i.notes
+    assert i.workers == 15 and "workers=auto: 15 on this machine" in i.notes
     assert build_config("tinyimagenet-resnet50", Path("d"), Path("o")).workers == 15
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes share the 16 CPUs
-    assert build_config("imagenet-resnet101", Path("d"), Path("o")).workers == 3
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(256)), raising=False)
-    assert build_config("imagenet-resnet50", Path("d"), Path("o")).workers == 16  # capped
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert build_config("imagenet-resnet50", Path("d"), Path("o")).workers == 1
     given = build_config("imagenet-resnet50", Path("d"), Path("o"), overrides={"workers": "6"})
     assert given.workers == 6 and not any("workers" in n for n in given.notes)
-    assert build_config("cifar10-resnet18", Path("d"), Path("o")).workers == 4
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert build_config("cifar10-resnet18", Path("d"), Path("o"),
-                        overrides={"workers": "auto"}).workers == 7
-
+    c = build_config("cifar10-resnet18", Path("d"), Path("o"))
+    assert c.workers == 4 and not any("workers" in n for n in c.notes)
+    asked = build_config("cifar10-resnet18", Path("d"), Path("o"), overrides={"workers": "auto"})
+    assert asked.workers == 15 and "workers=auto: 15 on this machine" in asked.notes
 
 def test_unknown_method_lists_valid():
     with pytest.raises(UserError, match="unknown method 'mixmix'; valid: .*cutmix"):

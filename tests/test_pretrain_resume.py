@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from smix import cpus as cpus_mod
 from smix import io as smix_io
 from smix.checkpoint import read_meta
 from smix.cli import main as smix
@@ -237,11 +238,20 @@ def test_resume_accepts_data_location_and_io_settings_refuses_the_rest(shapes_ro
     assert saved["data"] == str(moved) and saved["epochs"] == 2 and saved["device"] == "cpu"
     assert saved["cudnn_benchmark"] is False and saved["workers"] == 0
     assert _epochs_logged(run) == [1, 2]
-    # on another machine: `workers=auto` is this one's count (here 2 CPUs: one worker)
+    # on another machine: `workers=auto` is this one's count (2 CPUs: one worker), said in the
+    # notes in place of what the first machine said
+    saved = json.loads((run / "config.json").read_text())
+    saved["notes"] = [*saved["notes"], "workers=auto: 15 on this machine"]
+    (run / "config.json").write_text(json.dumps(saved))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpus_mod, "CGROUP", tmp_path / "no-cgroup")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert smix(["pretrain", "--resume", str(run), "--epochs", "3", "workers=auto"]) == 0
-    assert json.loads((run / "config.json").read_text())["workers"] == 1
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["workers"] == 1
+    assert [n for n in saved["notes"] if "workers" in n] == [
+        "workers=auto: 1 on this machine"]
     assert _epochs_logged(run) == [1, 2, 3]
 
 

@@ -12,10 +12,12 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
 from pretrain.config import build_config
 from pretrain.data import build_datasets
+from smix import data as smix_data
 from smix.data import ClassFolder, TrainAug, load_rgb, load_rgb_tensor, train_transform
 from smix.errors import UserError
 
@@ -42,6 +44,67 @@ def test_tensor_reader_returns_the_pixels_pil_decodes(tmp_path, mode, fmt, optio
     pixels = load_rgb_tensor(path)
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 200, 300)
     np.testing.assert_array_equal(pixels.numpy(), _pil_pixels(path))
+
+
+def test_tensor_reader_agrees_with_pil_on_cmyk_ink_and_exif_orientation(tmp_path):
+    """Real black ink (a CMYK picture with every channel random, saved inverted with Adobe's
+    marker as PIL and Photoshop write it), and an EXIF orientation tag, which neither reader
+    applies (torchvision's ImageFolder does not either)."""
+    rng = np.random.default_rng(0)
+    ink = Image.frombytes("CMYK", (96, 64), rng.integers(0, 256, 96 * 64 * 4, np.uint8).tobytes())
+    ink.save(tmp_path / "ink.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 on display
+    PHOTO.resize((120, 80)).save(tmp_path / "turned.jpg", quality=90, exif=exif)
+    for name, size in (("ink.jpg", (64, 96)), ("turned.jpg", (80, 120))):
+        pixels = load_rgb_tensor(tmp_path / name)
+        assert pixels.shape[1:] == size
+        np.testing.assert_array_equal(pixels.numpy(), _pil_pixels(tmp_path / name))
+
+
+def test_a_jpeg_torchvision_refuses_goes_to_pil(tmp_path, monkeypatch):
+    path = tmp_path / "x.jpg"
+    PHOTO.resize((90, 60)).save(path, quality=90)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported")
+    monkeypatch.setattr(smix_data, "decode_jpeg", refuse)
+    np.testing.assert_array_equal(load_rgb_tensor(path).numpy(), _pil_pixels(path))
+    (tmp_path / "bad.jpg").write_bytes(path.read_bytes()[:300])
+    with pytest.raises(UserError, match="bad.jpg: cannot read image"):
+        load_rgb_tensor(tmp_path / "bad.jpg")
+
+
+def test_pils_pixel_limit_is_kept_and_named(tmp_path, monkeypatch):
+    """A picture over twice PIL's decompression-bomb limit is refused by both readers with
+    the file's name (and so skipped with skip_bad_images), not decoded by torchvision."""
+    (tmp_path / "a").mkdir()
+    PHOTO.resize((300, 200)).save(tmp_path / "a" / "big.jpg", quality=90)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 60,000 px > 2 x 10,000
+    for read in (load_rgb, load_rgb_tensor):
+        with pytest.raises(UserError, match="big.jpg: cannot read image.*DecompressionBomb"):
+            read(tmp_path / "a" / "big.jpg")
+    assert ClassFolder(tmp_path, skip_bad_images=True, reader=load_rgb_tensor)[0] is None
+
+
+def test_libjpeg_warnings_stay_out_of_a_workers_stderr(tmp_path, capfd):
+    """A JPEG with junk before its end marker decodes (as PIL decodes it) with a warning that
+    libjpeg-turbo prints from C: shown when read in the training process, not from a loader
+    worker, where it would repeat every epoch among the progress bars."""
+    (tmp_path / "a").mkdir()
+    buf = io.BytesIO()
+    PHOTO.resize((64, 48)).save(buf, "JPEG", quality=90)
+    damaged = buf.getvalue()[:-2] + b"\x00" * 71 + b"\xff\xd9"
+    (tmp_path / "a" / "junk.jpg").write_bytes(damaged)
+    expected = _pil_pixels(tmp_path / "a" / "junk.jpg")
+    capfd.readouterr()
+    np.testing.assert_array_equal(load_rgb_tensor(tmp_path / "a" / "junk.jpg").numpy(), expected)
+    assert "Corrupt JPEG data" in capfd.readouterr().err
+    loader = DataLoader(ClassFolder(tmp_path, reader=load_rgb_tensor), num_workers=1,
+                        batch_size=None)
+    (image, label), = list(loader)
+    np.testing.assert_array_equal(image.numpy(), expected)
+    assert "Corrupt JPEG data" not in capfd.readouterr().err
 
 
 def test_tensor_reader_keeps_pils_verdict_on_bad_files(tmp_path):
