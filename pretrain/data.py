@@ -47,8 +47,8 @@ def build_datasets(cfg: TrainConfig, on_device: bool = False) -> RunData:
     aug = TrainAug(cfg.train_aug, cfg.input_size, cfg.mean, cfg.std)
     evaluate = eval_transform(_EvalSpec(cfg.resize, cfg.crop, cfg.input_size, cfg.mean, cfg.std))
     if cfg.dataset.startswith("cifar"):
-        train = CIFAR(cfg.data, True, train_transform(aug, on_device))
-        val = CIFAR(cfg.data, False, evaluate)
+        train = CIFAR(cfg.data, True, train_transform(aug, on_device), kind=cfg.dataset)
+        val = CIFAR(cfg.data, False, evaluate, kind=cfg.dataset)
         classes = train.classes
     else:
         root = Path(cfg.data)

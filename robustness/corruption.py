@@ -110,7 +110,9 @@ class _SplitData:
             n, offset = len(self.dataset), 0
         else:
             if split.kind == "cifar":
-                self.images, self.labels, _ = read_cifar(split.path, train=False)
+                # the checkpoint's classes say which, where a root holds both
+                kind = {10: "cifar10", 100: "cifar100"}.get(self.meta.num_classes)
+                self.images, self.labels, _ = read_cifar(split.path, train=False, kind=kind)
             else:
                 self.images, self.labels = load_npy(split.path), load_npy(split.labels)
             self.maps = [_identity_map(self.labels, split, m) for m in group]

@@ -202,16 +202,33 @@ class ClassFolder(Dataset):
         return (self.transform(img) if self.transform else img), label
 
 
-def find_cifar(root: str | os.PathLike) -> tuple[Path, str]:
-    """Locate CIFAR-10 (`data_batch_1..5`, `test_batch`) or CIFAR-100 (`train`, `test`)."""
+# kind -> (its folder in the published archive, the pickles that make it)
+CIFAR_LAYOUTS = {"cifar10": ("cifar-10-batches-py", ("data_batch_1", "test_batch")),
+                 "cifar100": ("cifar-100-python", ("train", "test", "meta"))}
+
+
+def find_cifar(root: str | os.PathLike, kind: str | None = None) -> tuple[Path, str]:
+    """Locate CIFAR-10 (`data_batch_1..5`, `test_batch`) or CIFAR-100 (`train`, `test`,
+    `meta`) in `root` or in its published folder under `root`. `kind` (cifar10 | cifar100):
+    that one, which a root holding both may give; else the first found, CIFAR-10 first."""
     root = Path(root)
-    for cand in (root, root / "cifar-10-batches-py", root / "cifar-100-python"):
-        if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
-            return cand, "cifar10"
-        if (cand / "train").is_file() and (cand / "test").is_file() and (cand / "meta").is_file():
-            return cand, "cifar100"
-    raise UserError(f"{root}: no CIFAR python pickles (expected cifar-10-batches-py/ or "
-                    "cifar-100-python/)")
+    found = {}
+    for name, (folder, files) in CIFAR_LAYOUTS.items():
+        for cand in (root, root / folder):
+            if all((cand / f).is_file() for f in files):
+                found[name] = cand
+                break
+    if kind is not None and kind in found:
+        return found[kind], kind
+    if kind is not None and found:
+        raise UserError(f"{root}: {kind} asked, but only {', '.join(found)} pickles are here "
+                        f"(expected {CIFAR_LAYOUTS[kind][0]}/ with "
+                        f"{', '.join(CIFAR_LAYOUTS[kind][1])})")
+    if not found:
+        raise UserError(f"{root}: no CIFAR python pickles (expected cifar-10-batches-py/ or "
+                        "cifar-100-python/)")
+    name = next(iter(found))
+    return found[name], name
 
 
 def _unpickle(path: Path) -> dict:
@@ -223,9 +240,10 @@ def _unpickle(path: Path) -> dict:
         raise UserError(f"{path}: unreadable CIFAR pickle ({e})") from None
 
 
-def read_cifar(root: str | os.PathLike, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images uint8 [N,32,32,3] RGB, labels int64 [N], class names."""
-    folder, kind = find_cifar(root)
+def read_cifar(root: str | os.PathLike, train: bool, kind: str | None = None
+               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images uint8 [N,32,32,3] RGB, labels int64 [N], class names (`kind`: `find_cifar`)."""
+    folder, kind = find_cifar(root, kind)
     if kind == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
         names = _unpickle(folder / "batches.meta")["label_names"] \
@@ -245,10 +263,12 @@ def read_cifar(root: str | os.PathLike, train: bool) -> tuple[np.ndarray, np.nda
 
 
 class CIFAR(Dataset):
-    """CIFAR-10/100 from the python pickles, as uint8 CHW tensors into the transform."""
+    """CIFAR-10/100 from the python pickles, as uint8 CHW tensors into the transform;
+    `kind` (cifar10 | cifar100) says which, when the root may hold both."""
 
-    def __init__(self, root: str | os.PathLike, train: bool, transform: Callable | None = None):
-        images, labels, self.classes = read_cifar(root, train)
+    def __init__(self, root: str | os.PathLike, train: bool, transform: Callable | None = None,
+                 kind: str | None = None):
+        images, labels, self.classes = read_cifar(root, train, kind)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         self.targets = labels.tolist()
         self.transform = transform

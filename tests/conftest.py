@@ -56,6 +56,23 @@ def write_cifar10(root: Path, n_train: int = 20, n_test: int = 10, seed: int = 0
     return root
 
 
+
+def write_cifar100(root: Path, n_train: int = 20, n_test: int = 10, seed: int = 1) -> Path:
+    """CIFAR-100 python pickles as published (`cifar-100-python/train, test, meta`), tiny."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                         "fine_labels": rng.integers(0, 100, n).tolist(),
+                         "coarse_labels": rng.integers(0, 20, n).tolist(),
+                         "filenames": [f"img_{i}.png" for i in range(n)]}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)],
+                     "coarse_label_names": [f"k{i}" for i in range(20)]}, f)
+    return root
+
 def blob_batch(mean, std, n: int = 8, size: int = 32, seed: int = 0, margin: int = 3,
                width: float = 10.0) -> torch.Tensor:
     """Normalised textured images, each with one bright Gaussian blob at a random place."""

@@ -20,7 +20,7 @@ from torch import nn
 from smix.arch import build_model
 from smix.checkpoint import BackboneMeta, load_backbone, save_checkpoint
 from smix.cli import run as cli_run
-from smix.data import ClassFolder, eval_transform
+from smix.data import ClassFolder, eval_transform, read_cifar
 from smix.errors import UserError
 from smix.shapes import ShapesConfig, generate_shapes
 from robustness.adversarial import AttackConfig, run_attack
@@ -31,6 +31,7 @@ from robustness.corruption import (CorruptionConfig, mean_corruption_error, rela
 from robustness.corruption_data import scan_cifar_c, scan_imagenet_c
 from robustness.data import shard_batches, subset_indices
 from robustness.model import Normalized, load_for_eval
+from tests.conftest import write_cifar10, write_cifar100
 
 CLASSES = ("circle", "square", "triangle")
 SIZE = 32
@@ -371,6 +372,30 @@ def test_cifar_c_reader_and_run(tmp_path):
     assert m["mCE"] is None and res["layout"] == "cifar-c"
     assert m["mean_error"] == pytest.approx(np.mean([m["per_corruption"][c]["mean"]
                                                      for c in ("snow", "contrast")]))
+
+
+
+def test_cifar100_c_clean_error_reads_cifar100_where_both_sets_are(tmp_path):
+    """`--clean /data/cifar` holding both sets: the checkpoint's 100 classes pick CIFAR-100's
+    test pickle, whose error is computed here directly (CIFAR-10's differs)."""
+    root = tmp_path / "CIFAR-100-C"
+    write_cifar_c(root, n=4, k=100, names=("snow",))
+    clean = tmp_path / "cifar"
+    write_cifar10(clean, n_test=10)
+    write_cifar100(clean, n_test=6)
+    ck = make_ckpt(tmp_path / "c100.safetensors", 5, classes=tuple(f"f{i}" for i in range(100)))
+    res = run_corruption(CorruptionConfig(checkpoints=(ck,), data=root, out=tmp_path / "run",
+                                          clean=clean, batch_size=4, workers=0, device="cpu"))
+    model, meta = load_backbone(ck)
+    errors = {}
+    for kind in ("cifar10", "cifar100"):
+        images, labels, _ = read_cifar(clean, train=False, kind=kind)
+        x = eval_transform(meta)(torch.from_numpy(images).permute(0, 3, 1, 2))
+        with torch.no_grad():
+            errors[kind] = 100 * float((model(x).argmax(1) != torch.from_numpy(labels))
+                                       .float().mean())
+    assert res["models"][0]["clean_error"] == pytest.approx(errors["cifar100"])
+    assert errors["cifar100"] != pytest.approx(errors["cifar10"])
 
 
 def test_cifar_c_bad_arrays(tmp_path):

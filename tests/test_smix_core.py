@@ -18,9 +18,11 @@ from smix.checkpoint import BackboneMeta, load_backbone, read_checkpoint, save_c
 from smix.ckpt_import import import_checkpoint
 from smix.cli import main as smix
 from smix.data import CIFAR, ClassFolder, read_cifar
+from pretrain.config import build_config
+from pretrain.data import build_datasets
 from smix.errors import UserError
 from smix.voc import find_year_dir, load_voc
-from tests.conftest import write_cifar10
+from tests.conftest import write_cifar10, write_cifar100
 
 
 def meta_for(arch: str, k: int = 3, **kw) -> BackboneMeta:
@@ -244,6 +246,25 @@ def test_cifar_reader(tmp_path):
     assert img.shape == (3, 32, 32) and img.dtype == torch.uint8
     with pytest.raises(UserError, match="no CIFAR python pickles"):
         read_cifar(tmp_path / "cifar-10-batches-py" / "missing", train=True)
+
+
+
+def test_a_root_with_both_cifars_gives_the_one_asked_for(tmp_path):
+    """`--data /data/cifar` for both CIFAR presets: each reads its own pickles; a preset whose
+    pickles are not there says so instead of training on the other set."""
+    write_cifar10(tmp_path)
+    with pytest.raises(UserError, match="cifar100 asked, but only cifar10 pickles are here"):
+        read_cifar(tmp_path, train=True, kind="cifar100")
+    write_cifar100(tmp_path)
+    images, labels, names = read_cifar(tmp_path, train=True, kind="cifar100")
+    assert images.shape == (20, 32, 32, 3) and names[:2] == ["f0", "f1"] and len(names) == 100
+    with open(tmp_path / "cifar-100-python" / "train", "rb") as f:
+        assert labels.tolist() == pickle.load(f)["fine_labels"]
+    assert read_cifar(tmp_path, train=False, kind="cifar10")[2][3] == "c3"
+    assert read_cifar(tmp_path, train=False)[2][3] == "c3"  # no kind: CIFAR-10 first, as before
+    for preset, classes in (("cifar10-resnet18", 10), ("cifar100-resnet18", 100)):
+        data = build_datasets(build_config(preset, tmp_path, tmp_path / "run", "none"))
+        assert len(data.classes) == classes and len(data.train) == 20 and len(data.val) == 10
 
 
 def test_shapes_generator_formats(shapes_root):
