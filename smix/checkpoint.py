@@ -82,7 +82,10 @@ class BackboneMeta:
         for name in ("class_names", "mean", "std"):
             if name in kwargs:
                 kwargs[name] = tuple(kwargs[name])
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except UserError as e:  # inconsistent fields: said with the file's name
+            raise UserError(f"{source}: {e}") from None
 
 
 def _plain(value: Any) -> Any:
@@ -167,7 +170,10 @@ def validate_state(state: Mapping[str, torch.Tensor], meta: BackboneMeta, source
     """Names and shapes must match the arch exactly, and every float must be finite."""
     if meta.arch not in list_archs():
         raise UserError(f"{source}: unknown arch {meta.arch!r}; valid: {', '.join(list_archs())}")
-    reference = build_model(meta.arch, meta.num_classes, **meta.arch_kwargs).state_dict()
+    try:
+        reference = build_model(meta.arch, meta.num_classes, **meta.arch_kwargs).state_dict()
+    except UserError as e:  # arch_kwargs the architecture does not take
+        raise UserError(f"{source}: {e}") from None
     for key, ref in reference.items():
         if key not in state:
             raise UserError(f"{source}: tensor {key!r} missing for arch {meta.arch}")

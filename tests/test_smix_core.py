@@ -103,6 +103,17 @@ def test_checkpoint_validation_errors(tmp_path):
     (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(UserError, match="trunc.safetensors: unreadable safetensors"):
         read_checkpoint(tmp_path / "trunc.safetensors")
+    # inconsistent metadata: class names against the count, arch_kwargs the arch does not take
+    header = meta_for("resnet18").to_header()
+    save_file(state, str(tmp_path / "names.safetensors"),
+              metadata={**header, "num_classes": "10"})
+    with pytest.raises(UserError, match="names.safetensors: class_names has 3 names but "
+                                        "num_classes is 10"):
+        read_checkpoint(tmp_path / "names.safetensors")
+    save_file(state, str(tmp_path / "kwargs.safetensors"),
+              metadata={**header, "arch_kwargs": '{"bogus": 1}'})
+    with pytest.raises(UserError, match="kwargs.safetensors: .*bogus"):
+        read_checkpoint(tmp_path / "kwargs.safetensors")
     # not ours: no format field
     save_file(state, str(tmp_path / "plain.safetensors"))
     with pytest.raises(UserError, match="not a toolkit checkpoint"):
