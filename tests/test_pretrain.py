@@ -33,7 +33,8 @@ def cfg(shapes_root: Path, out: Path, epochs: int = 2, method: str = "none", **e
 
 def test_presets_carry_paper_settings():
     c = build_config("cifar10-resnet18", Path("d"), Path("o"), "cutmix")
-    assert (c.lr, c.momentum, c.nesterov, c.weight_decay) == (0.1, 0.9, True, 5e-4)
+    assert (c.lr, c.momentum, c.nesterov, c.weight_decay, c.batch_size) == (0.1, 0.9, True, 5e-4,
+                                                                            256)
     assert c.milestones == (60, 120, 160) and c.gamma == 0.2 and c.epochs == 200
     assert c.method_params == {"prob": 0.5} and c.arch == "cifar_resnet18"
     i = build_config("imagenet-resnet50", Path("d"), Path("o"), "saliencymix")

@@ -182,10 +182,10 @@ def test_best_epoch_tie_summary_and_file_agree(shapes_root, tmp_path, monkeypatc
 # 4, 5. defaults that follow the preset ----------------------------------------------------
 
 @pytest.mark.parametrize("preset,extra,size", [
-    ("cifar10-resnet18", {}, 16), ("imagenet-resnet50", {}, 112),
+    ("cifar10-resnet18", {}, 16), ("cifar100-resnet18", {}, 8), ("imagenet-resnet50", {}, 112),
     ("tinyimagenet-resnet50", {}, 32), ("shapes-resnet18", {}, 32),
     ("shapes-resnet18", {"input_size": "32"}, 16), ("imagenet-resnet50", {"method.size": "8"}, 8)])
-def test_cutout_hole_is_half_the_crop(preset, extra, size):
+def test_cutout_hole_is_the_papers(preset, extra, size):
     c = build_config(preset, Path("d"), Path("o"), "cutout", extra)
     assert c.method_params["size"] == size and isinstance(c.method_params["size"], int)
 
@@ -195,11 +195,14 @@ def test_epochs_rescale_milestones_and_batch_scales_lr():
     assert c.milestones == (23, 45, 68)  # 75, 150, 225 at 90/300, rounded half up
     assert c.lr == 0.1 and "75,150,225 -> 23,45,68" in c.notes[0]
     c = build_config("cifar10-resnet18", Path("d"), Path("o"),
-                     overrides={"epochs": "100", "milestones": "10", "batch_size": "256"})
+                     overrides={"epochs": "100", "milestones": "10", "batch_size": "128"})
     assert c.milestones == (10,)  # the user's milestones stand
-    assert c.lr == pytest.approx(0.2) and "0.1 x 256/128 = 0.2" in c.notes[0]
+    assert c.lr == pytest.approx(0.05) and "0.1 x 128/256 = 0.05" in c.notes[0]
     c = build_config("cifar10-resnet18", Path("d"), Path("o"),
-                     overrides={"batch_size": "256", "lr": "0.05"})
+                     overrides={"batch_size": "128", "lr": "0.1"})  # the official code's
+    assert c.lr == 0.1 and c.notes == ()
+    c = build_config("cifar10-resnet18", Path("d"), Path("o"),
+                     overrides={"batch_size": "512", "lr": "0.05"})
     assert c.lr == 0.05 and c.notes == ()
     same = build_config("cifar10-resnet18", Path("d"), Path("o"), overrides={"epochs": "200"})
     assert same.milestones == (60, 120, 160) and same.notes == ()
