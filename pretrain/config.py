@@ -29,6 +29,9 @@ class TrainConfig:
     arch_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     epochs: int = 200
     batch_size: int = 128  # global, split over torchrun processes
+    # images per forward/backward pass in each process (0: its whole batch); gradients of the
+    # passes accumulate into one step of the whole batch (pretrain.engine.train_step)
+    micro_batch: int = 0
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True

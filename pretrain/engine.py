@@ -30,7 +30,7 @@ from smix.arch import build_model
 from smix.checkpoint import BackboneMeta, export_state, save_checkpoint
 from smix.data import collate_skip
 from smix.dist import (DistInfo, all_gather_tensor, all_reduce_sum, any_rank, barrier,
-                       init_distributed)
+                       even_slices, init_distributed)
 from smix.errors import UserError
 from smix.io import RunDir, atomic_save, provenance, read_json
 from pretrain.config import TrainConfig, typed_method_params
@@ -78,6 +78,11 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None) -> Runtime:
     """Model, optimiser, schedule, mixer and data of a run (`data` given: in-memory data)."""
     torch.manual_seed(cfg.seed)
+    per_rank = max(1, cfg.batch_size // dist.world_size)
+    if not 0 <= cfg.micro_batch <= per_rank:
+        raise UserError(f"micro_batch={cfg.micro_batch} must be 0 (no split) or at most the "
+                        f"{per_rank} images each process trains on per step (batch_size "
+                        f"{cfg.batch_size} / {dist.world_size})")
     from_disk = data is None  # in-memory data (benchmarks, tests) is the torch loader's
     from pretrain.dali import resolve_loader
     loader = resolve_loader(cfg.loader if from_disk else "torch", cfg.dataset, cfg.train_aug,
@@ -104,7 +109,8 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     amp_dtype = _amp_dtype(cfg, dist.device)
     scaler = grad_scaler(dist.device, amp_dtype)
     mixer = get_mixer(cfg.method, **cfg.method_params)
-    ctx = MixContext(tuple(cfg.mean), tuple(cfg.std), len(data.classes), model)
+    ctx = MixContext(tuple(cfg.mean), tuple(cfg.std), len(data.classes), model,
+                     micro_batch=cfg.micro_batch)
     return Runtime(cfg, dist, RunDir(cfg.out, create=dist.is_main), data, model, ddp_model,
                    optimizer, scheduler, scaler, mixer, ctx, amp_dtype, channels_last, loader)
 
@@ -253,15 +259,53 @@ def _autocast(rt: Runtime) -> contextlib.AbstractContextManager:
 
 def train_step(rt: Runtime, images: torch.Tensor, labels: torch.Tensor,
                generator: torch.Generator) -> torch.Tensor:
-    """One optimisation step; returns the loss as a detached tensor (no host sync)."""
+    """One optimisation step; returns the loss as a detached tensor (no host sync).
+
+    The mixer sees the whole batch (pairs, λ and boxes as the recipe draws them). With
+    `micro_batch`, the mixed batch then goes through the model in passes of at most that many
+    images, each pass's loss weighted by its share of the batch, gradients accumulating (DDP
+    all-reduces after the last pass only), and the optimiser steps once: the recipe's batch
+    and learning rate whatever the device holds. BatchNorm normalises each pass with its own
+    statistics, as it does each GPU's share under DDP, and updates its running statistics
+    once per pass."""
     out = rt.mixer(images, labels, generator, rt.ctx)
-    with _autocast(rt):
-        loss = mixed_loss(rt.ddp_model(out.images), out)
     rt.optimizer.zero_grad(set_to_none=True)
-    rt.scaler.scale(loss).backward()
+    n = len(labels)
+    parts = micro_batches(n, rt.cfg.micro_batch)
+    if len(parts) == 1:
+        with _autocast(rt):
+            loss = mixed_loss(rt.ddp_model(out.images), out)
+        rt.scaler.scale(loss).backward()
+        total = loss.detach()
+    else:
+        total = torch.zeros((), device=images.device)
+        for k, part in enumerate(parts):
+            share = (part.stop - part.start) / n
+            with _no_sync(rt, last=k == len(parts) - 1), _autocast(rt):
+                loss = mixed_loss(rt.ddp_model(out.images[part]), _slice_output(out, part))
+                rt.scaler.scale(loss * share).backward()
+            total += loss.detach() * share
     rt.scaler.step(rt.optimizer)
     rt.scaler.update()
-    return loss.detach()
+    return total
+
+
+def micro_batches(n: int, micro_batch: int) -> list[slice]:
+    """`n` images in passes of at most `micro_batch` (0: one pass), sizes as equal as can be."""
+    return even_slices(n, micro_batch)
+
+
+def _slice_output(out: MixOutput, part: slice) -> MixOutput:
+    return MixOutput(out.images[part], out.label_a[part],
+                     None if out.label_b is None else out.label_b[part], out.lam[part])
+
+
+def _no_sync(rt: Runtime, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's gradient all-reduce held back on every pass of a step but the last."""
+    ddp = getattr(rt.ddp_model, "_orig_mod", rt.ddp_model)  # under torch.compile
+    if last or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
 
 
 def colour_generator(rt: Runtime, epoch: int) -> torch.Generator:
@@ -291,7 +335,10 @@ def train_epoch(rt: Runtime, epoch: int) -> dict[str, float]:
         skipped += n_skip
         if _skip_batch(rt, len(labels)):
             continue
-        loss = train_step(rt, images, labels, mix_gen)
+        try:
+            loss = train_step(rt, images, labels, mix_gen)
+        except torch.cuda.OutOfMemoryError:
+            raise out_of_memory(rt, epoch, step, len(labels)) from None
         loss_sum += loss.double() * len(labels)
         seen += len(labels)
         if step % 20 == 0 or step == len(loader) - 1:
@@ -306,6 +353,16 @@ def train_epoch(rt: Runtime, epoch: int) -> dict[str, float]:
     return {"train_loss": float(totals[0]) / n, "train_images": int(totals[1]),
             "skipped_images": int(totals[2]), "epoch_time_s": elapsed,
             "images_per_s": int(totals[1]) / max(elapsed, 1e-9)}
+
+
+def out_of_memory(rt: Runtime, epoch: int, step: int, n: int) -> UserError:
+    """The one line a step that does not fit on the device ends a run with."""
+    passes = rt.cfg.micro_batch or n
+    advice = (f"micro_batch={max(1, passes // 2)}" if passes > 1
+              else "a smaller model or input_size")
+    return UserError(f"out of device memory in epoch {epoch + 1}, step {step + 1}, at {passes} "
+                     f"images per pass; start the run again with {advice} (the batch and the "
+                     "learning rate stay the recipe's)")
 
 
 def _skip_batch(rt: Runtime, n: int) -> bool:

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smix.devices import GraphCache, constant, device_cache, upload
+from smix.dist import even_slices
 from smix.errors import UserError
 
 Detector = Callable[..., torch.Tensor]
@@ -459,7 +460,8 @@ def frequency_tuned(images: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_saliency(model: nn.Module, images_normalized: torch.Tensor,
-                      labels: torch.Tensor, *, eval_mode: bool = False) -> torch.Tensor:
+                      labels: torch.Tensor, *, eval_mode: bool = False, chunk: int = 0
+                      ) -> torch.Tensor:
     """GuidedMixup's "AP" saliency: sqrt(mean over channels of (dCE/dx)^2), ``[B,H,W]``.
 
     As the official code: one forward+backward in the model's current mode (train mode during
@@ -468,16 +470,27 @@ def gradient_saliency(model: nn.Module, images_normalized: torch.Tensor,
     the gradient is taken w.r.t. the input only (no ``.grad`` on parameters), BatchNorm running
     statistics are restored, and with ``eval_mode`` every module's mode is restored after.
     Pass the bare module, not a DistributedDataParallel wrapper: its forward arms gradient
-    all-reduce hooks that an input-only backward never fires."""
+    all-reduce hooks that an input-only backward never fires. `chunk` (training in
+    micro-batches): at most that many images per pass, each pass's loss weighted by its share
+    of the batch, so that every image's gradient is the batch-mean loss's (exactly so without
+    BatchNorm; with it, statistics are the chunk's, as in the training passes)."""
     modes = [(m, m.training) for m in model.modules()]
     saved = [buf.detach().clone() for buf in model.buffers()]
-    x = images_normalized.detach().clone().requires_grad_(True)
+    x = images_normalized.detach().clone()
+    n = len(x)
+    parts = even_slices(n, chunk)
+    grads = []
     try:
         if eval_mode:
             model.eval()
         with torch.enable_grad():
-            loss = F.cross_entropy(model(x), labels)
-            (grad,) = torch.autograd.grad(loss, x)
+            for part in parts:
+                xs = x[part].requires_grad_(True)
+                loss = F.cross_entropy(model(xs), labels[part])
+                if len(parts) > 1:
+                    loss = loss * (len(xs) / n)
+                grads.append(torch.autograd.grad(loss, xs)[0])
+        grad = grads[0] if len(grads) == 1 else torch.cat(grads)
     finally:
         for module, training in modes:
             module.training = training

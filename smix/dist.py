@@ -128,6 +128,13 @@ def shard_indices(n: int, rank: int, world_size: int) -> range:
     return range(start, start + per + (1 if rank < extra else 0))
 
 
+def even_slices(n: int, most: int) -> list[slice]:
+    """range(n) in the fewest contiguous parts of at most `most` (0: one part), sizes as equal
+    as can be (a batch's micro-batches: no pass of one image where 3, 3, 1 would have one)."""
+    count = 1 if most <= 0 else max(1, -(-n // most))
+    return [slice(r.start, r.stop) for r in (shard_indices(n, k, count) for k in range(count))]
+
+
 @contextlib.contextmanager
 def distributed(device: str) -> Iterator[DistInfo]:
     """Join the torchrun group for one command; leave it only if this command joined it."""

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from smix.dist import even_slices
 from smix.errors import UserError
 
 # Share of the free memory a micro-batch may use: CUDA's allocator peak is exact; on a CPU the
@@ -42,14 +43,7 @@ _STREAMS = {"rpn": 1, "roi": 2}
 
 def split(n: int, micro_batch: int) -> list[slice]:
     """`n` images in the fewest micro-batches of at most `micro_batch`, sizes as equal as can be."""
-    parts = max(1, math.ceil(n / max(1, micro_batch)))
-    base, extra = divmod(n, parts)
-    out, start = [], 0
-    for i in range(parts):
-        size = base + (i < extra)
-        out.append(slice(start, start + size))
-        start += size
-    return out
+    return even_slices(n, max(1, micro_batch))
 
 
 def oom_error(micro_batch: int, iteration: int) -> UserError:

@@ -23,12 +23,14 @@ from smix.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class MixContext:
     """What a mixer may need besides the batch: the normalisation (to recover pixels for
-    saliency) and, for gradient saliency, the model being trained."""
+    saliency) and, for gradient saliency, the model being trained and the most images it may
+    take in one forward and backward pass (`micro_batch`; 0: the whole batch)."""
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     num_classes: int
     model: nn.Module | None = None
+    micro_batch: int = 0
 
 
 @dataclasses.dataclass

@@ -94,7 +94,7 @@ class GuidedMixup(Mixer):
             if ctx.model is None:
                 raise UserError("guidedmixup saliency=ap needs the model being trained "
                                 "(MixContext.model)")
-            raw = gradient_saliency(ctx.model, images, labels)
+            raw = gradient_saliency(ctx.model, images, labels, chunk=ctx.micro_batch)
         else:
             pixels = denormalize(images.detach().float(), ctx.mean, ctx.std, scale=255.0)
             raw = get_detector(SALIENCY[self.saliency])(pixels)
