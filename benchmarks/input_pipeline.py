@@ -42,6 +42,7 @@ from PIL import Image
 
 from smix.devices import device_name, graphs_enabled
 from smix.dist import init_distributed
+from smix.cpus import auto_workers
 from pretrain import engine
 from pretrain.config import build_config
 from pretrain.mixers import get_mixer
@@ -164,7 +165,8 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--amp", default="auto")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--workers", type=int, default=auto_workers(),
+                   help="loader workers (default: workers=auto, smix.cpus)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per method")
     p.add_argument("--methods", default="none,saliencymix")
     p.add_argument("--data", type=Path, default=None, help="reuse/keep the JPEG tree here")

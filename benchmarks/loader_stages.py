@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from smix.devices import device_name
 from smix.dist import init_distributed
+from smix.cpus import auto_workers
 from pretrain import engine
 from pretrain.config import build_config
 from pretrain.data import SeededDataset
@@ -113,7 +113,8 @@ def main() -> None:
     p.add_argument("--loader", default="torch", help="torch, nvjpeg, or both comma-separated")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--workers", type=int, default=auto_workers(),
+                   help="loader workers (default: workers=auto, smix.cpus)")
     p.add_argument("--images", type=int, default=None,
                    help="training images (default: 2 batches per worker, at least 2560)")
     p.add_argument("--data", type=Path, default=None, help="reuse/keep the JPEG tree here")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 from benchmarks.input_pipeline import sync, write_jpegs
 from smix.devices import device_name
 from smix.dist import init_distributed
+from smix.cpus import auto_workers
 from pretrain import engine
 from pretrain.config import build_config
 
@@ -48,7 +48,8 @@ def epoch_times(rt: engine.Runtime, epoch: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--workers", type=int, default=auto_workers(),
+                    help="loader workers (default: workers=auto, smix.cpus)")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=64)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from smix.data import collate_skip, load_rgb
 from smix.devices import device_name
+from smix.cpus import auto_workers
 from pretrain.config import build_config
 from pretrain.data import SeededDataset, build_datasets
 from benchmarks.input_pipeline import write_jpegs
@@ -70,7 +70,8 @@ def epoch_rate(dl: DataLoader) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--workers", type=int, default=auto_workers(),
+                    help="loader workers (default: workers=auto, smix.cpus)")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
