@@ -18,7 +18,8 @@ from pretrain.mixers import list_mixers
 def _parser() -> ArgParser:
     p = ArgParser(prog="smix pretrain", description="Train a backbone with a mixing method.",
                   epilog="key=value overrides any TrainConfig field (lr=0.05 milestones=30,60 "
-                         "workers=8 amp=bf16 compile=true loader=dali …), method.<param>=v a mixer "
+                         "workers=auto micro_batch=64 amp=bf16 compile=true loader=dali …), "
+                         "method.<param>=v a mixer "
                          "parameter (method.prob=0.5), arch.<param>=v an arch parameter.")
     p.add_argument("--preset", help=f"one of: {', '.join(sorted(PRESETS))}")
     p.add_argument("--data", type=Path, help="class-folder root (train/, val/) or CIFAR pickles")
