@@ -36,8 +36,11 @@ def _parser() -> ArgParser:
     return p
 
 
-# What `--resume` may change: where the data is and how it is read or shown, not the result.
-RESUME_SETTABLE = ("workers", "persistent_workers", "progress", "device", "cudnn_benchmark")
+# What `--resume` may change: where the data is and how it is read or shown, not the result;
+# and `micro_batch` (a step that no longer fits): the batch and the learning rate stay, only
+# BatchNorm's per-pass statistics change from then on, as with another number of GPUs.
+RESUME_SETTABLE = ("workers", "persistent_workers", "progress", "device", "cudnn_benchmark",
+                   "micro_batch")
 
 
 def config_from_args(a) -> tuple[TrainConfig, bool]:

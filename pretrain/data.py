@@ -9,8 +9,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler, Subset
 
-from smix.data import (CIFAR, ClassFolder, TrainAug, eval_transform, finish_on_device,
-                       load_rgb, load_rgb_tensor, subset_indices, train_transform)
+from smix.data import (CIFAR, CIFAR_LAYOUTS, ClassFolder, TrainAug, eval_transform,
+                       finish_on_device, load_rgb, load_rgb_tensor, subset_indices,
+                       train_transform)
 from smix.errors import UserError
 from pretrain.config import TrainConfig
 
@@ -47,8 +48,9 @@ def build_datasets(cfg: TrainConfig, on_device: bool = False) -> RunData:
     aug = TrainAug(cfg.train_aug, cfg.input_size, cfg.mean, cfg.std)
     evaluate = eval_transform(_EvalSpec(cfg.resize, cfg.crop, cfg.input_size, cfg.mean, cfg.std))
     if cfg.dataset.startswith("cifar"):
-        train = CIFAR(cfg.data, True, train_transform(aug, on_device), kind=cfg.dataset)
-        val = CIFAR(cfg.data, False, evaluate, kind=cfg.dataset)
+        kind = cfg.dataset if cfg.dataset in CIFAR_LAYOUTS else None  # cifar10 | cifar100
+        train = CIFAR(cfg.data, True, train_transform(aug, on_device), kind=kind)
+        val = CIFAR(cfg.data, False, evaluate, kind=kind)
         classes = train.classes
     else:
         root = Path(cfg.data)

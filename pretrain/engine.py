@@ -79,8 +79,8 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     """Model, optimiser, schedule, mixer and data of a run (`data` given: in-memory data)."""
     torch.manual_seed(cfg.seed)
     per_rank = max(1, cfg.batch_size // dist.world_size)
-    if not 0 <= cfg.micro_batch <= per_rank:
-        raise UserError(f"micro_batch={cfg.micro_batch} must be 0 (no split) or at most the "
+    if cfg.micro_batch != 0 and not 2 <= cfg.micro_batch <= per_rank:
+        raise UserError(f"micro_batch={cfg.micro_batch} must be 0 (no split) or from 2 to the "
                         f"{per_rank} images each process trains on per step (batch_size "
                         f"{cfg.batch_size} / {dist.world_size})")
     from_disk = data is None  # in-memory data (benchmarks, tests) is the torch loader's
@@ -281,8 +281,9 @@ def train_step(rt: Runtime, images: torch.Tensor, labels: torch.Tensor,
         total = torch.zeros((), device=images.device)
         for k, part in enumerate(parts):
             share = (part.stop - part.start) / n
-            with _no_sync(rt, last=k == len(parts) - 1), _autocast(rt):
-                loss = mixed_loss(rt.ddp_model(out.images[part]), _slice_output(out, part))
+            with _no_sync(rt, last=k == len(parts) - 1):
+                with _autocast(rt):
+                    loss = mixed_loss(rt.ddp_model(out.images[part]), _slice_output(out, part))
                 rt.scaler.scale(loss * share).backward()
             total += loss.detach() * share
     rt.scaler.step(rt.optimizer)
@@ -291,8 +292,13 @@ def train_step(rt: Runtime, images: torch.Tensor, labels: torch.Tensor,
 
 
 def micro_batches(n: int, micro_batch: int) -> list[slice]:
-    """`n` images in passes of at most `micro_batch` (0: one pass), sizes as equal as can be."""
-    return even_slices(n, micro_batch)
+    """`n` images in passes of at most `micro_batch` (0: one pass), sizes as equal as can be;
+    never a pass of one image (BatchNorm's statistics need two, and a 1x1 last feature map
+    has one value per channel): an image left over joins the pass before."""
+    parts = even_slices(n, micro_batch)
+    if len(parts) > 1 and parts[-1].stop - parts[-1].start == 1:
+        parts[-2:] = [slice(parts[-2].start, n)]
+    return parts
 
 
 def _slice_output(out: MixOutput, part: slice) -> MixOutput:
@@ -357,12 +363,12 @@ def train_epoch(rt: Runtime, epoch: int) -> dict[str, float]:
 
 def out_of_memory(rt: Runtime, epoch: int, step: int, n: int) -> UserError:
     """The one line a step that does not fit on the device ends a run with."""
-    passes = rt.cfg.micro_batch or n
-    advice = (f"micro_batch={max(1, passes // 2)}" if passes > 1
+    passes = min(rt.cfg.micro_batch or n, n)
+    advice = (f"micro_batch={passes // 2} (with --resume RUN once an epoch is saved; the batch "
+              "and the learning rate stay the recipe's)" if passes >= 4
               else "a smaller model or input_size")
     return UserError(f"out of device memory in epoch {epoch + 1}, step {step + 1}, at {passes} "
-                     f"images per pass; start the run again with {advice} (the batch and the "
-                     "learning rate stay the recipe's)")
+                     f"images per pass; rerun with {advice}")
 
 
 def _skip_batch(rt: Runtime, n: int) -> bool:

@@ -212,6 +212,8 @@ def find_cifar(root: str | os.PathLike, kind: str | None = None) -> tuple[Path, 
     `meta`) in `root` or in its published folder under `root`. `kind` (cifar10 | cifar100):
     that one, which a root holding both may give; else the first found, CIFAR-10 first."""
     root = Path(root)
+    if kind is not None and kind not in CIFAR_LAYOUTS:
+        raise UserError(f"unknown CIFAR set {kind!r}; valid: {', '.join(CIFAR_LAYOUTS)}")
     found = {}
     for name, (folder, files) in CIFAR_LAYOUTS.items():
         for cand in (root, root / folder):

@@ -76,7 +76,8 @@ def test_passes_accumulate_to_the_whole_batch_step(shapes_root, tmp_path, method
 def test_micro_batches_are_as_equal_as_can_be():
     sizes = lambda n, m: [s.stop - s.start for s in engine.micro_batches(n, m)]
     assert sizes(8, 3) == [3, 3, 2] and sizes(10, 4) == [4, 3, 3] and sizes(7, 7) == [7]
-    assert sizes(7, 0) == [7] and sizes(256, 64) == [64] * 4 and sizes(5, 1) == [1] * 5
+    assert sizes(7, 0) == [7] and sizes(256, 64) == [64] * 4 and sizes(6, 2) == [2, 2, 2]
+    assert sizes(5, 2) == [2, 3] and sizes(3, 2) == [3]  # never a pass of one image
     parts = engine.micro_batches(257, 32)
     assert parts[0].start == 0 and parts[-1].stop == 257 and len(parts) == 9
     assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
@@ -109,8 +110,9 @@ def test_a_run_in_micro_batches_trains_and_says_bad_sizes(shapes_root, tmp_path,
     assert 0 <= summary["last"]["top1"] <= 100
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["micro_batch"] == 3
-    with pytest.raises(UserError, match="micro_batch=9 must be 0 .* at most the 8 images"):
-        engine.build_runtime(dataclasses.replace(cfg, micro_batch=9), CPU)
+    for bad in (9, 1):
+        with pytest.raises(UserError, match=f"micro_batch={bad} must be 0 .* from 2 to the 8 "):
+            engine.build_runtime(dataclasses.replace(cfg, micro_batch=bad), CPU)
     capsys.readouterr()
     code = smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root),
                  "--out", str(tmp_path / "bad"), *[f"{k}={v}" for k, v in FAST.items()],
@@ -127,8 +129,51 @@ def test_out_of_memory_is_one_line_that_says_what_to_set(shapes_root, tmp_path, 
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(engine, "train_step", full)
     with pytest.raises(UserError, match=r"out of device memory in epoch 1, step 1, at 8 images "
-                                        r"per pass; start the run again with micro_batch=4"):
+                                        r"per pass; rerun with micro_batch=4 \(with --resume"):
         engine.train(cfg)
+
+
+def test_resume_may_change_micro_batch(shapes_root, tmp_path):
+    """A step that no longer fits (another GPU, a longer run) continues in smaller passes."""
+    run = tmp_path / "run"
+    common = [*[f"{k}={v}" for k, v in FAST.items()]]
+    assert smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root),
+                 "--out", str(run), "--epochs", "1", "--method", "cutmix", *common]) == 0
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "2", "micro_batch=4"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["micro_batch"] == 4 and saved["epochs"] == 2
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_ddp_reduces_once_per_step(shapes_root, tmp_path):
+    """Passes before a step's last hold DDP's gradient all-reduce back (`no_sync`): counted by
+    a communication hook on a one-process gloo group, once per bucket and step."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        counts = {}
+        for micro in (0, 3):
+            rt = _runtime(shapes_root, tmp_path, "cutmix", micro)
+            ddp = nn.parallel.DistributedDataParallel(rt.model)
+            calls = []
+
+            def hook(state, bucket, calls=calls):
+                calls.append(1)
+                done = torch.futures.Future()
+                done.set_result(bucket.buffer())
+                return done
+            ddp.register_comm_hook(None, hook)
+            rt = dataclasses.replace(rt, ddp_model=ddp)
+            gen = torch.Generator().manual_seed(2)
+            torch.manual_seed(5)
+            images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+            for _ in range(2):
+                engine.train_step(rt, images, labels, gen)
+            counts[micro] = len(calls)
+    finally:
+        dist.destroy_process_group()
+    assert counts[0] >= 2 and counts[3] == counts[0]  # 3 passes a step, still one reduction
 
 
 @pytest.mark.dist

@@ -272,7 +272,9 @@ def test_a_root_with_both_cifars_gives_the_one_asked_for(tmp_path):
     with open(tmp_path / "cifar-100-python" / "train", "rb") as f:
         assert labels.tolist() == pickle.load(f)["fine_labels"]
     assert read_cifar(tmp_path, train=False, kind="cifar10")[2][3] == "c3"
-    assert read_cifar(tmp_path, train=False)[2][3] == "c3"  # no kind: CIFAR-10 first, as before
+    assert read_cifar(tmp_path, train=False)[2][3] == "c3"  # no kind: CIFAR-10 first
+    with pytest.raises(UserError, match="unknown CIFAR set 'cifar10-subset'; valid: cifar10, "):
+        read_cifar(tmp_path, train=False, kind="cifar10-subset")
     for preset, classes in (("cifar10-resnet18", 10), ("cifar100-resnet18", 100)):
         data = build_datasets(build_config(preset, tmp_path, tmp_path / "run", "none"))
         assert len(data.classes) == classes and len(data.train) == 20 and len(data.val) == 10
