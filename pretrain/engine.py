@@ -30,7 +30,7 @@ from smix.arch import build_model
 from smix.checkpoint import BackboneMeta, export_state, save_checkpoint
 from smix.data import collate_skip
 from smix.dist import (DistInfo, all_gather_tensor, all_reduce_sum, any_rank, barrier,
-                       even_slices, init_distributed)
+                       init_distributed, micro_batches)
 from smix.errors import UserError
 from smix.io import RunDir, atomic_save, provenance, read_json
 from pretrain.config import TrainConfig, typed_method_params
@@ -289,16 +289,6 @@ def train_step(rt: Runtime, images: torch.Tensor, labels: torch.Tensor,
     rt.scaler.step(rt.optimizer)
     rt.scaler.update()
     return total
-
-
-def micro_batches(n: int, micro_batch: int) -> list[slice]:
-    """`n` images in passes of at most `micro_batch` (0: one pass), sizes as equal as can be;
-    never a pass of one image (BatchNorm's statistics need two, and a 1x1 last feature map
-    has one value per channel): an image left over joins the pass before."""
-    parts = even_slices(n, micro_batch)
-    if len(parts) > 1 and parts[-1].stop - parts[-1].start == 1:
-        parts[-2:] = [slice(parts[-2].start, n)]
-    return parts
 
 
 def _slice_output(out: MixOutput, part: slice) -> MixOutput:

@@ -48,12 +48,12 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
-from smix.data import normalize
+from smix.data import UNREADABLE, normalize
 from smix.devices import upload
 from smix.errors import UserError
 from pretrain.dali import ASPECT, RECIPES, dataset_samples  # recipes both GPU loaders implement
@@ -192,7 +192,7 @@ class EncodedImages(Dataset):
                 crop = finish_on_host(image, plan, flip, self.geometry.size,
                                       self.geometry.max_side)
                 return Item(False, crop, plan, False, label, path)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except UNREADABLE as e:
             if self.skip_bad:
                 return None
             raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smix.devices import GraphCache, constant, device_cache, upload
-from smix.dist import even_slices
+from smix.dist import micro_batches
 from smix.errors import UserError
 
 Detector = Callable[..., torch.Tensor]
@@ -478,7 +478,7 @@ def gradient_saliency(model: nn.Module, images_normalized: torch.Tensor,
     saved = [buf.detach().clone() for buf in model.buffers()]
     x = images_normalized.detach().clone()
     n = len(x)
-    parts = even_slices(n, chunk)
+    parts = micro_batches(n, chunk)
     grads = []
     try:
         if eval_mode:

@@ -47,18 +47,18 @@ def is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+# what PIL raises on a file it cannot read (DecompressionBombError: over twice its pixel limit)
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+              Image.DecompressionBombError)
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Open an image as RGB; an unreadable file is a `UserError` naming it."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except _UNREADABLE as e:
+    except UNREADABLE as e:
         raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-
-
-# what PIL raises on a file it cannot read (DecompressionBombError: over twice its pixel limit)
-_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-               Image.DecompressionBombError)
 
 
 def load_rgb_tensor(path: str | os.PathLike) -> torch.Tensor:
@@ -88,7 +88,7 @@ def load_rgb_tensor(path: str | os.PathLike) -> torch.Tensor:
                 return pixels
         with Image.open(io.BytesIO(data)) as image:
             return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    except _UNREADABLE as e:
+    except UNREADABLE as e:
         raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 

@@ -135,6 +135,16 @@ def even_slices(n: int, most: int) -> list[slice]:
     return [slice(r.start, r.stop) for r in (shard_indices(n, k, count) for k in range(count))]
 
 
+def micro_batches(n: int, most: int) -> list[slice]:
+    """A training batch of `n` images in passes of at most `most` (0: one pass), as
+    `even_slices`, but never a pass of one image (BatchNorm's statistics need two, and a 1x1
+    last feature map has one value per channel): an image left over joins the pass before."""
+    parts = even_slices(n, most)
+    if len(parts) > 1 and parts[-1].stop - parts[-1].start == 1:
+        parts[-2:] = [slice(parts[-2].start, n)]
+    return parts
+
+
 @contextlib.contextmanager
 def distributed(device: str) -> Iterator[DistInfo]:
     """Join the torchrun group for one command; leave it only if this command joined it."""
