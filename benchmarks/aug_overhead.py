@@ -12,6 +12,9 @@ whatever the pixels, so T_method = T_none + T_mix and `overhead_mix` = T_mix / T
 estimates the same quantity with less variance; the goals are checked on it. On CUDA the
 mixers replay CUDA graphs (`smix.devices.GraphCache`); each mixer is also timed with them
 switched off in the same rounds (`t_mix_eager_s`, `overhead_mix_eager`).
+Each mixer is also timed as `apply(sample(...))` in the same rounds (`t_mix_two_pass_s`,
+`overhead_mix_two_pass`, and pipelined): a call that SaliencyMix and Guided-SR now make in one
+pass (one upload, one graph), the others in the same two steps as before.
 
 Pipelined figures (`--pipeline K`, default 16 on CUDA, 1 on CPU). A synchronised single call
 costs host time + device time + the wake-up, where a training loop never waits for the device
@@ -52,7 +55,7 @@ from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from smix.data import CIFAR10_MEAN, CIFAR10_STD
 from smix.devices import device_name, graphs_enabled
 from pretrain.engine import mixed_loss
-from pretrain.mixers import MixContext, MixOutput, get_mixer
+from pretrain.mixers import MixContext, Mixer, MixOutput, get_mixer
 
 MixFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator, MixContext], MixOutput]
 
@@ -228,6 +231,8 @@ def measure(setting: Setting, device: torch.device, bar: tqdm, verbose: bool = F
     mix_once = lambda name, r: timed(
         lambda: fns[name](x, y, torch.Generator().manual_seed(r), ctx), device)
     eager: dict[str, list[float]] = {k: [] for k in fns}
+    two_pass: dict[str, list[float]] = {k: [] for k in fns}
+    two_pass_pipe: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(setting.mix_repeats):
         for name in fns:
             mix[name].append(mix_once(name, r))
@@ -238,12 +243,25 @@ def measure(setting: Setting, device: torch.device, bar: tqdm, verbose: bool = F
             if device.type == "cuda":  # the same mixer without CUDA graphs, same round
                 with graphs_off():
                     eager[name].append(mix_once(name, r))
+            m = fns[name]
+            if isinstance(m, Mixer):  # apply(sample(...)): the call before the one-pass fusion
+                two = lambda gen, m=m: m.apply(x, y, m.sample(x, y, gen, ctx))
+                two_pass[name].append(timed(lambda: two(torch.Generator().manual_seed(r)),
+                                            device))
+                if pipeline > 1:
+                    two_pass_pipe[name].append(timed_many(
+                        lambda k: two(torch.Generator().manual_seed(1000 * r + k)), pipeline,
+                        device))
         bar.update(1)
     times = {k: {"t_step": statistics.median(steps[k]), "t_mix": statistics.median(mix[k])}
              for k in fns}
     for k in fns:
         if eager[k]:
             times[k]["t_mix_eager"] = statistics.median(eager[k])
+        if two_pass[k]:
+            times[k]["t_mix_two_pass"] = statistics.median(two_pass[k])
+        if two_pass_pipe[k]:
+            times[k]["t_mix_two_pass_pipelined"] = statistics.median(two_pass_pipe[k])
         if steps_pipe[k]:
             times[k]["t_step_pipelined"] = statistics.median(steps_pipe[k])
             times[k]["t_mix_pipelined"] = statistics.median(mix_pipe[k])
@@ -285,6 +303,14 @@ def report(setting: Setting, device: torch.device, times: dict[str, dict[str, fl
             line["t_mix_eager_s"] = round(t["t_mix_eager"], 5)
             line["overhead_mix_eager"] = round(
                 (t["t_mix_eager"] - times["none"]["t_mix_eager"]) / t_none, 4)
+        if "t_mix_two_pass" in t:  # same rounds, apply(sample(...)) instead of the call
+            line["t_mix_two_pass_s"] = round(t["t_mix_two_pass"], 5)
+            line["overhead_mix_two_pass"] = round(
+                (t["t_mix_two_pass"] - times["none"]["t_mix_two_pass"]) / t_none, 4)
+        if "t_mix_two_pass_pipelined" in t:
+            line["overhead_mix_two_pass_pipelined"] = round(
+                (t["t_mix_two_pass_pipelined"] - times["none"]["t_mix_pipelined"])
+                / times["none"]["t_step_pipelined"], 4)
         if "t_step_pipelined" in t:  # K calls per sync: what a training loop pays
             none = times["none"]
             line["pipeline"] = pipeline

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 14 in ONE device call: 10 steps within a 545 s budget (a step gets at most what is left;
-# most important first), then a summary; 11 files in $OUT:
+# Issue 14 in ONE device call: 11 steps within a 545 s budget (a step gets at most what is left;
+# most important first; STEPS="a b" runs only those), then a summary; 12 files in $OUT:
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
 #       carry=[".gpu"], timeout_s=580)          # .gpu: bash ../shared/gpu/prepare.sh
 # What it measures: the CUDA graphs of the detectors, the greedy walk and the SaliencyMix /
@@ -28,12 +28,15 @@ PROF_ARGS=${PROF_ARGS:---calls 30}
 PERS_ARGS=${PERS_ARGS:---workers 15 --images 1024 --batch 128 --size 224 --epochs 4}
 STAGE_ARGS=${STAGE_ARGS:---batch 256}  # 2 batches per worker: 7,680 images
 OVER_ARGS=${OVER_ARGS:---workers 15 --images 4096}
+WALK_ARGS=${WALK_ARGS:---sizes 64,256}
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # benchmarks import each other
 T0=$(date +%s)
 BUDGET=${BUDGET:-545}  # seconds for all steps; a step gets at most what is left of it
+STEPS=${STEPS:-}  # e.g. "tests aug_overhead": only those steps (default: all)
 step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines echoed
   local name=$1 secs=$2; shift 2
+  if [[ -n $STEPS && " $STEPS " != *" $name "* ]]; then return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) ))
   if (( left < 15 )); then echo "== $name skipped: ${left}s of the budget left"; return; fi
   (( secs > left )) && secs=$left
@@ -44,8 +47,10 @@ step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines e
 # Most important first (what a step that runs out of budget loses is the least needed).
 # graph == eager (detectors, greedy walk, mixer plans), every mixer under sync_debug "error",
 # nvjpeg decode + fp16 resampling against the CPU path
-step tests 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
-  tests/test_graphs.py tests/test_loader_nvjpeg.py -k cuda
+step tests 75 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
+  tests/test_graphs.py tests/test_greedy_triton.py tests/test_loader_nvjpeg.py -k cuda
+# the greedy walk: one Triton kernel against the tensor-op walk (3 kernels per step)
+step greedy_walk 30 $PY benchmarks/greedy_walk.py --device "$DEVICE" $WALK_ARGS
 step input_pipeline 170 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader torch,nvjpeg \
   $PIPE_ARGS --methods none,saliencymix --data /tmp/jpeg
 step aug_overhead 130 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
@@ -72,6 +77,10 @@ def lines(name):
     text = p.read_text(errors="replace").splitlines() if p.exists() else []
     return [json.loads(l) for l in text if l.startswith("{")]
 goals = {"cutmix": 0.03, "saliencymix-sample": 0.03, "guided-sr-greedy": 0.05}
+tests = out / "tests.log"
+if tests.exists():
+    tail = [l for l in tests.read_text(errors="replace").splitlines() if l.strip()][-3:]
+    print("GPU tests:", " | ".join(tail))
 print("Issue 14 goals:")
 for r in lines("aug_overhead"):
     if r["method"] in goals or "overhead_mix_eager" in r:
@@ -83,7 +92,13 @@ for r in lines("aug_overhead"):
               f"{r['overhead_mix']} (graphs off: {r.get('overhead_mix_eager')}; t_mix "
               f"{r['t_mix_s']} s, none step {r['t_none_s']} s) | {r.get('pipeline')} calls per "
               f"sync: overhead_mix {piped}{pverdict}, full step {r.get('overhead_pipelined')} "
-              f"[{r['device_name']}]")
+              f"| apply(sample()): {r.get('overhead_mix_two_pass')}, "
+              f"{r.get('overhead_mix_two_pass_pipelined')} [{r['device_name']}]")
+for r in lines("greedy_walk"):
+    print(f"  greedy walk n={r['n']}: Triton {r['kernel_ms']} ms vs tensor ops "
+          f"{r['tensor_ops_ms']} ms (x{r['speedup']}); {r['pipeline']} per sync: "
+          f"{r['kernel_pipelined_ms']} vs {r['tensor_ops_pipelined_ms']} ms "
+          f"(x{r['speedup_pipelined']}); kernel ran: {r['kernel_ran']} [{r['device_name']}]")
 for r in lines("input_pipeline"):
     for key, limit in (("epoch_vs_step", 0.9), ("saliencymix_step_vs_none", 0.98)):
         v = r.get(key)

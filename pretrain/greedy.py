@@ -16,6 +16,8 @@ greedily when asked.
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -68,21 +70,32 @@ def pairwise_distances(maps: torch.Tensor) -> torch.Tensor:
     return torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def greedy_cycle(dist: torch.Tensor) -> torch.Tensor:
+def greedy_cycle(dist: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
     """Algorithm 1 on a distance matrix: `perm[i]` is the source mixed into target i.
 
-    Runs on the matrix's device as tensor ops only (the indices stay tensors, so the host never
-    waits for the device): per step, -inf into the column of the current image (now taken as
-    a source; `first` only closes the cycle, so its column is closed from the start), then
-    the argmax of its row -- three small kernels; the path becomes `perm` in one scatter at
-    the end. Ties go to the lowest index as numpy's argmax in the official `onecycle_cover`
-    (torch's argmax returns the first maximum on every device)."""
+    Runs on the matrix's device without the host waiting for it. With `use_kernel` (default:
+    on CUDA) the walk is one Triton kernel (`walk_kernel`, where Triton is). Otherwise tensor
+    ops whose indices stay tensors: per step, -inf into the column of the current image (now
+    taken as a source; `first` only closes the cycle, so its column is closed from the start),
+    then the argmax of its row -- three small kernels, 3n launches in all; the path becomes
+    `perm` in one scatter at the end. Ties go to the lowest index as numpy's argmax in the
+    official `onecycle_cover` (torch's argmax and the kernel's both return the first maximum)."""
     n = dist.shape[0]
     if n < 2:
         return torch.arange(n, device=dist.device)
     d = dist.detach().to(torch.float64).clone()
     d.fill_diagonal_(float("-inf"))
     start = torch.argmax(d).view(1)
+    if use_kernel is None:
+        use_kernel = d.is_cuda
+    kernel = walk_kernel() if use_kernel else None
+    if kernel is not None:
+        perm = torch.empty(n, dtype=torch.long, device=d.device)
+        try:
+            kernel[(1,)](d, start, perm, n, BLOCK=_block(n))
+            return perm
+        except Exception as e:  # no compiler for Triton's launcher, an old Triton: tensor ops
+            _walk_failed(e)
     first, col = torch.div(start, n, rounding_mode="floor"), start % n
     d.index_fill_(1, first, float("-inf"))
     path = [first, col]
@@ -92,6 +105,37 @@ def greedy_cycle(dist: torch.Tensor) -> torch.Tensor:
         path.append(col)
     order = torch.cat(path)  # the cycle: order[k] receives order[k + 1], the last `first`
     return torch.empty_like(order).index_copy_(0, order, order.roll(-1))
+
+
+_WALK_ENV = "SMIX_TRITON"  # "0": the tensor-op walk on CUDA too (to compare, or to rule out)
+_walk_state: dict[str, object] = {}
+
+
+def walk_kernel():
+    """The greedy walk as one Triton kernel (`pretrain.greedy_triton.walk`), or None: Triton
+    missing, switched off (SMIX_TRITON=0), or failed before (then the tensor-op walk runs, as
+    on CPU). Under TRITON_INTERPRET=1 it runs in Triton's interpreter, on CPU tensors too."""
+    if os.environ.get(_WALK_ENV, "1") == "0" or "failed" in _walk_state:
+        return None
+    if "kernel" not in _walk_state:
+        try:
+            from pretrain.greedy_triton import walk
+        except ImportError:
+            _walk_state["failed"] = "triton is not installed"
+            return None
+        _walk_state["kernel"] = walk
+    return _walk_state["kernel"]
+
+
+def _block(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _walk_failed(error: Exception) -> None:
+    """Fall back to the tensor-op walk for good, with one warning saying why."""
+    _walk_state["failed"] = f"{type(error).__name__}: {error}"
+    warnings.warn(f"greedy pairing: the Triton walk failed, using tensor ops "
+                  f"({_walk_state['failed']})", RuntimeWarning, stacklevel=3)
 
 
 @torch.no_grad()

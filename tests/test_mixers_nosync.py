@@ -166,6 +166,51 @@ def test_sample_and_apply_never_wait_for_the_device(case, mixer_name, params, mo
         assert out.images.shape == images.shape
 
 
+@pytest.mark.parametrize("case,mixer_name,params", SYNC_FREE, ids=[c[0] for c in SYNC_FREE])
+def test_call_never_waits_for_the_device(case, mixer_name, params, monkeypatch):
+    """The one-pass `__call__` (what training runs; SaliencyMix and Guided-SR fuse sample and
+    apply) reads nothing of the batch on the host either."""
+    images, labels = batch()
+    model = model_for_ap().to("meta") if params.get("saliency") == "ap" else None
+    images, labels = images.to("meta"), labels.to("meta")
+    ctx = MixContext(MEAN, STD, 10, model)
+    mixer = get_mixer(mixer_name, **params)
+    refuse_device_literals(monkeypatch)
+    for seed in range(3):
+        with RefuseHostSync():
+            out = mixer(images, labels, torch.Generator().manual_seed(seed), ctx)
+        assert out.images.device.type == "meta" and out.lam.device.type == "meta"
+        assert out.images.shape == images.shape and out.lam.shape == labels.shape
+
+
+def run_call(mixer_name: str, params: dict[str, str], seed: int, device: str = "cpu"):
+    images, labels = batch(device)
+    model = model_for_ap().to(device) if params.get("saliency") == "ap" else None
+    gen = torch.Generator().manual_seed(seed)
+    out = get_mixer(mixer_name, **params)(images, labels, gen, MixContext(MEAN, STD, 10, model))
+    return out, torch.randint(0, 2**31, (1,), generator=gen)
+
+
+def same_output(a, b) -> bool:
+    return (torch.equal(a.images, b.images) and torch.equal(a.label_a, b.label_a)
+            and (a.label_b is None) == (b.label_b is None)
+            and (a.label_b is None or torch.equal(a.label_b, b.label_b))
+            and a.lam.dtype == b.lam.dtype and torch.equal(a.lam, b.lam))
+
+
+@pytest.mark.parametrize("case,mixer_name,params", CASES, ids=[c[0] for c in CASES])
+def test_call_is_sample_then_apply(case, mixer_name, params):
+    """`mixer(...)` (fused for SaliencyMix and Guided-SR) gives apply(sample(...))'s output
+    bit for bit and leaves the generator where sample leaves it; seeds 3-5 with prob 0.8
+    include batches that are not mixed."""
+    for seed in (0, 1, 2, 3, 4, 5):
+        p = dict(params, prob="0.8") if seed >= 3 and mixer_name != "none" else params
+        _, want, want_next = run_case(mixer_name, p, seed)
+        got, got_next = run_call(mixer_name, p, seed)
+        assert same_output(got, want), (case, seed)
+        assert torch.equal(got_next, want_next)
+
+
 def test_the_guard_catches_what_would_sync():
     """The guard is a real check: the old habits (`.cpu()`, `.item()`, `torch.equal`, a
     blocking upload) all raise under it."""
@@ -199,8 +244,10 @@ def test_cuda_mixers_under_sync_debug_error(case, mixer_name, params):
         for seed in (0, 1, 2):
             p = mixer.sample(images, labels, torch.Generator().manual_seed(seed), ctx)
             out = mixer.apply(images, labels, p)
+            fused = mixer(images, labels, torch.Generator().manual_seed(seed), ctx)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert same_output(fused, out)  # the one-pass call (one graph) == sample + apply
     cpu_p, cpu_out, _ = run_case(mixer_name, params, 2)
     assert out.images.is_cuda and bool(torch.isfinite(out.images).all())
     assert bool(((out.lam >= 0) & (out.lam <= 1)).all())

@@ -17,6 +17,20 @@ def _identity(images: torch.Tensor, labels: torch.Tensor) -> MixOutput:
     return MixOutput(images, labels, None, torch.ones(len(labels), device=images.device))
 
 
+def batch_lam(lam: float, size: int) -> torch.Tensor:
+    """One λ for the whole batch, as a host tensor of `size` (float32) that says so (stride 0)."""
+    return torch.tensor(lam, dtype=torch.float32).expand(size)
+
+
+def lam_on(lam: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+           ) -> torch.Tensor:
+    """`upload(lam, device, dtype)`, contiguous; a host λ of one value for the batch
+    (`batch_lam`) is filled on an accelerator instead: one kernel, no pinned copy."""
+    if lam.device.type == "cpu" and device.type != "cpu" and lam.dim() == 1 and lam.stride(0) == 0:
+        return torch.full(lam.shape, float(lam[0]), dtype=dtype or lam.dtype, device=device)
+    return upload(lam.contiguous(), device, dtype)
+
+
 @register_mixer("none")
 @dataclasses.dataclass
 class NoMix(Mixer):
@@ -87,15 +101,15 @@ class Mixup(PairMixer):
 
     def sample(self, images, labels, generator, ctx) -> MixParams:
         active, lam, perm = self.draw(images, labels, generator, ctx)
-        return MixParams(active=active, perm=perm,
-                         lam=torch.full((len(labels),), lam), info={"pairing": self.pairing})
+        return MixParams(active=active, perm=perm, lam=batch_lam(lam, len(labels)),
+                         info={"pairing": self.pairing})
 
     def apply(self, images, labels, params) -> MixOutput:
         if not params.active:
             return _identity(images, labels)
-        lam = upload(params.lam, images.device, images.dtype)
+        lam = lam_on(params.lam, images.device, images.dtype)
         mixed = lam.view(-1, 1, 1, 1) * images + (1 - lam.view(-1, 1, 1, 1)) * images[params.perm]
-        return MixOutput(mixed, labels, labels[params.perm], lam)
+        return MixOutput(mixed, labels, labels.index_select(0, params.perm), lam)
 
 
 @register_mixer("cutmix")
@@ -118,11 +132,12 @@ class CutMix(PairMixer):
         boxes = torch.tensor([[y0, x0, y1, x1]]).expand(bsz, 4)
         lam_actual = 1.0 - max(y1 - y0, 0) * max(x1 - x0, 0) / (h * w)  # float64, as before
         return MixParams(active=active, perm=perm,
-                         lam=torch.full((bsz,), lam_actual, dtype=torch.float32), boxes=boxes,
+                         lam=batch_lam(lam_actual, bsz), boxes=boxes,
                          info={"pairing": self.pairing, "lam_sampled": lam})
 
     def apply(self, images, labels, params) -> MixOutput:
         if not params.active:
             return _identity(images, labels)
         mixed = paste_permuted(images, params.perm, params.boxes)
-        return MixOutput(mixed, labels, labels[params.perm], upload(params.lam, images.device))
+        return MixOutput(mixed, labels, labels.index_select(0, params.perm),
+                         lam_on(params.lam, images.device))

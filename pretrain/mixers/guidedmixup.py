@@ -65,6 +65,28 @@ def _sr_plan(images: torch.Tensor, perm: torch.Tensor | None = None, *, pairing:
 _SR_GRAPHS = GraphCache(_sr_plan, "guidedmixup sr")
 
 
+def blend(images: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply`'s pixel-wise mix M·x_a + (1-M)·x_b, in the images' dtype, and the source labels."""
+    m = mask.to(images.device, images.dtype)
+    return m * images + (1 - m) * images[perm], labels[perm]
+
+
+@torch.no_grad()
+def _sr_step(images: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor | None = None,
+             **opts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Guided-SR's whole step after the host draws, as `GuidedMixup.__call__` runs it:
+    `_sr_plan`, then `apply`'s blend, the same ops (so the same values): the mixed batch, the
+    source labels and λ. One CUDA graph per batch shape (`_SR_STEP_GRAPHS`)."""
+    perm, mask, lam = _sr_plan(images, perm, **opts) if perm is not None else \
+        _sr_plan(images, **opts)
+    mixed, label_b = blend(images, labels, perm, mask)
+    return mixed, label_b, lam
+
+
+_SR_STEP_GRAPHS = GraphCache(_sr_step, "guidedmixup sr step")
+
+
 @register_mixer("guidedmixup")
 @dataclasses.dataclass
 class GuidedMixup(Mixer):
@@ -107,8 +129,7 @@ class GuidedMixup(Mixer):
         if self.saliency == "sr":  # a function of the images (and a drawn perm): one graph
             perm = None if self.pairing == "greedy" else get_pairing(self.pairing)(
                 len(labels), generator, images.device, images=images, ctx=ctx, labels=labels)
-            opts = {"pairing": self.pairing, "mean": tuple(ctx.mean), "std": tuple(ctx.std),
-                    "blur": self.blur, "sigma": self.sigma}
+            opts = self._sr_options(ctx)
             perm, mask, lam = _SR_GRAPHS(images, **opts) if perm is None else \
                 _SR_GRAPHS(images, perm, **opts)
             return MixParams(active=True, perm=perm, lam=lam, mask=mask, info=self._info())
@@ -122,10 +143,31 @@ class GuidedMixup(Mixer):
     def apply(self, images: torch.Tensor, labels: torch.Tensor, params: MixParams) -> MixOutput:
         if not params.active:
             return MixOutput(images, labels, None, torch.ones(len(labels), device=images.device))
-        m = params.mask.to(images.device, images.dtype)
-        mixed = m * images + (1 - m) * images[params.perm]
+        mixed, label_b = blend(images, labels, params.perm, params.mask)
         lam = params.mask.to(images.device).mean((1, 2, 3))
-        return MixOutput(mixed, labels, labels[params.perm], lam)
+        return MixOutput(mixed, labels, label_b, lam)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                 ctx: MixContext) -> MixOutput:
+        """`apply(sample(...))` with the same draws and values; for Guided-SR in one pass on
+        the device: maps, pairing, mask, blend and label gather are one CUDA graph
+        (`_sr_step`), where apply alone launched half a dozen more kernels after it."""
+        if self.saliency != "sr":
+            return super().__call__(images, labels, generator, ctx)
+        if not bernoulli(generator, self.prob):
+            return self.apply(images, labels, MixParams(active=False))
+        opts = self._sr_options(ctx)
+        if self.pairing == "greedy":
+            mixed, label_b, lam = _SR_STEP_GRAPHS(images, labels, **opts)
+        else:
+            perm = get_pairing(self.pairing)(len(labels), generator, images.device,
+                                             images=images, ctx=ctx, labels=labels)
+            mixed, label_b, lam = _SR_STEP_GRAPHS(images, labels, perm, **opts)
+        return MixOutput(mixed, labels, label_b, lam)
+
+    def _sr_options(self, ctx: MixContext) -> dict[str, Any]:
+        return {"pairing": self.pairing, "mean": tuple(ctx.mean), "std": tuple(ctx.std),
+                "blur": self.blur, "sigma": self.sigma}
 
     def _info(self) -> dict[str, Any]:
         return {"saliency": self.saliency, "pairing": self.pairing}

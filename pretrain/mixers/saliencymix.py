@@ -119,6 +119,38 @@ def _boxes_on_device(images: torch.Tensor, sides: torch.Tensor, perm: torch.Tens
 _BOX_GRAPHS = GraphCache(_boxes_on_device, "saliencymix boxes")
 
 
+@torch.no_grad()
+def _mix_on_device(images: torch.Tensor, labels: torch.Tensor, draws: torch.Tensor, *,
+                   mode: str, scheme: str, detector: str, mean: tuple, std: tuple
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole step of modes batch/sample after the host draws, as `SaliencyMix.__call__`
+    runs it: `plan`'s maps and boxes, then `apply`'s paste and label gather, the same ops in
+    the same order (so the same values). `draws` is the permutation and the box sides in one
+    int64 vector ([B] then [2,N]: one upload). Returns the mixed batch, the source labels and
+    the actual λ; one CUDA graph per batch shape (`_STEP_GRAPHS`)."""
+    bsz, _, h, w = images.shape
+    perm, sides = draws[:bsz], draws[bsz:].view(2, -1)
+    opts = {"scheme": scheme, "detector": detector, "mean": mean, "std": std}
+    if mode == "batch":
+        pick = _batch_pick(perm, scheme)
+        src, dst, actual = _boxes_on_device(images[pick], sides, **opts)
+    else:
+        src, dst, actual = _boxes_on_device(images, sides, perm, **opts)
+    src, dst, actual = src.expand(bsz, 4), dst.expand(bsz, 4), actual.expand(bsz)
+    mixed = paste_permuted(images, perm, src, None if SCHEMES[scheme][1] is None else dst)
+    return mixed, labels[perm], actual.float()
+
+
+_STEP_GRAPHS = GraphCache(_mix_on_device, "saliencymix step")
+
+
+def _batch_pick(perm: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Mode batch maps only the first source, and the first target when the scheme needs it."""
+    if SCHEMES[scheme][1] is None:
+        return perm[:1]
+    return torch.cat([perm[:1], perm.new_zeros(1)])
+
+
 def opencv_saliency() -> Any:
     """`cv2.saliency`, which only OpenCV's contrib build has; else a one-line error."""
     try:
@@ -177,16 +209,50 @@ class SaliencyMix(Mixer):
                             "(salient_to_corresponding, fine_grained, random pairing); "
                             "use mode=batch or mode=sample for other variants")
 
-    def sample(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
-               ctx: MixContext) -> MixParams:
-        bsz = len(labels)
+    def draw(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+             ctx: MixContext, perm_device: torch.device | str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The coin flip, λ ([1] or [B] float64 on the host) and the permutation (on
+        `perm_device`, default the images'), always in this order; None: do not mix."""
         if not bernoulli(generator, self.prob):
-            return MixParams(active=False, info=self._info())
+            return None
+        bsz = len(labels)
         draw = beta(generator, self.alpha, size=bsz if self.mode == "sample" else None)
         lam = torch.as_tensor(np.atleast_1d(draw), dtype=torch.float64)
-        perm = get_pairing(self.pairing)(bsz, generator, images.device, images=images, ctx=ctx,
-                                         labels=labels)
-        return self.plan(images, perm, lam, ctx)
+        perm = get_pairing(self.pairing)(bsz, generator, perm_device or images.device,
+                                         images=images, ctx=ctx, labels=labels)
+        return perm, lam
+
+    def sample(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+               ctx: MixContext) -> MixParams:
+        draws = self.draw(images, labels, generator, ctx)
+        if draws is None:
+            return MixParams(active=False, info=self._info())
+        return self.plan(images, draws[0], draws[1], ctx)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                 ctx: MixContext) -> MixOutput:
+        """`apply(sample(...))` with the same draws and values, in one pass on the device
+        (modes batch/sample): the permutation and box sides go up in one upload, and maps,
+        boxes, paste and label gather are one CUDA graph (`_mix_on_device`), where sample and
+        apply launch a dozen more kernels and two more uploads between them."""
+        if self.mode == "official":
+            return super().__call__(images, labels, generator, ctx)
+        # a random permutation is a host draw: kept there to travel with the sides
+        perm_device = "cpu" if self.pairing == "random" else images.device
+        draws = self.draw(images, labels, generator, ctx, perm_device)
+        if draws is None:
+            return self.apply(images, labels, MixParams(active=False))
+        perm, lam = draws
+        sides = torch.stack(cut_sides(lam, images.shape[2], images.shape[3])).flatten()
+        if perm.device.type == "cpu":
+            packed = upload(torch.cat([perm, sides]), images.device)
+        else:
+            packed = torch.cat([perm, upload(sides, images.device)])
+        mixed, label_b, lam = _STEP_GRAPHS(
+            images, labels, packed, mode=self.mode, scheme=self.scheme, detector=self.detector,
+            mean=tuple(ctx.mean), std=tuple(ctx.std))
+        return MixOutput(mixed, labels, label_b, lam)
 
     def plan(self, images: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor,
              ctx: MixContext) -> MixParams:
@@ -203,10 +269,8 @@ class SaliencyMix(Mixer):
             opts = {"scheme": self.scheme, "detector": self.detector, "mean": tuple(ctx.mean),
                     "std": tuple(ctx.std)}
             if self.mode == "batch":
-                # the first source's map, and the first target's when the scheme needs it
-                needs_dst = SCHEMES[self.scheme][1] is not None
-                pick = torch.cat([perm[:1], perm.new_zeros(1)]) if needs_dst else perm[:1]
-                src, dst, actual = _BOX_GRAPHS(images[pick], sides, **opts)
+                src, dst, actual = _BOX_GRAPHS(images[_batch_pick(perm, self.scheme)], sides,
+                                               **opts)
             else:
                 src, dst, actual = _BOX_GRAPHS(images, sides, perm, **opts)
         src, dst, actual = src.expand(bsz, 4), dst.expand(bsz, 4), actual.expand(bsz)
