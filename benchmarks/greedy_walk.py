@@ -80,7 +80,7 @@ def main() -> None:
                     single[kernel].append(timed(maps, 1, device))
                     piped[kernel].append(timed(maps, a.pipeline, device))
         med = {k: (statistics.median(single[k]), statistics.median(piped[k])) for k in single}
-        kernel_used = greedy.walk_kernel() is not None and device.type == "cuda"
+        kernel_used = device.type == "cuda" and greedy.walk_kernel(device) is not None
         print(json.dumps({
             "benchmark": "greedy_walk", "device": device.type, "device_name": device_name(device),
             "n": n, "map": "32x32", "rounds": a.rounds, "pipeline": a.pipeline,

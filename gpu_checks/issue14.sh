@@ -51,7 +51,7 @@ step tests 75 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.
   tests/test_graphs.py tests/test_greedy_triton.py tests/test_loader_nvjpeg.py -k cuda
 # the greedy walk: one Triton kernel against the tensor-op walk (3 kernels per step)
 step greedy_walk 30 $PY benchmarks/greedy_walk.py --device "$DEVICE" $WALK_ARGS
-step input_pipeline 170 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader torch,nvjpeg \
+step input_pipeline 170 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader auto,nvjpeg \
   $PIPE_ARGS --methods none,saliencymix --data /tmp/jpeg
 step aug_overhead 130 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
 # which stage caps the torch loader (IPC, decode, pinning, device finish), and nvjpeg's
@@ -105,7 +105,8 @@ for r in lines("input_pipeline"):
         print(f"  {'MET ' if v is not None and v >= limit else 'MISS'} {key} >= {limit}: {v}"
               f"  (loader {r['loader_img_s']} img/s, first batch {r.get('loader_first_batch_s')}"
               f" s, epoch {r['epoch_img_s']} of {r['images']} images, step none "
-              f"{r.get('step_none_img_s')}; loader={r['loader']}, colour on {r.get('colour_on')})"
+              f"{r.get('step_none_img_s')}; loader={r.get('loader_asked')} -> {r['loader']}, "
+              f"colour on {r.get('colour_on')})"
               f" [{r['device_name']}]")
 for r in lines("decode_resample"):
     print(f"  nvjpeg batch: decode {r['decode_img_s']} img/s, resample {r['resample_img_s']} "

@@ -88,14 +88,25 @@ def greedy_cycle(dist: torch.Tensor, use_kernel: bool | None = None) -> torch.Te
     start = torch.argmax(d).view(1)
     if use_kernel is None:
         use_kernel = d.is_cuda
-    kernel = walk_kernel() if use_kernel else None
+    kernel = walk_kernel(d.device) if use_kernel else None
     if kernel is not None:
-        perm = torch.empty(n, dtype=torch.long, device=d.device)
         try:
-            kernel[(1,)](d, start, perm, n, BLOCK=_block(n))
-            return perm
+            return _launch(kernel, d, start)
         except Exception as e:  # no compiler for Triton's launcher, an old Triton: tensor ops
             _walk_failed(e)
+    return _tensor_walk(d, start)
+
+
+def _launch(kernel, d: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    n = d.shape[0]
+    perm = torch.empty(n, dtype=torch.long, device=d.device)
+    kernel[(1,)](d, start, perm, n, BLOCK=_block(n))
+    return perm
+
+
+def _tensor_walk(d: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The walk in tensor ops on `d` (-inf diagonal, modified in place) from its flat argmax."""
+    n = d.shape[0]
     first, col = torch.div(start, n, rounding_mode="floor"), start % n
     d.index_fill_(1, first, float("-inf"))
     path = [first, col]
@@ -111,10 +122,15 @@ _WALK_ENV = "SMIX_TRITON"  # "0": the tensor-op walk on CUDA too (to compare, or
 _walk_state: dict[str, object] = {}
 
 
-def walk_kernel():
+def walk_kernel(device: torch.device | str):
     """The greedy walk as one Triton kernel (`pretrain.greedy_triton.walk`), or None: Triton
     missing, switched off (SMIX_TRITON=0), or failed before (then the tensor-op walk runs, as
-    on CPU). Under TRITON_INTERPRET=1 it runs in Triton's interpreter, on CPU tensors too."""
+    on CPU). Under TRITON_INTERPRET=1 it runs in Triton's interpreter, on CPU tensors too.
+
+    Before its first use on a device the kernel must give the tensor-op walk's cycles there on
+    tie-heavy test matrices (`_self_check`: one synchronisation, once per process and device);
+    a kernel that does not is not used. While a CUDA graph is being captured an unchecked
+    kernel is not used either (the check cannot synchronise there)."""
     if os.environ.get(_WALK_ENV, "1") == "0" or "failed" in _walk_state:
         return None
     if "kernel" not in _walk_state:
@@ -124,7 +140,37 @@ def walk_kernel():
             _walk_state["failed"] = "triton is not installed"
             return None
         _walk_state["kernel"] = walk
-    return _walk_state["kernel"]
+    kernel, device = _walk_state["kernel"], torch.device(device)
+    checked = _walk_state.setdefault("checked", set())
+    if device not in checked:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        try:
+            why = _self_check(kernel, device)
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            _walk_failed(RuntimeError(why))
+            return None
+        checked.add(device)
+    return kernel
+
+
+def _self_check(kernel, device: torch.device) -> str | None:
+    """Why the kernel cannot be trusted on `device` (None: it can): its cycles against the
+    tensor-op walk's on the same device, for quantised maps (many tied distances) of 2, 3, 37
+    and 130 images, where the lowest-index tie rule decides most steps."""
+    g = torch.Generator().manual_seed(20231)
+    for n in (2, 3, 37, 130):
+        maps = (torch.rand(n, 4, 4, generator=g) * 2).round().to(device)
+        d = pairwise_distances(maps)
+        d.fill_diagonal_(float("-inf"))
+        start = torch.argmax(d).view(1)
+        got = _launch(kernel, d, start)
+        want = _tensor_walk(d.clone(), start)
+        if not torch.equal(got, want):
+            return f"its cycle for {n} images differs from the tensor-op walk's"
+    return None
 
 
 def _block(n: int) -> int:

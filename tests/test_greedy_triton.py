@@ -22,7 +22,7 @@ import json, sys
 import torch
 from pretrain import greedy
 from tests.test_guidedmixup import brute_force_walk
-assert greedy.walk_kernel() is not None
+assert greedy.walk_kernel("cpu") is not None
 g = torch.Generator().manual_seed(0)
 done = []
 for n in (2, 3, 5, 17, 64, 130):
@@ -57,7 +57,7 @@ def test_triton_walk_equals_the_tensor_op_walk_in_the_interpreter():
 def test_switched_off_or_missing_triton_walks_with_tensor_ops(monkeypatch):
     from pretrain import greedy
     monkeypatch.setenv("SMIX_TRITON", "0")
-    assert greedy.walk_kernel() is None
+    assert greedy.walk_kernel("cpu") is None
     maps = torch.rand(9, 4, 4, generator=torch.Generator().manual_seed(1))
     dist = greedy.pairwise_distances(maps)
     perm = greedy.greedy_cycle(dist, use_kernel=True)  # asked for, but off: the same walk
@@ -79,7 +79,7 @@ def test_a_failing_kernel_falls_back_once_with_a_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="Triton walk failed.*no C compiler"):
         perm = greedy.greedy_cycle(dist, use_kernel=True)
     assert torch.equal(perm, greedy.greedy_cycle(dist, use_kernel=False))
-    assert greedy.walk_kernel() is None  # for good: no second warning per step
+    assert greedy.walk_kernel("cpu") is None  # for good: no second warning per step
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -100,3 +100,33 @@ def test_cuda_triton_walk_equals_the_cpu_walk(n):
         assert "failed" not in greedy._walk_state, greedy._walk_state
         assert torch.equal(greedy.greedy_from_maps(maps.cuda()).cpu(),
                            greedy.greedy_from_maps(maps))
+
+
+def test_a_kernel_that_walks_wrong_is_caught_before_its_first_use(monkeypatch):
+    """The first-use check compares the kernel's cycles with the tensor-op walk's on the same
+    device; a kernel that returns another (valid) cycle is never used."""
+    from pretrain import greedy
+
+    class OtherCycle:
+        def __getitem__(self, grid):
+            def launch(d, start, perm, n, BLOCK):
+                perm.copy_(torch.arange(1, n + 1) % n)  # 0 -> 1 -> ... -> n-1 -> 0
+            return launch
+
+    monkeypatch.setattr(greedy, "_walk_state", {"kernel": OtherCycle()})
+    maps = torch.rand(11, 4, 4, generator=torch.Generator().manual_seed(3))
+    dist = greedy.pairwise_distances(maps)
+    with pytest.warns(RuntimeWarning, match="differs from the tensor-op walk"):
+        perm = greedy.greedy_cycle(dist, use_kernel=True)
+    assert torch.equal(perm, greedy.greedy_cycle(dist, use_kernel=False))
+    assert greedy.walk_kernel("cpu") is None
+
+
+def test_a_checked_kernel_is_checked_once_per_device(monkeypatch):
+    from pretrain import greedy
+    calls = []
+    monkeypatch.setattr(greedy, "_walk_state", {"kernel": object()})
+    monkeypatch.setattr(greedy, "_self_check", lambda k, dev: calls.append(dev))
+    for _ in range(3):
+        assert greedy.walk_kernel("cpu") is not None
+    assert calls == [torch.device("cpu")]
