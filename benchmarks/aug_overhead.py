@@ -309,7 +309,7 @@ def report(setting: Setting, device: torch.device, times: dict[str, dict[str, fl
                 (t["t_mix_two_pass"] - times["none"]["t_mix_two_pass"]) / t_none, 4)
         if "t_mix_two_pass_pipelined" in t:
             line["overhead_mix_two_pass_pipelined"] = round(
-                (t["t_mix_two_pass_pipelined"] - times["none"]["t_mix_pipelined"])
+                (t["t_mix_two_pass_pipelined"] - times["none"]["t_mix_two_pass_pipelined"])
                 / times["none"]["t_step_pipelined"], 4)
         if "t_step_pipelined" in t:  # K calls per sync: what a training loop pays
             none = times["none"]

@@ -15,6 +15,7 @@ greedily when asked.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -98,9 +99,11 @@ def greedy_cycle(dist: torch.Tensor, use_kernel: bool | None = None) -> torch.Te
 
 
 def _launch(kernel, d: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """perm from the kernel, launched on `d`'s device (Triton launches on the current one)."""
     n = d.shape[0]
     perm = torch.empty(n, dtype=torch.long, device=d.device)
-    kernel[(1,)](d, start, perm, n, BLOCK=_block(n))
+    with torch.cuda.device(d.device) if d.is_cuda else contextlib.nullcontext():
+        kernel[(1,)](d, start, perm, n, BLOCK=_block(n))
     return perm
 
 
@@ -128,9 +131,9 @@ def walk_kernel(device: torch.device | str):
     on CPU). Under TRITON_INTERPRET=1 it runs in Triton's interpreter, on CPU tensors too.
 
     Before its first use on a device the kernel must give the tensor-op walk's cycles there on
-    tie-heavy test matrices (`_self_check`: one synchronisation, once per process and device);
-    a kernel that does not is not used. While a CUDA graph is being captured an unchecked
-    kernel is not used either (the check cannot synchronise there)."""
+    tie-heavy test matrices (`_self_check`: a few synchronisations, once per process and
+    device); a kernel that does not is not used, on any device. While a CUDA graph is being
+    captured an unchecked kernel is not used either (the check cannot synchronise there)."""
     if os.environ.get(_WALK_ENV, "1") == "0" or "failed" in _walk_state:
         return None
     if "kernel" not in _walk_state:
@@ -138,6 +141,9 @@ def walk_kernel(device: torch.device | str):
             from pretrain.greedy_triton import walk
         except ImportError:
             _walk_state["failed"] = "triton is not installed"
+            return None
+        except Exception as e:  # a broken Triton install: say so once, walk with tensor ops
+            _walk_failed(e)
             return None
         _walk_state["kernel"] = walk
     kernel, device = _walk_state["kernel"], torch.device(device)

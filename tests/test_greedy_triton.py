@@ -46,6 +46,9 @@ print(json.dumps(done))
 
 
 def test_triton_walk_equals_the_tensor_op_walk_in_the_interpreter():
+    """The kernel's logic (masking, visiting, closing the cycle) on CPU. Not its tie rule:
+    the interpreter's argmax is numpy's, leftmost whatever `tie_break_left` says; that rule is
+    checked where it is compiled, by `walk_kernel`'s first-use check and the CUDA test below."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
