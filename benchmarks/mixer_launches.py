@@ -5,9 +5,9 @@ The call runs on 'meta' tensors (shapes, no data) under a dispatch mode that cou
 operation producing or reading a device tensor (views, host draws and allocations excluded).
 `smix.devices.GraphCache` is told to treat meta like CUDA: its function runs eagerly, and its
 operations (nested graphs included) are counted as one graph's. On CUDA the greedy walk is one
-Triton kernel (where it runs) instead of its 3(n-2) tensor ops: `ops_in_graphs_on_cuda`. A count, not a
-timing: each launch outside a graph costs the host a few microseconds on a GPU, each kernel in
-a graph about a microsecond of device time (tests/benchmarks on a GPU: mixer_profile.py).
+Triton kernel (where it runs) instead of its 3(n-2) tensor ops: `ops_in_graphs_on_cuda`. A
+count, not a timing: each launch outside a graph costs the host a few microseconds on a GPU,
+each kernel in a graph about a microsecond of device time (timed on a GPU: mixer_profile.py).
 
     python benchmarks/mixer_launches.py [--batch 64 --size 32]
 """
