@@ -4,10 +4,12 @@ graph (one launch for all) or outside one (a launch each), counted without a GPU
 The call runs on 'meta' tensors (shapes, no data) under a dispatch mode that counts every
 operation producing or reading a device tensor (views, host draws and allocations excluded).
 `smix.devices.GraphCache` is told to treat meta like CUDA: its function runs eagerly, and its
-operations (nested graphs included) are counted as one graph's. On CUDA the greedy walk is one
-Triton kernel (where it runs) instead of its 3(n-2) tensor ops: `ops_in_graphs_on_cuda`. A
-count, not a timing: each launch outside a graph costs the host a few microseconds on a GPU,
-each kernel in a graph about a microsecond of device time (timed on a GPU: mixer_profile.py).
+operations (nested graphs included) are counted as one graph's. Counted twice: with tensor ops
+only (CPU, SMIX_TRITON=0), and `_with_kernels` as CUDA runs where Triton is: the greedy walk
+one kernel instead of 3(n-2) tensor ops, the fine-grained detector's on/off sums and mix two
+(stand-ins count the launches). A count, not a timing: each launch outside a graph costs the
+host a few microseconds on a GPU, each kernel in a graph about a microsecond of device time
+(timed on a GPU: mixer_profile.py).
 
     python benchmarks/mixer_launches.py [--batch 64 --size 32]
 """
@@ -15,13 +17,17 @@ each kernel in a graph about a microsecond of device time (timed on a GPU: mixer
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from smix import devices
 from smix.data import CIFAR10_MEAN, CIFAR10_STD
+from pretrain import greedy, saliency
 from pretrain.mixers import MixContext, get_mixer
 
 METHODS = {"cutmix": ("cutmix", {}), "mixup": ("mixup", {}),
@@ -56,7 +62,44 @@ class CountLaunches(TorchDispatchMode):
         return out
 
 
-def count(mixer, x, y, ctx, seed: int) -> CountLaunches:
+class StandIn:
+    """A Triton kernel on meta tensors: one launch, counted, writing nothing."""
+
+    def __init__(self, counter: CountLaunches) -> None:
+        self.counter = counter
+
+    def __getattr__(self, name: str) -> "StandIn":  # kernels.on_off_sums, ...
+        return self
+
+    def __getitem__(self, grid) -> Callable[..., None]:
+        def launch(*args, **kwargs) -> None:
+            if self.counter.depth:
+                self.counter.inside += 1
+            else:
+                self.counter.outside += 1
+        return launch
+
+
+@contextlib.contextmanager
+def kernels_as_on_cuda(counter: CountLaunches) -> Iterator[None]:
+    """The Triton kernels' paths, as CUDA takes them, on meta tensors: the fine-grained
+    detector's two kernels and the greedy walk's one, each counted as one launch."""
+    stand_in = StandIn(counter)
+    graphs = saliency._FINE_GRAINED_GRAPHS
+    real_fine, real_cycle = graphs.fn, greedy.greedy_cycle
+    graphs.fn = lambda images, saturate=False: saliency._fine_grained_with(images, saturate,
+                                                                          stand_in)
+    greedy.greedy_cycle = functools.partial(real_cycle, use_kernel=True)
+    real_get = greedy.WALK.get
+    greedy.WALK.get = lambda device: stand_in
+    try:
+        yield
+    finally:
+        graphs.fn, greedy.greedy_cycle = real_fine, real_cycle
+        greedy.WALK.get = real_get
+
+
+def count(mixer, x, y, ctx, seed: int, on_cuda: bool) -> CountLaunches:
     counter = CountLaunches()
     real = devices.GraphCache.__call__
 
@@ -70,7 +113,7 @@ def count(mixer, x, y, ctx, seed: int) -> CountLaunches:
 
     devices.GraphCache.__call__ = as_graph
     try:
-        with counter:
+        with kernels_as_on_cuda(counter) if on_cuda else contextlib.nullcontext(), counter:
             mixer(x, y, torch.Generator().manual_seed(seed), ctx)
     finally:
         devices.GraphCache.__call__ = real
@@ -88,15 +131,12 @@ def main() -> None:
     for name, (method, params) in METHODS.items():
         mixer = get_mixer(method, **params)
         mixer(x, y, torch.Generator().manual_seed(0), ctx)  # caches, plans
-        c = count(mixer, x, y, ctx, 1)
-        greedy = params.get("pairing") == "greedy"
-        walk = 3 * (a.batch - 2) if greedy else 0  # the tensor-op walk's steps, counted here
+        ops, cuda = count(mixer, x, y, ctx, 1, False), count(mixer, x, y, ctx, 1, True)
         print(json.dumps({"benchmark": "mixer_launches", "device": "meta", "method": name,
-                          "batch": a.batch, "size": a.size, "graphs_per_call": c.graphs,
-                          "ops_in_graphs": c.inside, "launches_outside_graphs": c.outside,
-                          "walk_ops_on_cuda": 1 if greedy else 0,
-                          "ops_in_graphs_on_cuda": c.inside - walk + (1 if greedy else 0)}),
-              flush=True)
+                          "batch": a.batch, "size": a.size, "graphs_per_call": ops.graphs,
+                          "ops_in_graphs": ops.inside, "launches_outside_graphs": ops.outside,
+                          "ops_in_graphs_with_kernels": cuda.inside,
+                          "launches_outside_graphs_with_kernels": cuda.outside}), flush=True)
 
 
 if __name__ == "__main__":

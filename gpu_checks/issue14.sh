@@ -28,7 +28,7 @@ PROF_ARGS=${PROF_ARGS:---calls 30}
 PERS_ARGS=${PERS_ARGS:---workers 15 --images 1024 --batch 128 --size 224 --epochs 4}
 STAGE_ARGS=${STAGE_ARGS:---batch 256}  # 2 batches per worker: 7,680 images
 OVER_ARGS=${OVER_ARGS:---workers 15 --images 4096}
-WALK_ARGS=${WALK_ARGS:---sizes 64,256}
+KERNEL_ARGS=${KERNEL_ARGS:-}  # default: walks of 64 and 256, detector 64x32, 32x224, 256x224
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # benchmarks import each other
 T0=$(date +%s)
@@ -48,9 +48,10 @@ step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines e
 # graph == eager (detectors, greedy walk, mixer plans), every mixer under sync_debug "error",
 # nvjpeg decode + fp16 resampling against the CPU path
 step tests 75 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
-  tests/test_graphs.py tests/test_greedy_triton.py tests/test_loader_nvjpeg.py -k cuda
-# the greedy walk: one Triton kernel against the tensor-op walk (3 kernels per step)
-step greedy_walk 30 $PY benchmarks/greedy_walk.py --device "$DEVICE" $WALK_ARGS
+  tests/test_graphs.py tests/test_greedy_triton.py tests/test_saliency_triton.py \
+  tests/test_loader_nvjpeg.py -k cuda
+# the Triton kernels (greedy walk, fine-grained detector) against their tensor ops
+step triton_kernels 45 $PY benchmarks/triton_kernels.py --device "$DEVICE" $KERNEL_ARGS
 step input_pipeline 170 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader auto,nvjpeg \
   $PIPE_ARGS --methods none,saliencymix --data /tmp/jpeg
 step aug_overhead 130 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
@@ -94,8 +95,8 @@ for r in lines("aug_overhead"):
               f"sync: overhead_mix {piped}{pverdict}, full step {r.get('overhead_pipelined')} "
               f"| apply(sample()): {r.get('overhead_mix_two_pass')}, "
               f"{r.get('overhead_mix_two_pass_pipelined')} [{r['device_name']}]")
-for r in lines("greedy_walk"):
-    print(f"  greedy walk n={r['n']}: Triton {r['kernel_ms']} ms vs tensor ops "
+for r in lines("triton_kernels"):
+    print(f"  {r['case']}, {r['shape']}: Triton {r['kernel_ms']} ms vs tensor ops "
           f"{r['tensor_ops_ms']} ms (x{r['speedup']}); {r['pipeline']} per sync: "
           f"{r['kernel_pipelined_ms']} vs {r['tensor_ops_pipelined_ms']} ms "
           f"(x{r['speedup_pipelined']}); kernel ran: {r['kernel_ran']} [{r['device_name']}]")

@@ -15,16 +15,13 @@ greedily when asked.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from smix.data import denormalize
-from smix.devices import GraphCache, constant
+from smix.devices import CheckedKernels, GraphCache, constant, on_device_of
 from pretrain.pairing import register_pairing
 
 GREEDY_DETECTOR = "spectral_residual"
@@ -75,7 +72,7 @@ def greedy_cycle(dist: torch.Tensor, use_kernel: bool | None = None) -> torch.Te
     """Algorithm 1 on a distance matrix: `perm[i]` is the source mixed into target i.
 
     Runs on the matrix's device without the host waiting for it. With `use_kernel` (default:
-    on CUDA) the walk is one Triton kernel (`walk_kernel`, where Triton is). Otherwise tensor
+    on CUDA) the walk is one Triton kernel (`WALK`, where Triton is). Otherwise tensor
     ops whose indices stay tensors: per step, -inf into the column of the current image (now
     taken as a source; `first` only closes the cycle, so its column is closed from the start),
     then the argmax of its row -- three small kernels, 3n launches in all; the path becomes
@@ -89,21 +86,21 @@ def greedy_cycle(dist: torch.Tensor, use_kernel: bool | None = None) -> torch.Te
     start = torch.argmax(d).view(1)
     if use_kernel is None:
         use_kernel = d.is_cuda
-    kernel = walk_kernel(d.device) if use_kernel else None
+    kernel = WALK.get(d.device) if use_kernel else None
     if kernel is not None:
         try:
             return _launch(kernel, d, start)
         except Exception as e:  # no compiler for Triton's launcher, an old Triton: tensor ops
-            _walk_failed(e)
+            WALK.fail(e)
     return _tensor_walk(d, start)
 
 
 def _launch(kernel, d: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """perm from the kernel, launched on `d`'s device (Triton launches on the current one)."""
+    """perm from the kernel (`pretrain.greedy_triton.walk`), on `d`'s device."""
     n = d.shape[0]
     perm = torch.empty(n, dtype=torch.long, device=d.device)
-    with torch.cuda.device(d.device) if d.is_cuda else contextlib.nullcontext():
-        kernel[(1,)](d, start, perm, n, BLOCK=_block(n))
+    with on_device_of(d):
+        kernel[(1,)](d, start, perm, n, BLOCK=1 << (n - 1).bit_length())
     return perm
 
 
@@ -121,48 +118,12 @@ def _tensor_walk(d: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).index_copy_(0, order, order.roll(-1))
 
 
-_WALK_ENV = "SMIX_TRITON"  # "0": the tensor-op walk on CUDA too (to compare, or to rule out)
-_walk_state: dict[str, object] = {}
+def _load_walk():
+    from pretrain.greedy_triton import walk
+    return walk
 
 
-def walk_kernel(device: torch.device | str):
-    """The greedy walk as one Triton kernel (`pretrain.greedy_triton.walk`), or None: Triton
-    missing, switched off (SMIX_TRITON=0), or failed before (then the tensor-op walk runs, as
-    on CPU). Under TRITON_INTERPRET=1 it runs in Triton's interpreter, on CPU tensors too.
-
-    Before its first use on a device the kernel must give the tensor-op walk's cycles there on
-    tie-heavy test matrices (`_self_check`: a few synchronisations, once per process and
-    device); a kernel that does not is not used, on any device. While a CUDA graph is being
-    captured an unchecked kernel is not used either (the check cannot synchronise there)."""
-    if os.environ.get(_WALK_ENV, "1") == "0" or "failed" in _walk_state:
-        return None
-    if "kernel" not in _walk_state:
-        try:
-            from pretrain.greedy_triton import walk
-        except ImportError:
-            _walk_state["failed"] = "triton is not installed"
-            return None
-        except Exception as e:  # a broken Triton install: say so once, walk with tensor ops
-            _walk_failed(e)
-            return None
-        _walk_state["kernel"] = walk
-    kernel, device = _walk_state["kernel"], torch.device(device)
-    checked = _walk_state.setdefault("checked", set())
-    if device not in checked:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        try:
-            why = _self_check(kernel, device)
-        except Exception as e:
-            why = f"{type(e).__name__}: {e}"
-        if why:
-            _walk_failed(RuntimeError(why))
-            return None
-        checked.add(device)
-    return kernel
-
-
-def _self_check(kernel, device: torch.device) -> str | None:
+def _check_walk(kernel, device: torch.device) -> str | None:
     """Why the kernel cannot be trusted on `device` (None: it can): its cycles against the
     tensor-op walk's on the same device, for quantised maps (many tied distances) of 2, 3, 37
     and 130 images, where the lowest-index tie rule decides most steps."""
@@ -172,22 +133,13 @@ def _self_check(kernel, device: torch.device) -> str | None:
         d = pairwise_distances(maps)
         d.fill_diagonal_(float("-inf"))
         start = torch.argmax(d).view(1)
-        got = _launch(kernel, d, start)
-        want = _tensor_walk(d.clone(), start)
-        if not torch.equal(got, want):
+        if not torch.equal(_launch(kernel, d, start), _tensor_walk(d.clone(), start)):
             return f"its cycle for {n} images differs from the tensor-op walk's"
     return None
 
 
-def _block(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _walk_failed(error: Exception) -> None:
-    """Fall back to the tensor-op walk for good, with one warning saying why."""
-    _walk_state["failed"] = f"{type(error).__name__}: {error}"
-    warnings.warn(f"greedy pairing: the Triton walk failed, using tensor ops "
-                  f"({_walk_state['failed']})", RuntimeWarning, stacklevel=3)
+# the walk as one Triton kernel where Triton is (SMIX_TRITON=0: tensor ops on CUDA too)
+WALK = CheckedKernels("greedy pairing", _load_walk, _check_walk)
 
 
 @torch.no_grad()

@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smix.devices import GraphCache, constant, device_cache, upload
+from smix.devices import (CheckedKernels, GraphCache, constant, device_cache, on_device_of,
+                          upload)
 from smix.dist import micro_batches
 from smix.errors import UserError
 
@@ -195,8 +196,7 @@ class _Workspace:
     def __init__(self, like: torch.Tensor, batch: int, height: int, width: int) -> None:
         scales, self.area, self.den, (py, px) = _fine_grained_plan(height, width, like.device)
         self.scales, self.pad = scales, (py, px)
-        # float32 sums are exact below 2^24; beyond that (images over 256x256) use float64.
-        exact = torch.float32 if height * width * 255 < 2**24 else torch.float64
+        exact = _exact_dtype(height, width)
         # zeros above/left stay zero: they are the integral's first row/column, clamped
         self.integral = like.new_zeros((batch, height + 2 * py, width + 2 * px), dtype=exact)
         self.cols = like.new_empty((batch, height + 2 * py, width), dtype=exact)
@@ -293,18 +293,107 @@ def fine_grained(images: torch.Tensor, *, saturate: bool = False) -> torch.Tenso
 
 
 def _fine_grained(images: torch.Tensor, saturate: bool = False) -> torch.Tensor:
-    """The fine-grained detector's computation, on checked images."""
+    """The fine-grained detector's computation, on checked images; on CUDA with its two
+    elementwise stages as Triton kernels where they run (`FINE_GRAINED_KERNELS`)."""
+    h, w = images.shape[2:]
+    kernels = FINE_GRAINED_KERNELS.get(images.device) \
+        if images.is_cuda and _exact_dtype(h, w) == torch.float32 else None
+    return _fine_grained_with(images, saturate, kernels)
+
+
+def _fine_grained_with(images: torch.Tensor, saturate: bool, kernels) -> torch.Tensor:
+    """`_fine_grained` with the kernels given (`pretrain.saliency_triton`), or tensor ops."""
     b, _, h, w = images.shape
     out = torch.empty((b, h, w), device=images.device)
     parts = _chunks(b, h * w, images.device)
     ws = _Workspace(out, parts[0].stop, h, w)
     for part in parts:  # quantised per chunk too: a whole-batch copy costs 15% in page faults
         gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(images[part]))))
-        _mix_on_off(_on_off_sums(gray, ws), saturate, ws.view(len(gray)), out[part])
+        if kernels is None:
+            _mix_on_off(_on_off_sums(gray, ws), saturate, ws.view(len(gray)), out[part])
+        else:
+            _on_off_and_mix(kernels, gray, ws, saturate, out[part])
     return out
 
 
 _FINE_GRAINED_GRAPHS = GraphCache(_fine_grained, "saliency fine_grained")
+_KERNEL_BLOCK = 1024
+
+
+def _on_off_and_mix(kernels, gray: torch.Tensor, ws: _Workspace, saturate: bool,
+                    out: torch.Tensor) -> None:
+    """`_mix_on_off(_on_off_sums(...))` as two Triton kernels around the per-image maxima:
+    the same float32 operations per pixel (see `pretrain.saliency_triton`)."""
+    b, h, w = gray.shape
+    buf, (py, px) = ws.view(b), ws.pad
+    integral, sums = buf["integral"], buf["sums"]
+    _fill_integral(gray, integral, py, px)
+    scales = constant(tuple(v for s in ws.scales for v in s), torch.int32, gray.device,
+                      (len(ws.scales), 3))
+    total = b * h * w
+    grid = (triton_cdiv(total, _KERNEL_BLOCK),)
+    with on_device_of(gray):
+        kernels.on_off_sums[grid](gray, integral, ws.area, scales, sums, total, sums.stride(0),
+                                  h, w, integral.shape[1], integral.shape[2], py, px,
+                                  len(ws.scales), BLOCK=_KERNEL_BLOCK)
+        peaks = sums.amax((-2, -1)).clamp_(min=1.0)  # [2,b]: on and off maxima per image
+        kernels.scale_and_mix[grid](sums, peaks, out, total, sums.stride(0), h * w,
+                                    SATURATE=saturate, BLOCK=_KERNEL_BLOCK)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _exact_dtype(height: int, width: int) -> torch.dtype:
+    """Float32 holds the integral image exactly below 2^24; beyond (over 256x256) float64."""
+    return torch.float32 if height * width * 255 < 2**24 else torch.float64
+
+
+def _load_fine_grained_kernels():
+    from pretrain import saliency_triton
+    return saliency_triton
+
+
+def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
+    """Why the kernels cannot be trusted on `device` (None: they can): the detector with them
+    against the tensor ops on the same device, bit for bit, on 0..255 images of three sizes
+    (several scales clamped to the image and merged, a non-square one, 224x224 with all six),
+    with and without saturation, plus a flat image, a hard edge, and a grey dot in a dark disc
+    on white (on + off over 255: OpenCV's uchar cast wraps)."""
+    g = torch.Generator().manual_seed(20232)
+    for n, h, w in ((3, 32, 32), (2, 40, 56), (2, 224, 224)):
+        low = torch.rand(n, 3, max(2, h // 8), max(2, w // 8), generator=g) * 255
+        images = F.interpolate(low, size=(h, w), mode="bilinear").round()
+        if n > 2:
+            images[0] = 128.0  # flat: every sum zero
+        images[-1, :, :, : w // 2] = 0.0  # a hard edge: the largest differences
+        images[-1, :, :, w // 2:] = 255.0
+        for images in (images.to(device), wrapping_disc(device)):
+            for saturate in (False, True):
+                want = _fine_grained_with(images, saturate, None)
+                got = _fine_grained_with(images, saturate, kernels)
+                if not torch.equal(got, want):
+                    n, _, h, w = images.shape
+                    return (f"its map of {n} images of {h}x{w} (saturate={saturate}) differs "
+                            "from the tensor ops'")
+    return None
+
+
+def wrapping_disc(device: torch.device | str = "cpu", size: int = 128) -> torch.Tensor:
+    """[1,3,size,size] 0..255: a mid-grey dot in a dark disc on white, where the fine-grained
+    map's on + off exceeds 255 (OpenCV's uchar cast wraps it)."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    r = torch.hypot((yy - size // 2).float(), (xx - size // 2).float())
+    img = torch.full((size, size), 255.0)
+    img[r < 20] = 0.0
+    img[r < 5] = 200.0
+    return img.expand(1, 3, size, size).contiguous().to(device)
+
+
+# the on/off sums and the mix as Triton kernels where Triton is (SMIX_TRITON=0: tensor ops)
+FINE_GRAINED_KERNELS = CheckedKernels("saliency fine_grained", _load_fine_grained_kernels,
+                                      _check_fine_grained_kernels)
 
 
 # ------------------------------------------------------------------------ spectral residual

@@ -222,3 +222,66 @@ class GraphCache:
         while len(self.entries) > self.maxsize:
             self.entries.popitem(last=False)
         return entry
+
+
+# ---------------------------------------------------------------------------- Triton kernels
+
+_TRITON_ENV = "SMIX_TRITON"  # "0": tensor ops on CUDA too (to compare, or to rule kernels out)
+
+
+class CheckedKernels:
+    """Triton kernels that replace a chain of tensor ops on a device, used there only once they
+    reproduce those tensor ops on it.
+
+    `load()` imports and returns the kernels (an ImportError: Triton is not installed);
+    `check(kernels, device)` runs both ways on test inputs and says why the kernels cannot be
+    trusted there (None: they can). `get(device)` gives the kernels or None: switched off
+    (SMIX_TRITON=0), Triton missing, or failed (a failed load, check or launch: one warning,
+    then tensor ops for good, on every device). The check runs once per device and process,
+    never while a CUDA graph is being captured (it synchronises; the caller then uses tensor
+    ops for that capture). Under TRITON_INTERPRET=1 Triton's interpreter runs kernels on CPU
+    tensors, so CPU tests can check their logic."""
+
+    def __init__(self, name: str, load: Callable[[], object],
+                 check: Callable[[object, torch.device], str | None]) -> None:
+        self.name, self.load, self.check = name, load, check
+        self.kernels: object | None = None
+        self.failed: str | None = None
+        self.checked: set[torch.device] = set()
+
+    def get(self, device: torch.device | str) -> object | None:
+        if os.environ.get(_TRITON_ENV, "1") == "0" or self.failed:
+            return None
+        if self.kernels is None:
+            try:
+                self.kernels = self.load()
+            except ImportError:
+                self.failed = "triton is not installed"
+                return None
+            except Exception as e:  # a broken Triton install
+                self.fail(e)
+                return None
+        device = torch.device(device)
+        if device not in self.checked:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            try:
+                why = self.check(self.kernels, device)
+            except Exception as e:
+                why = f"{type(e).__name__}: {e}"
+            if why:
+                self.fail(RuntimeError(why))
+                return None
+            self.checked.add(device)
+        return self.kernels
+
+    def fail(self, error: Exception) -> None:
+        """Tensor ops from now on, with one warning saying why."""
+        self.failed = f"{type(error).__name__}: {error}"
+        warnings.warn(f"{self.name}: the Triton kernel failed, using tensor ops "
+                      f"({self.failed})", RuntimeWarning, stacklevel=3)
+
+
+def on_device_of(t: torch.Tensor):
+    """A context making `t`'s CUDA device current (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

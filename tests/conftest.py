@@ -85,3 +85,11 @@ def blob_batch(mean, std, n: int = 8, size: int = 32, seed: int = 0, margin: int
         cy, cx = torch.randint(margin, size - margin, (2,), generator=g).tolist()
         pix[i] += 150 * torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / width)
     return normalize(pix.clamp(0, 255).round() / 255, mean, std)
+
+
+def fresh_kernels(monkeypatch, checked_kernels, kernels) -> None:
+    """A `smix.devices.CheckedKernels` loaded with `kernels` (a stand-in), never checked and
+    never failed, for this test only."""
+    monkeypatch.setattr(checked_kernels, "kernels", kernels)
+    monkeypatch.setattr(checked_kernels, "checked", set())
+    monkeypatch.setattr(checked_kernels, "failed", None)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import fresh_kernels
+
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +24,7 @@ import json, sys
 import torch
 from pretrain import greedy
 from tests.test_guidedmixup import brute_force_walk
-assert greedy.walk_kernel("cpu") is not None
+assert greedy.WALK.get("cpu") is not None
 g = torch.Generator().manual_seed(0)
 done = []
 for n in (2, 3, 5, 17, 64, 130):
@@ -35,7 +37,7 @@ for n in (2, 3, 5, 17, 64, 130):
         dist = greedy.pairwise_distances(maps)
         kernel = greedy.greedy_cycle(dist, use_kernel=True)
         tensor_ops = greedy.greedy_cycle(dist, use_kernel=False)
-        assert "failed" not in greedy._walk_state, greedy._walk_state
+        assert greedy.WALK.failed is None, greedy.WALK.failed
         assert kernel.dtype == torch.long and kernel.shape == (n,)
         assert torch.equal(kernel, tensor_ops), (n, kind, kernel, tensor_ops)
         if n <= 64:
@@ -48,7 +50,7 @@ print(json.dumps(done))
 def test_triton_walk_equals_the_tensor_op_walk_in_the_interpreter():
     """The kernel's logic (masking, visiting, closing the cycle) on CPU. Not its tie rule:
     the interpreter's argmax is numpy's, leftmost whatever `tie_break_left` says; that rule is
-    checked where it is compiled, by `walk_kernel`'s first-use check and the CUDA test below."""
+    checked where it is compiled, by `WALK`'s first-use check and the CUDA test below."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
@@ -60,7 +62,7 @@ def test_triton_walk_equals_the_tensor_op_walk_in_the_interpreter():
 def test_switched_off_or_missing_triton_walks_with_tensor_ops(monkeypatch):
     from pretrain import greedy
     monkeypatch.setenv("SMIX_TRITON", "0")
-    assert greedy.walk_kernel("cpu") is None
+    assert greedy.WALK.get("cpu") is None
     maps = torch.rand(9, 4, 4, generator=torch.Generator().manual_seed(1))
     dist = greedy.pairwise_distances(maps)
     perm = greedy.greedy_cycle(dist, use_kernel=True)  # asked for, but off: the same walk
@@ -76,13 +78,13 @@ def test_a_failing_kernel_falls_back_once_with_a_warning(monkeypatch):
                 raise RuntimeError("no C compiler for the launcher")
             return launch
 
-    monkeypatch.setattr(greedy, "_walk_state", {"kernel": Broken()})
+    fresh_kernels(monkeypatch, greedy.WALK, Broken())
     maps = torch.rand(7, 4, 4, generator=torch.Generator().manual_seed(2))
     dist = greedy.pairwise_distances(maps)
-    with pytest.warns(RuntimeWarning, match="Triton walk failed.*no C compiler"):
+    with pytest.warns(RuntimeWarning, match="greedy pairing: the Triton kernel failed.*no C compiler"):
         perm = greedy.greedy_cycle(dist, use_kernel=True)
     assert torch.equal(perm, greedy.greedy_cycle(dist, use_kernel=False))
-    assert greedy.walk_kernel("cpu") is None  # for good: no second warning per step
+    assert greedy.WALK.get("cpu") is None  # for good: no second warning per step
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -100,7 +102,7 @@ def test_cuda_triton_walk_equals_the_cpu_walk(n):
         dist = greedy.pairwise_distances(maps)
         want = greedy.greedy_cycle(dist)
         assert torch.equal(greedy.greedy_cycle(dist.cuda()).cpu(), want)
-        assert "failed" not in greedy._walk_state, greedy._walk_state
+        assert greedy.WALK.failed is None, greedy.WALK.failed
         assert torch.equal(greedy.greedy_from_maps(maps.cuda()).cpu(),
                            greedy.greedy_from_maps(maps))
 
@@ -116,20 +118,20 @@ def test_a_kernel_that_walks_wrong_is_caught_before_its_first_use(monkeypatch):
                 perm.copy_(torch.arange(1, n + 1) % n)  # 0 -> 1 -> ... -> n-1 -> 0
             return launch
 
-    monkeypatch.setattr(greedy, "_walk_state", {"kernel": OtherCycle()})
+    fresh_kernels(monkeypatch, greedy.WALK, OtherCycle())
     maps = torch.rand(11, 4, 4, generator=torch.Generator().manual_seed(3))
     dist = greedy.pairwise_distances(maps)
     with pytest.warns(RuntimeWarning, match="differs from the tensor-op walk"):
         perm = greedy.greedy_cycle(dist, use_kernel=True)
     assert torch.equal(perm, greedy.greedy_cycle(dist, use_kernel=False))
-    assert greedy.walk_kernel("cpu") is None
+    assert greedy.WALK.get("cpu") is None
 
 
 def test_a_checked_kernel_is_checked_once_per_device(monkeypatch):
     from pretrain import greedy
     calls = []
-    monkeypatch.setattr(greedy, "_walk_state", {"kernel": object()})
-    monkeypatch.setattr(greedy, "_self_check", lambda k, dev: calls.append(dev))
+    fresh_kernels(monkeypatch, greedy.WALK, object())
+    monkeypatch.setattr(greedy.WALK, "check", lambda k, dev: calls.append(dev))
     for _ in range(3):
-        assert greedy.walk_kernel("cpu") is not None
+        assert greedy.WALK.get("cpu") is not None
     assert calls == [torch.device("cpu")]

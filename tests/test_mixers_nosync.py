@@ -24,8 +24,10 @@ from pretrain.mixers import MixContext, get_mixer
 from tests.conftest import blob_batch
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-# on CUDA a capture that fails (an eager run with a warning) is an error here
-pytestmark = pytest.mark.filterwarnings("error:.*CUDA graph capture failed:RuntimeWarning")
+# on CUDA a capture that fails (an eager run) or a Triton kernel that falls back (tensor ops),
+# each with a warning, is an error here
+pytestmark = [pytest.mark.filterwarnings("error:.*CUDA graph capture failed:RuntimeWarning"),
+              pytest.mark.filterwarnings("error:.*the Triton kernel failed:RuntimeWarning")]
 
 # (case, mixer, params); official SaliencyMix runs OpenCV on the host by definition.
 CASES: list[tuple[str, str, dict[str, str]]] = [

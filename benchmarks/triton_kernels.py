@@ -1,0 +1,118 @@
+"""The Triton kernels against the tensor ops they replace, both replayed as CUDA graphs, in
+the same process: the greedy pairing walk (GuidedMixup Algorithm 1; 3 kernels per step as
+tensor ops) and the fine-grained detector (SaliencyMix's; its on/off sums and mix, about 8
+passes per scale and 15 more as tensor ops).
+
+Per case, timed as single synchronised calls and as K calls per synchronisation (what a
+training loop pays per step). Baseline: SMIX_TRITON=0 (tensor ops), same inputs, same
+process, interleaved rounds; both results are checked equal before timing, and each line
+says whether the kernel really ran (`kernel_ran`: false on CPU, or where it fell back).
+
+    python benchmarks/triton_kernels.py --device cuda
+    python benchmarks/triton_kernels.py --device cpu --walk 16 --detector 4x32 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from smix.devices import device_name
+from pretrain import greedy, saliency
+
+
+@contextlib.contextmanager
+def triton(on: bool) -> Iterator[None]:
+    """The Triton kernels on or off, with fresh graphs (a captured graph keeps its path)."""
+    old = os.environ.get("SMIX_TRITON")
+    os.environ["SMIX_TRITON"] = "1" if on else "0"
+    caches = (greedy._GREEDY_GRAPHS, saliency._FINE_GRAINED_GRAPHS)
+    for c in caches:
+        c.entries.clear()
+    try:
+        yield
+    finally:
+        for c in caches:
+            c.entries.clear()
+        if old is None:
+            os.environ.pop("SMIX_TRITON")
+        else:
+            os.environ["SMIX_TRITON"] = old
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def cases(a: argparse.Namespace, device: torch.device):
+    """(name, shape label, call, the CheckedKernels whose use is reported)."""
+    for n in (int(v) for v in a.walk.split(",") if v):
+        maps = torch.rand(n, 32, 32, generator=torch.Generator().manual_seed(n)).to(device)
+        yield "greedy_walk", f"{n} maps of 32x32", lambda m=maps: greedy.greedy_from_maps(m), \
+            greedy.WALK
+    for spec in (v for v in a.detector.split(",") if v):
+        n, size = (int(v) for v in spec.split("x"))
+        g = torch.Generator().manual_seed(size)
+        low = torch.rand(n, 3, size // 8, size // 8, generator=g) * 255
+        x = torch.nn.functional.interpolate(low, size=size, mode="bilinear").to(device)
+        yield "fine_grained", f"{n} images of {size}x{size}", \
+            lambda x=x: saliency.fine_grained(x), saliency.FINE_GRAINED_KERNELS
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--walk", default="64,256", help="batch sizes of the greedy walk")
+    ap.add_argument("--detector", default="64x32,32x224,256x224",
+                    help="fine-grained batches, NxSIZE")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--pipeline", type=int, default=16)
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    for name, shape, call, checked in cases(a, device):
+        results = {}
+        for on in (True, False):  # warm-up, capture, and the same result both ways
+            with triton(on):
+                results[on] = call().cpu()
+        assert torch.equal(results[True], results[False]), f"{name}: the two paths disagree"
+        single: dict[bool, list[float]] = {True: [], False: []}
+        piped: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(a.rounds):
+            for on in (True, False):
+                with triton(on):
+                    call()  # capture outside the timing
+                    single[on].append(timed(call, 1, device))
+                    piped[on].append(timed(call, a.pipeline, device))
+        med = {k: (statistics.median(single[k]), statistics.median(piped[k])) for k in single}
+        print(json.dumps({
+            "benchmark": "triton_kernels", "case": name, "shape": shape, "device": device.type,
+            "device_name": device_name(device), "rounds": a.rounds, "pipeline": a.pipeline,
+            "baseline": "tensor ops (SMIX_TRITON=0), same process",
+            "kernel_ran": device.type == "cuda" and checked.get(device) is not None,
+            "kernel_ms": round(med[True][0] * 1e3, 4),
+            "tensor_ops_ms": round(med[False][0] * 1e3, 4),
+            "speedup": round(med[False][0] / med[True][0], 2),
+            "kernel_pipelined_ms": round(med[True][1] * 1e3, 4),
+            "tensor_ops_pipelined_ms": round(med[False][1] * 1e3, 4),
+            "speedup_pipelined": round(med[False][1] / med[True][1], 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

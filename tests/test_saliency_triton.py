@@ -1,0 +1,111 @@
+"""The fine-grained detector's Triton kernels (`pretrain.saliency_triton`) against its tensor
+ops, bit for bit, and through them against OpenCV. Triton's interpreter (TRITON_INTERPRET=1,
+set before Triton is imported, hence a subprocess) runs the very kernels CUDA compiles, on CPU
+tensors; it divides with numpy (IEEE, as `tl.div_rn` on the GPU). On a GPU the CUDA test
+below compares the compiled kernels with the tensor ops there, and `FINE_GRAINED_KERNELS`
+checks them on each device before their first use."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import fresh_kernels
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json
+import numpy as np
+import torch
+from pretrain import saliency
+kernels = saliency.FINE_GRAINED_KERNELS.get("cpu")  # loads them and runs the first-use check
+assert kernels is not None, saliency.FINE_GRAINED_KERNELS.failed
+g = torch.Generator().manual_seed(5)
+done = []
+# sizes: every scale clamped (3x3), merged scales (20x20, 32x32), non-square, a batch that
+# splits into CPU chunks (the last one smaller: the off plane's stride is the workspace's)
+for n, h, w in ((2, 3, 3), (3, 20, 20), (4, 32, 32), (2, 37, 61), (70, 32, 32), (1, 96, 80)):
+    for kind in ("smooth", "noise", "flat"):
+        if kind == "smooth":
+            low = torch.rand(n, 3, max(2, h // 6), max(2, w // 6), generator=g) * 255
+            x = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear")
+        elif kind == "noise":
+            x = torch.rand(n, 3, h, w, generator=g) * 255
+        else:
+            x = torch.full((n, 3, h, w), 77.0)
+        for saturate in (False, True):
+            want = saliency._fine_grained_with(x, saturate, None)
+            got = saliency._fine_grained_with(x, saturate, kernels)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert torch.equal(got, want), (n, h, w, kind, saturate,
+                                            float((got - want).abs().max()))
+            done.append([n, h, w, kind, saturate])
+disc = saliency.wrapping_disc()  # on + off over 255: the uchar wrap, and its saturation
+for saturate in (False, True):
+    assert torch.equal(saliency._fine_grained_with(disc, saturate, kernels),
+                       saliency._fine_grained_with(disc, saturate, None))
+    done.append([1, 128, 128, "disc", saturate])
+wrapped, saturated = (saliency._fine_grained_with(disc, s, kernels) for s in (False, True))
+assert bool((saturated > wrapped).any()) and bool((saturated == 1.0).any())
+print(json.dumps(done))
+"""
+
+
+def test_fine_grained_kernels_equal_the_tensor_ops_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    done = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(done) == 38  # every size, kind and saturation ran through the kernels
+
+
+def test_kernels_wrong_by_one_grey_level_are_caught_before_their_first_use(monkeypatch):
+    """The first-use check compares the detector with the kernels against the tensor ops on
+    the same device; kernels whose map is off anywhere are never used."""
+    from pretrain import saliency
+    real = saliency._fine_grained_with
+
+    def off_by_one(images, saturate, kernels):
+        out = real(images, saturate, None)
+        if kernels is not None:
+            out = out.clone()
+            out.view(-1)[7] += 1 / 255
+        return out
+
+    fresh_kernels(monkeypatch, saliency.FINE_GRAINED_KERNELS, object())
+    monkeypatch.setattr(saliency, "_fine_grained_with", off_by_one)
+    with pytest.warns(RuntimeWarning, match="saliency fine_grained: the Triton kernel failed.*"
+                                           "differs from the tensor ops"):
+        assert saliency.FINE_GRAINED_KERNELS.get("cpu") is None
+    assert saliency.FINE_GRAINED_KERNELS.get("cpu") is None  # for good, no second warning
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.filterwarnings("error:.*Triton kernel failed:RuntimeWarning")
+@pytest.mark.parametrize("n,h,w", [(6, 32, 32), (5, 224, 224), (3, 37, 61)])
+def test_cuda_fine_grained_kernels_equal_the_tensor_ops(n, h, w):
+    """The compiled kernels on the GPU: the detector with them equals its tensor ops on the
+    GPU and the CPU's, and they really ran (passed the first-use check, no fallback)."""
+    from pretrain import saliency
+    g = torch.Generator().manual_seed(n)
+    low = torch.rand(n, 3, h // 4, w // 4, generator=g) * 255
+    x = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear")
+    kernels = saliency.FINE_GRAINED_KERNELS.get("cuda")
+    assert kernels is not None, saliency.FINE_GRAINED_KERNELS.failed
+    for saturate in (False, True):
+        got = saliency._fine_grained_with(x.cuda(), saturate, kernels)
+        assert torch.equal(got, saliency._fine_grained_with(x.cuda(), saturate, None))
+        assert torch.equal(got.cpu(), saliency._fine_grained_with(x, saturate, None))
+    assert torch.equal(saliency.fine_grained(x.cuda()).cpu(), saliency.fine_grained(x))
