@@ -148,13 +148,14 @@ def _gaussian3_u8(gray: torch.Tensor) -> torch.Tensor:
     return s.add_(8.0).mul_(1.0 / 16.0).floor_()
 
 
-def _chunks(batch: int, pixels: int, device: torch.device) -> list[slice]:
+def _chunks(batch: int, pixels: int, device: torch.device, budget: int | None = None
+            ) -> list[slice]:
     """Batch slices: cache-sized on CPU (not a per-image loop: 64 images of 32x32 per thread
-    at once), memory-bounded elsewhere (80 images of 224x224 at once)."""
-    if device.type == "cpu":
-        budget = _CPU_CHUNK_PIXELS * torch.get_num_threads()
-    else:
-        budget = _DEVICE_CHUNK_PIXELS
+    at once), memory-bounded elsewhere (80 images of 224x224 at once); `budget` pixels per
+    chunk instead, where given."""
+    if budget is None:
+        budget = _CPU_CHUNK_PIXELS * torch.get_num_threads() if device.type == "cpu" \
+            else _DEVICE_CHUNK_PIXELS
     per = max(1, budget // pixels)
     return [slice(i, min(i + per, batch)) for i in range(0, batch, per)]
 
@@ -301,18 +302,26 @@ def _fine_grained(images: torch.Tensor, saturate: bool = False) -> torch.Tensor:
     return _fine_grained_with(images, saturate, kernels)
 
 
-def _fine_grained_with(images: torch.Tensor, saturate: bool, kernels) -> torch.Tensor:
-    """`_fine_grained` with the kernels given (`pretrain.saliency_triton`), or tensor ops."""
+def _fine_grained_with(images: torch.Tensor, saturate: bool, kernels,
+                       chunk_pixels: int | None = None) -> torch.Tensor:
+    """`_fine_grained` with the kernels given (`pretrain.saliency_triton`), or tensor ops;
+    `chunk_pixels` overrides the device's chunk size (the first-use check's partial chunk)."""
     b, _, h, w = images.shape
     out = torch.empty((b, h, w), device=images.device)
-    parts = _chunks(b, h * w, images.device)
+    parts = _chunks(b, h * w, images.device, chunk_pixels)
     ws = _Workspace(out, parts[0].stop, h, w)
     for part in parts:  # quantised per chunk too: a whole-batch copy costs 15% in page faults
         gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(images[part]))))
-        if kernels is None:
-            _mix_on_off(_on_off_sums(gray, ws), saturate, ws.view(len(gray)), out[part])
-        else:
-            _on_off_and_mix(kernels, gray, ws, saturate, out[part])
+        if kernels is not None:
+            try:
+                _on_off_and_mix(kernels, gray, ws, saturate, out[part])
+                continue
+            except Exception as e:  # a new specialisation that fails to compile: tensor ops
+                if kernels is not FINE_GRAINED_KERNELS.kernels:
+                    raise  # a stand-in or the check's own call: let the caller see it
+                FINE_GRAINED_KERNELS.fail(e)
+                kernels = None
+        _mix_on_off(_on_off_sums(gray, ws), saturate, ws.view(len(gray)), out[part])
     return out
 
 
@@ -331,18 +340,14 @@ def _on_off_and_mix(kernels, gray: torch.Tensor, ws: _Workspace, saturate: bool,
     scales = constant(tuple(v for s in ws.scales for v in s), torch.int32, gray.device,
                       (len(ws.scales), 3))
     total = b * h * w
-    grid = (triton_cdiv(total, _KERNEL_BLOCK),)
+    grid = (-(-total // _KERNEL_BLOCK),)
     with on_device_of(gray):
         kernels.on_off_sums[grid](gray, integral, ws.area, scales, sums, total, sums.stride(0),
                                   h, w, integral.shape[1], integral.shape[2], py, px,
-                                  len(ws.scales), BLOCK=_KERNEL_BLOCK)
+                                  N_SCALES=len(ws.scales), BLOCK=_KERNEL_BLOCK)
         peaks = sums.amax((-2, -1)).clamp_(min=1.0)  # [2,b]: on and off maxima per image
         kernels.scale_and_mix[grid](sums, peaks, out, total, sums.stride(0), h * w,
                                     SATURATE=saturate, BLOCK=_KERNEL_BLOCK)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _exact_dtype(height: int, width: int) -> torch.dtype:
@@ -357,11 +362,13 @@ def _load_fine_grained_kernels():
 
 def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
     """Why the kernels cannot be trusted on `device` (None: they can): the detector with them
-    against the tensor ops on the same device, bit for bit, on 0..255 images of three sizes
-    (several scales clamped to the image and merged, a non-square one, 224x224 with all six),
-    with and without saturation, plus a flat image, a hard edge, and a grey dot in a dark disc
-    on white (on + off over 255: OpenCV's uchar cast wraps)."""
+    against the tensor ops on the same device, bit for bit, with and without saturation, on
+    0..255 images: three sizes (several scales clamped to the image and merged, a non-square
+    one, 224x224 with all six), the first in chunks of two images (a partial last chunk),
+    with a flat image, a hard edge, and a grey dot in a dark disc on white (on + off over 255:
+    OpenCV's uchar cast wraps)."""
     g = torch.Generator().manual_seed(20232)
+    batches = []
     for n, h, w in ((3, 32, 32), (2, 40, 56), (2, 224, 224)):
         low = torch.rand(n, 3, max(2, h // 8), max(2, w // 8), generator=g) * 255
         images = F.interpolate(low, size=(h, w), mode="bilinear").round()
@@ -369,14 +376,16 @@ def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
             images[0] = 128.0  # flat: every sum zero
         images[-1, :, :, : w // 2] = 0.0  # a hard edge: the largest differences
         images[-1, :, :, w // 2:] = 255.0
-        for images in (images.to(device), wrapping_disc(device)):
-            for saturate in (False, True):
-                want = _fine_grained_with(images, saturate, None)
-                got = _fine_grained_with(images, saturate, kernels)
-                if not torch.equal(got, want):
-                    n, _, h, w = images.shape
-                    return (f"its map of {n} images of {h}x{w} (saturate={saturate}) differs "
-                            "from the tensor ops'")
+        batches.append((images.to(device), 2 * h * w if n > 2 else None))
+    batches.append((wrapping_disc(device), None))
+    for images, chunk in batches:
+        for saturate in (False, True):
+            want = _fine_grained_with(images, saturate, None, chunk)
+            got = _fine_grained_with(images, saturate, kernels, chunk)
+            if not torch.equal(got, want):
+                n, _, h, w = images.shape
+                return (f"its map of {n} images of {h}x{w} (saturate={saturate}) differs "
+                        "from the tensor ops'")
     return None
 
 

@@ -22,8 +22,8 @@ import triton.language as tl
 
 @triton.jit
 def on_off_sums(gray_ptr, integral_ptr, area_ptr, scales_ptr, sums_ptr, total, off_plane,
-                height, width, integral_h, integral_w, pad_y, pad_x, n_scales,
-                BLOCK: tl.constexpr):
+                height, width, integral_h, integral_w, pad_y, pad_x,
+                N_SCALES: tl.constexpr, BLOCK: tl.constexpr):
     """gray [B,H,W] f32, integral [B,IH,IW] f32 (padded as `_fill_integral` writes it), area
     [S,H,W] f32, scales [S,3] i32 (half-heights, half-widths, multiplicity); writes sums
     (on at `sums`, off `off_plane` elements further; each [B,H,W]). `total` = B*H*W."""
@@ -38,7 +38,7 @@ def on_off_sums(gray_ptr, integral_ptr, area_ptr, scales_ptr, sums_ptr, total, o
     base = integral_ptr + b * (integral_h * integral_w)
     on = tl.zeros([BLOCK], dtype=tl.float32)
     signed = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(n_scales):
+    for i in tl.static_range(N_SCALES):  # unrolled: at most six distinct scales
         ny = tl.load(scales_ptr + 3 * i)
         nx = tl.load(scales_ptr + 3 * i + 1)
         count = tl.load(scales_ptr + 3 * i + 2).to(tl.float32)

@@ -237,9 +237,10 @@ class CheckedKernels:
     `check(kernels, device)` runs both ways on test inputs and says why the kernels cannot be
     trusted there (None: they can). `get(device)` gives the kernels or None: switched off
     (SMIX_TRITON=0), Triton missing, or failed (a failed load, check or launch: one warning,
-    then tensor ops for good, on every device). The check runs once per device and process,
-    never while a CUDA graph is being captured (it synchronises; the caller then uses tensor
-    ops for that capture). Under TRITON_INTERPRET=1 Triton's interpreter runs kernels on CPU
+    then tensor ops for good, on every device: an error during the check, an out-of-memory
+    included, counts as failed). The check runs once per device and process, never while a
+    CUDA graph is being captured (it synchronises; the caller then uses tensor ops for that
+    capture). Under TRITON_INTERPRET=1 Triton's interpreter runs kernels on CPU
     tensors, so CPU tests can check their logic."""
 
     def __init__(self, name: str, load: Callable[[], object],
@@ -255,13 +256,18 @@ class CheckedKernels:
         if self.kernels is None:
             try:
                 self.kernels = self.load()
-            except ImportError:
-                self.failed = "triton is not installed"
+            except ModuleNotFoundError as e:
+                if e.name != "triton" and not (e.name or "").startswith("triton."):
+                    self.fail(e)
+                    return None
+                self.failed = "triton is not installed"  # silently: CPU-only installs
                 return None
             except Exception as e:  # a broken Triton install
                 self.fail(e)
                 return None
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one check
+            device = torch.device("cuda", torch.cuda.current_device())
         if device not in self.checked:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None

@@ -22,6 +22,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = r"""
 import json, sys
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def loop(out_ptr, n):
+    total = 0
+    for i in range(1, n):
+        total += i
+    tl.store(out_ptr, total)
+
+
+probe = torch.zeros(1, dtype=torch.int32)
+try:  # Triton's interpreter before 3.8 cannot loop to a runtime bound under numpy 2
+    loop[(1,)](probe, 4)
+except Exception as e:
+    print(json.dumps({"skip": f"Triton {triton.__version__}'s interpreter: {e}"}))
+    sys.exit(0)
+assert int(probe) == 6
 from pretrain import greedy
 from tests.test_guidedmixup import brute_force_walk
 assert greedy.WALK.get("cpu") is not None
@@ -56,6 +75,8 @@ def test_triton_walk_equals_the_tensor_op_walk_in_the_interpreter():
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     done = json.loads(res.stdout.strip().splitlines()[-1])
+    if isinstance(done, dict):  # the CUDA test and the first-use check still cover the kernel
+        pytest.skip(done["skip"])
     assert len(done) == 18  # every size and kind ran through the kernel
 
 
@@ -81,7 +102,8 @@ def test_a_failing_kernel_falls_back_once_with_a_warning(monkeypatch):
     fresh_kernels(monkeypatch, greedy.WALK, Broken())
     maps = torch.rand(7, 4, 4, generator=torch.Generator().manual_seed(2))
     dist = greedy.pairwise_distances(maps)
-    with pytest.warns(RuntimeWarning, match="greedy pairing: the Triton kernel failed.*no C compiler"):
+    with pytest.warns(RuntimeWarning,
+                      match="greedy pairing: the Triton kernel failed.*no C compiler"):
         perm = greedy.greedy_cycle(dist, use_kernel=True)
     assert torch.equal(perm, greedy.greedy_cycle(dist, use_kernel=False))
     assert greedy.WALK.get("cpu") is None  # for good: no second warning per step

@@ -26,6 +26,8 @@ import json
 import numpy as np
 import torch
 from pretrain import saliency
+torch.set_num_threads(1)  # the CPU chunk budget scales with the threads
+assert len(saliency._chunks(70, 32 * 32, torch.device("cpu"))) == 2  # (70, 32, 32): 64 + 6
 kernels = saliency.FINE_GRAINED_KERNELS.get("cpu")  # loads them and runs the first-use check
 assert kernels is not None, saliency.FINE_GRAINED_KERNELS.failed
 g = torch.Generator().manual_seed(5)
@@ -74,8 +76,8 @@ def test_kernels_wrong_by_one_grey_level_are_caught_before_their_first_use(monke
     from pretrain import saliency
     real = saliency._fine_grained_with
 
-    def off_by_one(images, saturate, kernels):
-        out = real(images, saturate, None)
+    def off_by_one(images, saturate, kernels, chunk_pixels=None):
+        out = real(images, saturate, None, chunk_pixels)
         if kernels is not None:
             out = out.clone()
             out.view(-1)[7] += 1 / 255
@@ -108,4 +110,7 @@ def test_cuda_fine_grained_kernels_equal_the_tensor_ops(n, h, w):
         got = saliency._fine_grained_with(x.cuda(), saturate, kernels)
         assert torch.equal(got, saliency._fine_grained_with(x.cuda(), saturate, None))
         assert torch.equal(got.cpu(), saliency._fine_grained_with(x, saturate, None))
+        # in chunks of 2 images (the last one smaller, as 256 images of 224x224 in training)
+        chunked = saliency._fine_grained_with(x.cuda(), saturate, kernels, 2 * h * w)
+        assert torch.equal(chunked, got)
     assert torch.equal(saliency.fine_grained(x.cuda()).cpu(), saliency.fine_grained(x))
