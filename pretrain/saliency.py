@@ -296,10 +296,23 @@ def fine_grained(images: torch.Tensor, *, saturate: bool = False) -> torch.Tenso
 def _fine_grained(images: torch.Tensor, saturate: bool = False) -> torch.Tensor:
     """The fine-grained detector's computation, on checked images; on CUDA with its two
     elementwise stages as Triton kernels where they run (`FINE_GRAINED_KERNELS`)."""
+    kernels = _kernels_for(images)
+    if kernels is None:
+        return _fine_grained_with(images, saturate, None)
+    try:
+        return _fine_grained_with(images, saturate, kernels)
+    except Exception as e:  # a new specialisation that fails to compile: tensor ops for good
+        FINE_GRAINED_KERNELS.fail(e)
+        return _fine_grained_with(images, saturate, None)
+
+
+def _kernels_for(images: torch.Tensor):
+    """The fine-grained kernels for these images: on CUDA, float32-exact sizes, where Triton
+    runs and passed its check; else None (tensor ops)."""
     h, w = images.shape[2:]
-    kernels = FINE_GRAINED_KERNELS.get(images.device) \
-        if images.is_cuda and _exact_dtype(h, w) == torch.float32 else None
-    return _fine_grained_with(images, saturate, kernels)
+    if not images.is_cuda or _exact_dtype(h, w) != torch.float32:
+        return None
+    return FINE_GRAINED_KERNELS.get(images.device)
 
 
 def _fine_grained_with(images: torch.Tensor, saturate: bool, kernels,
@@ -312,16 +325,10 @@ def _fine_grained_with(images: torch.Tensor, saturate: bool, kernels,
     ws = _Workspace(out, parts[0].stop, h, w)
     for part in parts:  # quantised per chunk too: a whole-batch copy costs 15% in page faults
         gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(images[part]))))
-        if kernels is not None:
-            try:
-                _on_off_and_mix(kernels, gray, ws, saturate, out[part])
-                continue
-            except Exception as e:  # a new specialisation that fails to compile: tensor ops
-                if kernels is not FINE_GRAINED_KERNELS.kernels:
-                    raise  # a stand-in or the check's own call: let the caller see it
-                FINE_GRAINED_KERNELS.fail(e)
-                kernels = None
-        _mix_on_off(_on_off_sums(gray, ws), saturate, ws.view(len(gray)), out[part])
+        if kernels is None:
+            _mix_on_off(_on_off_sums(gray, ws), saturate, ws.view(len(gray)), out[part])
+        else:
+            _on_off_and_mix(kernels, gray, ws, saturate, out[part])
     return out
 
 

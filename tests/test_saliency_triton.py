@@ -91,6 +91,29 @@ def test_kernels_wrong_by_one_grey_level_are_caught_before_their_first_use(monke
     assert saliency.FINE_GRAINED_KERNELS.get("cpu") is None  # for good, no second warning
 
 
+def test_a_launch_that_fails_after_the_check_falls_back_once(monkeypatch):
+    """Kernels that passed their check but fail on a new shape (a specialisation that does
+    not compile): the detector answers with its tensor ops, one warning, kernels off."""
+    from pretrain import saliency
+
+    class Broken:  # kernels.on_off_sums[grid](...) raises
+        def __getattr__(self, name):
+            return self
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PTX assembly failed")
+            return launch
+
+    fresh_kernels(monkeypatch, saliency.FINE_GRAINED_KERNELS, Broken())
+    monkeypatch.setattr(saliency, "_kernels_for", lambda images: Broken())
+    x = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0)) * 255
+    with pytest.warns(RuntimeWarning, match="fine_grained: the Triton kernel failed.*PTX"):
+        got = saliency._fine_grained(x)
+    assert torch.equal(got, saliency._fine_grained_with(x, False, None))
+    assert saliency.FINE_GRAINED_KERNELS.get("cpu") is None  # off for good
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
