@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14 in ONE device call: 11 steps within a 545 s budget (a step gets at most what is left;
-# most important first; STEPS="a b" runs only those), then a summary; 12 files in $OUT:
+# most important first; STEPS="a b" runs only those), then a summary; in $OUT goals.txt and
+# logs.tgz (the step logs):
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
 #       carry=[".gpu"], timeout_s=580)          # .gpu: bash ../shared/gpu/prepare.sh
 # What it measures: the CUDA graphs of the detectors, the greedy walk and the SaliencyMix /
@@ -96,6 +97,10 @@ for r in lines("aug_overhead"):
               f"| apply(sample()): {r.get('overhead_mix_two_pass')}, "
               f"{r.get('overhead_mix_two_pass_pipelined')} [{r['device_name']}]")
 for r in lines("triton_kernels"):
+    if not r["kernel_ran"]:
+        print(f"  {r['case']}, {r['shape']}: the kernel did not run on {r['device_name']} "
+              "(see tests.log for its warning): no comparison")
+        continue
     print(f"  {r['case']}, {r['shape']}: Triton {r['kernel_ms']} ms vs tensor ops "
           f"{r['tensor_ops_ms']} ms (x{r['speedup']}); {r['pipeline']} per sync: "
           f"{r['kernel_pipelined_ms']} vs {r['tensor_ops_pipelined_ms']} ms "
@@ -138,3 +143,5 @@ for r in lines("mixer_profile"):
           f"{r['graph_launches_per_call']}); top host {r['top_host_ms'][:3]}")
 PY
 echo "total $(( $(date +%s) - T0 ))s"
+# one archive of the step logs beside goals.txt: a run returns only a few files from $OUT
+(cd "$OUT" && tar -czf logs.tgz -- *.log && rm -f -- *.log)
