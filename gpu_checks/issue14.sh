@@ -99,7 +99,7 @@ for r in lines("aug_overhead"):
 for r in lines("triton_kernels"):
     if not r["kernel_ran"]:
         print(f"  {r['case']}, {r['shape']}: the kernel did not run on {r['device_name']} "
-              "(see tests.log for its warning): no comparison")
+              f"({r.get('note', 'see tests.log for its warning')}): no comparison")
         continue
     print(f"  {r['case']}, {r['shape']}: Triton {r['kernel_ms']} ms vs tensor ops "
           f"{r['tensor_ops_ms']} ms (x{r['speedup']}); {r['pipeline']} per sync: "
