@@ -153,9 +153,12 @@ def refuse_device_literals(monkeypatch) -> None:
 SYNC_FREE = CASES  # all but mode=official, which runs OpenCV on the host by definition
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["sample+apply", "call"])
 @pytest.mark.parametrize("case,mixer_name,params", SYNC_FREE, ids=[c[0] for c in SYNC_FREE])
-def test_sample_and_apply_never_wait_for_the_device(case, mixer_name, params, monkeypatch):
-    """On a fake device (meta: shapes, no data) nothing of the batch is read on the host."""
+def test_mixers_never_wait_for_the_device(case, mixer_name, params, one_pass, monkeypatch):
+    """On a fake device (meta: shapes, no data) nothing of the batch is read on the host, by
+    `sample` + `apply` or by the one-pass `__call__` (what training runs; SaliencyMix and
+    Guided-SR fuse sample and apply)."""
     images, labels = batch()
     model = model_for_ap().to("meta") if params.get("saliency") == "ap" else None
     images, labels = images.to("meta"), labels.to("meta")
@@ -163,26 +166,10 @@ def test_sample_and_apply_never_wait_for_the_device(case, mixer_name, params, mo
     mixer = get_mixer(mixer_name, **params)
     refuse_device_literals(monkeypatch)
     for seed in range(3):  # also after the caches (plans, taps, constants) are filled
+        gen = torch.Generator().manual_seed(seed)
         with RefuseHostSync():
-            p = mixer.sample(images, labels, torch.Generator().manual_seed(seed), ctx)
-            out = mixer.apply(images, labels, p)
-        assert out.images.device.type == "meta" and out.lam.device.type == "meta"
-        assert out.images.shape == images.shape
-
-
-@pytest.mark.parametrize("case,mixer_name,params", SYNC_FREE, ids=[c[0] for c in SYNC_FREE])
-def test_call_never_waits_for_the_device(case, mixer_name, params, monkeypatch):
-    """The one-pass `__call__` (what training runs; SaliencyMix and Guided-SR fuse sample and
-    apply) reads nothing of the batch on the host either."""
-    images, labels = batch()
-    model = model_for_ap().to("meta") if params.get("saliency") == "ap" else None
-    images, labels = images.to("meta"), labels.to("meta")
-    ctx = MixContext(MEAN, STD, 10, model)
-    mixer = get_mixer(mixer_name, **params)
-    refuse_device_literals(monkeypatch)
-    for seed in range(3):
-        with RefuseHostSync():
-            out = mixer(images, labels, torch.Generator().manual_seed(seed), ctx)
+            out = mixer(images, labels, gen, ctx) if one_pass else \
+                mixer.apply(images, labels, mixer.sample(images, labels, gen, ctx))
         assert out.images.device.type == "meta" and out.lam.device.type == "meta"
         assert out.images.shape == images.shape and out.lam.shape == labels.shape
 

@@ -78,8 +78,7 @@ def _sr_step(images: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor | No
     """Guided-SR's whole step after the host draws, as `GuidedMixup.__call__` runs it:
     `_sr_plan`, then `apply`'s blend, the same ops (so the same values): the mixed batch, the
     source labels and λ. One CUDA graph per batch shape (`_SR_STEP_GRAPHS`)."""
-    perm, mask, lam = _sr_plan(images, perm, **opts) if perm is not None else \
-        _sr_plan(images, **opts)
+    perm, mask, lam = _sr_plan(images, perm, **opts)
     mixed, label_b = blend(images, labels, perm, mask)
     return mixed, label_b, lam
 
