@@ -11,7 +11,9 @@ CPU, the mixer alone is also timed (median of more repeats): the convolutions co
 whatever the pixels, so T_method = T_none + T_mix and `overhead_mix` = T_mix / T_none
 estimates the same quantity with less variance; the goals are checked on it. On CUDA the
 mixers replay CUDA graphs (`smix.devices.GraphCache`); each mixer is also timed with them
-switched off in the same rounds (`t_mix_eager_s`, `overhead_mix_eager`).
+switched off in the same rounds (`t_mix_eager_s`, `overhead_mix_eager`), and the methods of
+the goals with the Triton kernels off (SMIX_TRITON=0, tensor ops in graphs of their own:
+`t_mix_tensor_ops_s`, `overhead_mix_tensor_ops`, and pipelined): what the kernels save.
 Each mixer is also timed as `apply(sample(...))` in the same rounds (`t_mix_two_pass_s`,
 `overhead_mix_two_pass`, and pipelined): a call that SaliencyMix and Guided-SR now make in one
 pass (one upload, one graph), the others in the same two steps as before.
@@ -36,14 +38,17 @@ One JSON line per (device, model, method), naming the device (the card, or the C
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
 import statistics
 import sys
 import time
+import warnings
 from typing import Callable, Iterator
 
 import numpy as np
@@ -53,7 +58,7 @@ from tqdm import tqdm
 from smix.arch import build_model
 from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from smix.data import CIFAR10_MEAN, CIFAR10_STD
-from smix.devices import device_name, graphs_enabled
+from smix.devices import GraphCache, device_name, graphs_enabled
 from pretrain.engine import mixed_loss
 from pretrain.mixers import MixContext, Mixer, MixOutput, get_mixer
 
@@ -210,6 +215,10 @@ def measure(setting: Setting, device: torch.device, bar: tqdm, verbose: bool = F
 
     for fn in fns.values():
         fn(x, y, torch.Generator().manual_seed(0), ctx)  # warm-up: lazy imports, caches
+    kernels_off = [k for k in fns if k in GOALS and device.type == "cuda"]
+    with tensor_ops():  # their own graphs, captured here, not in a timed call
+        for k in kernels_off:
+            fns[k](x, y, torch.Generator().manual_seed(0), ctx)
     for _ in range(2):  # warm-up, last before timing: allocator, kernels, page faults
         timed(lambda: step(fns["none"], 0), device)
     steps: dict[str, list[float]] = {k: [] for k in fns}
@@ -233,6 +242,8 @@ def measure(setting: Setting, device: torch.device, bar: tqdm, verbose: bool = F
     eager: dict[str, list[float]] = {k: [] for k in fns}
     two_pass: dict[str, list[float]] = {k: [] for k in fns}
     two_pass_pipe: dict[str, list[float]] = {k: [] for k in fns}
+    off: dict[str, list[float]] = {k: [] for k in fns}
+    off_pipe: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(setting.mix_repeats):
         for name in fns:
             mix[name].append(mix_once(name, r))
@@ -243,6 +254,13 @@ def measure(setting: Setting, device: torch.device, bar: tqdm, verbose: bool = F
             if device.type == "cuda":  # the same mixer without CUDA graphs, same round
                 with graphs_off():
                     eager[name].append(mix_once(name, r))
+            if name in kernels_off:  # the same mixer with tensor ops for the kernels, same round
+                with tensor_ops():
+                    off[name].append(mix_once(name, r))
+                    if pipeline > 1:
+                        off_pipe[name].append(timed_many(
+                            lambda k: fns[name](x, y, torch.Generator().manual_seed(1000 * r + k),
+                                                ctx), pipeline, device))
             m = fns[name]
             if isinstance(m, Mixer):  # apply(sample(...)): the call before the one-pass fusion
                 two = lambda gen, m=m: m.apply(x, y, m.sample(x, y, gen, ctx))
@@ -258,6 +276,10 @@ def measure(setting: Setting, device: torch.device, bar: tqdm, verbose: bool = F
     for k in fns:
         if eager[k]:
             times[k]["t_mix_eager"] = statistics.median(eager[k])
+        if off[k]:
+            times[k]["t_mix_tensor_ops"] = statistics.median(off[k])
+        if off_pipe[k]:
+            times[k]["t_mix_tensor_ops_pipelined"] = statistics.median(off_pipe[k])
         if two_pass[k]:
             times[k]["t_mix_two_pass"] = statistics.median(two_pass[k])
         if two_pass_pipe[k]:
@@ -282,6 +304,30 @@ def graphs_off() -> Iterator[None]:
             os.environ["SMIX_CUDA_GRAPHS"] = old
 
 
+@contextlib.contextmanager
+def tensor_ops() -> Iterator[None]:
+    """Run the block with the Triton kernels off (SMIX_TRITON=0), on CUDA graphs of its own: a
+    captured graph keeps the path it captured, so every `GraphCache` swaps its graphs for a
+    second set while the block runs."""
+    with warnings.catch_warnings():  # isinstance on some of torch's objects warns
+        warnings.simplefilter("ignore")
+        caches = [o for o in gc.get_objects() if isinstance(o, GraphCache)]
+    old = os.environ.get("SMIX_TRITON")
+    os.environ["SMIX_TRITON"] = "0"
+    for c in caches:
+        c.entries, c.other_entries = getattr(c, "other_entries", collections.OrderedDict()), \
+            c.entries
+    try:
+        yield
+    finally:
+        for c in caches:
+            c.entries, c.other_entries = c.other_entries, c.entries
+        if old is None:
+            os.environ.pop("SMIX_TRITON")
+        else:
+            os.environ["SMIX_TRITON"] = old
+
+
 def report(setting: Setting, device: torch.device, times: dict[str, dict[str, float]],
            pipeline: int = 1) -> None:
     t_none = times["none"]["t_step"]
@@ -303,6 +349,14 @@ def report(setting: Setting, device: torch.device, times: dict[str, dict[str, fl
             line["t_mix_eager_s"] = round(t["t_mix_eager"], 5)
             line["overhead_mix_eager"] = round(
                 (t["t_mix_eager"] - times["none"]["t_mix_eager"]) / t_none, 4)
+        if "t_mix_tensor_ops" in t:  # same rounds, SMIX_TRITON=0: what the kernels save
+            line["t_mix_tensor_ops_s"] = round(t["t_mix_tensor_ops"], 5)
+            line["overhead_mix_tensor_ops"] = round(
+                (t["t_mix_tensor_ops"] - times["none"]["t_mix"]) / t_none, 4)
+        if "t_mix_tensor_ops_pipelined" in t:
+            line["overhead_mix_tensor_ops_pipelined"] = round(
+                (t["t_mix_tensor_ops_pipelined"] - times["none"]["t_mix_pipelined"])
+                / times["none"]["t_step_pipelined"], 4)
         if "t_mix_two_pass" in t:  # same rounds, apply(sample(...)) instead of the call
             line["t_mix_two_pass_s"] = round(t["t_mix_two_pass"], 5)
             line["overhead_mix_two_pass"] = round(

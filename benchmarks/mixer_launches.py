@@ -6,7 +6,8 @@ operation producing or reading a device tensor (views, host draws and allocation
 `smix.devices.GraphCache` is told to treat meta like CUDA: its function runs eagerly, and its
 operations (nested graphs included) are counted as one graph's. Counted twice: with tensor ops
 only (CPU, SMIX_TRITON=0), and `_with_kernels` as CUDA runs where Triton is: the greedy walk
-one kernel instead of 3(n-2) tensor ops, the fine-grained detector's on/off sums and mix two
+one kernel instead of 3(n-2) tensor ops; the fine-grained detector's gray plane blurred twice
+two, its on/off sums and mix two; SaliencyMix's boxes at the map points one, its paste one
 (stand-ins count the launches). A count, not a timing: each launch outside a graph costs the
 host a few microseconds on a GPU, each kernel in a graph about a microsecond of device time
 (timed on a GPU: mixer_profile.py).
@@ -28,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from smix import devices
 from smix.data import CIFAR10_MEAN, CIFAR10_STD
 from pretrain import greedy, saliency
-from pretrain.mixers import MixContext, get_mixer
+from pretrain.mixers import MixContext, boxes, get_mixer
 
 METHODS = {"cutmix": ("cutmix", {}), "mixup": ("mixup", {}),
            "saliencymix-batch": ("saliencymix", {"mode": "batch"}),
@@ -83,8 +84,10 @@ class StandIn:
 @contextlib.contextmanager
 def kernels_as_on_cuda(counter: CountLaunches) -> Iterator[None]:
     """The Triton kernels' paths, as CUDA takes them, on meta tensors: the fine-grained
-    detector's two kernels and the greedy walk's one, each counted as one launch."""
+    detector's, the boxes' and the greedy walk's, each launch counted as one."""
     stand_in = StandIn(counter)
+    real_boxes = boxes._kernels_for
+    boxes._kernels_for = lambda *tensors: stand_in
     graphs = saliency._FINE_GRAINED_GRAPHS
     real_fine, real_cycle = graphs.fn, greedy.greedy_cycle
     graphs.fn = lambda images, saturate=False: saliency._fine_grained_with(images, saturate,
@@ -96,7 +99,7 @@ def kernels_as_on_cuda(counter: CountLaunches) -> Iterator[None]:
         yield
     finally:
         graphs.fn, greedy.greedy_cycle = real_fine, real_cycle
-        greedy.WALK.get = real_get
+        greedy.WALK.get, boxes._kernels_for = real_get, real_boxes
 
 
 def count(mixer, x, y, ctx, seed: int, on_cuda: bool) -> CountLaunches:

@@ -1,7 +1,8 @@
 """The Triton kernels against the tensor ops they replace, both replayed as CUDA graphs, in
 the same process: the greedy pairing walk (GuidedMixup Algorithm 1; 3 kernels per step as
-tensor ops) and the fine-grained detector (SaliencyMix's; its on/off sums and mix, about 8
-passes per scale and 15 more as tensor ops).
+tensor ops), the fine-grained detector (SaliencyMix's; its gray plane blurred twice, about 24
+passes as tensor ops, its on/off sums and mix, about 8 passes per scale and 15 more), and
+SaliencyMix's boxes at the map points and per-sample paste (about 30 small kernels).
 
 Per case, timed as single synchronised calls and as K calls per synchronisation (what a
 training loop pays per step). Baseline: SMIX_TRITON=0 (tensor ops), same inputs, same
@@ -23,8 +24,22 @@ from typing import Callable, Iterator
 
 import torch
 
-from smix.devices import device_name
+from smix.devices import GraphCache, device_name
 from pretrain import greedy, saliency
+from pretrain.mixers import boxes
+
+
+@torch.no_grad()
+def boxes_and_paste(images: torch.Tensor, points: torch.Tensor, sides: torch.Tensor,
+                    perm: torch.Tensor) -> torch.Tensor:
+    """SaliencyMix's step after its maps: boxes at the points, then the per-sample paste."""
+    h, w = images.shape[2:]
+    src, dst, lam = boxes.boxes_at_points(points[0].index_select(0, perm), points[1], sides,
+                                          h, w)
+    return boxes.paste_permuted(images, perm, src, dst).sum() + lam.sum()
+
+
+_BOX_GRAPHS = GraphCache(boxes_and_paste, "benchmark boxes")
 
 
 @contextlib.contextmanager
@@ -32,7 +47,7 @@ def triton(on: bool) -> Iterator[None]:
     """The Triton kernels on or off, with fresh graphs (a captured graph keeps its path)."""
     old = os.environ.get("SMIX_TRITON")
     os.environ["SMIX_TRITON"] = "1" if on else "0"
-    caches = (greedy._GREEDY_GRAPHS, saliency._FINE_GRAINED_GRAPHS)
+    caches = (greedy._GREEDY_GRAPHS, saliency._FINE_GRAINED_GRAPHS, _BOX_GRAPHS)
     for c in caches:
         c.entries.clear()
     try:
@@ -73,6 +88,17 @@ def cases(a: argparse.Namespace, device: torch.device):
         x = torch.nn.functional.interpolate(low, size=size, mode="bilinear").to(device)
         yield "fine_grained", f"{n} images of {size}x{size}", \
             lambda x=x: saliency.fine_grained(x), saliency.FINE_GRAINED_KERNELS
+    for spec in (v for v in a.boxes.split(",") if v):
+        n, size = (int(v) for v in spec.split("x"))
+        g = torch.Generator().manual_seed(size + 1)
+        images = torch.randn(n, 3, size, size, generator=g).to(device).contiguous(
+            memory_format=torch.channels_last)
+        points = torch.randint(0, size * size, (2, n), generator=g).to(device)
+        sides = torch.randint(0, size + 1, (2, n), generator=g).to(device)
+        perm = torch.randperm(n, generator=g).to(device)
+        yield "boxes_and_paste", f"{n} images of {size}x{size}, channels last", \
+            lambda args=(images, points, sides, perm): _BOX_GRAPHS(*args).view(1), \
+            boxes.BOX_KERNELS
 
 
 def main() -> None:
@@ -81,6 +107,8 @@ def main() -> None:
     ap.add_argument("--walk", default="64,256", help="batch sizes of the greedy walk")
     ap.add_argument("--detector", default="64x32,32x224,256x224",
                     help="fine-grained batches, NxSIZE")
+    ap.add_argument("--boxes", default="64x32,32x224,256x224",
+                    help="boxes-and-paste batches, NxSIZE")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pipeline", type=int, default=16)
     a = ap.parse_args()

@@ -324,16 +324,35 @@ def _fine_grained_with(images: torch.Tensor, saturate: bool, kernels,
     parts = _chunks(b, h * w, images.device, chunk_pixels)
     ws = _Workspace(out, parts[0].stop, h, w)
     for part in parts:  # quantised per chunk too: a whole-batch copy costs 15% in page faults
-        gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(images[part]))))
         if kernels is None:
+            gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(images[part]))))
             _mix_on_off(_on_off_sums(gray, ws), saturate, ws.view(len(gray)), out[part])
         else:
+            gray = _gray_blurred(kernels, images[part], ws)
             _on_off_and_mix(kernels, gray, ws, saturate, out[part])
     return out
 
 
 _FINE_GRAINED_GRAPHS = GraphCache(_fine_grained, "saliency fine_grained")
 _KERNEL_BLOCK = 1024
+
+
+def _gray_blurred(kernels, rgb: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """`_gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(rgb))))` in two launches of the
+    `blur3` kernel (quantise, gray and blur per tap; then blur), into two of the workspace's
+    buffers that the kernels' path leaves free (`scaled`, `t`)."""
+    rgb = rgb.float()
+    b, _, h, w = rgb.shape
+    buf = ws.view(b)
+    once, twice = buf["scaled"][0], buf["t"]
+    total = b * h * w
+    grid = (-(-total // _KERNEL_BLOCK),)
+    with on_device_of(rgb):
+        kernels.blur3[grid](rgb, once, total, h, w, *rgb.stride(), FROM_RGB=True,
+                            BLOCK=_KERNEL_BLOCK)
+        kernels.blur3[grid](once, twice, total, h, w, h * w, 0, w, 1, FROM_RGB=False,
+                            BLOCK=_KERNEL_BLOCK)
+    return twice
 
 
 def _on_off_and_mix(kernels, gray: torch.Tensor, ws: _Workspace, saturate: bool,
@@ -373,7 +392,8 @@ def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
     0..255 images: three sizes (several scales clamped to the image and merged, a non-square
     one, 224x224 with all six), the first in chunks of two images (a partial last chunk),
     with a flat image, a hard edge, and a grey dot in a dark disc on white (on + off over 255:
-    OpenCV's uchar cast wraps)."""
+    OpenCV's uchar cast wraps); and de-normalised pixels as training passes them: quarter
+    steps from -30 to 290 (halves round to even, the rest is clamped), channels last."""
     g = torch.Generator().manual_seed(20232)
     batches = []
     for n, h, w in ((3, 32, 32), (2, 40, 56), (2, 224, 224)):
@@ -385,6 +405,8 @@ def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
         images[-1, :, :, w // 2:] = 255.0
         batches.append((images.to(device), 2 * h * w if n > 2 else None))
     batches.append((wrapping_disc(device), None))
+    raw = torch.randint(-120, 1161, (2, 3, 17, 23), generator=g) / 4.0
+    batches.append((raw.to(device).contiguous(memory_format=torch.channels_last), None))
     for images, chunk in batches:
         for saturate in (False, True):
             want = _fine_grained_with(images, saturate, None, chunk)

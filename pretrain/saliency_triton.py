@@ -1,13 +1,16 @@
-"""The fine-grained detector's two elementwise stages as Triton kernels (imported only where
+"""The fine-grained detector's per-pixel stages as Triton kernels (imported only where
 Triton is; `pretrain.saliency` launches them on CUDA once they reproduce its tensor ops there).
 
+* `blur3`: OpenCV's 3x3 Gaussian blur of uint8 (BORDER_REFLECT_101), of a gray plane, or of
+  float RGB pixels quantised to OpenCV's uint8 grid and converted to gray on the fly (BGR2GRAY)
+  -- two launches for the gray plane blurred twice, where the tensor ops make about 24.
 * `on_off_sums`: per pixel and for every scale, the truncated centre-surround difference from
   four corners of the integral image, summed into the on and off maps -- one pass, where the
   tensor ops make about eight full passes per scale.
 * `scale_and_mix`: OpenCV's `mixScales` + `mixOnOff` of the on/off sums given their per-image
   maxima -- one pass for what the tensor ops do in about fifteen.
 
-Both do the tensor ops' float32 arithmetic in the same order: integer values below 2^24 (exact
+All do the tensor ops' float32 arithmetic in the same order: integer values below 2^24 (exact
 in float32, whatever the order or fusion of adds and multiplies) and IEEE-rounded divisions
 (`tl.div_rn`: Triton's `/` is an approximate division). Under TRITON_INTERPRET=1 (set before
 Triton is imported) Triton's interpreter runs them on CPU tensors, which is how the CPU tests
@@ -18,6 +21,73 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + M) - M rounds |v| <= 2^22, half to even
+
+
+@triton.jit
+def _reflect(i, n):
+    """BORDER_REFLECT_101 of an index at most one step outside [0, n) (n >= 2)."""
+    i = tl.where(i < 0, -i, i)
+    return tl.where(i >= n, 2 * n - 2 - i, i)
+
+
+@triton.jit
+def _uint8_grid(v):
+    """`_as_uint8_grid`: round half to even, clamp to [0, 255], NaN kept. Clamping to [-1, 256]
+    first changes no result and keeps the rounding trick's operand small."""
+    v = tl.minimum(tl.maximum(v, -1.0, propagate_nan=tl.PropagateNan.ALL), 256.0,
+                   propagate_nan=tl.PropagateNan.ALL)
+    v = (v + _MAGIC) - _MAGIC
+    return tl.minimum(tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL), 255.0,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _level(src_ptr, y, x, s_c, s_y, s_x, live, FROM_RGB: tl.constexpr):
+    """The level the blur reads at (y, x) of the image at `src_ptr` (per-lane pointers): the
+    gray plane's value, or `_gray_u8(_as_uint8_grid(rgb))` (integers < 2^24: exact)."""
+    at = src_ptr + y * s_y + x * s_x
+    if FROM_RGB:
+        r = _uint8_grid(tl.load(at, mask=live, other=0.0))
+        g = _uint8_grid(tl.load(at + s_c, mask=live, other=0.0))
+        b = _uint8_grid(tl.load(at + 2 * s_c, mask=live, other=0.0))
+        return tl.floor((r * 9798.0 + g * 19235.0 + b * 3735.0 + 16384.0) * (1.0 / 32768.0))
+    else:
+        return tl.load(at, mask=live, other=0.0)
+
+
+@triton.jit
+def _row3(src_ptr, y, x, xl, xr, s_c, s_y, s_x, live, FROM_RGB: tl.constexpr):
+    """[1, 2, 1] across row y at column x (xl, xr: its reflected neighbours)."""
+    return ((_level(src_ptr, y, xl, s_c, s_y, s_x, live, FROM_RGB)
+             + _level(src_ptr, y, xr, s_c, s_y, s_x, live, FROM_RGB))
+            + 2.0 * _level(src_ptr, y, x, s_c, s_y, s_x, live, FROM_RGB))
+
+
+@triton.jit
+def blur3(src_ptr, out_ptr, total, height, width, s_b, s_c, s_y, s_x,
+          FROM_RGB: tl.constexpr, BLOCK: tl.constexpr):
+    """`_gaussian3_u8` of src into out [B,H,W] f32 (contiguous); src is the gray plane
+    [B,H,W] or, with FROM_RGB, float RGB pixels [B,3,H,W] (any strides, in elements; channel
+    0 red), quantised and made gray per tap. `total` = B*H*W; H, W >= 2. Every value is an
+    integer below 2^24, so the float32 sums are exact in any order."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = idx < total
+    plane = height * width
+    b = idx // plane
+    rem = idx % plane
+    y = rem // width
+    x = rem % width
+    src = src_ptr + b * s_b
+    xl = _reflect(x - 1, width)
+    xr = _reflect(x + 1, width)
+    up = _row3(src, _reflect(y - 1, height), x, xl, xr, s_c, s_y, s_x, live, FROM_RGB)
+    down = _row3(src, _reflect(y + 1, height), x, xl, xr, s_c, s_y, s_x, live, FROM_RGB)
+    mid = _row3(src, y, x, xl, xr, s_c, s_y, s_x, live, FROM_RGB)
+    s = (up + down) + 2.0 * mid
+    tl.store(out_ptr + idx, tl.floor((s + 8.0) * (1.0 / 16.0)), mask=live)
 
 
 @triton.jit

@@ -1,5 +1,5 @@
-"""The fine-grained detector's Triton kernels (`pretrain.saliency_triton`) against its tensor
-ops, bit for bit, and through them against OpenCV. Triton's interpreter (TRITON_INTERPRET=1,
+"""The fine-grained detector's Triton kernels (`pretrain.saliency_triton`: the quantised gray
+plane blurred twice, the on/off sums, the mix) against its tensor ops, bit for bit, and through them against OpenCV. Triton's interpreter (TRITON_INTERPRET=1,
 set before Triton is imported, hence a subprocess) runs the very kernels CUDA compiles, on CPU
 tensors; it divides with numpy (IEEE, as `tl.div_rn` on the GPU). On a GPU the CUDA test
 below compares the compiled kernels with the tensor ops there, and `FINE_GRAINED_KERNELS`
@@ -35,8 +35,11 @@ done = []
 # sizes: every scale clamped (3x3), merged scales (20x20, 32x32), non-square, a batch that
 # splits into CPU chunks (the last one smaller: the off plane's stride is the workspace's)
 for n, h, w in ((2, 3, 3), (3, 20, 20), (4, 32, 32), (2, 37, 61), (70, 32, 32), (1, 96, 80)):
-    for kind in ("smooth", "noise", "flat"):
-        if kind == "smooth":
+    for kind in ("smooth", "noise", "flat", "raw"):
+        if kind == "raw":  # de-normalised pixels: halves (round to even), beyond 0..255, NHWC
+            x = (torch.randint(-120, 1161, (n, 3, h, w), generator=g) / 4.0).contiguous(
+                memory_format=torch.channels_last)
+        elif kind == "smooth":
             low = torch.rand(n, 3, max(2, h // 6), max(2, w // 6), generator=g) * 255
             x = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear")
         elif kind == "noise":
@@ -67,7 +70,7 @@ def test_fine_grained_kernels_equal_the_tensor_ops_in_the_interpreter():
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     done = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(done) == 38  # every size, kind and saturation ran through the kernels
+    assert len(done) == 50  # every size, kind and saturation ran through the kernels
 
 
 def test_kernels_wrong_by_one_grey_level_are_caught_before_their_first_use(monkeypatch):

@@ -36,7 +36,8 @@ from smix.devices import GraphCache, upload
 from smix.errors import UserError
 from pretrain.mixers.base import (MixContext, Mixer, MixOutput, MixParams, bernoulli, beta,
                                   register_mixer)
-from pretrain.mixers.boxes import box_area, boxes_from_centres, paste_permuted
+from pretrain.mixers.boxes import (box_area, boxes_at_points, boxes_from_centres,
+                                   paste_permuted, place_like)
 from pretrain.pairing import get_pairing
 
 MODES = ("official", "batch", "sample")
@@ -50,11 +51,16 @@ SCHEMES: dict[str, tuple[str, str | None]] = {
 }
 
 
-def extreme_points(maps: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, col) of the argmax (`max`) or argmin (`min`) of each [H,W] map, first on ties
-    (row-major, as `np.unravel_index(np.argmax(...))`)."""
+def extreme_index(maps: torch.Tensor, kind: str) -> torch.Tensor:
+    """Flat index of the argmax (`max`) or argmin (`min`) of each [H,W] map, first on ties
+    (row-major, as `np.argmax(...)` of the map)."""
     flat = maps.flatten(1)
-    idx = flat.argmax(1) if kind == "max" else flat.argmin(1)
+    return flat.argmax(1) if kind == "max" else flat.argmin(1)
+
+
+def extreme_points(maps: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) of `extreme_index` (as `np.unravel_index(np.argmax(...))`)."""
+    idx = extreme_index(maps, kind)
     width = maps.shape[-1]
     return torch.div(idx, width, rounding_mode="floor"), idx % width
 
@@ -63,16 +69,6 @@ def cut_sides(lam: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor,
     """Box sides int(H*sqrt(1-λ)), int(W*sqrt(1-λ)) in float64, as the official `np.int(...)`."""
     rat = torch.sqrt(1.0 - lam.double().clamp(0, 1))
     return (height * rat).floor().long(), (width * rat).floor().long()
-
-
-def place_like(src: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, height: int,
-               width: int) -> torch.Tensor:
-    """Boxes of the same size as `src`, centred on (cy, cx) (top-left = point - size // 2) and
-    shifted to lie inside the image."""
-    sh, sw = src[:, 2] - src[:, 0], src[:, 3] - src[:, 1]
-    y0 = torch.minimum((cy - torch.div(sh, 2, rounding_mode="floor")).clamp(min=0), height - sh)
-    x0 = torch.minimum((cx - torch.div(sw, 2, rounding_mode="floor")).clamp(min=0), width - sw)
-    return torch.stack([y0, x0, y0 + sh, x0 + sw], dim=1)
 
 
 def scheme_boxes(src_maps: torch.Tensor, dst_maps: torch.Tensor | None, lam: torch.Tensor,
@@ -102,18 +98,26 @@ def boxes_from_sides(src_maps: torch.Tensor, dst_maps: torch.Tensor | None,
 def _boxes_on_device(images: torch.Tensor, sides: torch.Tensor, perm: torch.Tensor | None = None,
                      *, scheme: str, detector: str, mean: tuple, std: tuple
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Maps, boxes and actual λ of modes batch/sample, all from device tensors and so one CUDA
-    graph per batch shape (`GraphCache`): de-normalise, detect, argmax/argmin, boxes, areas.
+    """Maps, boxes and actual λ (float32) of modes batch/sample, all from device tensors and
+    so one CUDA graph per batch shape (`GraphCache`): de-normalise, detect, argmax/argmin,
+    boxes, areas (`boxes_at_points`: one Triton launch on CUDA).
 
     Without `perm` (mode batch): `images` are the first source and, for a scheme that needs
-    it, the first target; one box. With it (mode sample): a box per sample from `maps[perm]`."""
+    it, the first target; one box. With it (mode sample): a box per sample from `maps[perm]`
+    (whose points are those of `maps`, gathered: [B] indices, not [B,H,W] maps)."""
     from pretrain.saliency import get_detector
     h, w = images.shape[2:]
     pixels = denormalize(images.detach().float(), mean, std, scale=255.0)
     maps = get_detector(detector)(pixels)
-    src_maps, dst_maps = (maps[:1], maps[1:]) if perm is None else (maps[perm], maps)
-    src, dst = boxes_from_sides(src_maps, dst_maps, sides, scheme, h, w)
-    return src, dst, 1.0 - box_area(src).double() / (h * w)
+    src_kind, dst_kind = SCHEMES[scheme]
+    if perm is None:
+        src_idx = extreme_index(maps[:1], src_kind)
+        dst_idx = None if dst_kind is None else extreme_index(maps[1:], dst_kind)
+    else:
+        points = {kind: extreme_index(maps, kind) for kind in {src_kind, dst_kind} - {None}}
+        src_idx = points[src_kind].index_select(0, perm)
+        dst_idx = None if dst_kind is None else points[dst_kind]
+    return boxes_at_points(src_idx, dst_idx, sides, h, w)
 
 
 _BOX_GRAPHS = GraphCache(_boxes_on_device, "saliencymix boxes")
@@ -136,9 +140,9 @@ def _mix_on_device(images: torch.Tensor, labels: torch.Tensor, draws: torch.Tens
         src, dst, actual = _boxes_on_device(images[pick], sides, **opts)
     else:
         src, dst, actual = _boxes_on_device(images, sides, perm, **opts)
-    src, dst, actual = src.expand(bsz, 4), dst.expand(bsz, 4), actual.expand(bsz)
+    src, dst, actual = src.expand(bsz, 4), dst.expand(bsz, 4), actual.expand(bsz).contiguous()
     mixed = paste_permuted(images, perm, src, None if SCHEMES[scheme][1] is None else dst)
-    return mixed, labels[perm], actual.float()
+    return mixed, labels[perm], actual
 
 
 _STEP_GRAPHS = GraphCache(_mix_on_device, "saliencymix step")
@@ -263,7 +267,7 @@ class SaliencyMix(Mixer):
             cut_h, cut_w = cut_sides(lam, h, w)
             src = boxes_from_centres(torch.tensor([cy]), torch.tensor([cx]), cut_h, cut_w, h, w)
             dst = src
-            actual = 1.0 - box_area(src).double() / (h * w)
+            actual = (1.0 - box_area(src).double() / (h * w)).float()
         else:
             sides = upload(torch.stack(cut_sides(lam, h, w)), images.device)
             opts = {"scheme": self.scheme, "detector": self.detector, "mean": tuple(ctx.mean),
@@ -273,11 +277,11 @@ class SaliencyMix(Mixer):
                                                **opts)
             else:
                 src, dst, actual = _BOX_GRAPHS(images, sides, perm, **opts)
-        src, dst, actual = src.expand(bsz, 4), dst.expand(bsz, 4), actual.expand(bsz)
+        src, dst, actual = src.expand(bsz, 4), dst.expand(bsz, 4), actual.expand(bsz).contiguous()
         info = self._info()
         if self.mode != "sample":
             info["lam_sampled"] = float(lam[0])
-        return MixParams(active=True, perm=perm, lam=actual.float(), boxes=src,
+        return MixParams(active=True, perm=perm, lam=actual, boxes=src,
                          dst_boxes=None if SCHEMES[self.scheme][1] is None else dst, info=info)
 
     def _maps(self, images: torch.Tensor, ctx: MixContext) -> torch.Tensor:
