@@ -157,23 +157,26 @@ def _train_tv(setup, micro_batch: int, name: str) -> tuple[dict, dict]:
 
 def test_torchvision_micro_batches_equal_the_big_batch(tv_setup,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """batch=4 in one pass, in four passes of one image, and in two of two (micro_batch=3):
-    two iterations, FrozenBN ResNet-18 FPN, same seed -> the same weights."""
+    """batch=4 in one pass, in two of two (micro_batch=3) and in four of one: two iterations,
+    FrozenBN ResNet-18 FPN, same seed -> the same updates, to float32 summation order.
+
+    Two of two agree to 1e-6 on every machine measured (7.4e-7, 7.7e-7). One image per pass
+    runs other convolution kernels (batch 1), and their summation order can tip a near-tie
+    among the proposals: 3.4e-4 apart on an AVX-512 machine, 1.1e-2 with oneDNN held to AVX2,
+    under 1e-4 on another; so it gets the looser bound. The control: without per-image
+    sampling seeds the passes draw other anchors and RoIs (measured 0.08 and 0.10 apart)."""
     w0, big = _train_tv(tv_setup, 4, "big")
     _, small = _train_tv(tv_setup, 1, "small")
     _, two = _train_tv(tv_setup, 3, "two")  # 4 images at most 3 per pass: 2 + 2
     step = updates(big, w0)
     assert relative_distance(step, {k: 0 * v for k, v in step.items()}) > 1e-3  # it trained
-    assert relative_distance(big, small) < 1e-5
-    assert relative_distance(step, updates(small, w0)) < 1e-4
     assert relative_distance(step, updates(two, w0)) < 1e-4
-    # the control: without per-image sampling seeds the passes draw other anchors and RoIs,
-    # and the same comparison fails (measured: weights 3e-4, updates 0.1 apart)
+    assert relative_distance(step, updates(small, w0)) < 3e-2
     monkeypatch.setattr(micro.ImageSeeds, "images",
                         lambda self, seed, keys, device: contextlib.nullcontext())
     w0, big = _train_tv(tv_setup, 4, "big_unseeded")
-    _, small = _train_tv(tv_setup, 1, "small_unseeded")
-    assert relative_distance(big, small) > 1e-5
+    _, two = _train_tv(tv_setup, 3, "two_unseeded")
+    assert relative_distance(updates(big, w0), updates(two, w0)) > 1e-2
 
 
 def test_cuda_out_of_memory_is_one_line_naming_micro_batch(tv_setup,
