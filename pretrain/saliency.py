@@ -393,7 +393,8 @@ def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
     one, 224x224 with all six), the first in chunks of two images (a partial last chunk),
     with a flat image, a hard edge, and a grey dot in a dark disc on white (on + off over 255:
     OpenCV's uchar cast wraps); and de-normalised pixels as training passes them: quarter
-    steps from -30 to 290 (halves round to even, the rest is clamped), channels last."""
+    steps from -30 to 290 (halves round to even, the rest is clamped), channels last; with NaN
+    and infinities, the gray plane blurred twice (the maps' NaN handling is not compared)."""
     g = torch.Generator().manual_seed(20232)
     batches = []
     for n, h, w in ((3, 32, 32), (2, 40, 56), (2, 224, 224)):
@@ -415,6 +416,15 @@ def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
                 n, _, h, w = images.shape
                 return (f"its map of {n} images of {h}x{w} (saturate={saturate}) differs "
                         "from the tensor ops'")
+    # the gray plane blurred twice keeps NaN and clamps infinities as the tensor ops
+    raw[0, 1, 4, 5], raw[1, 0, 0, 0] = float("nan"), float("inf")
+    raw[1, 2, 16, 22] = -float("inf")
+    images = raw.to(device)
+    want = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(images))))
+    got = _gray_blurred(kernels, images, _Workspace(want, 2, 17, 23))
+    if not (torch.equal(got.isnan(), want.isnan())
+            and torch.equal(got.nan_to_num(), want.nan_to_num())):
+        return "its gray plane of images with NaN and infinities differs from the tensor ops'"
     return None
 
 

@@ -60,8 +60,10 @@ for n, c, h, w in ((1, 3, 4, 4), (6, 3, 13, 29), (5, 1, 32, 32), (3, 4, 9, 9)):
             perm = torch.randperm(n, generator=g)
             one = src[:1].expand(n, 4)  # one box for the batch (row stride 0)
             one_dst = boxes.place_like(one, idx[1] // w, idx[1] % w, h, w)
-            # the last pair's sizes differ (no mixer makes such): reads clamp as the gather's
-            for s, d in ((src, None), (src, dst), (one, None), (one, one_dst), (one, dst)):
+            # mode batch's pair (both row stride 0), a [1,4] box broadcast; the last pair's
+            # sizes differ (no mixer makes such): reads clamp as the gather's
+            for s, d in ((src, None), (src, dst), (one, None), (one, one_dst[:1].expand(n, 4)),
+                         (one, one_dst), (src[:1], None), (one, dst)):
                 want = boxes.paste(images, images[perm], s, d)
                 got = boxes._paste_kernel(kernels, images, perm, s, d)
                 assert torch.equal(got, want), (n, c, h, w, dtype, channels_last)
@@ -70,6 +72,18 @@ for n, c, h, w in ((1, 3, 4, 4), (6, 3, 13, 29), (5, 1, 32, 32), (3, 4, 9, 9)):
 # SaliencyMix's one-pass step with the detector's and the boxes' kernels on, against tensor ops
 fine = saliency.FINE_GRAINED_KERNELS.get("cpu")
 assert fine is not None, saliency.FINE_GRAINED_KERNELS.failed
+# the detector's gray plane blurred twice: NaN spreads, infinities clamp, as the tensor ops
+odd = torch.rand(2, 3, 9, 11, generator=g) * 300 - 20
+odd[0, 1, 4, 5], odd[1, 0, 0, 0], odd[1, 2, 8, 10], odd[0, 0, 2, 2] = (
+    float("nan"), float("inf"), -float("inf"), -0.0)
+for layout in (torch.contiguous_format, torch.channels_last):
+    x = odd.contiguous(memory_format=layout)
+    want = saliency._gaussian3_u8(saliency._gaussian3_u8(saliency._gray_u8(
+        saliency._as_uint8_grid(x))))
+    got = saliency._gray_blurred(fine, x, saliency._Workspace(want, 2, 9, 11))
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert int(got.isnan().sum()) == 25  # the NaN's 5x5 neighbourhood, nothing else
+    done.append(["nan", str(layout)])
 mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 images = blob_batch(mean, std, n=6, size=32, seed=3).contiguous(memory_format=torch.channels_last)
 labels = torch.arange(6)
@@ -102,7 +116,8 @@ def test_box_kernels_equal_the_tensor_ops_in_the_interpreter():
     assert res.returncode == 0, res.stderr[-3000:]
     done = json.loads(res.stdout.strip().splitlines()[-1])
     assert sum(d[0] == "points" for d in done) == 12
-    assert sum(d[0] == "paste" for d in done) == 120
+    assert sum(d[0] == "paste" for d in done) == 168
+    assert sum(d[0] == "nan" for d in done) == 2
     assert done[-1] == ["saliencymix", 20]  # 2 modes x 5 schemes x 2 seeds
 
 
@@ -144,6 +159,21 @@ def test_a_launch_that_fails_after_the_check_falls_back_once(monkeypatch):
     want = boxes._boxes_at_points_ops(idx, idx.flip(0), sides, 10, 10)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert boxes.BOX_KERNELS.get("cpu") is None  # off for good
+
+
+def test_paste_permuted_takes_the_kernel_only_where_it_fits():
+    """One box per image or one for the batch, a layout the kernel walks, and no gradient
+    wanted (its output has none); else the tensor ops."""
+    from pretrain.mixers.boxes import _paste_fits
+    x = torch.zeros(4, 3, 8, 8)
+    one, four, three = torch.zeros(1, 4), torch.zeros(4, 4), torch.zeros(3, 4)
+    assert _paste_fits(x, four, None) and _paste_fits(x, one, four)
+    assert _paste_fits(x.contiguous(memory_format=torch.channels_last), four, one)
+    assert not _paste_fits(x, three, None) and not _paste_fits(x, four, three)
+    assert not _paste_fits(x.transpose(2, 3), four, None)  # neither NCHW nor NHWC
+    assert not _paste_fits(x.requires_grad_(), four, None)
+    with torch.no_grad():
+        assert _paste_fits(x, four, None)
 
 
 def test_boxes_at_points_hand_computed():

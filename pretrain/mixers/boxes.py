@@ -7,6 +7,8 @@ On CUDA, boxes from map points and the paste of per-sample boxes are Triton kern
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from smix.devices import CheckedKernels, device_cache, on_device_of, upload
@@ -133,7 +135,7 @@ def paste_permuted(images: torch.Tensor, perm: torch.Tensor, src_boxes: torch.Te
     one_box = src_boxes.device.type == "cpu" and (len(src_boxes) == 1 or src_boxes.stride(0) == 0)
     if dst_boxes is not None or not one_box:
         kernels = _kernels_for(images, perm, src_boxes, dst_boxes)
-        if kernels is not None and _paste_layout(images) is not None:
+        if kernels is not None and _paste_fits(images, src_boxes, dst_boxes):
             try:
                 return _paste_kernel(kernels, images, perm, src_boxes, dst_boxes)
             except Exception as e:  # a specialisation that fails to compile
@@ -145,6 +147,15 @@ def paste_permuted(images: torch.Tensor, perm: torch.Tensor, src_boxes: torch.Te
         # index_select: the same gather as `[perm]`, at half its host cost per call on CUDA
         out[:, :, y0:y1, x0:x1] = images[:, :, y0:y1, x0:x1].index_select(0, perm)
     return out
+
+
+def _paste_fits(images: torch.Tensor, src_boxes: torch.Tensor,
+                dst_boxes: torch.Tensor | None) -> bool:
+    """Whether the paste kernel takes this call: a layout it walks, one box per image or one
+    for the batch, and no gradient wanted (the kernel's output has none)."""
+    return (_paste_layout(images) is not None
+            and all(b is None or len(b) in (1, len(images)) for b in (src_boxes, dst_boxes))
+            and not (images.requires_grad and torch.is_grad_enabled()))
 
 
 def _paste_layout(images: torch.Tensor) -> bool | None:
@@ -162,8 +173,9 @@ def _paste_kernel(kernels, images, perm, src_boxes, dst_boxes):
     bsz, channels, height, width = images.shape
     out = torch.empty_like(images)  # the same strides: dense layouts are preserved
     has_dst = dst_boxes is not None and dst_boxes is not src_boxes
-    boxes = [_device_boxes(b, images.device) for b in (src_boxes, dst_boxes if has_dst
-                                                       else src_boxes)]
+    # one box for the batch ([1,4]) read with row stride 0, as `paste` broadcasts it
+    boxes = [_device_boxes(b, images.device).expand(bsz, 4)
+             for b in (src_boxes, dst_boxes if has_dst else src_boxes)]
     if boxes[0].stride(0) != boxes[1].stride(0):
         boxes = [b.expand(bsz, 4).contiguous() for b in boxes]
     total = images.numel()
@@ -202,8 +214,10 @@ def _check_box_kernels(kernels, device: torch.device) -> str | None:
     tensor ops there, bit for bit. Points: 1, 7 and 300 boxes (over two programs) on 32x32,
     13x29 and 224x224, with and without destinations; sides from 0 to the whole image, points
     in corners. Paste: NCHW and channels-last float32 and bfloat16 batches, per-sample boxes
-    with and without destinations, one box for the batch (row stride 0) with and without
-    per-sample destinations, empty boxes."""
+    with and without destinations, one box for the batch (row stride 0) alone, with one
+    destination for the batch (mode batch's call) and with per-sample destinations, a [1,4]
+    box, empty boxes; float32, bfloat16 and float16, NCHW and channels last, on 13x29 and
+    32x32 images (whose strides Triton specialises as multiples of 16)."""
     g = torch.Generator().manual_seed(20241)
     for n, h, w in ((1, 32, 32), (7, 13, 29), (300, 224, 224)):
         idx = torch.randint(0, h * w, (2, n), generator=g)
@@ -223,22 +237,24 @@ def _check_box_kernels(kernels, device: torch.device) -> str | None:
                         "differ from the tensor ops'")
             if n == 7:
                 boxes = got
-    for dtype in (torch.float32, torch.bfloat16):
-        for channels_last in (False, True):
-            images = torch.randn(7, 3, 13, 29, generator=g).to(device, dtype)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            perm = torch.randperm(7, generator=g).to(device)
-            one = boxes[0][3:4].expand(7, 4)
-            points = torch.arange(7, device=device)
-            one_dst = place_like(one, points + 3, points * 4, 13, 29)
-            for src, dst in ((boxes[0], None), (boxes[0], boxes[1]), (one, None),
-                             (one, one_dst)):
-                want = paste(images, images[perm], src, dst)
-                got = _paste_kernel(kernels, images, perm, src, dst)
-                if not torch.equal(got, want) or got.stride() != images.stride():
-                    return (f"its paste of {dtype} {'NHWC' if channels_last else 'NCHW'} "
-                            "images differs from the tensor ops'")
+    src, dst = boxes[0], boxes[1]  # 7 boxes fitting 13x29, and so 32x32 too
+    one = src[3:4].expand(7, 4)
+    points = torch.arange(7, device=device)
+    one_dst = place_like(one, points + 3, points * 4, 13, 29)
+    pairs = ((src, None), (src, dst), (one, None), (one, one_dst[5:6].expand(7, 4)),
+             (one, one_dst), (src[3:4], None))
+    for (h, w), dtype, channels_last in itertools.product(
+            ((13, 29), (32, 32)), (torch.float32, torch.bfloat16, torch.float16), (False, True)):
+        images = torch.randn(7, 3, h, w, generator=g).to(device, dtype)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        perm = torch.randperm(7, generator=g).to(device)
+        for s, d in pairs:
+            want = paste(images, images[perm], s, d)
+            got = _paste_kernel(kernels, images, perm, s, d)
+            if not torch.equal(got, want) or got.stride() != images.stride():
+                return (f"its paste of {dtype} {'NHWC' if channels_last else 'NCHW'} "
+                        f"images of {h}x{w} differs from the tensor ops'")
     return None
 
 
