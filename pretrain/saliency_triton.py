@@ -27,6 +27,16 @@ _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + M) - M rounds |v| <= 2^22,
 
 
 @triton.jit
+def _pixels(total, height, width, BLOCK: tl.constexpr):
+    """This program's BLOCK pixels of a [B,H,W] batch of `total` pixels: flat index, whether
+    it is live, image, index in the image, row, column."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    plane = height * width
+    rem = idx % plane
+    return idx, idx < total, idx // plane, rem, rem // width, rem % width
+
+
+@triton.jit
 def _reflect(i, n):
     """BORDER_REFLECT_101 of an index at most one step outside [0, n) (n >= 2)."""
     i = tl.where(i < 0, -i, i)
@@ -73,13 +83,7 @@ def blur3(src_ptr, out_ptr, total, height, width, s_b, s_c, s_y, s_x,
     [B,H,W] or, with FROM_RGB, float RGB pixels [B,3,H,W] (any strides, in elements; channel
     0 red), quantised and made gray per tap. `total` = B*H*W; H, W >= 2. Every value is an
     integer below 2^24, so the float32 sums are exact in any order."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = idx < total
-    plane = height * width
-    b = idx // plane
-    rem = idx % plane
-    y = rem // width
-    x = rem % width
+    idx, live, b, rem, y, x = _pixels(total, height, width, BLOCK)
     src = src_ptr + b * s_b
     xl = _reflect(x - 1, width)
     xr = _reflect(x + 1, width)
@@ -97,13 +101,8 @@ def on_off_sums(gray_ptr, integral_ptr, area_ptr, scales_ptr, sums_ptr, total, o
     """gray [B,H,W] f32, integral [B,IH,IW] f32 (padded as `_fill_integral` writes it), area
     [S,H,W] f32, scales [S,3] i32 (half-heights, half-widths, multiplicity); writes sums
     (on at `sums`, off `off_plane` elements further; each [B,H,W]). `total` = B*H*W."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = idx < total
+    idx, live, b, rem, y, x = _pixels(total, height, width, BLOCK)
     plane = height * width
-    b = idx // plane
-    rem = idx % plane
-    y = rem // width
-    x = rem % width
     g = tl.load(gray_ptr + idx, mask=live, other=0.0)
     base = integral_ptr + b * (integral_h * integral_w)
     on = tl.zeros([BLOCK], dtype=tl.float32)

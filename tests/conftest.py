@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +96,31 @@ def fresh_kernels(monkeypatch, checked_kernels, kernels) -> None:
     monkeypatch.setattr(checked_kernels, "kernels", kernels)
     monkeypatch.setattr(checked_kernels, "checked", set())
     monkeypatch.setattr(checked_kernels, "failed", None)
+
+
+def interpreted(script: str, timeout: int = 600):
+    """Run `script` under Triton's interpreter, which runs kernels on CPU tensors, from the
+    repository root; TRITON_INTERPRET=1 must be set before Triton is imported, hence a
+    subprocess. Returns its last line of output, parsed as JSON; fails with its stderr."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+class FailingKernels:
+    """Stand-in Triton kernels whose every launch (`kernels.name[grid](...)`) raises `message`,
+    as a specialisation that does not compile would."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __getattr__(self, name: str) -> "FailingKernels":
+        return self
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError(self.message)
+        return launch

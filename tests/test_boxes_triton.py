@@ -7,19 +7,13 @@ each device before their first use."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import fresh_kernels
+from tests.conftest import FailingKernels, fresh_kernels, interpreted
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
 import json
@@ -110,11 +104,7 @@ print(json.dumps(done))
 
 
 def test_box_kernels_equal_the_tensor_ops_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    done = json.loads(res.stdout.strip().splitlines()[-1])
+    done = interpreted(SCRIPT)
     assert sum(d[0] == "points" for d in done) == 12
     assert sum(d[0] == "paste" for d in done) == 168
     assert sum(d[0] == "nan" for d in done) == 2
@@ -142,17 +132,9 @@ def test_a_launch_that_fails_after_the_check_falls_back_once(monkeypatch):
     compile): boxes and paste answer with their tensor ops, one warning, kernels off."""
     from pretrain.mixers import boxes
 
-    class Broken:  # kernels.point_boxes[grid](...) raises
-        def __getattr__(self, name):
-            return self
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise RuntimeError("PTX assembly failed")
-            return launch
-
-    fresh_kernels(monkeypatch, boxes.BOX_KERNELS, Broken())
-    monkeypatch.setattr(boxes, "_kernels_for", lambda *t: Broken())
+    broken = FailingKernels("PTX assembly failed")
+    fresh_kernels(monkeypatch, boxes.BOX_KERNELS, broken)
+    monkeypatch.setattr(boxes, "_kernels_for", lambda *t: broken)
     idx, sides = torch.tensor([0, 17, 99]), torch.tensor([[4, 10, 0], [6, 0, 10]])
     with pytest.warns(RuntimeWarning, match="mixer boxes: the Triton kernel failed.*PTX"):
         got = boxes.boxes_at_points(idx, idx.flip(0), sides, 10, 10)

@@ -5,19 +5,13 @@ the CUDA tests of tests/test_graphs.py compare the compiled kernel with the CPU 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import fresh_kernels
+from tests.conftest import FailingKernels, fresh_kernels, interpreted
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
 import json, sys
@@ -70,11 +64,7 @@ def test_triton_walk_equals_the_tensor_op_walk_in_the_interpreter():
     """The kernel's logic (masking, visiting, closing the cycle) on CPU. Not its tie rule:
     the interpreter's argmax is numpy's, leftmost whatever `tie_break_left` says; that rule is
     checked where it is compiled, by `WALK`'s first-use check and the CUDA test below."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    done = json.loads(res.stdout.strip().splitlines()[-1])
+    done = interpreted(SCRIPT, timeout=300)
     if isinstance(done, dict):  # the CUDA test and the first-use check still cover the kernel
         pytest.skip(done["skip"])
     assert len(done) == 18  # every size and kind ran through the kernel
@@ -93,13 +83,8 @@ def test_switched_off_or_missing_triton_walks_with_tensor_ops(monkeypatch):
 def test_a_failing_kernel_falls_back_once_with_a_warning(monkeypatch):
     from pretrain import greedy
 
-    class Broken:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise RuntimeError("no C compiler for the launcher")
-            return launch
-
-    fresh_kernels(monkeypatch, greedy.WALK, Broken())
+    broken = FailingKernels("no C compiler for the launcher")
+    fresh_kernels(monkeypatch, greedy.WALK, broken)
     maps = torch.rand(7, 4, 4, generator=torch.Generator().manual_seed(2))
     dist = greedy.pairwise_distances(maps)
     with pytest.warns(RuntimeWarning,

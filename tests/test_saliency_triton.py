@@ -7,19 +7,13 @@ checks them on each device before their first use."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import fresh_kernels
+from tests.conftest import FailingKernels, fresh_kernels, interpreted
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
 import json
@@ -65,11 +59,7 @@ print(json.dumps(done))
 
 
 def test_fine_grained_kernels_equal_the_tensor_ops_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    done = json.loads(res.stdout.strip().splitlines()[-1])
+    done = interpreted(SCRIPT)
     assert len(done) == 50  # every size, kind and saturation ran through the kernels
 
 
@@ -99,17 +89,9 @@ def test_a_launch_that_fails_after_the_check_falls_back_once(monkeypatch):
     not compile): the detector answers with its tensor ops, one warning, kernels off."""
     from pretrain import saliency
 
-    class Broken:  # kernels.on_off_sums[grid](...) raises
-        def __getattr__(self, name):
-            return self
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise RuntimeError("PTX assembly failed")
-            return launch
-
-    fresh_kernels(monkeypatch, saliency.FINE_GRAINED_KERNELS, Broken())
-    monkeypatch.setattr(saliency, "_kernels_for", lambda images: Broken())
+    broken = FailingKernels("PTX assembly failed")
+    fresh_kernels(monkeypatch, saliency.FINE_GRAINED_KERNELS, broken)
+    monkeypatch.setattr(saliency, "_kernels_for", lambda images: broken)
     x = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0)) * 255
     with pytest.warns(RuntimeWarning, match="fine_grained: the Triton kernel failed.*PTX"):
         got = saliency._fine_grained(x)
