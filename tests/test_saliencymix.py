@@ -18,7 +18,8 @@ from smix.cli import main as smix
 from smix.data import denormalize, normalize
 from smix.errors import UserError
 from pretrain.mixers import MixContext, get_mixer
-from pretrain.mixers.saliencymix import SCHEMES, place_like, scheme_boxes
+from pretrain.mixers.boxes import place_like
+from pretrain.mixers.saliencymix import SCHEMES, scheme_boxes
 from pretrain.saliency import get_detector
 from tests.conftest import blob_batch
 

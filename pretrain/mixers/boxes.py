@@ -176,8 +176,8 @@ def _paste_kernel(kernels, images, perm, src_boxes, dst_boxes):
     # one box for the batch ([1,4]) read with row stride 0, as `paste` broadcasts it
     boxes = [_device_boxes(b, images.device).expand(bsz, 4)
              for b in (src_boxes, dst_boxes if has_dst else src_boxes)]
-    if boxes[0].stride(0) != boxes[1].stride(0):
-        boxes = [b.expand(bsz, 4).contiguous() for b in boxes]
+    if boxes[0].stride(0) != boxes[1].stride(0):  # one row stride for both
+        boxes = [b.contiguous() for b in boxes]
     total = images.numel()
     with on_device_of(images):
         kernels.paste[(-(-total // _PASTE_BLOCK),)](
@@ -213,11 +213,11 @@ def _check_box_kernels(kernels, device: torch.device) -> str | None:
     """Why the box kernels cannot be trusted on `device` (None: they can): both against the
     tensor ops there, bit for bit. Points: 1, 7 and 300 boxes (over two programs) on 32x32,
     13x29 and 224x224, with and without destinations; sides from 0 to the whole image, points
-    in corners. Paste: NCHW and channels-last float32 and bfloat16 batches, per-sample boxes
-    with and without destinations, one box for the batch (row stride 0) alone, with one
-    destination for the batch (mode batch's call) and with per-sample destinations, a [1,4]
-    box, empty boxes; float32, bfloat16 and float16, NCHW and channels last, on 13x29 and
-    32x32 images (whose strides Triton specialises as multiples of 16)."""
+    in corners. Paste: per-sample boxes with and without destinations, one box for the batch
+    (row stride 0) alone, with one destination for the batch (mode batch's call) and with
+    per-sample destinations, a [1,4] box, empty boxes; float32, bfloat16 and float16, NCHW
+    and channels last, on 13x29 and 32x32 images (whose strides Triton specialises as
+    multiples of 16)."""
     g = torch.Generator().manual_seed(20241)
     for n, h, w in ((1, 32, 32), (7, 13, 29), (300, 224, 224)):
         idx = torch.randint(0, h * w, (2, n), generator=g)

@@ -36,8 +36,7 @@ from smix.devices import GraphCache, upload
 from smix.errors import UserError
 from pretrain.mixers.base import (MixContext, Mixer, MixOutput, MixParams, bernoulli, beta,
                                   register_mixer)
-from pretrain.mixers.boxes import (box_area, boxes_at_points, boxes_from_centres,
-                                   paste_permuted, place_like)
+from pretrain.mixers.boxes import box_area, boxes_at_points, boxes_from_centres, paste_permuted
 from pretrain.pairing import get_pairing
 
 MODES = ("official", "batch", "sample")
@@ -58,13 +57,6 @@ def extreme_index(maps: torch.Tensor, kind: str) -> torch.Tensor:
     return flat.argmax(1) if kind == "max" else flat.argmin(1)
 
 
-def extreme_points(maps: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, col) of `extreme_index` (as `np.unravel_index(np.argmax(...))`)."""
-    idx = extreme_index(maps, kind)
-    width = maps.shape[-1]
-    return torch.div(idx, width, rounding_mode="floor"), idx % width
-
-
 def cut_sides(lam: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Box sides int(H*sqrt(1-λ)), int(W*sqrt(1-λ)) in float64, as the official `np.int(...)`."""
     rat = torch.sqrt(1.0 - lam.double().clamp(0, 1))
@@ -78,20 +70,11 @@ def scheme_boxes(src_maps: torch.Tensor, dst_maps: torch.Tensor | None, lam: tor
     The boxes are computed on the maps' device: the sides come from the host λ (enqueued,
     not waited for), the points never leave the device."""
     sides = upload(torch.stack(cut_sides(lam, height, width)), src_maps.device)
-    return boxes_from_sides(src_maps, dst_maps, sides, scheme, height, width)
-
-
-def boxes_from_sides(src_maps: torch.Tensor, dst_maps: torch.Tensor | None,
-                     sides: torch.Tensor, scheme: str, height: int, width: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scheme_boxes` for box sides already on the device (`sides` [2,N]: heights, widths)."""
     src_kind, dst_kind = SCHEMES[scheme]
-    cy, cx = extreme_points(src_maps, src_kind)
-    src = boxes_from_centres(cy, cx, sides[0], sides[1], height, width)
-    if dst_kind is None:
-        return src, src
-    ty, tx = extreme_points(dst_maps, dst_kind)
-    return src, place_like(src, ty, tx, height, width)
+    dst_idx = None if dst_kind is None else extreme_index(dst_maps, dst_kind)
+    src, dst, _ = boxes_at_points(extreme_index(src_maps, src_kind), dst_idx, sides, height,
+                                  width)
+    return src, dst
 
 
 @torch.no_grad()
