@@ -6,9 +6,9 @@ operation producing or reading a device tensor (views, host draws and allocation
 `smix.devices.GraphCache` is told to treat meta like CUDA: its function runs eagerly, and its
 operations (nested graphs included) are counted as one graph's. Counted twice: with tensor ops
 only (CPU, SMIX_TRITON=0), and `_with_kernels` as CUDA runs where Triton is: the greedy walk
-one kernel instead of 3(n-2) tensor ops; the fine-grained detector's gray plane blurred twice
-two, its on/off sums and mix two; SaliencyMix's boxes at the map points one, its paste one
-(stand-ins count the launches). A count, not a timing: each launch outside a graph costs the
+one kernel instead of 3(n-2) tensor ops; the fine-grained detector's de-normalised gray plane
+blurred twice two, its on/off sums and mix two (around two cumsums and the maxima);
+SaliencyMix's boxes at the map points one, its paste one (stand-ins count the launches). A count, not a timing: each launch outside a graph costs the
 host a few microseconds on a GPU, each kernel in a graph about a microsecond of device time
 (timed on a GPU: mixer_profile.py).
 
@@ -90,8 +90,8 @@ def kernels_as_on_cuda(counter: CountLaunches) -> Iterator[None]:
     boxes._kernels_for = lambda *tensors: stand_in
     graphs = saliency._FINE_GRAINED_GRAPHS
     real_fine, real_cycle = graphs.fn, greedy.greedy_cycle
-    graphs.fn = lambda images, saturate=False: saliency._fine_grained_with(images, saturate,
-                                                                          stand_in)
+    graphs.fn = lambda images, saturate=False, normalization=None: \
+        saliency._fine_grained_with(images, saturate, stand_in, normalization=normalization)
     greedy.greedy_cycle = functools.partial(real_cycle, use_kernel=True)
     real_get = greedy.WALK.get
     greedy.WALK.get = lambda device: stand_in

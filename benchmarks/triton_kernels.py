@@ -1,7 +1,8 @@
 """The Triton kernels against the tensor ops they replace, both replayed as CUDA graphs, in
 the same process: the greedy pairing walk (GuidedMixup Algorithm 1; 3 kernels per step as
-tensor ops), the fine-grained detector (SaliencyMix's; its gray plane blurred twice, about 24
-passes as tensor ops, its on/off sums and mix, about 8 passes per scale and 15 more), and
+tensor ops), the fine-grained detector on normalised channels-last batches as SaliencyMix
+passes them (its de-normalised gray plane blurred twice, about 27 passes as tensor ops, its
+padded integral image, on/off sums and mix, about 8 passes per scale and 20 more), and
 SaliencyMix's boxes at the map points and per-sample paste (about 30 small kernels).
 
 Per case, timed as single synchronised calls and as K calls per synchronisation (what a
@@ -24,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from smix.devices import GraphCache, device_name
 from pretrain import greedy, saliency
 from pretrain.mixers import boxes
@@ -75,6 +77,10 @@ def timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / calls
 
 
+IMAGENET_MEAN_T, IMAGENET_STD_T = (torch.tensor(v).view(1, 3, 1, 1)
+                                   for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def cases(a: argparse.Namespace, device: torch.device):
     """(name, shape label, call, the CheckedKernels whose use is reported)."""
     for n in (int(v) for v in a.walk.split(",") if v):
@@ -85,9 +91,12 @@ def cases(a: argparse.Namespace, device: torch.device):
         n, size = (int(v) for v in spec.split("x"))
         g = torch.Generator().manual_seed(size)
         low = torch.rand(n, 3, size // 8, size // 8, generator=g) * 255
-        x = torch.nn.functional.interpolate(low, size=size, mode="bilinear").to(device)
-        yield "fine_grained", f"{n} images of {size}x{size}", \
-            lambda x=x: saliency.fine_grained(x), saliency.FINE_GRAINED_KERNELS
+        x = torch.nn.functional.interpolate(low, size=size, mode="bilinear")
+        x = ((x / 255 - IMAGENET_MEAN_T) / IMAGENET_STD_T).to(device).contiguous(
+            memory_format=torch.channels_last)
+        yield "fine_grained", f"{n} normalised images of {size}x{size}, channels last", \
+            lambda x=x: saliency.normalized_saliency("fine_grained", x, IMAGENET_MEAN,
+                                                     IMAGENET_STD), saliency.FINE_GRAINED_KERNELS
     for spec in (v for v in a.boxes.split(",") if v):
         n, size = (int(v) for v in spec.split("x"))
         g = torch.Generator().manual_seed(size + 1)

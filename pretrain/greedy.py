@@ -20,7 +20,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from smix.data import denormalize
 from smix.devices import CheckedKernels, GraphCache, constant, on_device_of
 from pretrain.pairing import register_pairing
 
@@ -159,9 +158,8 @@ _GREEDY_GRAPHS = GraphCache(_greedy_from_maps, "greedy pairing")
 
 def saliency_for_pairing(images: torch.Tensor, mean, std) -> torch.Tensor:
     """Guided-SR maps of a normalised batch: spectral residual of the 0..255 image, prepared."""
-    from pretrain.saliency import get_detector
-    pixels = denormalize(images.detach().float(), mean, std, scale=255.0)
-    return guided_maps(get_detector(GREEDY_DETECTOR)(pixels))
+    from pretrain.saliency import normalized_saliency
+    return guided_maps(normalized_saliency(GREEDY_DETECTOR, images, mean, std))
 
 
 @register_pairing("greedy")

@@ -54,18 +54,20 @@ measured 13 ms on one thread vs 3.4 s on two for 10 images of 224x224 with one c
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smix.data import denormalize
 from smix.devices import (CheckedKernels, GraphCache, constant, device_cache, on_device_of,
                           upload)
 from smix.dist import micro_batches
 from smix.errors import UserError
 
 Detector = Callable[..., torch.Tensor]
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) of normalised images
 
 _DETECTORS: dict[str, Detector] = {}
 
@@ -110,6 +112,18 @@ def get_detector(name: str) -> Detector:
 
 
 # ------------------------------------------------------------------------ shared pixel helpers
+
+
+def normalized_saliency(name: str, images: torch.Tensor, mean: Sequence[float],
+                        std: Sequence[float]) -> torch.Tensor:
+    """Detector `name`'s maps of normalised images: the maps of their 0..255 pixels,
+    `denormalize(images.float(), mean, std, 255)` (never of the normalised tensor itself).
+    fine_grained takes the de-normalisation into its first Triton kernel on CUDA (the same
+    values, three full passes over the batch fewer); the others get the pixels."""
+    if name == "fine_grained":
+        return fine_grained(images, normalization=(tuple(map(float, mean)),
+                                                   tuple(map(float, std))))
+    return get_detector(name)(denormalize(images.detach().float(), mean, std, scale=255.0))
 
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:
@@ -194,13 +208,19 @@ class _Workspace:
     On CPU a fresh 0.2-0.8 MB tensor costs page faults comparable to the arithmetic done on
     it, so the hot loop writes into these with ``out=`` and in-place ops instead."""
 
-    def __init__(self, like: torch.Tensor, batch: int, height: int, width: int) -> None:
+    def __init__(self, like: torch.Tensor, batch: int, height: int, width: int,
+                 padded: bool = True) -> None:
         scales, self.area, self.den, (py, px) = _fine_grained_plan(height, width, like.device)
         self.scales, self.pad = scales, (py, px)
         exact = _exact_dtype(height, width)
-        # zeros above/left stay zero: they are the integral's first row/column, clamped
-        self.integral = like.new_zeros((batch, height + 2 * py, width + 2 * px), dtype=exact)
-        self.cols = like.new_empty((batch, height + 2 * py, width), dtype=exact)
+        if padded:  # the tensor ops read the integral image's clamped corners as slices
+            # zeros above/left stay zero: they are the integral's first row/column, clamped
+            self.integral = like.new_zeros((batch, height + 2 * py, width + 2 * px),
+                                           dtype=exact)
+            self.cols = like.new_empty((batch, height + 2 * py, width), dtype=exact)
+        else:  # the kernels clamp the corners themselves: no padding, nothing to zero
+            self.integral = like.new_empty((batch, height, width), dtype=exact)
+            self.cols = self.integral
         self.t = like.new_empty((batch, height, width), dtype=exact)
         # on/off (and their scratch) side by side, so one op serves both maps in the mix
         pair = (2, batch, height, width)
@@ -286,24 +306,29 @@ def _mix_on_off(sums: torch.Tensor, saturate: bool, buf: dict[str, torch.Tensor]
 
 @register_detector("fine_grained")
 @torch.no_grad()
-def fine_grained(images: torch.Tensor, *, saturate: bool = False) -> torch.Tensor:
+def fine_grained(images: torch.Tensor, *, saturate: bool = False,
+                 normalization: Normalization | None = None) -> torch.Tensor:
     """Montabone & Soto fine-grained saliency, bit-exact with OpenCV's
     ``StaticSaliencyFineGrained`` on uint8 BGR input (``saturate`` clamps its uint8 wrap).
-    On CUDA one graph replay per batch shape (``GraphCache``); elsewhere eager."""
-    return _FINE_GRAINED_GRAPHS(_check_images(images), saturate=saturate)
+    With ``normalization=(mean, std)`` the images are normalised ones, and the map is that of
+    their 0..255 pixels (``normalized_saliency``). On CUDA one graph replay per batch shape
+    (``GraphCache``); elsewhere eager."""
+    return _FINE_GRAINED_GRAPHS(_check_images(images), saturate=saturate,
+                                normalization=normalization)
 
 
-def _fine_grained(images: torch.Tensor, saturate: bool = False) -> torch.Tensor:
-    """The fine-grained detector's computation, on checked images; on CUDA with its two
+def _fine_grained(images: torch.Tensor, saturate: bool = False,
+                  normalization: Normalization | None = None) -> torch.Tensor:
+    """The fine-grained detector's computation, on checked images; on CUDA with its
     elementwise stages as Triton kernels where they run (`FINE_GRAINED_KERNELS`)."""
     kernels = _kernels_for(images)
     if kernels is None:
-        return _fine_grained_with(images, saturate, None)
+        return _fine_grained_with(images, saturate, None, normalization=normalization)
     try:
-        return _fine_grained_with(images, saturate, kernels)
+        return _fine_grained_with(images, saturate, kernels, normalization=normalization)
     except Exception as e:  # a new specialisation that fails to compile: tensor ops for good
         FINE_GRAINED_KERNELS.fail(e)
-        return _fine_grained_with(images, saturate, None)
+        return _fine_grained_with(images, saturate, None, normalization=normalization)
 
 
 def _kernels_for(images: torch.Tensor):
@@ -316,19 +341,23 @@ def _kernels_for(images: torch.Tensor):
 
 
 def _fine_grained_with(images: torch.Tensor, saturate: bool, kernels,
-                       chunk_pixels: int | None = None) -> torch.Tensor:
+                       chunk_pixels: int | None = None,
+                       normalization: Normalization | None = None) -> torch.Tensor:
     """`_fine_grained` with the kernels given (`pretrain.saliency_triton`), or tensor ops;
     `chunk_pixels` overrides the device's chunk size (the first-use check's partial chunk)."""
     b, _, h, w = images.shape
     out = torch.empty((b, h, w), device=images.device)
     parts = _chunks(b, h * w, images.device, chunk_pixels)
-    ws = _Workspace(out, parts[0].stop, h, w)
+    ws = _Workspace(out, parts[0].stop, h, w, padded=kernels is None)
     for part in parts:  # quantised per chunk too: a whole-batch copy costs 15% in page faults
         if kernels is None:
-            gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(images[part]))))
+            rgb = images[part]
+            if normalization is not None:
+                rgb = denormalize(rgb.float(), *normalization, scale=255.0)
+            gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(rgb))))
             _mix_on_off(_on_off_sums(gray, ws), saturate, ws.view(len(gray)), out[part])
         else:
-            gray = _gray_blurred(kernels, images[part], ws)
+            gray = _gray_blurred(kernels, images[part], ws, normalization)
             _on_off_and_mix(kernels, gray, ws, saturate, out[part])
     return out
 
@@ -337,21 +366,29 @@ _FINE_GRAINED_GRAPHS = GraphCache(_fine_grained, "saliency fine_grained")
 _KERNEL_BLOCK = 1024
 
 
-def _gray_blurred(kernels, rgb: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+def _gray_blurred(kernels, rgb: torch.Tensor, ws: _Workspace,
+                  normalization: Normalization | None = None) -> torch.Tensor:
     """`_gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(rgb))))` in two launches of the
     `blur3` kernel (quantise, gray and blur per tap; then blur), into two of the workspace's
-    buffers that the kernels' path leaves free (`scaled`, `t`)."""
-    rgb = rgb.float()
+    buffers that the kernels' path leaves free (`scaled`, `t`); with `normalization`, of
+    `denormalize(rgb.float(), mean, std, 255)`, de-normalised per tap too. float16 and
+    bfloat16 are read as they are (widening to float32 is exact): no converted copy."""
+    if rgb.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        rgb = rgb.float()
     b, _, h, w = rgb.shape
     buf = ws.view(b)
     once, twice = buf["scaled"][0], buf["t"]
+    affine = once if normalization is None else constant(
+        tuple(float(v) for v in (*normalization[1], *normalization[0])), torch.float32,
+        rgb.device)
     total = b * h * w
     grid = (-(-total // _KERNEL_BLOCK),)
-    with on_device_of(rgb):
-        kernels.blur3[grid](rgb, once, total, h, w, *rgb.stride(), FROM_RGB=True,
-                            BLOCK=_KERNEL_BLOCK)
-        kernels.blur3[grid](once, twice, total, h, w, h * w, 0, w, 1, FROM_RGB=False,
-                            BLOCK=_KERNEL_BLOCK)
+    with on_device_of(rgb):  # no FMA: x * std + mean rounds twice, as the tensor ops
+        kernels.blur3[grid](rgb, once, affine, total, h, w, *rgb.stride(), FROM_RGB=True,
+                            NORMALIZED=normalization is not None, BLOCK=_KERNEL_BLOCK,
+                            enable_fp_fusion=False)
+        kernels.blur3[grid](once, twice, affine, total, h, w, h * w, 0, w, 1, FROM_RGB=False,
+                            NORMALIZED=False, BLOCK=_KERNEL_BLOCK, enable_fp_fusion=False)
     return twice
 
 
@@ -360,17 +397,16 @@ def _on_off_and_mix(kernels, gray: torch.Tensor, ws: _Workspace, saturate: bool,
     """`_mix_on_off(_on_off_sums(...))` as two Triton kernels around the per-image maxima:
     the same float32 operations per pixel (see `pretrain.saliency_triton`)."""
     b, h, w = gray.shape
-    buf, (py, px) = ws.view(b), ws.pad
+    buf = ws.view(b)
     integral, sums = buf["integral"], buf["sums"]
-    _fill_integral(gray, integral, py, px)
+    torch.cumsum(gray, 2, out=integral).cumsum_(1)  # unpadded: the kernel clamps its corners
     scales = constant(tuple(v for s in ws.scales for v in s), torch.int32, gray.device,
                       (len(ws.scales), 3))
     total = b * h * w
     grid = (-(-total // _KERNEL_BLOCK),)
     with on_device_of(gray):
         kernels.on_off_sums[grid](gray, integral, ws.area, scales, sums, total, sums.stride(0),
-                                  h, w, integral.shape[1], integral.shape[2], py, px,
-                                  N_SCALES=len(ws.scales), BLOCK=_KERNEL_BLOCK)
+                                  h, w, N_SCALES=len(ws.scales), BLOCK=_KERNEL_BLOCK)
         peaks = sums.amax((-2, -1)).clamp_(min=1.0)  # [2,b]: on and off maxima per image
         kernels.scale_and_mix[grid](sums, peaks, out, total, sums.stride(0), h * w,
                                     SATURATE=saturate, BLOCK=_KERNEL_BLOCK)
@@ -394,7 +430,9 @@ def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
     with a flat image, a hard edge, and a grey dot in a dark disc on white (on + off over 255:
     OpenCV's uchar cast wraps); and de-normalised pixels as training passes them: quarter
     steps from -30 to 290 (halves round to even, the rest is clamped), channels last; with NaN
-    and infinities, the gray plane blurred twice (the maps' NaN handling is not compared)."""
+    and infinities, the gray plane blurred twice (the maps' NaN handling is not compared);
+    bfloat16 pixels; normalised images de-normalised in the kernel, in float32, float16 and
+    bfloat16."""
     g = torch.Generator().manual_seed(20232)
     batches = []
     for n, h, w in ((3, 32, 32), (2, 40, 56), (2, 224, 224)):
@@ -408,6 +446,8 @@ def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
     batches.append((wrapping_disc(device), None))
     raw = torch.randint(-120, 1161, (2, 3, 17, 23), generator=g) / 4.0
     batches.append((raw.to(device).contiguous(memory_format=torch.channels_last), None))
+    batches.append((raw.to(device, torch.bfloat16).contiguous(memory_format=torch.channels_last),
+                    None))
     for images, chunk in batches:
         for saturate in (False, True):
             want = _fine_grained_with(images, saturate, None, chunk)
@@ -416,6 +456,20 @@ def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
                 n, _, h, w = images.shape
                 return (f"its map of {n} images of {h}x{w} (saturate={saturate}) differs "
                         "from the tensor ops'")
+    # normalised images, de-normalised in the kernel: values within an ulp of a half grey
+    # level, where x * std + mean rounded once (an FMA) lands on the other level for ~6% of
+    # them; float32, and float16/bfloat16 channels last (read as they are)
+    norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
+    halves = torch.randint(0, 255, (2, 3, 17, 23), generator=g) + 0.5
+    normalized = ((halves / 255.0) - mean) / std
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        images = normalized.to(device, dtype)
+        if dtype != torch.float32:
+            images = images.contiguous(memory_format=torch.channels_last)
+        want = _fine_grained_with(images, False, None, normalization=norm)
+        if not torch.equal(_fine_grained_with(images, False, kernels, normalization=norm), want):
+            return f"its map of normalised {dtype} images differs from the tensor ops'"
     # the gray plane blurred twice keeps NaN and clamps infinities as the tensor ops
     raw[0, 1, 4, 5], raw[1, 0, 0, 0] = float("nan"), float("inf")
     raw[1, 2, 16, 22] = -float("inf")

@@ -2,17 +2,21 @@
 Triton is; `pretrain.saliency` launches them on CUDA once they reproduce its tensor ops there).
 
 * `blur3`: OpenCV's 3x3 Gaussian blur of uint8 (BORDER_REFLECT_101), of a gray plane, or of
-  float RGB pixels quantised to OpenCV's uint8 grid and converted to gray on the fly (BGR2GRAY)
-  -- two launches for the gray plane blurred twice, where the tensor ops make about 24.
+  float RGB pixels quantised to OpenCV's uint8 grid and converted to gray on the fly (BGR2GRAY),
+  optionally de-normalised first -- two launches for the gray plane blurred twice, where the
+  tensor ops make about 24 (27 with the de-normalisation).
 * `on_off_sums`: per pixel and for every scale, the truncated centre-surround difference from
   four corners of the integral image, summed into the on and off maps -- one pass, where the
-  tensor ops make about eight full passes per scale.
+  tensor ops make about eight full passes per scale. It clamps the corners itself, so the
+  integral image is two cumsums (the tensor ops pad it, 4x the plane at 224x224, and copy
+  edge replicas into the padding).
 * `scale_and_mix`: OpenCV's `mixScales` + `mixOnOff` of the on/off sums given their per-image
   maxima -- one pass for what the tensor ops do in about fifteen.
 
 All do the tensor ops' float32 arithmetic in the same order: integer values below 2^24 (exact
-in float32, whatever the order or fusion of adds and multiplies) and IEEE-rounded divisions
-(`tl.div_rn`: Triton's `/` is an approximate division). Under TRITON_INTERPRET=1 (set before
+in float32, whatever the order or fusion of adds and multiplies), IEEE-rounded divisions
+(`tl.div_rn`: Triton's `/` is an approximate division), and the de-normalisation's multiply
+and add rounded one by one (`blur3` is launched with FMA contraction off). Under TRITON_INTERPRET=1 (set before
 Triton is imported) Triton's interpreter runs them on CPU tensors, which is how the CPU tests
 check them.
 """
@@ -55,56 +59,82 @@ def _uint8_grid(v):
 
 
 @triton.jit
-def _level(src_ptr, y, x, s_c, s_y, s_x, live, FROM_RGB: tl.constexpr):
+def _channel(at, live, c, affine_ptr, NORMALIZED: tl.constexpr):
+    """Channel `c`'s value at `at` in float32 (a float16/bfloat16 load widens exactly), with
+    NORMALIZED de-normalised as `smix.data.denormalize(x, mean, std, 255)` computes it: x * std
+    + mean, then * 255, each rounded (the launch turns FMA contraction off)."""
+    v = tl.load(at, mask=live, other=0.0).to(tl.float32)
+    if NORMALIZED:
+        v = (v * tl.load(affine_ptr + c) + tl.load(affine_ptr + 3 + c)) * 255.0
+    return v
+
+
+@triton.jit
+def _level(src_ptr, y, x, s_c, s_y, s_x, live, affine_ptr, FROM_RGB: tl.constexpr,
+           NORMALIZED: tl.constexpr):
     """The level the blur reads at (y, x) of the image at `src_ptr` (per-lane pointers): the
     gray plane's value, or `_gray_u8(_as_uint8_grid(rgb))` (integers < 2^24: exact)."""
     at = src_ptr + y * s_y + x * s_x
     if FROM_RGB:
-        r = _uint8_grid(tl.load(at, mask=live, other=0.0))
-        g = _uint8_grid(tl.load(at + s_c, mask=live, other=0.0))
-        b = _uint8_grid(tl.load(at + 2 * s_c, mask=live, other=0.0))
+        r = _uint8_grid(_channel(at, live, 0, affine_ptr, NORMALIZED))
+        g = _uint8_grid(_channel(at + s_c, live, 1, affine_ptr, NORMALIZED))
+        b = _uint8_grid(_channel(at + 2 * s_c, live, 2, affine_ptr, NORMALIZED))
         return tl.floor((r * 9798.0 + g * 19235.0 + b * 3735.0 + 16384.0) * (1.0 / 32768.0))
     else:
         return tl.load(at, mask=live, other=0.0)
 
 
 @triton.jit
-def _row3(src_ptr, y, x, xl, xr, s_c, s_y, s_x, live, FROM_RGB: tl.constexpr):
+def _row3(src_ptr, y, x, xl, xr, s_c, s_y, s_x, live, affine_ptr, FROM_RGB: tl.constexpr,
+          NORMALIZED: tl.constexpr):
     """[1, 2, 1] across row y at column x (xl, xr: its reflected neighbours)."""
-    return ((_level(src_ptr, y, xl, s_c, s_y, s_x, live, FROM_RGB)
-             + _level(src_ptr, y, xr, s_c, s_y, s_x, live, FROM_RGB))
-            + 2.0 * _level(src_ptr, y, x, s_c, s_y, s_x, live, FROM_RGB))
+    return ((_level(src_ptr, y, xl, s_c, s_y, s_x, live, affine_ptr, FROM_RGB, NORMALIZED)
+             + _level(src_ptr, y, xr, s_c, s_y, s_x, live, affine_ptr, FROM_RGB, NORMALIZED))
+            + 2.0 * _level(src_ptr, y, x, s_c, s_y, s_x, live, affine_ptr, FROM_RGB,
+                           NORMALIZED))
 
 
 @triton.jit
-def blur3(src_ptr, out_ptr, total, height, width, s_b, s_c, s_y, s_x,
-          FROM_RGB: tl.constexpr, BLOCK: tl.constexpr):
+def blur3(src_ptr, out_ptr, affine_ptr, total, height, width, s_b, s_c, s_y, s_x,
+          FROM_RGB: tl.constexpr, NORMALIZED: tl.constexpr, BLOCK: tl.constexpr):
     """`_gaussian3_u8` of src into out [B,H,W] f32 (contiguous); src is the gray plane
-    [B,H,W] or, with FROM_RGB, float RGB pixels [B,3,H,W] (any strides, in elements; channel
-    0 red), quantised and made gray per tap. `total` = B*H*W; H, W >= 2. Every value is an
-    integer below 2^24, so the float32 sums are exact in any order."""
+    [B,H,W] or, with FROM_RGB, RGB pixels [B,3,H,W] (float32/16, bfloat16; any strides, in
+    elements; channel 0 red), quantised and made gray per tap; with NORMALIZED too, normalised
+    images de-normalised first by affine [2,3] f32 (std, then mean). `total` = B*H*W;
+    H, W >= 2. Every level is an integer below 2^24, so the float32 sums are exact in any
+    order."""
     idx, live, b, rem, y, x = _pixels(total, height, width, BLOCK)
     src = src_ptr + b * s_b
     xl = _reflect(x - 1, width)
     xr = _reflect(x + 1, width)
-    up = _row3(src, _reflect(y - 1, height), x, xl, xr, s_c, s_y, s_x, live, FROM_RGB)
-    down = _row3(src, _reflect(y + 1, height), x, xl, xr, s_c, s_y, s_x, live, FROM_RGB)
-    mid = _row3(src, y, x, xl, xr, s_c, s_y, s_x, live, FROM_RGB)
+    up = _row3(src, _reflect(y - 1, height), x, xl, xr, s_c, s_y, s_x, live, affine_ptr,
+               FROM_RGB, NORMALIZED)
+    down = _row3(src, _reflect(y + 1, height), x, xl, xr, s_c, s_y, s_x, live, affine_ptr,
+                 FROM_RGB, NORMALIZED)
+    mid = _row3(src, y, x, xl, xr, s_c, s_y, s_x, live, affine_ptr, FROM_RGB, NORMALIZED)
     s = (up + down) + 2.0 * mid
     tl.store(out_ptr + idx, tl.floor((s + 8.0) * (1.0 / 16.0)), mask=live)
 
 
 @triton.jit
+def _corner(base, y, x, height, width, live):
+    """The padded integral image `_fill_integral` writes, read from the plain one (inclusive
+    sums, [H,W]): 0 above or left of the image, the last row or column below or right."""
+    inside = live & (y >= 0) & (x >= 0)
+    return tl.load(base + tl.minimum(y, height - 1) * width + tl.minimum(x, width - 1),
+                   mask=inside, other=0.0)
+
+
+@triton.jit
 def on_off_sums(gray_ptr, integral_ptr, area_ptr, scales_ptr, sums_ptr, total, off_plane,
-                height, width, integral_h, integral_w, pad_y, pad_x,
-                N_SCALES: tl.constexpr, BLOCK: tl.constexpr):
-    """gray [B,H,W] f32, integral [B,IH,IW] f32 (padded as `_fill_integral` writes it), area
-    [S,H,W] f32, scales [S,3] i32 (half-heights, half-widths, multiplicity); writes sums
-    (on at `sums`, off `off_plane` elements further; each [B,H,W]). `total` = B*H*W."""
+                height, width, N_SCALES: tl.constexpr, BLOCK: tl.constexpr):
+    """gray [B,H,W] f32, integral [B,H,W] f32 (its inclusive 2-D prefix sums), area [S,H,W]
+    f32, scales [S,3] i32 (half-heights, half-widths, multiplicity); writes sums (on at
+    `sums`, off `off_plane` elements further; each [B,H,W]). `total` = B*H*W."""
     idx, live, b, rem, y, x = _pixels(total, height, width, BLOCK)
     plane = height * width
     g = tl.load(gray_ptr + idx, mask=live, other=0.0)
-    base = integral_ptr + b * (integral_h * integral_w)
+    base = integral_ptr + b * plane
     on = tl.zeros([BLOCK], dtype=tl.float32)
     signed = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(N_SCALES):  # unrolled: at most six distinct scales
@@ -112,15 +142,11 @@ def on_off_sums(gray_ptr, integral_ptr, area_ptr, scales_ptr, sums_ptr, total, o
         nx = tl.load(scales_ptr + 3 * i + 1)
         count = tl.load(scales_ptr + 3 * i + 2).to(tl.float32)
         area = tl.load(area_ptr + i * plane + rem, mask=live, other=2.0)
-        row_lo = (pad_y - ny + y) * integral_w
-        row_hi = (pad_y + ny + y) * integral_w
-        col_lo = pad_x - nx + x
-        col_hi = pad_x + nx + x
-        # cols(r) = I[r, col_lo] - I[r, col_hi]; t = cols(row_hi) - cols(row_lo)
-        hi = (tl.load(base + row_hi + col_lo, mask=live, other=0.0)
-              - tl.load(base + row_hi + col_hi, mask=live, other=0.0))
-        lo = (tl.load(base + row_lo + col_lo, mask=live, other=0.0)
-              - tl.load(base + row_lo + col_hi, mask=live, other=0.0))
+        # cols(r) = I[r, x - nx] - I[r, x + nx]; t = cols(y + ny) - cols(y - ny)
+        hi = (_corner(base, y + ny, x - nx, height, width, live)
+              - _corner(base, y + ny, x + nx, height, width, live))
+        lo = (_corner(base, y - ny, x - nx, height, width, live)
+              - _corner(base, y - ny, x + nx, height, width, live))
         t = (hi - lo) + g * area
         q = tl.div_rn(t, area - 1.0)
         t = tl.where(q < 0.0, tl.ceil(q), tl.floor(q)) * count  # trunc, times multiplicity

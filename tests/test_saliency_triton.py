@@ -1,7 +1,8 @@
 """The fine-grained detector's Triton kernels (`pretrain.saliency_triton`: the quantised gray
-plane blurred twice, the on/off sums, the mix) against its tensor ops, bit for bit, and through them against OpenCV. Triton's interpreter (TRITON_INTERPRET=1,
-set before Triton is imported, hence a subprocess) runs the very kernels CUDA compiles, on CPU
-tensors; it divides with numpy (IEEE, as `tl.div_rn` on the GPU). On a GPU the CUDA test
+plane blurred twice, de-normalised first for normalised images, the on/off sums, the mix)
+against its tensor ops, bit for bit, and through them against OpenCV. Triton's interpreter
+(TRITON_INTERPRET=1, set before Triton is imported, hence a subprocess) runs the very kernels
+CUDA compiles, on CPU tensors; it divides with numpy (IEEE, as `tl.div_rn` on the GPU). On a GPU the CUDA test
 below compares the compiled kernels with the tensor ops there, and `FINE_GRAINED_KERNELS`
 checks them on each device before their first use."""
 
@@ -20,17 +21,22 @@ import json
 import numpy as np
 import torch
 from pretrain import saliency
+from smix.data import denormalize
 torch.set_num_threads(1)  # the CPU chunk budget scales with the threads
 assert len(saliency._chunks(70, 32 * 32, torch.device("cpu"))) == 2  # (70, 32, 32): 64 + 6
 kernels = saliency.FINE_GRAINED_KERNELS.get("cpu")  # loads them and runs the first-use check
 assert kernels is not None, saliency.FINE_GRAINED_KERNELS.failed
 g = torch.Generator().manual_seed(5)
 done = []
+norm = ((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616))  # CIFAR-10's
+mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
 # sizes: every scale clamped (3x3), merged scales (20x20, 32x32), non-square, a batch that
 # splits into CPU chunks (the last one smaller: the off plane's stride is the workspace's)
 for n, h, w in ((2, 3, 3), (3, 20, 20), (4, 32, 32), (2, 37, 61), (70, 32, 32), (1, 96, 80)):
-    for kind in ("smooth", "noise", "flat", "raw"):
-        if kind == "raw":  # de-normalised pixels: halves (round to even), beyond 0..255, NHWC
+    for kind in ("smooth", "noise", "flat", "raw", "normalized"):
+        if kind == "normalized":  # within an ulp of half grey levels once de-normalised
+            x = ((torch.randint(0, 255, (n, 3, h, w), generator=g) + 0.5) / 255 - mean) / std
+        elif kind == "raw":  # de-normalised pixels: halves (round to even), beyond 0..255, NHWC
             x = (torch.randint(-120, 1161, (n, 3, h, w), generator=g) / 4.0).contiguous(
                 memory_format=torch.channels_last)
         elif kind == "smooth":
@@ -40,9 +46,13 @@ for n, h, w in ((2, 3, 3), (3, 20, 20), (4, 32, 32), (2, 37, 61), (70, 32, 32), 
             x = torch.rand(n, 3, h, w, generator=g) * 255
         else:
             x = torch.full((n, 3, h, w), 77.0)
+        opts = {"normalization": norm} if kind == "normalized" else {}
         for saturate in (False, True):
-            want = saliency._fine_grained_with(x, saturate, None)
-            got = saliency._fine_grained_with(x, saturate, kernels)
+            want = saliency._fine_grained_with(x, saturate, None, **opts)
+            got = saliency._fine_grained_with(x, saturate, kernels, **opts)
+            if opts:  # the maps of the pixels, de-normalised beforehand as the mixers did
+                pixels = denormalize(x, *norm, scale=255.0)
+                assert torch.equal(want, saliency._fine_grained_with(pixels, saturate, None))
             assert got.shape == want.shape and got.dtype == want.dtype
             assert torch.equal(got, want), (n, h, w, kind, saturate,
                                             float((got - want).abs().max()))
@@ -60,7 +70,7 @@ print(json.dumps(done))
 
 def test_fine_grained_kernels_equal_the_tensor_ops_in_the_interpreter():
     done = interpreted(SCRIPT)
-    assert len(done) == 50  # every size, kind and saturation ran through the kernels
+    assert len(done) == 62  # every size, kind and saturation ran through the kernels
 
 
 def test_kernels_wrong_by_one_grey_level_are_caught_before_their_first_use(monkeypatch):
@@ -122,3 +132,11 @@ def test_cuda_fine_grained_kernels_equal_the_tensor_ops(n, h, w):
         chunked = saliency._fine_grained_with(x.cuda(), saturate, kernels, 2 * h * w)
         assert torch.equal(chunked, got)
     assert torch.equal(saliency.fine_grained(x.cuda()).cpu(), saliency.fine_grained(x))
+    # normalised images (ImageNet's statistics), de-normalised in the first kernel, as
+    # SaliencyMix passes them: float32, and bfloat16 channels last as bf16 training does
+    norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
+    xn = ((x.round() + 0.5) / 255 - mean) / std  # within an ulp of half grey levels
+    for images in (xn, xn.bfloat16().contiguous(memory_format=torch.channels_last)):
+        want = saliency.fine_grained(images, normalization=norm)
+        assert torch.equal(saliency.fine_grained(images.cuda(), normalization=norm).cpu(), want)

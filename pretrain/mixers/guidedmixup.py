@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from smix.data import denormalize
 from smix.devices import GraphCache
 from smix.errors import UserError
 from pretrain.greedy import guided_maps
@@ -53,9 +52,8 @@ def _sr_plan(images: torch.Tensor, perm: torch.Tensor | None = None, *, pairing:
     """Guided-SR's permutation, mask and λ: spectral-residual maps of the de-normalised batch,
     blurred and normalised, paired greedily (`perm` None: deterministic) or by the drawn
     `perm`. Device tensors in and out, nothing drawn: one CUDA graph per batch shape."""
-    from pretrain.saliency import get_detector
-    pixels = denormalize(images.detach().float(), mean, std, scale=255.0)
-    maps = guided_maps(get_detector(SALIENCY["sr"])(pixels), blur, sigma)
+    from pretrain.saliency import normalized_saliency
+    maps = guided_maps(normalized_saliency(SALIENCY["sr"], images, mean, std), blur, sigma)
     if perm is None:
         perm = get_pairing(pairing)(len(images), None, images.device, maps=maps)
     mask = mixing_mask(maps, perm)
@@ -110,15 +108,14 @@ class GuidedMixup(Mixer):
     def saliency_maps(self, images: torch.Tensor, labels: torch.Tensor,
                       ctx: MixContext) -> torch.Tensor:
         """Prepared maps [B,H,W] (blurred, each summing to one)."""
-        from pretrain.saliency import get_detector, gradient_saliency
+        from pretrain.saliency import gradient_saliency, normalized_saliency
         if self.saliency == "ap":
             if ctx.model is None:
                 raise UserError("guidedmixup saliency=ap needs the model being trained "
                                 "(MixContext.model)")
             raw = gradient_saliency(ctx.model, images, labels, chunk=ctx.micro_batch)
         else:
-            pixels = denormalize(images.detach().float(), ctx.mean, ctx.std, scale=255.0)
-            raw = get_detector(SALIENCY[self.saliency])(pixels)
+            raw = normalized_saliency(SALIENCY[self.saliency], images, ctx.mean, ctx.std)
         return guided_maps(raw, self.blur, self.sigma)
 
     def sample(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from smix.data import denormalize
 from smix.devices import GraphCache, upload
 from smix.errors import UserError
 from pretrain.mixers.base import (MixContext, Mixer, MixOutput, MixParams, bernoulli, beta,
@@ -88,10 +87,9 @@ def _boxes_on_device(images: torch.Tensor, sides: torch.Tensor, perm: torch.Tens
     Without `perm` (mode batch): `images` are the first source and, for a scheme that needs
     it, the first target; one box. With it (mode sample): a box per sample from `maps[perm]`
     (whose points are those of `maps`, gathered: [B] indices, not [B,H,W] maps)."""
-    from pretrain.saliency import get_detector
+    from pretrain.saliency import normalized_saliency
     h, w = images.shape[2:]
-    pixels = denormalize(images.detach().float(), mean, std, scale=255.0)
-    maps = get_detector(detector)(pixels)
+    maps = normalized_saliency(detector, images, mean, std)
     src_kind, dst_kind = SCHEMES[scheme]
     if perm is None:
         src_idx = extreme_index(maps[:1], src_kind)
@@ -266,11 +264,6 @@ class SaliencyMix(Mixer):
             info["lam_sampled"] = float(lam[0])
         return MixParams(active=True, perm=perm, lam=actual, boxes=src,
                          dst_boxes=None if SCHEMES[self.scheme][1] is None else dst, info=info)
-
-    def _maps(self, images: torch.Tensor, ctx: MixContext) -> torch.Tensor:
-        from pretrain.saliency import get_detector
-        pixels = denormalize(images.detach().float(), ctx.mean, ctx.std, scale=255.0)
-        return get_detector(self.detector)(pixels)
 
     def apply(self, images: torch.Tensor, labels: torch.Tensor, params: MixParams) -> MixOutput:
         if not params.active:
