@@ -7,8 +7,9 @@ operation producing or reading a device tensor (views, host draws and allocation
 operations (nested graphs included) are counted as one graph's. Counted twice: with tensor ops
 only (CPU, SMIX_TRITON=0), and `_with_kernels` as CUDA runs where Triton is: the greedy walk
 one kernel instead of 3(n-2) tensor ops; the fine-grained detector's de-normalised gray plane
-blurred twice two, its on/off sums and mix two (around two cumsums and the maxima);
-SaliencyMix's boxes at the map points one, its paste one (stand-ins count the launches). A count, not a timing: each launch outside a graph costs the
+blurred twice two, its on/off sums and mix two (around two cumsums and the maxima); the
+spectral residual's de-normalised gray plane resized one; SaliencyMix's boxes at the map points
+one, its paste one (stand-ins count the launches). A count, not a timing: each launch outside a graph costs the
 host a few microseconds on a GPU, each kernel in a graph about a microsecond of device time
 (timed on a GPU: mixer_profile.py).
 
@@ -83,22 +84,25 @@ class StandIn:
 
 @contextlib.contextmanager
 def kernels_as_on_cuda(counter: CountLaunches) -> Iterator[None]:
-    """The Triton kernels' paths, as CUDA takes them, on meta tensors: the fine-grained
-    detector's, the boxes' and the greedy walk's, each launch counted as one."""
+    """The Triton kernels' paths, as CUDA takes them, on meta tensors: the fine-grained and
+    spectral-residual detectors', the boxes' and the greedy walk's, each launch counted as
+    one."""
     stand_in = StandIn(counter)
     real_boxes = boxes._kernels_for
     boxes._kernels_for = lambda *tensors: stand_in
-    graphs = saliency._FINE_GRAINED_GRAPHS
-    real_fine, real_cycle = graphs.fn, greedy.greedy_cycle
+    graphs, spectral = saliency._FINE_GRAINED_GRAPHS, saliency._SPECTRAL_RESIDUAL_GRAPHS
+    real_fine, real_spectral, real_cycle = graphs.fn, spectral.fn, greedy.greedy_cycle
     graphs.fn = lambda images, saturate=False, normalization=None: \
         saliency._fine_grained_with(images, saturate, stand_in, normalization=normalization)
+    spectral.fn = lambda images, size=64, normalization=None: \
+        saliency._spectral_residual_with(images, size, normalization, stand_in)
     greedy.greedy_cycle = functools.partial(real_cycle, use_kernel=True)
     real_get = greedy.WALK.get
     greedy.WALK.get = lambda device: stand_in
     try:
         yield
     finally:
-        graphs.fn, greedy.greedy_cycle = real_fine, real_cycle
+        graphs.fn, spectral.fn, greedy.greedy_cycle = real_fine, real_spectral, real_cycle
         greedy.WALK.get, boxes._kernels_for = real_get, real_boxes
 
 

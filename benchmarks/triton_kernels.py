@@ -2,7 +2,9 @@
 the same process: the greedy pairing walk (GuidedMixup Algorithm 1; 3 kernels per step as
 tensor ops), the fine-grained detector on normalised channels-last batches as SaliencyMix
 passes them (its de-normalised gray plane blurred twice, about 27 passes as tensor ops, its
-padded integral image, on/off sums and mix, about 8 passes per scale and 20 more), and
+padded integral image, on/off sums and mix, about 8 passes per scale and 20 more), the
+spectral residual on the same batches (Guided-SR's; its de-normalised gray plane resized to
+64x64, about 22 passes as tensor ops; its FFTs and the rest are the same in both), and
 SaliencyMix's boxes at the map points and per-sample paste (about 30 small kernels).
 
 Per case, timed as single synchronised calls and as K calls per synchronisation (what a
@@ -49,7 +51,8 @@ def triton(on: bool) -> Iterator[None]:
     """The Triton kernels on or off, with fresh graphs (a captured graph keeps its path)."""
     old = os.environ.get("SMIX_TRITON")
     os.environ["SMIX_TRITON"] = "1" if on else "0"
-    caches = (greedy._GREEDY_GRAPHS, saliency._FINE_GRAINED_GRAPHS, _BOX_GRAPHS)
+    caches = (greedy._GREEDY_GRAPHS, saliency._FINE_GRAINED_GRAPHS,
+              saliency._SPECTRAL_RESIDUAL_GRAPHS, _BOX_GRAPHS)
     for c in caches:
         c.entries.clear()
     try:
@@ -94,9 +97,11 @@ def cases(a: argparse.Namespace, device: torch.device):
         x = torch.nn.functional.interpolate(low, size=size, mode="bilinear")
         x = ((x / 255 - IMAGENET_MEAN_T) / IMAGENET_STD_T).to(device).contiguous(
             memory_format=torch.channels_last)
-        yield "fine_grained", f"{n} normalised images of {size}x{size}, channels last", \
-            lambda x=x: saliency.normalized_saliency("fine_grained", x, IMAGENET_MEAN,
-                                                     IMAGENET_STD), saliency.FINE_GRAINED_KERNELS
+        for name, kernels in (("fine_grained", saliency.FINE_GRAINED_KERNELS),
+                              ("spectral_residual", saliency.SPECTRAL_KERNELS)):
+            yield name, f"{n} normalised images of {size}x{size}, channels last", \
+                lambda x=x, name=name: saliency.normalized_saliency(
+                    name, x, IMAGENET_MEAN, IMAGENET_STD), kernels
     for spec in (v for v in a.boxes.split(",") if v):
         n, size = (int(v) for v in spec.split("x"))
         g = torch.Generator().manual_seed(size + 1)

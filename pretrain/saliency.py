@@ -114,15 +114,19 @@ def get_detector(name: str) -> Detector:
 # ------------------------------------------------------------------------ shared pixel helpers
 
 
+_TAKES_NORMALIZED = ("fine_grained", "spectral_residual")  # normalization=(mean, std)
+
+
 def normalized_saliency(name: str, images: torch.Tensor, mean: Sequence[float],
                         std: Sequence[float]) -> torch.Tensor:
     """Detector `name`'s maps of normalised images: the maps of their 0..255 pixels,
     `denormalize(images.float(), mean, std, 255)` (never of the normalised tensor itself).
-    fine_grained takes the de-normalisation into its first Triton kernel on CUDA (the same
-    values, three full passes over the batch fewer); the others get the pixels."""
-    if name == "fine_grained":
-        return fine_grained(images, normalization=(tuple(map(float, mean)),
-                                                   tuple(map(float, std))))
+    fine_grained and spectral_residual take the de-normalisation into their first Triton
+    kernel on CUDA (the same values, three full passes over the batch fewer); the others get
+    the pixels."""
+    if name in _TAKES_NORMALIZED:
+        return get_detector(name)(images, normalization=(tuple(map(float, mean)),
+                                                         tuple(map(float, std))))
     return get_detector(name)(denormalize(images.detach().float(), mean, std, scale=255.0))
 
 
@@ -366,21 +370,32 @@ _FINE_GRAINED_GRAPHS = GraphCache(_fine_grained, "saliency fine_grained")
 _KERNEL_BLOCK = 1024
 
 
+def _kernel_pixels(rgb: torch.Tensor) -> torch.Tensor:
+    """Pixels as the kernels read them: float32, float16 and bfloat16 as they are (widening to
+    float32 is exact: no converted copy), anything else as `.float()`."""
+    return rgb if rgb.dtype in (torch.float32, torch.float16, torch.bfloat16) else rgb.float()
+
+
+def _affine(normalization: Normalization | None, like: torch.Tensor) -> torch.Tensor:
+    """The kernels' de-normalisation, [std, mean] as float32 on `like`'s device (cached);
+    without normalisation `like` itself, a pointer the kernel never reads."""
+    if normalization is None:
+        return like
+    return constant(tuple(float(v) for v in (*normalization[1], *normalization[0])),
+                    torch.float32, like.device)
+
+
 def _gray_blurred(kernels, rgb: torch.Tensor, ws: _Workspace,
                   normalization: Normalization | None = None) -> torch.Tensor:
     """`_gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(rgb))))` in two launches of the
     `blur3` kernel (quantise, gray and blur per tap; then blur), into two of the workspace's
     buffers that the kernels' path leaves free (`scaled`, `t`); with `normalization`, of
-    `denormalize(rgb.float(), mean, std, 255)`, de-normalised per tap too. float16 and
-    bfloat16 are read as they are (widening to float32 is exact): no converted copy."""
-    if rgb.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        rgb = rgb.float()
+    `denormalize(rgb.float(), mean, std, 255)`, de-normalised per tap too."""
+    rgb = _kernel_pixels(rgb)
     b, _, h, w = rgb.shape
     buf = ws.view(b)
     once, twice = buf["scaled"][0], buf["t"]
-    affine = once if normalization is None else constant(
-        tuple(float(v) for v in (*normalization[1], *normalization[0])), torch.float32,
-        rgb.device)
+    affine = _affine(normalization, once)
     total = b * h * w
     grid = (-(-total // _KERNEL_BLOCK),)
     with on_device_of(rgb):  # no FMA: x * std + mean rounds twice, as the tensor ops
@@ -417,7 +432,7 @@ def _exact_dtype(height: int, width: int) -> torch.dtype:
     return torch.float32 if height * width * 255 < 2**24 else torch.float64
 
 
-def _load_fine_grained_kernels():
+def _load_detector_kernels():
     from pretrain import saliency_triton
     return saliency_triton
 
@@ -494,7 +509,7 @@ def wrapping_disc(device: torch.device | str = "cpu", size: int = 128) -> torch.
 
 
 # the on/off sums and the mix as Triton kernels where Triton is (SMIX_TRITON=0: tensor ops)
-FINE_GRAINED_KERNELS = CheckedKernels("saliency fine_grained", _load_fine_grained_kernels,
+FINE_GRAINED_KERNELS = CheckedKernels("saliency fine_grained", _load_detector_kernels,
                                       _check_fine_grained_kernels)
 
 
@@ -588,19 +603,45 @@ def _spectral_residual_small(small: torch.Tensor) -> torch.Tensor:
 
 @register_detector("spectral_residual")
 @torch.no_grad()
-def spectral_residual(images: torch.Tensor, *, size: int = 64) -> torch.Tensor:
+def spectral_residual(images: torch.Tensor, *, size: int = 64,
+                      normalization: Normalization | None = None) -> torch.Tensor:
     """Hou & Zhang spectral residual saliency as OpenCV's ``StaticSaliencySpectralResidual``
-    computes it (``size`` is its resImWidth/Height, 64). On CUDA one graph replay per batch
+    computes it (``size`` is its resImWidth/Height, 64). ``normalization=(mean, std)``: the
+    images are normalised ones (``normalized_saliency``). On CUDA one graph replay per batch
     shape (``GraphCache``); elsewhere eager."""
-    return _SPECTRAL_RESIDUAL_GRAPHS(_check_images(images), size=size)
+    return _SPECTRAL_RESIDUAL_GRAPHS(_check_images(images), size=size,
+                                     normalization=normalization)
 
 
-def _spectral_residual(images: torch.Tensor, size: int = 64) -> torch.Tensor:
-    """The spectral-residual detector's computation, on checked images."""
+def _spectral_residual(images: torch.Tensor, size: int = 64,
+                       normalization: Normalization | None = None) -> torch.Tensor:
+    """The spectral-residual detector's computation, on checked images; on CUDA its input
+    (gray, resized) is one Triton kernel where it runs (`SPECTRAL_KERNELS`)."""
+    return _spectral_residual_with(images, size, normalization, _spectral_kernels_for(images))
+
+
+def _spectral_kernels_for(images: torch.Tensor):
+    """The spectral residual's kernel on CUDA, where Triton runs and it passed its check
+    there; else None (tensor ops)."""
+    return SPECTRAL_KERNELS.get(images.device) if images.is_cuda else None
+
+
+def _spectral_residual_with(images: torch.Tensor, size: int,
+                            normalization: Normalization | None, kernels) -> torch.Tensor:
+    """`_spectral_residual` with the kernels given (`pretrain.saliency_triton`), or tensor ops
+    (None, or for good once a launch fails)."""
     b, _, h, w = images.shape
     small = torch.empty((b, size, size), device=images.device)
     for part in _chunks(b, max(h * w, size * size), images.device):
-        gray = _resize_u8_exact(_gray_u8(_as_uint8_grid(images[part])), size, size)
+        gray = None
+        if kernels is not None:
+            try:
+                gray = _gray_resized(kernels, images[part], size, normalization)
+            except Exception as e:  # a specialisation that fails to compile: tensor ops
+                SPECTRAL_KERNELS.fail(e)
+                kernels = None
+        if gray is None:
+            gray = _gray_resized_ops(images[part], size, normalization)
         small[part] = _spectral_residual_small(gray)
     if (h, w) == (size, size):
         return small
@@ -610,6 +651,78 @@ def _spectral_residual(images: torch.Tensor, size: int = 64) -> torch.Tensor:
 
 
 _SPECTRAL_RESIDUAL_GRAPHS = GraphCache(_spectral_residual, "saliency spectral_residual")
+
+
+def _gray_resized_ops(rgb: torch.Tensor, size: int,
+                      normalization: Normalization | None = None) -> torch.Tensor:
+    """The spectral residual's input in tensor ops: OpenCV's uint8 gray plane of the pixels
+    (de-normalised first with `normalization`), resized to size x size (INTER_LINEAR_EXACT)."""
+    if normalization is not None:
+        rgb = denormalize(rgb.float(), *normalization, scale=255.0)
+    return _resize_u8_exact(_gray_u8(_as_uint8_grid(rgb)), size, size)
+
+
+def _gray_resized(kernels, rgb: torch.Tensor, size: int,
+                  normalization: Normalization | None = None) -> torch.Tensor:
+    """`_gray_resized_ops` in one launch of the `gray_resize` kernel, in its layout (a
+    transposed view)."""
+    rgb = _kernel_pixels(rgb)
+    b, _, h, w = rgb.shape
+    y0, y1, _, wy = _linear_exact_taps(h, size, rgb.device)
+    x0, x1, _, wx = _linear_exact_taps(w, size, rgb.device)
+    out = torch.empty((b, size, size), device=rgb.device)  # [B, W', H']: written transposed
+    total = b * size * size
+    with on_device_of(rgb):  # no FMA: x * std + mean rounds twice, as the tensor ops
+        kernels.gray_resize[(-(-total // _KERNEL_BLOCK),)](
+            rgb, out, _affine(normalization, out), y0, y1, wy, x0, x1, wx, total, size, size,
+            *rgb.stride(), NORMALIZED=normalization is not None, BLOCK=_KERNEL_BLOCK,
+            enable_fp_fusion=False)
+    return out.transpose(1, 2)
+
+
+def _check_spectral_kernels(kernels, device: torch.device) -> str | None:
+    """Why the kernel cannot be trusted on `device` (None: it can): the detector's input with
+    it against the tensor ops on the same device, bit for bit and in the same layout (so the
+    FFTs after it are the same calls), then one whole detector call both ways. Sizes: up from
+    3x3 and 32x32, down from 224x224, non-square, 64x64 itself; 0..255 images, de-normalised
+    pixels (quarter steps from -30 to 290, channels last; float32 and bfloat16), NaN and
+    infinities; normalised images within an ulp of half grey levels (see
+    `_check_fine_grained_kernels`) in float32, float16 and bfloat16."""
+    g = torch.Generator().manual_seed(20233)
+    norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
+    cases = []
+    for n, h, w in ((2, 3, 3), (3, 32, 32), (2, 224, 224), (2, 37, 61), (1, 64, 64)):
+        cases.append((torch.rand(n, 3, h, w, generator=g) * 255, None))
+        raw = torch.randint(-120, 1161, (n, 3, h, w), generator=g) / 4.0
+        raw[0, 1, h // 2, w // 3], raw[-1, 0, 0, 0] = float("nan"), float("inf")
+        raw[-1, 2, h - 1, w - 1] = -float("inf")
+        cases.append((raw.contiguous(memory_format=torch.channels_last), None))
+        cases.append((raw.bfloat16().contiguous(memory_format=torch.channels_last), None))
+        halves = torch.randint(0, 255, (n, 3, h, w), generator=g) + 0.5
+        normalized = ((halves / 255.0) - mean) / std
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            cases.append((normalized.to(dtype), norm))
+    for images, normalization in cases:
+        images = images.to(device)
+        want = _gray_resized_ops(images, 64, normalization)
+        got = _gray_resized(kernels, images, 64, normalization)
+        if not (got.stride() == want.stride() and torch.equal(got.isnan(), want.isnan())
+                and torch.equal(got.nan_to_num(), want.nan_to_num())):
+            n, _, h, w = images.shape
+            return (f"its gray plane of {n} {images.dtype} images of {h}x{w} "
+                    f"({'normalised' if normalization else 'pixels'}) differs from the "
+                    "tensor ops'")
+    images = (torch.rand(3, 3, 40, 56, generator=g) * 255).to(device)
+    if not torch.equal(_spectral_residual_with(images, 64, None, kernels),
+                       _spectral_residual_with(images, 64, None, None)):
+        return "its detector maps differ from the tensor ops'"
+    return None
+
+
+# the spectral residual's input as a Triton kernel where Triton is (SMIX_TRITON=0: tensor ops)
+SPECTRAL_KERNELS = CheckedKernels("saliency spectral_residual", _load_detector_kernels,
+                                  _check_spectral_kernels)
 
 
 # -------------------------------------------------------------------------- frequency tuned

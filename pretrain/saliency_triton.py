@@ -1,6 +1,7 @@
-"""The fine-grained detector's per-pixel stages as Triton kernels (imported only where
-Triton is; `pretrain.saliency` launches them on CUDA once they reproduce its tensor ops there).
+"""The detectors' per-pixel stages as Triton kernels (imported only where Triton is;
+`pretrain.saliency` launches them on CUDA once they reproduce its tensor ops there).
 
+Fine-grained (SaliencyMix's detector):
 * `blur3`: OpenCV's 3x3 Gaussian blur of uint8 (BORDER_REFLECT_101), of a gray plane, or of
   float RGB pixels quantised to OpenCV's uint8 grid and converted to gray on the fly (BGR2GRAY),
   optionally de-normalised first -- two launches for the gray plane blurred twice, where the
@@ -13,12 +14,17 @@ Triton is; `pretrain.saliency` launches them on CUDA once they reproduce its ten
 * `scale_and_mix`: OpenCV's `mixScales` + `mixOnOff` of the on/off sums given their per-image
   maxima -- one pass for what the tensor ops do in about fifteen.
 
+Spectral residual (Guided-SR's):
+* `gray_resize`: its input, OpenCV's uint8 gray plane resized to 64x64 with INTER_LINEAR_EXACT,
+  from (optionally normalised) RGB pixels -- one pass for about 22 (the FFTs and the rest stay
+  tensor ops: their float results depend on each library's order of operations).
+
 All do the tensor ops' float32 arithmetic in the same order: integer values below 2^24 (exact
 in float32, whatever the order or fusion of adds and multiplies), IEEE-rounded divisions
 (`tl.div_rn`: Triton's `/` is an approximate division), and the de-normalisation's multiply
-and add rounded one by one (`blur3` is launched with FMA contraction off). Under TRITON_INTERPRET=1 (set before
-Triton is imported) Triton's interpreter runs them on CPU tensors, which is how the CPU tests
-check them.
+and add rounded one by one (the kernels that read pixels are launched with FMA contraction
+off). Under TRITON_INTERPRET=1 (set before Triton is imported) Triton's interpreter runs them
+on CPU tensors, which is how the CPU tests check them.
 """
 
 from __future__ import annotations
@@ -114,6 +120,36 @@ def blur3(src_ptr, out_ptr, affine_ptr, total, height, width, s_b, s_c, s_y, s_x
     mid = _row3(src, y, x, xl, xr, s_c, s_y, s_x, live, affine_ptr, FROM_RGB, NORMALIZED)
     s = (up + down) + 2.0 * mid
     tl.store(out_ptr + idx, tl.floor((s + 8.0) * (1.0 / 16.0)), mask=live)
+
+
+@triton.jit
+def gray_resize(src_ptr, out_ptr, affine_ptr, y0_ptr, y1_ptr, wy_ptr, x0_ptr, x1_ptr, wx_ptr,
+                total, size_h, size_w, s_b, s_c, s_y, s_x, NORMALIZED: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """`_resize_u8_exact(_gray_u8(_as_uint8_grid(rgb)), size_h, size_w)` into out, written
+    transposed ([B,size_w,size_h] f32, contiguous: the layout `_resize_u8_exact` returns, so
+    the FFTs get the same strides): the spectral residual's input, from RGB pixels as
+    `blur3` reads them (de-normalised with NORMALIZED), made gray at the four source taps of
+    each output pixel. Taps: source rows/columns y0/y1, x0/x1 (int64) and the second tap's
+    weight in 1/256 (wy, wx: f32) per output row/column. Rows first, then columns, one
+    rounding at the end, as OpenCV's fixed point: every value is an integer below 2^24."""
+    idx, live, b, rem, oy, ox = _pixels(total, size_h, size_w, BLOCK)
+    src = src_ptr + b * s_b
+    ya = tl.load(y0_ptr + oy, mask=live, other=0)
+    yb = tl.load(y1_ptr + oy, mask=live, other=0)
+    xa = tl.load(x0_ptr + ox, mask=live, other=0)
+    xb = tl.load(x1_ptr + ox, mask=live, other=0)
+    wy = tl.load(wy_ptr + oy, mask=live, other=0.0)
+    wx = tl.load(wx_ptr + ox, mask=live, other=0.0)
+    col_a = (_level(src, ya, xa, s_c, s_y, s_x, live, affine_ptr, True, NORMALIZED)
+             * (256.0 - wy)
+             + _level(src, yb, xa, s_c, s_y, s_x, live, affine_ptr, True, NORMALIZED) * wy)
+    col_b = (_level(src, ya, xb, s_c, s_y, s_x, live, affine_ptr, True, NORMALIZED)
+             * (256.0 - wy)
+             + _level(src, yb, xb, s_c, s_y, s_x, live, affine_ptr, True, NORMALIZED) * wy)
+    v = col_a * (256.0 - wx) + col_b * wx
+    tl.store(out_ptr + b * (size_h * size_w) + ox * size_h + oy,
+             tl.floor((v + 32768.0) * (1.0 / 65536.0)), mask=live)
 
 
 @triton.jit

@@ -73,6 +73,99 @@ def test_fine_grained_kernels_equal_the_tensor_ops_in_the_interpreter():
     assert len(done) == 62  # every size, kind and saturation ran through the kernels
 
 
+SPECTRAL_SCRIPT = r"""
+import functools
+import json
+import torch
+from pretrain import greedy, saliency
+from pretrain.mixers import MixContext, get_mixer
+from smix.data import denormalize
+torch.set_num_threads(1)
+kernels = saliency.SPECTRAL_KERNELS.get("cpu")  # loads it and runs the first-use check
+assert kernels is not None, saliency.SPECTRAL_KERNELS.failed
+g = torch.Generator().manual_seed(6)
+norm = ((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616))  # CIFAR-10's
+mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
+done = []
+# up from 3x3 and 32x32 (a batch in five CPU chunks), 64x64 itself, down, non-square
+for n, h, w in ((2, 3, 3), (3, 32, 32), (70, 32, 32), (2, 64, 64), (2, 37, 61), (1, 96, 80),
+                (1, 224, 224)):
+    for kind in ("noise", "raw", "normalized"):
+        if kind == "normalized":  # within an ulp of half grey levels once de-normalised
+            x = ((torch.randint(0, 255, (n, 3, h, w), generator=g) + 0.5) / 255 - mean) / std
+        elif kind == "raw":  # de-normalised pixels: halves, beyond 0..255, NHWC
+            x = (torch.randint(-120, 1161, (n, 3, h, w), generator=g) / 4.0).contiguous(
+                memory_format=torch.channels_last)
+        else:
+            x = torch.rand(n, 3, h, w, generator=g) * 255
+        opts = norm if kind == "normalized" else None
+        want = saliency._spectral_residual_with(x, 64, opts, None)
+        got = saliency._spectral_residual_with(x, 64, opts, kernels)
+        assert got.shape == want.shape and torch.equal(got, want), (n, h, w, kind)
+        if opts:  # the maps of the pixels, de-normalised beforehand as the mixers did
+            pixels = denormalize(x, *norm, scale=255.0)
+            assert torch.equal(want, saliency._spectral_residual_with(pixels, 64, None, None))
+        done.append([n, h, w, kind])
+# Guided-SR's one-pass step (greedy pairing) with the walk's and the detector's kernels on
+ctx = MixContext(norm[0], norm[1], 10)
+x = ((torch.rand(16, 3, 32, 32, generator=g) - mean) / std).contiguous(
+    memory_format=torch.channels_last)
+y = torch.randint(0, 10, (16,), generator=g)
+mixer = get_mixer("guidedmixup", saliency="sr", pairing="greedy")
+real_cycle, real_for = greedy.greedy_cycle, saliency._spectral_kernels_for
+outs = []
+for on in (True, False):
+    greedy.greedy_cycle = functools.partial(real_cycle, use_kernel=on)
+    saliency._spectral_kernels_for = (lambda images: kernels) if on else (lambda images: None)
+    out = mixer(x, y, torch.Generator().manual_seed(3), ctx)
+    outs.append((out.images, out.label_b, out.lam))
+greedy.greedy_cycle, saliency._spectral_kernels_for = real_cycle, real_for
+assert greedy.WALK.failed is None and saliency.SPECTRAL_KERNELS.failed is None
+assert all(torch.equal(a, b) for a, b in zip(*outs))
+done.append(["guided-sr step"])
+print(json.dumps(done))
+"""
+
+
+def test_spectral_residual_kernel_equals_the_tensor_ops_in_the_interpreter():
+    """`gray_resize` (the spectral residual's input from RGB or normalised pixels) through the
+    whole detector, and Guided-SR's step with every kernel on, bit for bit."""
+    done = interpreted(SPECTRAL_SCRIPT)
+    assert len(done) == 22  # 7 sizes x 3 kinds, and the step
+
+
+def test_spectral_kernel_wrong_by_one_grey_level_is_caught_before_its_first_use(monkeypatch):
+    """The first-use check compares the gray plane with the kernel against the tensor ops;
+    a kernel off by one level at one pixel is never used, and the detector keeps its values."""
+    from pretrain import saliency
+    real = saliency._gray_resized_ops
+
+    def off_by_one(kernels, rgb, size, normalization=None):
+        out = real(rgb, size, normalization).clone()
+        out[0, 3, 5] += 1
+        return out
+
+    fresh_kernels(monkeypatch, saliency.SPECTRAL_KERNELS, object())
+    monkeypatch.setattr(saliency, "_gray_resized", off_by_one)
+    with pytest.warns(RuntimeWarning, match="spectral_residual: the Triton kernel failed.*"
+                                           "differs from the tensor ops"):
+        assert saliency.SPECTRAL_KERNELS.get("cpu") is None
+    assert saliency.SPECTRAL_KERNELS.get("cpu") is None  # for good, no second warning
+
+
+def test_spectral_kernel_launch_that_fails_falls_back_once(monkeypatch):
+    """A launch that fails after the check (a new specialisation that does not compile): the
+    detector answers with its tensor ops, one warning, kernel off for good."""
+    from pretrain import saliency
+    broken = FailingKernels("PTX assembly failed")
+    fresh_kernels(monkeypatch, saliency.SPECTRAL_KERNELS, broken)
+    x = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255
+    with pytest.warns(RuntimeWarning, match="spectral_residual: the Triton kernel failed.*PTX"):
+        got = saliency._spectral_residual_with(x, 64, None, broken)  # the first chunk fails
+    assert torch.equal(got, saliency._spectral_residual_with(x, 64, None, None))
+    assert saliency.SPECTRAL_KERNELS.get("cpu") is None
+
+
 def test_kernels_wrong_by_one_grey_level_are_caught_before_their_first_use(monkeypatch):
     """The first-use check compares the detector with the kernels against the tensor ops on
     the same device; kernels whose map is off anywhere are never used."""
@@ -140,3 +233,25 @@ def test_cuda_fine_grained_kernels_equal_the_tensor_ops(n, h, w):
     for images in (xn, xn.bfloat16().contiguous(memory_format=torch.channels_last)):
         want = saliency.fine_grained(images, normalization=norm)
         assert torch.equal(saliency.fine_grained(images.cuda(), normalization=norm).cpu(), want)
+
+
+@cuda
+@pytest.mark.filterwarnings("error:.*Triton kernel failed:RuntimeWarning")
+@pytest.mark.parametrize("n,h,w", [(64, 32, 32), (5, 224, 224), (3, 37, 61)])
+def test_cuda_spectral_kernel_equals_the_tensor_ops(n, h, w):
+    """The compiled `gray_resize` on the GPU: the spectral residual with it equals its tensor
+    ops there (the same FFT calls after it), for pixels and for normalised bfloat16 channels-
+    last images, and it really ran (passed the first-use check, no fallback)."""
+    from pretrain import saliency
+    g = torch.Generator().manual_seed(n)
+    x = (torch.rand(n, 3, h, w, generator=g) * 255).cuda()
+    kernels = saliency.SPECTRAL_KERNELS.get("cuda")
+    assert kernels is not None, saliency.SPECTRAL_KERNELS.failed
+    norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    mean, std = (torch.tensor(v, device="cuda").view(1, 3, 1, 1) for v in norm)
+    xn = ((x.round() + 0.5) / 255 - mean) / std
+    for images, opts in ((x, None), (xn.bfloat16().contiguous(
+            memory_format=torch.channels_last), norm)):
+        got = saliency._spectral_residual_with(images, 64, opts, kernels)
+        assert torch.equal(got, saliency._spectral_residual_with(images, 64, opts, None))
+        assert torch.equal(saliency.spectral_residual(images, normalization=opts), got)
