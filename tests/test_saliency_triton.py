@@ -134,25 +134,6 @@ def test_spectral_residual_kernel_equals_the_tensor_ops_in_the_interpreter():
     assert len(done) == 22  # 7 sizes x 3 kinds, and the step
 
 
-def test_spectral_kernel_wrong_by_one_grey_level_is_caught_before_its_first_use(monkeypatch):
-    """The first-use check compares the gray plane with the kernel against the tensor ops;
-    a kernel off by one level at one pixel is never used, and the detector keeps its values."""
-    from pretrain import saliency
-    real = saliency._gray_resized_ops
-
-    def off_by_one(kernels, rgb, size, normalization=None):
-        out = real(rgb, size, normalization).clone()
-        out[0, 3, 5] += 1
-        return out
-
-    fresh_kernels(monkeypatch, saliency.SPECTRAL_KERNELS, object())
-    monkeypatch.setattr(saliency, "_gray_resized", off_by_one)
-    with pytest.warns(RuntimeWarning, match="spectral_residual: the Triton kernel failed.*"
-                                           "differs from the tensor ops"):
-        assert saliency.SPECTRAL_KERNELS.get("cpu") is None
-    assert saliency.SPECTRAL_KERNELS.get("cpu") is None  # for good, no second warning
-
-
 def test_spectral_kernel_launch_that_fails_falls_back_once(monkeypatch):
     """A launch that fails after the check (a new specialisation that does not compile): the
     detector answers with its tensor ops, one warning, kernel off for good."""
@@ -166,25 +147,38 @@ def test_spectral_kernel_launch_that_fails_falls_back_once(monkeypatch):
     assert saliency.SPECTRAL_KERNELS.get("cpu") is None
 
 
-def test_kernels_wrong_by_one_grey_level_are_caught_before_their_first_use(monkeypatch):
-    """The first-use check compares the detector with the kernels against the tensor ops on
-    the same device; kernels whose map is off anywhere are never used."""
+@pytest.mark.parametrize("detector", ["fine_grained", "spectral_residual"])
+def test_kernels_wrong_by_one_grey_level_are_caught_before_their_first_use(monkeypatch,
+                                                                           detector):
+    """The first-use check compares the detector's kernel path (fine_grained: its maps;
+    spectral_residual: its gray plane) against the tensor ops on the same device; kernels
+    whose result is off by one grey level anywhere are never used."""
     from pretrain import saliency
-    real = saliency._fine_grained_with
+    if detector == "fine_grained":
+        checked, target, real = (saliency.FINE_GRAINED_KERNELS, "_fine_grained_with",
+                                 saliency._fine_grained_with)
 
-    def off_by_one(images, saturate, kernels, chunk_pixels=None):
-        out = real(images, saturate, None, chunk_pixels)
-        if kernels is not None:
-            out = out.clone()
-            out.view(-1)[7] += 1 / 255
-        return out
+        def wrong(images, saturate, kernels, chunk_pixels=None, normalization=None):
+            out = real(images, saturate, None, chunk_pixels, normalization)
+            if kernels is not None:
+                out = out.clone()
+                out.view(-1)[7] += 1 / 255
+            return out
+    else:
+        checked, target, real = (saliency.SPECTRAL_KERNELS, "_gray_resized",
+                                 saliency._gray_resized_ops)
 
-    fresh_kernels(monkeypatch, saliency.FINE_GRAINED_KERNELS, object())
-    monkeypatch.setattr(saliency, "_fine_grained_with", off_by_one)
-    with pytest.warns(RuntimeWarning, match="saliency fine_grained: the Triton kernel failed.*"
+        def wrong(kernels, rgb, size, normalization=None):
+            out = real(rgb, size, normalization).clone()
+            out[0, 3, 5] += 1
+            return out
+
+    fresh_kernels(monkeypatch, checked, object())
+    monkeypatch.setattr(saliency, target, wrong)
+    with pytest.warns(RuntimeWarning, match=f"{detector}: the Triton kernel failed.*"
                                            "differs from the tensor ops"):
-        assert saliency.FINE_GRAINED_KERNELS.get("cpu") is None
-    assert saliency.FINE_GRAINED_KERNELS.get("cpu") is None  # for good, no second warning
+        assert checked.get("cpu") is None
+    assert checked.get("cpu") is None  # for good, no second warning
 
 
 def test_a_launch_that_fails_after_the_check_falls_back_once(monkeypatch):
