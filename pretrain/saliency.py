@@ -14,7 +14,9 @@ Registry (one per kind, as timm does it)::
     get_detector("fine_grained")(images)   # unknown names raise UserError listing valid ones
 
 A detector registered with ``needs_model=True`` (``gradient``) is called as
-``fn(model, images_normalized, labels)`` instead; callers branch on ``fn.needs_model``.
+``fn(model, images_normalized, labels)`` instead; callers branch on ``fn.needs_model``. One
+registered with ``takes_normalization=True`` also accepts normalised images with
+``normalization=(mean, std)`` (``normalized_saliency`` passes it; the others get pixels).
 
 Detectors and their parity with OpenCV contrib 5.0 (``cv2.saliency``), as measured by
 ``tests/test_saliency.py`` on 10 scikit-image photos resized to 32x32 and to 224x224:
@@ -54,7 +56,7 @@ measured 13 ms on one thread vs 3.4 s on two for 10 images of 224x224 with one c
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,13 +86,16 @@ _DEVICE_CHUNK_PIXELS = 1 << 22
 # --------------------------------------------------------------------------------- registry
 
 
-def register_detector(name: str, *, needs_model: bool = False) -> Callable[[Detector], Detector]:
-    """Register a detector under ``name``; ``needs_model`` marks ``fn(model, images, labels)``."""
+def register_detector(name: str, *, needs_model: bool = False,
+                      takes_normalization: bool = False) -> Callable[[Detector], Detector]:
+    """Register a detector under ``name``; ``needs_model`` marks ``fn(model, images, labels)``,
+    ``takes_normalization`` a ``normalization=(mean, std)`` keyword for normalised images."""
 
     def decorator(fn: Detector) -> Detector:
         if name in _DETECTORS and _DETECTORS[name] is not fn:
             raise ValueError(f"saliency detector {name!r} is already registered")
         fn.needs_model = needs_model  # type: ignore[attr-defined]
+        fn.takes_normalization = takes_normalization  # type: ignore[attr-defined]
         _DETECTORS[name] = fn
         return fn
 
@@ -114,9 +119,6 @@ def get_detector(name: str) -> Detector:
 # ------------------------------------------------------------------------ shared pixel helpers
 
 
-_TAKES_NORMALIZED = ("fine_grained", "spectral_residual")  # normalization=(mean, std)
-
-
 def normalized_saliency(name: str, images: torch.Tensor, mean: Sequence[float],
                         std: Sequence[float]) -> torch.Tensor:
     """Detector `name`'s maps of normalised images: the maps of their 0..255 pixels,
@@ -124,10 +126,19 @@ def normalized_saliency(name: str, images: torch.Tensor, mean: Sequence[float],
     fine_grained and spectral_residual take the de-normalisation into their first Triton
     kernel on CUDA (the same values, three full passes over the batch fewer); the others get
     the pixels."""
-    if name in _TAKES_NORMALIZED:
-        return get_detector(name)(images, normalization=(tuple(map(float, mean)),
-                                                         tuple(map(float, std))))
-    return get_detector(name)(denormalize(images.detach().float(), mean, std, scale=255.0))
+    detector = get_detector(name)
+    if detector.takes_normalization:
+        return detector(images, normalization=(tuple(map(float, mean)), tuple(map(float, std))))
+    return detector(denormalize(images.detach().float(), mean, std, scale=255.0))
+
+
+def _check_normalization(normalization: Normalization | None) -> Normalization | None:
+    """(mean, std) of RGB images: three values each (the kernels read exactly three)."""
+    if normalization is not None and (len(normalization) != 2
+                                      or any(len(v) != 3 for v in normalization)):
+        raise ValueError(f"normalization must be (mean, std) with 3 values each, got "
+                         f"{normalization!r}")
+    return normalization
 
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:
@@ -224,7 +235,7 @@ class _Workspace:
             self.cols = like.new_empty((batch, height + 2 * py, width), dtype=exact)
         else:  # the kernels clamp the corners themselves: no padding, nothing to zero
             self.integral = like.new_empty((batch, height, width), dtype=exact)
-            self.cols = self.integral
+            self.cols = None
         self.t = like.new_empty((batch, height, width), dtype=exact)
         # on/off (and their scratch) side by side, so one op serves both maps in the mix
         pair = (2, batch, height, width)
@@ -233,7 +244,8 @@ class _Workspace:
 
     def view(self, n: int) -> dict[str, torch.Tensor]:
         """The buffers for a chunk of ``n`` images (the last chunk may be smaller)."""
-        out = {k: getattr(self, k)[:n] for k in ("integral", "cols", "t")}
+        out = {k: getattr(self, k)[:n] for k in ("integral", "cols", "t")
+               if getattr(self, k) is not None}
         out.update({k: getattr(self, k)[:, :n] for k in ("sums", "scaled", "scratch")})
         return out
 
@@ -308,7 +320,7 @@ def _mix_on_off(sums: torch.Tensor, saturate: bool, buf: dict[str, torch.Tensor]
     total.mul_(1.0 / 255.0)
 
 
-@register_detector("fine_grained")
+@register_detector("fine_grained", takes_normalization=True)
 @torch.no_grad()
 def fine_grained(images: torch.Tensor, *, saturate: bool = False,
                  normalization: Normalization | None = None) -> torch.Tensor:
@@ -318,7 +330,7 @@ def fine_grained(images: torch.Tensor, *, saturate: bool = False,
     their 0..255 pixels (``normalized_saliency``). On CUDA one graph replay per batch shape
     (``GraphCache``); elsewhere eager."""
     return _FINE_GRAINED_GRAPHS(_check_images(images), saturate=saturate,
-                                normalization=normalization)
+                                normalization=_check_normalization(normalization))
 
 
 def _fine_grained(images: torch.Tensor, saturate: bool = False,
@@ -403,7 +415,7 @@ def _gray_blurred(kernels, rgb: torch.Tensor, ws: _Workspace,
                             NORMALIZED=normalization is not None, BLOCK=_KERNEL_BLOCK,
                             enable_fp_fusion=False)
         kernels.blur3[grid](once, twice, affine, total, h, w, h * w, 0, w, 1, FROM_RGB=False,
-                            NORMALIZED=False, BLOCK=_KERNEL_BLOCK, enable_fp_fusion=False)
+                            NORMALIZED=False, BLOCK=_KERNEL_BLOCK)  # integers only
     return twice
 
 
@@ -437,6 +449,27 @@ def _load_detector_kernels():
     return saliency_triton
 
 
+_CHECK_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet's
+
+
+def _half_level_batches(n: int, h: int, w: int, g: torch.Generator,
+                        device: torch.device | str) -> Iterator[torch.Tensor]:
+    """The first-use checks' normalised images (`_CHECK_NORMALIZATION`): values that
+    de-normalise to within an ulp of a half grey level, where x * std + mean rounded once (an
+    FMA) lands on the other level for ~6% of them; float32, float16 and bfloat16 (read as
+    they are), each NCHW and channels last (Triton compiles a channel stride of 1 apart)."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in _CHECK_NORMALIZATION)
+    halves = torch.randint(0, 255, (n, 3, h, w), generator=g) + 0.5
+    normalized = ((halves / 255.0) - mean) / std
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            yield normalized.to(device, dtype).contiguous(memory_format=layout)
+
+
+def _layout(images: torch.Tensor) -> str:
+    return "NCHW" if images.is_contiguous() else "channels last"
+
+
 def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
     """Why the kernels cannot be trusted on `device` (None: they can): the detector with them
     against the tensor ops on the same device, bit for bit, with and without saturation, on
@@ -446,8 +479,7 @@ def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
     OpenCV's uchar cast wraps); and de-normalised pixels as training passes them: quarter
     steps from -30 to 290 (halves round to even, the rest is clamped), channels last; with NaN
     and infinities, the gray plane blurred twice (the maps' NaN handling is not compared);
-    bfloat16 pixels; normalised images de-normalised in the kernel, in float32, float16 and
-    bfloat16."""
+    bfloat16 pixels; normalised images de-normalised in the kernel (`_half_level_batches`)."""
     g = torch.Generator().manual_seed(20232)
     batches = []
     for n, h, w in ((3, 32, 32), (2, 40, 56), (2, 224, 224)):
@@ -471,20 +503,12 @@ def _check_fine_grained_kernels(kernels, device: torch.device) -> str | None:
                 n, _, h, w = images.shape
                 return (f"its map of {n} images of {h}x{w} (saturate={saturate}) differs "
                         "from the tensor ops'")
-    # normalised images, de-normalised in the kernel: values within an ulp of a half grey
-    # level, where x * std + mean rounded once (an FMA) lands on the other level for ~6% of
-    # them; float32, and float16/bfloat16 channels last (read as they are)
-    norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
-    halves = torch.randint(0, 255, (2, 3, 17, 23), generator=g) + 0.5
-    normalized = ((halves / 255.0) - mean) / std
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        images = normalized.to(device, dtype)
-        if dtype != torch.float32:
-            images = images.contiguous(memory_format=torch.channels_last)
+    norm = _CHECK_NORMALIZATION  # normalised images, de-normalised in the kernel
+    for images in _half_level_batches(2, 17, 23, g, device):
         want = _fine_grained_with(images, False, None, normalization=norm)
         if not torch.equal(_fine_grained_with(images, False, kernels, normalization=norm), want):
-            return f"its map of normalised {dtype} images differs from the tensor ops'"
+            return (f"its map of normalised {images.dtype} images "
+                    f"{_layout(images)} differs from the tensor ops'")
     # the gray plane blurred twice keeps NaN and clamps infinities as the tensor ops
     raw[0, 1, 4, 5], raw[1, 0, 0, 0] = float("nan"), float("inf")
     raw[1, 2, 16, 22] = -float("inf")
@@ -601,7 +625,7 @@ def _spectral_residual_small(small: torch.Tensor) -> torch.Tensor:
     return sal.div_(sal.amax((1, 2), keepdim=True)).float()
 
 
-@register_detector("spectral_residual")
+@register_detector("spectral_residual", takes_normalization=True)
 @torch.no_grad()
 def spectral_residual(images: torch.Tensor, *, size: int = 64,
                       normalization: Normalization | None = None) -> torch.Tensor:
@@ -610,14 +634,21 @@ def spectral_residual(images: torch.Tensor, *, size: int = 64,
     images are normalised ones (``normalized_saliency``). On CUDA one graph replay per batch
     shape (``GraphCache``); elsewhere eager."""
     return _SPECTRAL_RESIDUAL_GRAPHS(_check_images(images), size=size,
-                                     normalization=normalization)
+                                     normalization=_check_normalization(normalization))
 
 
 def _spectral_residual(images: torch.Tensor, size: int = 64,
                        normalization: Normalization | None = None) -> torch.Tensor:
     """The spectral-residual detector's computation, on checked images; on CUDA its input
     (gray, resized) is one Triton kernel where it runs (`SPECTRAL_KERNELS`)."""
-    return _spectral_residual_with(images, size, normalization, _spectral_kernels_for(images))
+    kernels = _spectral_kernels_for(images)
+    if kernels is None:
+        return _spectral_residual_with(images, size, normalization, None)
+    try:
+        return _spectral_residual_with(images, size, normalization, kernels)
+    except Exception as e:  # a new specialisation that fails to compile: tensor ops for good
+        SPECTRAL_KERNELS.fail(e)
+        return _spectral_residual_with(images, size, normalization, None)
 
 
 def _spectral_kernels_for(images: torch.Tensor):
@@ -628,20 +659,15 @@ def _spectral_kernels_for(images: torch.Tensor):
 
 def _spectral_residual_with(images: torch.Tensor, size: int,
                             normalization: Normalization | None, kernels) -> torch.Tensor:
-    """`_spectral_residual` with the kernels given (`pretrain.saliency_triton`), or tensor ops
-    (None, or for good once a launch fails)."""
+    """`_spectral_residual` with the kernel given (`pretrain.saliency_triton`), or tensor ops
+    (None)."""
     b, _, h, w = images.shape
     small = torch.empty((b, size, size), device=images.device)
     for part in _chunks(b, max(h * w, size * size), images.device):
-        gray = None
-        if kernels is not None:
-            try:
-                gray = _gray_resized(kernels, images[part], size, normalization)
-            except Exception as e:  # a specialisation that fails to compile: tensor ops
-                SPECTRAL_KERNELS.fail(e)
-                kernels = None
-        if gray is None:
+        if kernels is None:
             gray = _gray_resized_ops(images[part], size, normalization)
+        else:
+            gray = _gray_resized(kernels, images[part], size, normalization)
         small[part] = _spectral_residual_small(gray)
     if (h, w) == (size, size):
         return small
@@ -686,11 +712,9 @@ def _check_spectral_kernels(kernels, device: torch.device) -> str | None:
     FFTs after it are the same calls), then one whole detector call both ways. Sizes: up from
     3x3 and 32x32, down from 224x224, non-square, 64x64 itself; 0..255 images, de-normalised
     pixels (quarter steps from -30 to 290, channels last; float32 and bfloat16), NaN and
-    infinities; normalised images within an ulp of half grey levels (see
-    `_check_fine_grained_kernels`) in float32, float16 and bfloat16."""
+    infinities; normalised images within an ulp of half grey levels
+    (`_half_level_batches`)."""
     g = torch.Generator().manual_seed(20233)
-    norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
     cases = []
     for n, h, w in ((2, 3, 3), (3, 32, 32), (2, 224, 224), (2, 37, 61), (1, 64, 64)):
         cases.append((torch.rand(n, 3, h, w, generator=g) * 255, None))
@@ -699,20 +723,17 @@ def _check_spectral_kernels(kernels, device: torch.device) -> str | None:
         raw[-1, 2, h - 1, w - 1] = -float("inf")
         cases.append((raw.contiguous(memory_format=torch.channels_last), None))
         cases.append((raw.bfloat16().contiguous(memory_format=torch.channels_last), None))
-        halves = torch.randint(0, 255, (n, 3, h, w), generator=g) + 0.5
-        normalized = ((halves / 255.0) - mean) / std
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            cases.append((normalized.to(dtype), norm))
+        cases += [(x, _CHECK_NORMALIZATION) for x in _half_level_batches(n, h, w, g, "cpu")]
     for images, normalization in cases:
-        images = images.to(device)
+        images = images.to(device)  # (keeps the layout)
         want = _gray_resized_ops(images, 64, normalization)
         got = _gray_resized(kernels, images, 64, normalization)
         if not (got.stride() == want.stride() and torch.equal(got.isnan(), want.isnan())
                 and torch.equal(got.nan_to_num(), want.nan_to_num())):
             n, _, h, w = images.shape
             return (f"its gray plane of {n} {images.dtype} images of {h}x{w} "
-                    f"({'normalised' if normalization else 'pixels'}) differs from the "
-                    "tensor ops'")
+                    f"({'normalised' if normalization else 'pixels'}, {_layout(images)}) "
+                    "differs from the tensor ops'")
     images = (torch.rand(3, 3, 40, 56, generator=g) * 255).to(device)
     if not torch.equal(_spectral_residual_with(images, 64, None, kernels),
                        _spectral_residual_with(images, 64, None, None)):

@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from smix.data import denormalize
 from smix.errors import UserError
 from pretrain import saliency
 from pretrain.saliency import (fine_grained, frequency_tuned, get_detector, gradient_saliency,
-                               list_detectors, register_detector, spectral_residual)
+                               list_detectors, normalized_saliency, register_detector,
+                               spectral_residual)
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
           "immunohistochemistry", "retina", "colorwheel", "camera", "coins")
@@ -173,6 +175,22 @@ def test_bad_shapes_are_rejected():
         fine_grained(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="at least 3x3"):
         spectral_residual(torch.zeros(1, 3, 2, 8))
+    with pytest.raises(ValueError, match=r"\(mean, std\) with 3 values each"):
+        fine_grained(torch.zeros(1, 3, 8, 8), normalization=((0.5,), (0.25,)))
+
+
+def test_maps_of_normalised_images_are_the_maps_of_their_pixels():
+    """`normalized_saliency` (what the mixers call) equals the detector on the de-normalised
+    0..255 pixels, whether the detector takes the normalisation itself or gets the pixels."""
+    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)
+    pixels = _random_images(batch=3, h=20, w=28)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    normalized = (pixels / 255 - m) / s
+    for name in ("fine_grained", "spectral_residual", "frequency_tuned"):
+        want = get_detector(name)(denormalize(normalized, mean, std, scale=255.0))
+        assert torch.equal(normalized_saliency(name, normalized, mean, std), want), name
+    assert get_detector("fine_grained").takes_normalization
+    assert not get_detector("frequency_tuned").takes_normalization
 
 
 def test_frequency_tuned_finds_the_coloured_square():

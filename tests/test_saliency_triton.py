@@ -1,10 +1,11 @@
-"""The fine-grained detector's Triton kernels (`pretrain.saliency_triton`: the quantised gray
-plane blurred twice, de-normalised first for normalised images, the on/off sums, the mix)
-against its tensor ops, bit for bit, and through them against OpenCV. Triton's interpreter
-(TRITON_INTERPRET=1, set before Triton is imported, hence a subprocess) runs the very kernels
-CUDA compiles, on CPU tensors; it divides with numpy (IEEE, as `tl.div_rn` on the GPU). On a GPU the CUDA test
-below compares the compiled kernels with the tensor ops there, and `FINE_GRAINED_KERNELS`
-checks them on each device before their first use."""
+"""The detectors' Triton kernels (`pretrain.saliency_triton`) against their tensor ops, bit for
+bit, and through them against OpenCV: fine_grained's (the quantised gray plane blurred twice,
+de-normalised first for normalised images, the on/off sums, the mix) and spectral_residual's
+(the gray plane resized to 64x64). Triton's interpreter (TRITON_INTERPRET=1, set before
+Triton is imported, hence a subprocess) runs the very kernels CUDA compiles, on CPU tensors; it
+divides with numpy (IEEE, as `tl.div_rn` on the GPU). On a GPU the CUDA tests below compare the
+compiled kernels with the tensor ops there, and `FINE_GRAINED_KERNELS` / `SPECTRAL_KERNELS`
+check them on each device before their first use."""
 
 from __future__ import annotations
 
@@ -134,19 +135,6 @@ def test_spectral_residual_kernel_equals_the_tensor_ops_in_the_interpreter():
     assert len(done) == 22  # 7 sizes x 3 kinds, and the step
 
 
-def test_spectral_kernel_launch_that_fails_falls_back_once(monkeypatch):
-    """A launch that fails after the check (a new specialisation that does not compile): the
-    detector answers with its tensor ops, one warning, kernel off for good."""
-    from pretrain import saliency
-    broken = FailingKernels("PTX assembly failed")
-    fresh_kernels(monkeypatch, saliency.SPECTRAL_KERNELS, broken)
-    x = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255
-    with pytest.warns(RuntimeWarning, match="spectral_residual: the Triton kernel failed.*PTX"):
-        got = saliency._spectral_residual_with(x, 64, None, broken)  # the first chunk fails
-    assert torch.equal(got, saliency._spectral_residual_with(x, 64, None, None))
-    assert saliency.SPECTRAL_KERNELS.get("cpu") is None
-
-
 @pytest.mark.parametrize("detector", ["fine_grained", "spectral_residual"])
 def test_kernels_wrong_by_one_grey_level_are_caught_before_their_first_use(monkeypatch,
                                                                            detector):
@@ -181,19 +169,26 @@ def test_kernels_wrong_by_one_grey_level_are_caught_before_their_first_use(monke
     assert checked.get("cpu") is None  # for good, no second warning
 
 
-def test_a_launch_that_fails_after_the_check_falls_back_once(monkeypatch):
+@pytest.mark.parametrize("detector", ["fine_grained", "spectral_residual"])
+def test_a_launch_that_fails_after_the_check_falls_back_once(monkeypatch, detector):
     """Kernels that passed their check but fail on a new shape (a specialisation that does
     not compile): the detector answers with its tensor ops, one warning, kernels off."""
     from pretrain import saliency
-
     broken = FailingKernels("PTX assembly failed")
-    fresh_kernels(monkeypatch, saliency.FINE_GRAINED_KERNELS, broken)
-    monkeypatch.setattr(saliency, "_kernels_for", lambda images: broken)
-    x = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0)) * 255
-    with pytest.warns(RuntimeWarning, match="fine_grained: the Triton kernel failed.*PTX"):
-        got = saliency._fine_grained(x)
-    assert torch.equal(got, saliency._fine_grained_with(x, False, None))
-    assert saliency.FINE_GRAINED_KERNELS.get("cpu") is None  # off for good
+    if detector == "fine_grained":
+        checked, route, run = saliency.FINE_GRAINED_KERNELS, "_kernels_for", saliency._fine_grained
+        eager = lambda x: saliency._fine_grained_with(x, False, None)
+    else:
+        checked, route, run = (saliency.SPECTRAL_KERNELS, "_spectral_kernels_for",
+                               saliency._spectral_residual)
+        eager = lambda x: saliency._spectral_residual_with(x, 64, None, None)
+    fresh_kernels(monkeypatch, checked, broken)
+    monkeypatch.setattr(saliency, route, lambda images: broken)
+    x = torch.rand(40, 3, 20, 20, generator=torch.Generator().manual_seed(0)) * 255
+    with pytest.warns(RuntimeWarning, match=f"{detector}: the Triton kernel failed.*PTX"):
+        got = run(x)
+    assert torch.equal(got, eager(x))
+    assert checked.get("cpu") is None  # off for good
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
