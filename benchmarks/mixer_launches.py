@@ -9,9 +9,11 @@ only (CPU, SMIX_TRITON=0), and `_with_kernels` as CUDA runs where Triton is: the
 one kernel instead of 3(n-2) tensor ops; the fine-grained detector's de-normalised gray plane
 blurred twice two, its on/off sums and mix two (around two cumsums and the maxima); the
 spectral residual's de-normalised gray plane resized one; SaliencyMix's boxes at the map points
-one, its paste one (stand-ins count the launches). A count, not a timing: each launch outside a graph costs the
-host a few microseconds on a GPU, each kernel in a graph about a microsecond of device time
-(timed on a GPU: mixer_profile.py).
+one, its paste one (stand-ins count the launches). `graph_copies_per_call`: a replay's copies
+of its inputs into the graph and clones of its outputs (a launch each, outside the graph, on
+top of `launches_outside_graphs` and the graph's own launch). A count, not a timing: each
+launch outside a graph costs the host a few microseconds on a GPU, each kernel in a graph
+about a microsecond of device time (timed on a GPU: mixer_profile.py).
 
     python benchmarks/mixer_launches.py [--batch 64 --size 32]
 """
@@ -51,7 +53,7 @@ class CountLaunches(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inside = self.outside = self.graphs = self.depth = 0
+        self.inside = self.outside = self.graphs = self.depth = self.copies = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -111,12 +113,17 @@ def count(mixer, x, y, ctx, seed: int, on_cuda: bool) -> CountLaunches:
     real = devices.GraphCache.__call__
 
     def as_graph(cache, *args, **kwargs):  # meta stands for CUDA: one graph per outer call
-        counter.graphs += counter.depth == 0
+        outer = counter.depth == 0
+        counter.graphs += outer
         counter.depth += 1
         try:
-            return cache.fn(*args, **kwargs)
+            out = cache.fn(*args, **kwargs)
         finally:
             counter.depth -= 1
+        if outer:  # a replay copies each input into the graph and clones each output out
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            counter.copies += sum(isinstance(t, torch.Tensor) for t in (*args, *outs))
+        return out
 
     devices.GraphCache.__call__ = as_graph
     try:
@@ -142,6 +149,7 @@ def main() -> None:
         print(json.dumps({"benchmark": "mixer_launches", "device": "meta", "method": name,
                           "batch": a.batch, "size": a.size, "graphs_per_call": ops.graphs,
                           "ops_in_graphs": ops.inside, "launches_outside_graphs": ops.outside,
+                          "graph_copies_per_call": ops.copies,
                           "ops_in_graphs_with_kernels": cuda.inside,
                           "launches_outside_graphs_with_kernels": cuda.outside}), flush=True)
 
