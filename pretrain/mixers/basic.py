@@ -9,7 +9,7 @@ import torch
 from smix.devices import upload
 from smix.errors import UserError
 from pretrain.mixers.base import Mixer, MixOutput, MixParams, bernoulli, beta, register_mixer
-from pretrain.mixers.boxes import box_mask, boxes_from_centres, paste_permuted
+from pretrain.mixers.boxes import box_mask, boxes_from_centres, paste_box, paste_permuted
 from pretrain.pairing import get_pairing
 
 
@@ -118,8 +118,12 @@ class CutMix(PairMixer):
     """Yun et al. 2019: paste a box of side S·sqrt(1-λ) from the permuted image at the same
     place; one box per batch as the official code; λ corrected to the clipped area."""
 
-    def sample(self, images, labels, generator, ctx) -> MixParams:
-        bsz, _, h, w = images.shape
+    def draw_box(self, images, labels, generator, ctx
+                 ) -> tuple[bool, float, torch.Tensor, tuple[int, int, int, int], float]:
+        """`draw`, then the box's centre (always drawn, so the stream does not depend on the
+        coin): the coin, λ as sampled, the pairing, the clipped box (y0, x0, y1, x1) in host
+        integers and the actual λ (float64)."""
+        _, _, h, w = images.shape
         active, lam, perm = self.draw(images, labels, generator, ctx)
         cut = 1.0 - lam
         cut_h, cut_w = int(h * cut ** 0.5), int(w * cut ** 0.5)
@@ -129,10 +133,14 @@ class CutMix(PairMixer):
         # the ~30 tiny tensor ops that were most of this mixer's host time per step
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
-        boxes = torch.tensor([[y0, x0, y1, x1]]).expand(bsz, 4)
         lam_actual = 1.0 - max(y1 - y0, 0) * max(x1 - x0, 0) / (h * w)  # float64, as before
-        return MixParams(active=active, perm=perm,
-                         lam=batch_lam(lam_actual, bsz), boxes=boxes,
+        return active, lam, perm, (y0, x0, y1, x1), lam_actual
+
+    def sample(self, images, labels, generator, ctx) -> MixParams:
+        bsz = len(labels)
+        active, lam, perm, box, lam_actual = self.draw_box(images, labels, generator, ctx)
+        return MixParams(active=active, perm=perm, lam=batch_lam(lam_actual, bsz),
+                         boxes=torch.tensor([box]).expand(bsz, 4),
                          info={"pairing": self.pairing, "lam_sampled": lam})
 
     def apply(self, images, labels, params) -> MixOutput:
@@ -141,3 +149,13 @@ class CutMix(PairMixer):
         mixed = paste_permuted(images, params.perm, params.boxes)
         return MixOutput(mixed, labels, labels.index_select(0, params.perm),
                          lam_on(params.lam, images.device))
+
+    def __call__(self, images, labels, generator, ctx) -> MixOutput:
+        """`apply(sample(...))` with the same draws and values, the box and λ kept as host
+        numbers (sample wraps them in host tensors that apply reads back)."""
+        active, _, perm, box, lam_actual = self.draw_box(images, labels, generator, ctx)
+        if not active:
+            return _identity(images, labels)
+        return MixOutput(paste_box(images, perm, *box), labels, labels.index_select(0, perm),
+                         torch.full((len(labels),), lam_actual, dtype=torch.float32,
+                                    device=images.device))

@@ -141,7 +141,13 @@ def paste_permuted(images: torch.Tensor, perm: torch.Tensor, src_boxes: torch.Te
             except Exception as e:  # a specialisation that fails to compile
                 BOX_KERNELS.fail(e)
         return paste(images, images[perm], src_boxes, dst_boxes)
-    y0, x0, y1, x1 = (int(v) for v in src_boxes[0].tolist())
+    return paste_box(images, perm, *(int(v) for v in src_boxes[0].tolist()))
+
+
+def paste_box(images: torch.Tensor, perm: torch.Tensor, y0: int, x0: int, y1: int, x1: int
+              ) -> torch.Tensor:
+    """`paste_permuted` of one box for the whole batch, given as host integers: the patch
+    copied with slices (a clone, a gather, a copy)."""
     out = images.clone()
     if y1 > y0 and x1 > x0:
         # index_select: the same gather as `[perm]`, at half its host cost per call on CUDA
