@@ -141,6 +141,14 @@ def _check_normalization(normalization: Normalization | None) -> Normalization |
     return normalization
 
 
+def _pixels_of(images: torch.Tensor, normalization: Normalization | None) -> torch.Tensor:
+    """The tensor ops' 0..255 pixels: the images, or with `normalization` their
+    `denormalize(images.float(), mean, std, 255)`."""
+    if normalization is None:
+        return images
+    return denormalize(images.float(), *normalization, scale=255.0)
+
+
 def _check_images(images: torch.Tensor) -> torch.Tensor:
     """Validate ``[B,3,H,W]`` and detach (detectors are not differentiable)."""
     if images.dim() != 4 or images.shape[1] != 3:
@@ -337,14 +345,21 @@ def _fine_grained(images: torch.Tensor, saturate: bool = False,
                   normalization: Normalization | None = None) -> torch.Tensor:
     """The fine-grained detector's computation, on checked images; on CUDA with its
     elementwise stages as Triton kernels where they run (`FINE_GRAINED_KERNELS`)."""
-    kernels = _kernels_for(images)
-    if kernels is None:
-        return _fine_grained_with(images, saturate, None, normalization=normalization)
-    try:
-        return _fine_grained_with(images, saturate, kernels, normalization=normalization)
-    except Exception as e:  # a new specialisation that fails to compile: tensor ops for good
-        FINE_GRAINED_KERNELS.fail(e)
-        return _fine_grained_with(images, saturate, None, normalization=normalization)
+    return _with_kernels(FINE_GRAINED_KERNELS, _kernels_for(images), lambda kernels:
+                         _fine_grained_with(images, saturate, kernels,
+                                            normalization=normalization))
+
+
+def _with_kernels(checked: CheckedKernels, kernels, run: Callable[[object], torch.Tensor]
+                  ) -> torch.Tensor:
+    """`run(kernels)`, or `run(None)` (tensor ops): without kernels, or when a launch fails (a
+    new specialisation that does not compile: `checked` turns them off for good)."""
+    if kernels is not None:
+        try:
+            return run(kernels)
+        except Exception as e:
+            checked.fail(e)
+    return run(None)
 
 
 def _kernels_for(images: torch.Tensor):
@@ -367,9 +382,7 @@ def _fine_grained_with(images: torch.Tensor, saturate: bool, kernels,
     ws = _Workspace(out, parts[0].stop, h, w, padded=kernels is None)
     for part in parts:  # quantised per chunk too: a whole-batch copy costs 15% in page faults
         if kernels is None:
-            rgb = images[part]
-            if normalization is not None:
-                rgb = denormalize(rgb.float(), *normalization, scale=255.0)
+            rgb = _pixels_of(images[part], normalization)
             gray = _gaussian3_u8(_gaussian3_u8(_gray_u8(_as_uint8_grid(rgb))))
             _mix_on_off(_on_off_sums(gray, ws), saturate, ws.view(len(gray)), out[part])
         else:
@@ -641,14 +654,8 @@ def _spectral_residual(images: torch.Tensor, size: int = 64,
                        normalization: Normalization | None = None) -> torch.Tensor:
     """The spectral-residual detector's computation, on checked images; on CUDA its input
     (gray, resized) is one Triton kernel where it runs (`SPECTRAL_KERNELS`)."""
-    kernels = _spectral_kernels_for(images)
-    if kernels is None:
-        return _spectral_residual_with(images, size, normalization, None)
-    try:
-        return _spectral_residual_with(images, size, normalization, kernels)
-    except Exception as e:  # a new specialisation that fails to compile: tensor ops for good
-        SPECTRAL_KERNELS.fail(e)
-        return _spectral_residual_with(images, size, normalization, None)
+    return _with_kernels(SPECTRAL_KERNELS, _spectral_kernels_for(images), lambda kernels:
+                         _spectral_residual_with(images, size, normalization, kernels))
 
 
 def _spectral_kernels_for(images: torch.Tensor):
@@ -683,9 +690,8 @@ def _gray_resized_ops(rgb: torch.Tensor, size: int,
                       normalization: Normalization | None = None) -> torch.Tensor:
     """The spectral residual's input in tensor ops: OpenCV's uint8 gray plane of the pixels
     (de-normalised first with `normalization`), resized to size x size (INTER_LINEAR_EXACT)."""
-    if normalization is not None:
-        rgb = denormalize(rgb.float(), *normalization, scale=255.0)
-    return _resize_u8_exact(_gray_u8(_as_uint8_grid(rgb)), size, size)
+    return _resize_u8_exact(_gray_u8(_as_uint8_grid(_pixels_of(rgb, normalization))), size,
+                            size)
 
 
 def _gray_resized(kernels, rgb: torch.Tensor, size: int,

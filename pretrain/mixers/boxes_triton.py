@@ -66,29 +66,28 @@ def point_boxes(src_idx_ptr, dst_idx_ptr, sides_ptr, sides_row, src_ptr, dst_ptr
 
 
 @triton.jit
+def _digits(idx, n0, n1, n2):
+    """`idx` in mixed radix, n0 varying fastest, then n1, then n2: its four digits."""
+    rest = idx // n0
+    rest2 = rest // n1
+    return idx % n0, rest % n1, rest2 % n2, rest2 // n2
+
+
+@triton.jit
 def paste(images_ptr, out_ptr, perm_ptr, src_ptr, dst_ptr, box_row, total, channels, height,
           width, s_b, s_c, s_y, s_x, CHANNELS_LAST: tl.constexpr, HAS_DST: tl.constexpr,
           BLOCK: tl.constexpr):
     """out[b] = images[b], except inside dst box b (src's when not HAS_DST), which comes from
-    images[perm[b]] at the same offset inside src box b (clamped to the image, as `paste`). images and out share their strides
-    (in elements), walked in memory order: NCHW, or NHWC with CHANNELS_LAST. Boxes [B,4] i64
+    images[perm[b]] at the same offset inside src box b (clamped to the image, as `paste`).
+    images and out share their strides (in elements), walked in memory order: NCHW, or NHWC
+    with CHANNELS_LAST. Boxes [B,4] i64
     with row stride `box_row` (0: one box for the batch)."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = idx < total
     if CHANNELS_LAST:
-        c = idx % channels
-        rest = idx // channels
-        x = rest % width
-        rest = rest // width
-        y = rest % height
-        b = rest // height
+        c, x, y, b = _digits(idx, channels, width, height)
     else:
-        x = idx % width
-        rest = idx // width
-        y = rest % height
-        rest = rest // height
-        c = rest % channels
-        b = rest // channels
+        x, y, c, b = _digits(idx, width, height, channels)
     src = src_ptr + b * box_row
     sy0 = tl.load(src, mask=live, other=0)
     sx0 = tl.load(src + 1, mask=live, other=0)
