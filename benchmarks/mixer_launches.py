@@ -9,11 +9,12 @@ only (CPU, SMIX_TRITON=0), and `_with_kernels` as CUDA runs where Triton is: the
 one kernel instead of 3(n-2) tensor ops; the fine-grained detector's de-normalised gray plane
 blurred twice two, its on/off sums and mix two (around two cumsums and the maxima); the
 spectral residual's de-normalised gray plane resized one; SaliencyMix's boxes at the map points
-one, its paste one (stand-ins count the launches). `graph_copies_per_call`: a replay's copies
-of its inputs into the graph and clones of its outputs (a launch each, outside the graph, on
-top of `launches_outside_graphs` and the graph's own launch). A count, not a timing: each
-launch outside a graph costs the host a few microseconds on a GPU, each kernel in a graph
-about a microsecond of device time (timed on a GPU: mixer_profile.py).
+one, its paste one; GuidedMixup's mask and blend one (stand-ins count the launches).
+`graph_copies_per_call`: a replay's copies of its inputs into the graph and clones of its
+outputs (a launch each, outside the graph, on top of `launches_outside_graphs` and the graph's
+own launch). A count, not a timing: each launch outside a graph costs the host a few
+microseconds on a GPU, each kernel in a graph about a microsecond of device time (timed on a
+GPU: mixer_profile.py).
 
     python benchmarks/mixer_launches.py [--batch 64 --size 32]
 """
@@ -32,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from smix import devices
 from smix.data import CIFAR10_MEAN, CIFAR10_STD
 from pretrain import greedy, saliency
-from pretrain.mixers import MixContext, boxes, get_mixer
+from pretrain.mixers import MixContext, boxes, get_mixer, guidedmixup
 
 METHODS = {"cutmix": ("cutmix", {}), "mixup": ("mixup", {}),
            "saliencymix-batch": ("saliencymix", {"mode": "batch"}),
@@ -87,11 +88,11 @@ class StandIn:
 @contextlib.contextmanager
 def kernels_as_on_cuda(counter: CountLaunches) -> Iterator[None]:
     """The Triton kernels' paths, as CUDA takes them, on meta tensors: the fine-grained and
-    spectral-residual detectors', the boxes' and the greedy walk's, each launch counted as
-    one."""
+    spectral-residual detectors', the boxes', the greedy walk's and GuidedMixup's blend, each
+    launch counted as one."""
     stand_in = StandIn(counter)
-    real_boxes = boxes._kernels_for
-    boxes._kernels_for = lambda *tensors: stand_in
+    real_boxes, real_blend = boxes._kernels_for, guidedmixup._blend_kernels_for
+    boxes._kernels_for = guidedmixup._blend_kernels_for = lambda *tensors: stand_in
     graphs, spectral = saliency._FINE_GRAINED_GRAPHS, saliency._SPECTRAL_RESIDUAL_GRAPHS
     real_fine, real_spectral, real_cycle = graphs.fn, spectral.fn, greedy.greedy_cycle
     graphs.fn = lambda images, saturate=False, normalization=None: \
@@ -106,6 +107,7 @@ def kernels_as_on_cuda(counter: CountLaunches) -> Iterator[None]:
     finally:
         graphs.fn, spectral.fn, greedy.greedy_cycle = real_fine, real_spectral, real_cycle
         greedy.WALK.get, boxes._kernels_for = real_get, real_boxes
+        guidedmixup._blend_kernels_for = real_blend
 
 
 def count(mixer, x, y, ctx, seed: int, on_cuda: bool) -> CountLaunches:

@@ -56,7 +56,7 @@ step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines e
 # nvjpeg decode + fp16 resampling against the CPU path
 step tests 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
   tests/test_graphs.py tests/test_greedy_triton.py tests/test_saliency_triton.py \
-  tests/test_boxes_triton.py tests/test_loader_nvjpeg.py -k cuda
+  tests/test_boxes_triton.py tests/test_guided_triton.py tests/test_loader_nvjpeg.py -k cuda
 # the Triton kernels (greedy walk, fine-grained and spectral-residual detectors, boxes + paste)
 # against tensor ops
 step triton_kernels 60 $PY benchmarks/triton_kernels.py --device "$DEVICE" $KERNEL_ARGS

@@ -75,11 +75,9 @@ def test_fine_grained_kernels_equal_the_tensor_ops_in_the_interpreter():
 
 
 SPECTRAL_SCRIPT = r"""
-import functools
 import json
 import torch
-from pretrain import greedy, saliency
-from pretrain.mixers import MixContext, get_mixer
+from pretrain import saliency
 from smix.data import denormalize
 torch.set_num_threads(1)
 kernels = saliency.SPECTRAL_KERNELS.get("cpu")  # loads it and runs the first-use check
@@ -107,32 +105,15 @@ for n, h, w in ((2, 3, 3), (3, 32, 32), (70, 32, 32), (2, 64, 64), (2, 37, 61), 
             pixels = denormalize(x, *norm, scale=255.0)
             assert torch.equal(want, saliency._spectral_residual_with(pixels, 64, None, None))
         done.append([n, h, w, kind])
-# Guided-SR's one-pass step (greedy pairing) with the walk's and the detector's kernels on
-ctx = MixContext(norm[0], norm[1], 10)
-x = ((torch.rand(16, 3, 32, 32, generator=g) - mean) / std).contiguous(
-    memory_format=torch.channels_last)
-y = torch.randint(0, 10, (16,), generator=g)
-mixer = get_mixer("guidedmixup", saliency="sr", pairing="greedy")
-real_cycle, real_for = greedy.greedy_cycle, saliency._spectral_kernels_for
-outs = []
-for on in (True, False):
-    greedy.greedy_cycle = functools.partial(real_cycle, use_kernel=on)
-    saliency._spectral_kernels_for = (lambda images: kernels) if on else (lambda images: None)
-    out = mixer(x, y, torch.Generator().manual_seed(3), ctx)
-    outs.append((out.images, out.label_b, out.lam))
-greedy.greedy_cycle, saliency._spectral_kernels_for = real_cycle, real_for
-assert greedy.WALK.failed is None and saliency.SPECTRAL_KERNELS.failed is None
-assert all(torch.equal(a, b) for a, b in zip(*outs))
-done.append(["guided-sr step"])
 print(json.dumps(done))
 """
 
 
 def test_spectral_residual_kernel_equals_the_tensor_ops_in_the_interpreter():
     """`gray_resize` (the spectral residual's input from RGB or normalised pixels) through the
-    whole detector, and Guided-SR's step with every kernel on, bit for bit."""
+    whole detector, bit for bit (Guided-SR's step with every kernel on: test_guided_triton)."""
     done = interpreted(SPECTRAL_SCRIPT)
-    assert len(done) == 22  # 7 sizes x 3 kinds, and the step
+    assert len(done) == 21  # 7 sizes x 3 kinds
 
 
 @pytest.mark.parametrize("detector", ["fine_grained", "spectral_residual"])

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from smix.devices import GraphCache
+import itertools
+
+from smix.devices import CheckedKernels, GraphCache, on_device_of
 from smix.errors import UserError
 from pretrain.greedy import guided_maps
 from pretrain.mixers.base import MixContext, Mixer, MixOutput, MixParams, bernoulli, register_mixer
@@ -45,17 +47,24 @@ def mixing_mask(maps: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return m.unsqueeze(1)
 
 
-@torch.no_grad()
-def _sr_plan(images: torch.Tensor, perm: torch.Tensor | None = None, *, pairing: str,
-             mean: tuple, std: tuple, blur: int, sigma: float
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Guided-SR's permutation, mask and λ: spectral-residual maps of the de-normalised batch,
-    blurred and normalised, paired greedily (`perm` None: deterministic) or by the drawn
-    `perm`. Device tensors in and out, nothing drawn: one CUDA graph per batch shape."""
+def _sr_pairs(images: torch.Tensor, perm: torch.Tensor | None, pairing: str, mean: tuple,
+              std: tuple, blur: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guided-SR's prepared maps (spectral residual of the de-normalised batch, blurred,
+    normalised) and the permutation: greedy (`perm` None: deterministic) or the drawn one."""
     from pretrain.saliency import normalized_saliency
     maps = guided_maps(normalized_saliency(SALIENCY["sr"], images, mean, std), blur, sigma)
     if perm is None:
         perm = get_pairing(pairing)(len(images), None, images.device, maps=maps)
+    return maps, perm
+
+
+@torch.no_grad()
+def _sr_plan(images: torch.Tensor, perm: torch.Tensor | None = None, *, pairing: str,
+             mean: tuple, std: tuple, blur: int, sigma: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Guided-SR's permutation, mask and λ (`_sr_pairs`, then `mixing_mask`). Device tensors
+    in and out, nothing drawn: one CUDA graph per batch shape."""
+    maps, perm = _sr_pairs(images, perm, pairing, mean, std, blur, sigma)
     mask = mixing_mask(maps, perm)
     return perm, mask, mask.mean((1, 2, 3))
 
@@ -66,19 +75,112 @@ _SR_GRAPHS = GraphCache(_sr_plan, "guidedmixup sr")
 def blend(images: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """`apply`'s pixel-wise mix M·x_a + (1-M)·x_b, in the images' dtype, and the source labels."""
+    return _blend_pixels(images, perm, mask), labels[perm]
+
+
+def _blend_pixels(images: torch.Tensor, perm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(images.device, images.dtype)
-    return m * images + (1 - m) * images[perm], labels[perm]
+    return m * images + (1 - m) * images[perm]
+
+
+def mask_and_blend(images: torch.Tensor, maps: torch.Tensor, perm: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`blend` of `mixing_mask(maps, perm)`: the mixed batch and the mask. On CUDA one Triton
+    launch (`BLEND_KERNELS`) where the tensor ops take about a dozen."""
+    kernels = _blend_kernels_for(images, maps, perm)
+    if kernels is not None:
+        try:
+            return _mask_and_blend_kernel(kernels, images, maps, perm)
+        except Exception as e:  # a specialisation that fails to compile: tensor ops for good
+            BLEND_KERNELS.fail(e)
+    return _mask_and_blend_ops(images, maps, perm)
+
+
+def _mask_and_blend_ops(images, maps, perm):
+    mask = mixing_mask(maps, perm)
+    return _blend_pixels(images, perm, mask), mask
+
+
+def _mask_and_blend_kernel(kernels, images, maps, perm):
+    bsz, channels, height, width = images.shape
+    mixed = torch.empty_like(images)  # the same strides: dense layouts are preserved
+    mask = torch.empty((bsz, 1, height, width), dtype=torch.float32, device=images.device)
+    total = bsz * height * width
+    with on_device_of(images):  # no FMA: each product and sum rounds, as the tensor ops
+        kernels.mask_and_blend[(-(-total // _BLEND_BLOCK),)](
+            maps.contiguous(), perm.long(), images, mask, mixed, total, height * width, width,
+            channels, *images.stride(), torch.finfo(torch.float32).tiny,
+            KIND=_KINDS[images.dtype], BLOCK=_BLEND_BLOCK, enable_fp_fusion=False)
+    return mixed, mask
+
+
+_BLEND_BLOCK = 512
+_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the kernel's KIND
+
+
+def _blend_kernels_for(images: torch.Tensor, maps: torch.Tensor, perm: torch.Tensor):
+    """The kernel for this call: CUDA tensors on one device, float32 maps, float32, float16 or
+    bfloat16 images in NCHW or channels last with int32 offsets, no gradient wanted (the
+    kernel's output has none), and a kernel that passed its check there; else None."""
+    dense = images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)
+    if not (images.is_cuda and maps.device == perm.device == images.device and dense
+            and maps.dtype == torch.float32 and images.numel() < 2**31
+            and images.dtype in _KINDS
+            and not (images.requires_grad and torch.is_grad_enabled())):
+        return None
+    return BLEND_KERNELS.get(images.device)
+
+
+def _load_blend_kernels():
+    from pretrain.mixers import guided_triton
+    return guided_triton
+
+
+def _check_blend_kernels(kernels, device: torch.device) -> str | None:
+    """Why the blend kernel cannot be trusted on `device` (None: it can): mixed batch, its
+    strides, and mask against the tensor ops there, bit for bit. Maps with zeros where both
+    images of a pair have none (the 1/2 branch), subnormal and huge values, and whole images
+    without mass; float32, float16 and bfloat16 in NCHW and channels last, on 13x29 and 32x32
+    images (whose strides Triton specialises as multiples of 16), 3 and 1 channels, one image
+    paired with itself."""
+    g = torch.Generator().manual_seed(20251)
+    for (h, w), c, dtype, channels_last in itertools.product(
+            ((13, 29), (32, 32)), (3, 1), (torch.float32, torch.float16, torch.bfloat16),
+            (False, True)):
+        maps = torch.rand(7, h, w, generator=g)
+        maps[maps < 0.3] = 0.0
+        maps[1] = 0.0
+        maps[2, :3] = torch.finfo(torch.float32).tiny / 8  # subnormal
+        maps[3, 1] = 3e38
+        images = (torch.randn(7, c, h, w, generator=g) * 3).to(dtype)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        perm = torch.randperm(7, generator=g)
+        perm[6] = 6
+        maps, images, perm = maps.to(device), images.to(device), perm.to(device)
+        want = _mask_and_blend_ops(images, maps, perm)
+        got = _mask_and_blend_kernel(kernels, images, maps, perm)
+        if not all(torch.equal(a, b) for a, b in zip(got, want)) or \
+                got[0].stride() != want[0].stride():
+            return (f"its blend of {dtype} {'NHWC' if channels_last else 'NCHW'} images of "
+                    f"{c}x{h}x{w} differs from the tensor ops'")
+    return None
+
+
+# the mask and blend as one Triton kernel where Triton is (SMIX_TRITON=0: tensor ops)
+BLEND_KERNELS = CheckedKernels("guidedmixup blend", _load_blend_kernels, _check_blend_kernels)
 
 
 @torch.no_grad()
 def _sr_step(images: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor | None = None,
              **opts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Guided-SR's whole step after the host draws, as `GuidedMixup.__call__` runs it:
-    `_sr_plan`, then `apply`'s blend, the same ops (so the same values): the mixed batch, the
-    source labels and λ. One CUDA graph per batch shape (`_SR_STEP_GRAPHS`)."""
-    perm, mask, lam = _sr_plan(images, perm, **opts)
-    mixed, label_b = blend(images, labels, perm, mask)
-    return mixed, label_b, lam
+    `_sr_plan`'s maps, pairing and mask, then `apply`'s blend, the same operations (so the
+    same values), the mask and blend in one kernel on CUDA (`mask_and_blend`): the mixed batch,
+    the source labels and λ. One CUDA graph per batch shape (`_SR_STEP_GRAPHS`)."""
+    maps, perm = _sr_pairs(images, perm, **opts)
+    mixed, mask = mask_and_blend(images, maps, perm)
+    return mixed, labels[perm], mask.mean((1, 2, 3))
 
 
 _SR_STEP_GRAPHS = GraphCache(_sr_step, "guidedmixup sr step")
