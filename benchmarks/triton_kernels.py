@@ -4,8 +4,9 @@ tensor ops), the fine-grained detector on normalised channels-last batches as Sa
 passes them (its de-normalised gray plane blurred twice, about 27 passes as tensor ops, its
 padded integral image, on/off sums and mix, about 8 passes per scale and 20 more), the
 spectral residual on the same batches (Guided-SR's; its de-normalised gray plane resized to
-64x64, about 22 passes as tensor ops; its FFTs and the rest are the same in both), and
-SaliencyMix's boxes at the map points and per-sample paste (about 30 small kernels).
+64x64, about 22 passes as tensor ops; its FFTs and the rest are the same in both),
+SaliencyMix's boxes at the map points and per-sample paste (about 30 small kernels), and
+GuidedMixup's mask and blend (12 passes as tensor ops).
 
 Per case, timed as single synchronised calls and as K calls per synchronisation (what a
 training loop pays per step). Baseline: SMIX_TRITON=0 (tensor ops), same inputs, same
@@ -30,7 +31,8 @@ import torch
 from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from smix.devices import GraphCache, device_name
 from pretrain import greedy, saliency
-from pretrain.mixers import boxes
+from pretrain.greedy import guided_maps
+from pretrain.mixers import boxes, guidedmixup
 
 
 @torch.no_grad()
@@ -46,13 +48,24 @@ def boxes_and_paste(images: torch.Tensor, points: torch.Tensor, sides: torch.Ten
 _BOX_GRAPHS = GraphCache(boxes_and_paste, "benchmark boxes")
 
 
+@torch.no_grad()
+def mask_and_blend(images: torch.Tensor, maps: torch.Tensor, perm: torch.Tensor
+                   ) -> torch.Tensor:
+    """Guided-SR's step after its maps and pairing: the mask, the blend and λ."""
+    mixed, mask = guidedmixup.mask_and_blend(images, maps, perm)
+    return mixed.sum() + mask.mean((1, 2, 3)).sum()
+
+
+_BLEND_GRAPHS = GraphCache(mask_and_blend, "benchmark blend")
+
+
 @contextlib.contextmanager
 def triton(on: bool) -> Iterator[None]:
     """The Triton kernels on or off, with fresh graphs (a captured graph keeps its path)."""
     old = os.environ.get("SMIX_TRITON")
     os.environ["SMIX_TRITON"] = "1" if on else "0"
     caches = (greedy._GREEDY_GRAPHS, saliency._FINE_GRAINED_GRAPHS,
-              saliency._SPECTRAL_RESIDUAL_GRAPHS, _BOX_GRAPHS)
+              saliency._SPECTRAL_RESIDUAL_GRAPHS, _BOX_GRAPHS, _BLEND_GRAPHS)
     for c in caches:
         c.entries.clear()
     try:
@@ -113,6 +126,16 @@ def cases(a: argparse.Namespace, device: torch.device):
         yield "boxes_and_paste", f"{n} images of {size}x{size}, channels last", \
             lambda args=(images, points, sides, perm): _BOX_GRAPHS(*args).view(1), \
             boxes.BOX_KERNELS
+    for spec in (v for v in a.blend.split(",") if v):
+        n, size = (int(v) for v in spec.split("x"))
+        g = torch.Generator().manual_seed(size + 2)
+        images = torch.randn(n, 3, size, size, generator=g).to(device).contiguous(
+            memory_format=torch.channels_last)
+        maps = guided_maps(torch.rand(n, size, size, generator=g) * 255).to(device)
+        perm = torch.randperm(n, generator=g).to(device)
+        yield "mask_and_blend", f"{n} images of {size}x{size}, channels last", \
+            lambda args=(images, maps, perm): _BLEND_GRAPHS(*args).view(1), \
+            guidedmixup.BLEND_KERNELS
 
 
 def main() -> None:
@@ -123,6 +146,8 @@ def main() -> None:
                     help="fine-grained batches, NxSIZE")
     ap.add_argument("--boxes", default="64x32,32x224,256x224",
                     help="boxes-and-paste batches, NxSIZE")
+    ap.add_argument("--blend", default="64x32,32x224,256x224",
+                    help="mask-and-blend batches, NxSIZE")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pipeline", type=int, default=16)
     a = ap.parse_args()

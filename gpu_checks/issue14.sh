@@ -57,9 +57,9 @@ step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines e
 step tests 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
   tests/test_graphs.py tests/test_greedy_triton.py tests/test_saliency_triton.py \
   tests/test_boxes_triton.py tests/test_guided_triton.py tests/test_loader_nvjpeg.py -k cuda
-# the Triton kernels (greedy walk, fine-grained and spectral-residual detectors, boxes + paste)
-# against tensor ops
-step triton_kernels 60 $PY benchmarks/triton_kernels.py --device "$DEVICE" $KERNEL_ARGS
+# the Triton kernels (greedy walk, fine-grained and spectral-residual detectors, boxes + paste,
+# mask + blend) against tensor ops
+step triton_kernels 75 $PY benchmarks/triton_kernels.py --device "$DEVICE" $KERNEL_ARGS
 step aug_overhead 170 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
 step mixer_profile 40 $PY benchmarks/mixer_profile.py --device "$DEVICE" $PROF_ARGS
 step input_pipeline 170 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader auto,nvjpeg \
