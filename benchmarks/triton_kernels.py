@@ -49,14 +49,13 @@ _BOX_GRAPHS = GraphCache(boxes_and_paste, "benchmark boxes")
 
 
 @torch.no_grad()
-def mask_and_blend(images: torch.Tensor, maps: torch.Tensor, perm: torch.Tensor
-                   ) -> torch.Tensor:
+def blend_step(images: torch.Tensor, maps: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Guided-SR's step after its maps and pairing: the mask, the blend and λ."""
     mixed, mask = guidedmixup.mask_and_blend(images, maps, perm)
     return mixed.sum() + mask.mean((1, 2, 3)).sum()
 
 
-_BLEND_GRAPHS = GraphCache(mask_and_blend, "benchmark blend")
+_BLEND_GRAPHS = GraphCache(blend_step, "benchmark blend")
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ CUDA compiles, on CPU tensors; on a GPU the CUDA test compares the compiled kern
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -27,6 +29,28 @@ kernels = gm.BLEND_KERNELS.get("cpu")  # loads it and runs the first-use check
 assert kernels is not None, gm.BLEND_KERNELS.failed
 g = torch.Generator().manual_seed(5)
 done = []
+# the kernel's rounding to float16 and bfloat16 against torch's casts, NaN-aware: ties, the
+# largest finite values, subnormals, infinities and NaNs (0x7FFFFFFF is a GPU's only NaN)
+import triton
+import triton.language as tl
+from pretrain.mixers.guided_triton import _rounded
+
+@triton.jit
+def rounded(x_ptr, out_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, _rounded(tl.load(x_ptr + i, mask=i < n), KIND), mask=i < n)
+
+special = [0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FC00000, 0x7F800000, 0xFF800000, 0x7F7FFFFF,
+           0x3F808000, 0x3F818000, 0x3F80FFFF, 0x00000001, 0x807FFFFF, 0x00000000, 0x80000000]
+bits = torch.cat([torch.tensor(special, dtype=torch.int64),
+                  torch.randint(0, 2**32, (4000,), generator=g)])
+x = bits.to(torch.int32).view(torch.float32)  # the low 32 bits of each value
+for kind, dtype in ((1, torch.float16), (2, torch.bfloat16)):
+    out = torch.empty_like(x)
+    rounded[(1,)](x, out, len(x), KIND=kind, BLOCK=4096)
+    want = x.to(dtype).float()
+    assert ((out == want) | (out.isnan() & want.isnan())).all(), str(dtype)
+    done.append(["rounded", str(dtype)])
 for n, c, h, w in ((1, 3, 1, 1), (2, 3, 5, 7), (6, 3, 13, 29), (64, 3, 32, 32), (3, 1, 9, 9),
                    (4, 4, 17, 3)):
     raw = torch.rand(n, h, w, generator=g)
@@ -90,7 +114,8 @@ print(json.dumps(done))
 
 def test_blend_kernel_equals_the_tensor_ops_in_the_interpreter():
     done = interpreted(SCRIPT)
-    assert sum(d[0] != "guided-sr step" for d in done) == 72  # 6 sizes x 2 maps x 3 x 2
+    assert sum(d[0] == "rounded" for d in done) == 2
+    assert sum(d[0] not in ("rounded", "guided-sr step") for d in done) == 72  # 6x2 maps x3x2
     assert sum(d[0] == "guided-sr step" for d in done) == 4  # 2 dtypes x 2 pairings
 
 
@@ -131,14 +156,66 @@ def test_a_blend_launch_that_fails_after_the_check_falls_back_once(monkeypatch):
     assert gm.BLEND_KERNELS.get("cpu") is None  # off for good
 
 
-def test_the_kernel_is_only_asked_for_where_it_applies():
-    """CPU tensors, a gradient wanted, float64 images or another layout: tensor ops."""
+def test_the_kernel_takes_only_what_it_can_walk():
+    """Float32 maps; float32/16 and bfloat16 images in NCHW or channels last, without a
+    gradient wanted; anything else (and any CPU tensor) goes to the tensor ops."""
     from pretrain.mixers import guidedmixup as gm
     images, maps, perm = torch.randn(2, 3, 4, 4), torch.rand(2, 4, 4), torch.tensor([1, 0])
+    assert gm._blend_fits(images, maps)
+    assert gm._blend_fits(images.bfloat16().contiguous(memory_format=torch.channels_last), maps)
+    assert gm._blend_fits(images.half(), maps)
+    for bad_images, bad_maps in ((images.double(), maps), (images.transpose(2, 3), maps),
+                                 (images[:, :, ::2], maps), (images, maps.double()),
+                                 (images.clone().requires_grad_(), maps)):
+        assert not gm._blend_fits(bad_images, bad_maps)
+    with torch.no_grad():  # no gradient wanted: the kernel's output may lack one
+        assert gm._blend_fits(images.clone().requires_grad_(), maps)
     assert gm._blend_kernels_for(images, maps, perm) is None  # CPU
-    meta = [t.to("meta") for t in (images, maps, perm)]
-    for bad in (meta[0].double(), meta[0].transpose(2, 3), meta[0].requires_grad_()):
-        assert gm._blend_kernels_for(bad, meta[1], meta[2]) is None
+
+
+def test_the_launch_turns_fma_contraction_off(monkeypatch):
+    """Each product and sum must round on its own, as the tensor ops': the launch asks Triton
+    for no FMA contraction, and passes the images' dtype as the kernel's KIND."""
+    from pretrain.mixers import guidedmixup as gm
+    launches = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return self
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    images, maps, perm = torch.randn(2, 3, 4, 4), torch.rand(2, 4, 4), torch.tensor([1, 0])
+    for dtype, kind in ((torch.float32, 0), (torch.float16, 1), (torch.bfloat16, 2)):
+        gm._mask_and_blend_kernel(Recorder(), images.to(dtype), maps, perm)
+        assert launches[-1]["enable_fp_fusion"] is False and launches[-1]["KIND"] == kind
+
+
+def test_the_kernel_compiles_for_sm90_with_ieee_division_and_no_fma():
+    """The PTX for an H100/H200 (compiled here, no GPU needed): IEEE division (`tl.div_rn`;
+    Triton's float32 `/` is the approximate div.full.f32) and, with the launch's
+    enable_fp_fusion=False, no fused multiply-add in any dtype."""
+    import inspect
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton
+    from pretrain.mixers import guided_triton
+    fn = guided_triton.mask_and_blend
+    names = list(inspect.signature(fn.fn).parameters)
+    for kind, ty in ((0, "fp32"), (1, "fp16"), (2, "bf16")):
+        sig = {n: ("*fp32" if n in ("maps_ptr", "mask_ptr") else "*i64" if n == "perm_ptr"
+                   else f"*{ty}" if n.endswith("_ptr") else "fp32" if n == "tiny"
+                   else "constexpr" if n.isupper() else "i32") for n in names}
+        try:
+            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index("KIND"),): kind,
+                                                              (names.index("BLOCK"),): 512})
+            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                 options={"enable_fp_fusion": False}).asm["ptx"]
+        except (TypeError, KeyError) as e:  # another Triton's compile API
+            pytest.skip(f"this Triton ({triton.__version__}) compiles differently: {e}")
+        assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx, ty
+        assert "fma." not in ptx, ty
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -153,15 +230,17 @@ def test_cuda_blend_kernel_equals_the_tensor_ops(n, h, w):
     from pretrain.greedy import guided_maps
     from pretrain.mixers import guidedmixup as gm
     g = torch.Generator().manual_seed(n)
-    maps = guided_maps(torch.rand(n, h, w, generator=g) * 255)
+    raw = torch.rand(n, h, w, generator=g)
+    raw[raw < 0.4] = 0.0  # pairs whose maps are both 0: the 1/2 branch
     perm = torch.randperm(n, generator=g)
     kernels = gm.BLEND_KERNELS.get("cuda")
     assert kernels is not None, gm.BLEND_KERNELS.failed
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for layout in (torch.contiguous_format, torch.channels_last):
-            x = torch.randn(n, 3, h, w, generator=g).to(dtype).contiguous(memory_format=layout)
-            got = gm.mask_and_blend(x.cuda(), maps.cuda(), perm.cuda())
-            want = gm._mask_and_blend_ops(x.cuda(), maps.cuda(), perm.cuda())
-            assert all(torch.equal(a, b) for a, b in zip(got, want))
-            assert all(torch.equal(a.cpu(), b) for a, b in zip(got, gm._mask_and_blend_ops(
-                x, maps, perm)))
+    for maps, dtype, layout in itertools.product(
+            (raw, guided_maps(raw * 255)), (torch.float32, torch.bfloat16, torch.float16),
+            (torch.contiguous_format, torch.channels_last)):
+        x = torch.randn(n, 3, h, w, generator=g).to(dtype).contiguous(memory_format=layout)
+        got = gm.mask_and_blend(x.cuda(), maps.cuda(), perm.cuda())
+        want = gm._mask_and_blend_ops(x.cuda(), maps.cuda(), perm.cuda())
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, gm._mask_and_blend_ops(
+            x, maps, perm)))

@@ -23,12 +23,14 @@ import triton.language as tl
 @triton.jit
 def _rounded(x, KIND: tl.constexpr):
     """float32 `x` rounded to nearest even in the images' dtype (KIND 0: float32, 1: float16,
-    2: bfloat16), widened back. bfloat16 rounds on the bits: the interpreter's own cast to it
-    truncates (the GPU's rounds to nearest even), so the CPU tests would check another kernel."""
+    2: bfloat16), widened back; NaN stays NaN. bfloat16 rounds on the bits: the interpreter's
+    own cast to it truncates (the GPU's rounds to nearest even), so the CPU tests would check
+    another kernel."""
     if KIND == 2:
         bits = x.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return bits.to(tl.float32, bitcast=True)
+        # NaN stays NaN: a GPU's NaN (0x7FFFFFFF) would carry into the sign bit and become -0
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     elif KIND == 1:
         return x.to(tl.float16).to(tl.float32)
     else:

@@ -23,11 +23,10 @@ The official code has no λ-balancing term and mixes with probability ``mix_prob
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import torch
-
-import itertools
 
 from smix.devices import CheckedKernels, GraphCache, on_device_of
 from smix.errors import UserError
@@ -96,19 +95,24 @@ def mask_and_blend(images: torch.Tensor, maps: torch.Tensor, perm: torch.Tensor
     return _mask_and_blend_ops(images, maps, perm)
 
 
-def _mask_and_blend_ops(images, maps, perm):
+def _mask_and_blend_ops(images: torch.Tensor, maps: torch.Tensor, perm: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_and_blend` in tensor ops: the mask, then `apply`'s blend."""
     mask = mixing_mask(maps, perm)
     return _blend_pixels(images, perm, mask), mask
 
 
-def _mask_and_blend_kernel(kernels, images, maps, perm):
+def _mask_and_blend_kernel(kernels, images: torch.Tensor, maps: torch.Tensor,
+                           perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_and_blend` in one launch of `pretrain.mixers.guided_triton.mask_and_blend`."""
     bsz, channels, height, width = images.shape
     mixed = torch.empty_like(images)  # the same strides: dense layouts are preserved
     mask = torch.empty((bsz, 1, height, width), dtype=torch.float32, device=images.device)
     total = bsz * height * width
     with on_device_of(images):  # no FMA: each product and sum rounds, as the tensor ops
         kernels.mask_and_blend[(-(-total // _BLEND_BLOCK),)](
-            maps.contiguous(), perm.long(), images, mask, mixed, total, height * width, width,
+            maps.contiguous(), perm.long().contiguous(), images, mask, mixed, total,
+            height * width, width,
             channels, *images.stride(), torch.finfo(torch.float32).tiny,
             KIND=_KINDS[images.dtype], BLOCK=_BLEND_BLOCK, enable_fp_fusion=False)
     return mixed, mask
@@ -119,19 +123,26 @@ _KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the kernel's
 
 
 def _blend_kernels_for(images: torch.Tensor, maps: torch.Tensor, perm: torch.Tensor):
-    """The kernel for this call: CUDA tensors on one device, float32 maps, float32, float16 or
-    bfloat16 images in NCHW or channels last with int32 offsets, no gradient wanted (the
-    kernel's output has none), and a kernel that passed its check there; else None."""
-    dense = images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)
-    if not (images.is_cuda and maps.device == perm.device == images.device and dense
-            and maps.dtype == torch.float32 and images.numel() < 2**31
-            and images.dtype in _KINDS
-            and not (images.requires_grad and torch.is_grad_enabled())):
+    """The kernel for this call: CUDA tensors on one device that it takes (`_blend_fits`), and
+    a kernel that passed its check there; else None (tensor ops)."""
+    if not (images.is_cuda and maps.device == perm.device == images.device
+            and _blend_fits(images, maps)):
         return None
     return BLEND_KERNELS.get(images.device)
 
 
+def _blend_fits(images: torch.Tensor, maps: torch.Tensor) -> bool:
+    """Whether the kernel takes these tensors, on any device: float32 maps; float32, float16 or
+    bfloat16 images in NCHW or channels last, whose offsets and lane indices fit in int32; no
+    gradient wanted (the kernel's output has none)."""
+    dense = images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)
+    return (dense and maps.dtype == torch.float32 and images.dtype in _KINDS
+            and images.numel() + _BLEND_BLOCK < 2**31
+            and not (images.requires_grad and torch.is_grad_enabled()))
+
+
 def _load_blend_kernels():
+    """The kernel module (an ImportError where Triton is not installed)."""
     from pretrain.mixers import guided_triton
     return guided_triton
 
@@ -142,7 +153,7 @@ def _check_blend_kernels(kernels, device: torch.device) -> str | None:
     images of a pair have none (the 1/2 branch), subnormal and huge values, and whole images
     without mass; float32, float16 and bfloat16 in NCHW and channels last, on 13x29 and 32x32
     images (whose strides Triton specialises as multiples of 16), and one image of 1 channel;
-    one image paired with itself."""
+    NaN and infinite pixels; one image paired with itself."""
     g = torch.Generator().manual_seed(20251)
     cases = [(size, 3, dtype, channels_last) for size, dtype, channels_last in itertools.product(
         ((13, 29), (32, 32)), (torch.float32, torch.float16, torch.bfloat16), (False, True))]
@@ -152,7 +163,11 @@ def _check_blend_kernels(kernels, device: torch.device) -> str | None:
         maps[1] = 0.0
         maps[2, :3] = torch.finfo(torch.float32).tiny / 8  # subnormal
         maps[3, 1] = 3e38
-        images = (torch.randn(7, c, h, w, generator=g) * 3).to(dtype)
+        images = torch.randn(7, c, h, w, generator=g) * 3
+        # NaN and infinities, also where M is 0 (image 1 has no mass): 0·inf is NaN
+        images[0, 0, 0, :3] = images[1, 0, 2, :3] = torch.tensor([float("nan"), float("inf"),
+                                                                  -float("inf")])
+        images = images.to(dtype)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         perm = torch.randperm(7, generator=g)
@@ -160,11 +175,16 @@ def _check_blend_kernels(kernels, device: torch.device) -> str | None:
         maps, images, perm = maps.to(device), images.to(device), perm.to(device)
         want = _mask_and_blend_ops(images, maps, perm)
         got = _mask_and_blend_kernel(kernels, images, maps, perm)
-        if not all(torch.equal(a, b) for a, b in zip(got, want)) or \
+        if not all(_same(a, b) for a, b in zip(got, want)) or \
                 got[0].stride() != want[0].stride():
             return (f"its blend of {dtype} {'NHWC' if channels_last else 'NCHW'} images of "
                     f"{c}x{h}x{w} differs from the tensor ops'")
     return None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN (any NaN: a GPU's is not the CPU's)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 # the mask and blend as one Triton kernel where Triton is (SMIX_TRITON=0: tensor ops)
