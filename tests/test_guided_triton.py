@@ -20,6 +20,8 @@ SCRIPT = r"""
 import functools
 import json
 import torch
+import triton
+import triton.language as tl
 from pretrain import greedy, saliency
 from pretrain.greedy import guided_maps
 from pretrain.mixers import MixContext, get_mixer
@@ -31,8 +33,6 @@ g = torch.Generator().manual_seed(5)
 done = []
 # the kernel's rounding to float16 and bfloat16 against torch's casts, NaN-aware: ties, the
 # largest finite values, subnormals, infinities and NaNs (0x7FFFFFFF is a GPU's only NaN)
-import triton
-import triton.language as tl
 from pretrain.mixers.guided_triton import _rounded
 
 @triton.jit
