@@ -5,7 +5,7 @@ The call runs on 'meta' tensors (shapes, no data) under a dispatch mode that cou
 operation producing or reading a device tensor (views, host draws and allocations excluded).
 `smix.devices.GraphCache` is told to treat meta like CUDA: its function runs eagerly, and its
 operations (nested graphs included) are counted as one graph's. Counted twice: with tensor ops
-only (CPU, SMIX_TRITON=0), and `_with_kernels` as CUDA runs where Triton is: the greedy walk
+only (CPU, SMIX_TRITON=0), and with the kernels as CUDA runs where Triton is: the greedy walk
 one kernel instead of 3(n-2) tensor ops; the fine-grained detector's de-normalised gray plane
 blurred twice two, its on/off sums and mix two (around two cumsums and the maxima); the
 spectral residual's de-normalised gray plane resized one; SaliencyMix's boxes at the map points

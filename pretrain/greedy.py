@@ -85,13 +85,9 @@ def greedy_cycle(dist: torch.Tensor, use_kernel: bool | None = None) -> torch.Te
     start = torch.argmax(d).view(1)
     if use_kernel is None:
         use_kernel = d.is_cuda
-    kernel = WALK.get(d.device) if use_kernel else None
-    if kernel is not None:
-        try:
-            return _launch(kernel, d, start)
-        except Exception as e:  # no compiler for Triton's launcher, an old Triton: tensor ops
-            WALK.fail(e)
-    return _tensor_walk(d, start)
+    # a failed launch (no compiler for Triton's launcher, an old Triton): tensor ops for good
+    return WALK.run(WALK.get(d.device) if use_kernel else None,
+                    lambda kernel: _launch(kernel, d, start), lambda: _tensor_walk(d, start))
 
 
 def _launch(kernel, d: torch.Tensor, start: torch.Tensor) -> torch.Tensor:

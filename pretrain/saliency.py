@@ -345,21 +345,9 @@ def _fine_grained(images: torch.Tensor, saturate: bool = False,
                   normalization: Normalization | None = None) -> torch.Tensor:
     """The fine-grained detector's computation, on checked images; on CUDA with its
     elementwise stages as Triton kernels where they run (`FINE_GRAINED_KERNELS`)."""
-    return _with_kernels(FINE_GRAINED_KERNELS, _kernels_for(images), lambda kernels:
-                         _fine_grained_with(images, saturate, kernels,
-                                            normalization=normalization))
-
-
-def _with_kernels(checked: CheckedKernels, kernels, run: Callable[[object], torch.Tensor]
-                  ) -> torch.Tensor:
-    """`run(kernels)`, or `run(None)` (tensor ops): without kernels, or when a launch fails (a
-    new specialisation that does not compile: `checked` turns them off for good)."""
-    if kernels is not None:
-        try:
-            return run(kernels)
-        except Exception as e:
-            checked.fail(e)
-    return run(None)
+    run = lambda kernels: _fine_grained_with(images, saturate, kernels,
+                                             normalization=normalization)
+    return FINE_GRAINED_KERNELS.run(_kernels_for(images), run, lambda: run(None))
 
 
 def _kernels_for(images: torch.Tensor):
@@ -654,8 +642,8 @@ def _spectral_residual(images: torch.Tensor, size: int = 64,
                        normalization: Normalization | None = None) -> torch.Tensor:
     """The spectral-residual detector's computation, on checked images; on CUDA its input
     (gray, resized) is one Triton kernel where it runs (`SPECTRAL_KERNELS`)."""
-    return _with_kernels(SPECTRAL_KERNELS, _spectral_kernels_for(images), lambda kernels:
-                         _spectral_residual_with(images, size, normalization, kernels))
+    run = lambda kernels: _spectral_residual_with(images, size, normalization, kernels)
+    return SPECTRAL_KERNELS.run(_spectral_kernels_for(images), run, lambda: run(None))
 
 
 def _spectral_kernels_for(images: torch.Tensor):

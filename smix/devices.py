@@ -18,10 +18,11 @@ import functools
 import os
 import threading
 import warnings
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
+T = TypeVar("T")
 
 def upload(t: torch.Tensor, device: torch.device | str,
            dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -280,6 +281,17 @@ class CheckedKernels:
                 return None
             self.checked.add(device)
         return self.kernels
+
+    def run(self, kernels: object | None, with_kernels: Callable[[object], T],
+            without: Callable[[], T]) -> T:
+        """`with_kernels(kernels)`, or `without()` (the tensor ops): when `kernels` is None, or
+        when the launch fails (a new specialisation that does not compile: `fail`, for good)."""
+        if kernels is not None:
+            try:
+                return with_kernels(kernels)
+            except Exception as e:
+                self.fail(e)
+        return without()
 
     def fail(self, error: Exception) -> None:
         """Tensor ops from now on, with one warning saying why."""

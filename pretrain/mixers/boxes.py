@@ -47,13 +47,10 @@ def boxes_at_points(src_idx: torch.Tensor, dst_idx: torch.Tensor | None, sides: 
     H*W) and clipped (`boxes_from_centres`); the destination box has its size, centred on
     `dst_idx`'s point and shifted inside (`place_like`), or is the source box (None).
     On CUDA one Triton launch (`BOX_KERNELS`) where the tensor ops take about 25."""
-    kernels = _kernels_for(src_idx, sides)
-    if kernels is not None:
-        try:
-            return _boxes_at_points_kernel(kernels, src_idx, dst_idx, sides, height, width)
-        except Exception as e:  # a specialisation that fails to compile: tensor ops for good
-            BOX_KERNELS.fail(e)
-    return _boxes_at_points_ops(src_idx, dst_idx, sides, height, width)
+    return BOX_KERNELS.run(
+        _kernels_for(src_idx, sides),
+        lambda kernels: _boxes_at_points_kernel(kernels, src_idx, dst_idx, sides, height, width),
+        lambda: _boxes_at_points_ops(src_idx, dst_idx, sides, height, width))
 
 
 def _boxes_at_points_ops(src_idx, dst_idx, sides, height, width):
@@ -135,12 +132,10 @@ def paste_permuted(images: torch.Tensor, perm: torch.Tensor, src_boxes: torch.Te
     one_box = src_boxes.device.type == "cpu" and (len(src_boxes) == 1 or src_boxes.stride(0) == 0)
     if dst_boxes is not None or not one_box:
         kernels = _kernels_for(images, perm, src_boxes, dst_boxes)
-        if kernels is not None and _paste_fits(images, src_boxes, dst_boxes):
-            try:
-                return _paste_kernel(kernels, images, perm, src_boxes, dst_boxes)
-            except Exception as e:  # a specialisation that fails to compile
-                BOX_KERNELS.fail(e)
-        return paste(images, images[perm], src_boxes, dst_boxes)
+        return BOX_KERNELS.run(
+            kernels if _paste_fits(images, src_boxes, dst_boxes) else None,
+            lambda kernels: _paste_kernel(kernels, images, perm, src_boxes, dst_boxes),
+            lambda: paste(images, images[perm], src_boxes, dst_boxes))
     return paste_box(images, perm, *(int(v) for v in src_boxes[0].tolist()))
 
 

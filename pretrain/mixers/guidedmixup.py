@@ -86,13 +86,10 @@ def mask_and_blend(images: torch.Tensor, maps: torch.Tensor, perm: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """`blend` of `mixing_mask(maps, perm)`: the mixed batch and the mask. On CUDA one Triton
     launch (`BLEND_KERNELS`) where the tensor ops take about a dozen."""
-    kernels = _blend_kernels_for(images, maps, perm)
-    if kernels is not None:
-        try:
-            return _mask_and_blend_kernel(kernels, images, maps, perm)
-        except Exception as e:  # a specialisation that fails to compile: tensor ops for good
-            BLEND_KERNELS.fail(e)
-    return _mask_and_blend_ops(images, maps, perm)
+    return BLEND_KERNELS.run(
+        _blend_kernels_for(images, maps, perm),
+        lambda kernels: _mask_and_blend_kernel(kernels, images, maps, perm),
+        lambda: _mask_and_blend_ops(images, maps, perm))
 
 
 def _mask_and_blend_ops(images: torch.Tensor, maps: torch.Tensor, perm: torch.Tensor
@@ -112,8 +109,7 @@ def _mask_and_blend_kernel(kernels, images: torch.Tensor, maps: torch.Tensor,
     with on_device_of(images):  # no FMA: each product and sum rounds, as the tensor ops
         kernels.mask_and_blend[(-(-total // _BLEND_BLOCK),)](
             maps.contiguous(), perm.long().contiguous(), images, mask, mixed, total,
-            height * width, width,
-            channels, *images.stride(), torch.finfo(torch.float32).tiny,
+            height * width, width, channels, *images.stride(), torch.finfo(torch.float32).tiny,
             KIND=_KINDS[images.dtype], BLOCK=_BLEND_BLOCK, enable_fp_fusion=False)
     return mixed, mask
 
