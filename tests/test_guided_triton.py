@@ -12,11 +12,11 @@ import itertools
 import pytest
 import torch
 
-from tests.conftest import FailingKernels, fresh_kernels, interpreted
+from tests.conftest import RUNTIME_LOOPS, FailingKernels, fresh_kernels, interpreted
 
 pytest.importorskip("triton")
 
-SCRIPT = r"""
+SCRIPT = RUNTIME_LOOPS + r"""
 import functools
 import json
 import torch
