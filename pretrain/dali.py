@@ -26,6 +26,8 @@ recipe's distribution: colour ops on float pixels (PIL rounds to uint8 after eac
 resampling filter, an eval centre crop that may sit up to a pixel apart where the margin is odd
 (torchvision rounds it half to even; measured at 256/224 on a 500x375 picture: within one
 grey level of a coordinate ramp), and no `skip_bad_images` (DALI stops on an unreadable file).
+The decoders keep the torch loader's pixels otherwise (`_decoder_args`: EXIF orientation
+ignored, libjpeg's chroma upsampling on the GPU).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ LOADERS = ("auto", "torch", "dali", "nvjpeg")
 RECIPES: dict[str, tuple[float, float] | None] = {"imagenet": (0.08, 1.0), "shapes": (0.5, 1.0),
                                                   "none": None}
 ASPECT = (3.0 / 4.0, 4.0 / 3.0)
-INSTALL = ("pip install 'saliencymix-toolkit[dali]' (nvidia-dali-cuda120 for torch built with "
-           "CUDA 12, nvidia-dali-cuda130 for CUDA 13)")
+INSTALL = ("pip install 'saliencymix-toolkit[dali]' (nvidia-dali-cuda120, for torch built with "
+           "CUDA 12) or 'saliencymix-toolkit[dali-cu13]' (nvidia-dali-cuda130, for CUDA 13)")
 
 
 def dali_installed() -> bool:
@@ -123,7 +125,7 @@ def _pipeline(spec: PipeSpec, files: Sequence[str], labels: Sequence[int], train
 
     gpu = spec.device_id is not None
     decoder = "mixed" if gpu else "cpu"
-    pad = {"device_memory_padding": 211_025_920, "host_memory_padding": 140_544_512} if gpu else {}
+    pad = _decoder_args(gpu)
 
     @pipeline_def(batch_size=spec.batch, num_threads=spec.threads, device_id=spec.device_id,
                   seed=seed % (2**31 - 1), prefetch_queue_depth=2)
@@ -163,6 +165,29 @@ def _pipeline(spec: PipeSpec, files: Sequence[str], labels: Sequence[int], train
     return p
 
 
+def _decoder_args(gpu: bool) -> dict:
+    """The decoders' arguments: pixels as the torch loader decodes them, and NVIDIA's ResNet-50
+    example's nvjpeg buffers on a GPU.
+
+    * ``adjust_orientation=False``: DALI 2.x (its nvImageCodec decoders) turns a picture upright
+      from its EXIF orientation tag by default; PIL and torchvision's ``decode_jpeg`` (the torch
+      loader, and every later stage reading the checkpoint's images) do not, nor does DALI 1.30,
+      whose decoders have no such argument (hence asked only where the schema has it).
+    * ``jpeg_fancy_upsampling=True`` (``mixed`` only): nvjpeg upsamples chroma as libjpeg does
+      (PIL, DALI's CPU decoder), not with its cheaper default; the only GPU-vs-CPU pixel
+      difference left is the hardware decoder's IDCT rounding.
+    """
+    from nvidia.dali import backend
+
+    names = set(backend.GetSchema("decoders__Image").GetArgumentNames()) & set(
+        backend.GetSchema("decoders__ImageRandomCrop").GetArgumentNames())
+    args = {"adjust_orientation": False} if "adjust_orientation" in names else {}
+    if gpu:
+        args.update(device_memory_padding=211_025_920, host_memory_padding=140_544_512,
+                    jpeg_fancy_upsampling=True)
+    return args
+
+
 class DaliLoader:
     """One epoch of batches `(images, labels, 0)` on the run's device, like the torch
     DataLoader with `collate_skip` (the 0: nothing is skipped)."""
@@ -177,21 +202,25 @@ class DaliLoader:
         else:
             order = list(shard_indices(len(samples), rank, world_size))
             shard, num_shards, per_shard = 0, 1, len(order)
-        if per_shard == 0:
-            raise UserError(f"loader=dali: no images for rank {rank} of {world_size}")
+        if per_shard == 0 and train:  # every rank alike: fewer training images than ranks
+            raise UserError(f"loader=dali: no training images for rank {rank} of {world_size}")
         self.spec, self.train, self.device = spec, train, device
         self.color = torch.Generator().manual_seed(seed + 7 * rank + 1)
         self.drop_last = drop_last and per_shard >= spec.batch
         self.batches = per_shard // spec.batch if self.drop_last else -(-per_shard // spec.batch)
         self.per_shard = per_shard
-        self._pipe = _pipeline(spec, [samples[i][0] for i in order],
-                               [samples[i][1] for i in order], train, seed + rank, shard,
-                               num_shards)
+        # an evaluation shard may be empty (fewer images than ranks): no batches, as the torch
+        # loader, while the other ranks' totals still meet in the all-reduce
+        self._pipe = None if per_shard == 0 else _pipeline(
+            spec, [samples[i][0] for i in order], [samples[i][1] for i in order], train,
+            seed + rank, shard, num_shards)
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        if self._pipe is None:
+            return
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL

@@ -25,6 +25,7 @@ from PIL import Image
 from scipy.stats import ks_2samp
 
 from smix.data import TrainAug, draw_jitter_lighting, jitter_lighting_batch, train_transform
+from smix.dist import shard_indices
 from smix.errors import UserError
 from pretrain.dali import RECIPES, dali_installed, epoch_files, resolve_loader
 
@@ -190,6 +191,49 @@ def test_dali_eval_is_resize_and_centre_crop(tmp_path):
     np.testing.assert_allclose(aspect, 0.0, atol=0.02)
     assert not flipped.any()
     assert abs(float(x[0, 0, 32, 32]) - 128.0) < 2.5  # the centre column stays the centre
+
+
+@needs_dali
+def test_dali_decodes_exif_rotated_jpegs_as_the_torch_loader(tmp_path):
+    """A 96x48 JPEG tagged EXIF Orientation=6 (shown rotated 90 degrees by viewers): PIL and
+    torchvision's decoder keep its stored pixels, and so must DALI (2.x would turn it upright
+    by default): a red ramp along the stored columns stays along the columns."""
+    from pretrain.dali import DaliLoader, PipeSpec
+    from smix.data import load_rgb, load_rgb_tensor
+
+    ys, xs = np.mgrid[0:48, 0:96]
+    rgb = np.stack([xs * 255 // 95, np.full_like(xs, 60), ys * 0 + 128], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(rgb).save(path, quality=95, exif=exif)
+    assert Image.open(path).getexif()[0x0112] == 6
+    pil = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1)
+    assert pil.shape == (3, 48, 96) and torch.equal(pil, load_rgb_tensor(path))
+    spec = PipeSpec(batch=1, size=32, resize=32, recipe="none", mean=(0.0,) * 3,
+                    std=(1 / 255,) * 3, threads=1)
+    (x, _, _), = list(DaliLoader(spec, [(str(path), 0)], True, 0, 0, 1, CPU, False))
+    red = x[0, 0].double()
+    along_columns = (red[:, -4:].mean() - red[:, :4].mean()).item()  # stored: ~ +220
+    along_rows = (red[-4:].mean() - red[:4].mean()).item()  # rotated: the ramp would be here
+    assert along_columns > 150 and abs(along_rows) < 10, (along_columns, along_rows)
+
+
+def test_an_empty_dali_eval_shard_yields_no_batches():
+    """Fewer validation images than ranks: the rank without any gets no batches (the others
+    still meet it in the all-reduce of the totals), as with the torch loader; too few training
+    images for the ranks is an error on every rank alike. No pipeline is built, so this runs
+    without DALI."""
+    from pretrain.dali import DaliLoader, PipeSpec
+
+    spec = PipeSpec(batch=4, size=16, resize=16, recipe="shapes", mean=(0.5,) * 3,
+                    std=(0.25,) * 3, threads=1)
+    samples = [("unused.png", 0)]
+    assert len(shard_indices(1, 1, 2)) == 0
+    loader = DaliLoader(spec, samples, False, 0, 1, 2, CPU, drop_last=False)
+    assert len(loader) == 0 and list(loader) == []
+    with pytest.raises(UserError, match="no training images for rank 1 of 2"):
+        DaliLoader(spec, samples, True, 0, 1, 2, CPU, drop_last=True)
 
 
 @needs_dali
