@@ -4,6 +4,9 @@
 # logs.tgz (the step logs):
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
 #       carry=[".gpu"], timeout_s=580)          # .gpu: bash ../shared/gpu/prepare.sh
+# With DALI (the device has none; ~155 MB in three parts, a call each, on a warm machine): see
+# gpu_checks/dali_bundle.sh; its last call runs this script, which then also tests DALI's GPU
+# operators and times loader=auto (-> DALI) against the torch loader.
 # What it measures: the CUDA graphs of the detectors, the greedy walk and the SaliencyMix /
 # Guided-SR plans, and the Triton kernels (tests: graph == eager, kernels == tensor ops, no host
 # sync; aug_overhead: overhead_mix with graphs and kernels, overhead_mix_eager without graphs,
@@ -34,6 +37,14 @@ OVER_ARGS=${OVER_ARGS:---workers 15 --images 4096}
 KERNEL_ARGS=${KERNEL_ARGS:-}  # default: walks of 64 and 256, detector 64x32, 32x224, 256x224
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # benchmarks import each other
+# DALI, where gpu_checks/dali_install.sh unpacked it (the device image has none): then
+# loader=auto resolves to DALI, and the engine epoch is timed with it and with the torch loader
+DALI_SITE=${DALI_SITE:-/tmp/dali-site}
+if [[ -f $DALI_SITE/.complete ]]; then
+  export PYTHONPATH=$PYTHONPATH:$DALI_SITE; LOADERS=${LOADERS:-auto,torch}
+else
+  LOADERS=${LOADERS:-auto,nvjpeg}
+fi
 T0=$(date +%s)
 BUDGET=${BUDGET:-545}  # seconds for all steps; a step gets at most what is left of it
 STEPS=${STEPS:-}  # e.g. "tests aug_overhead": only those steps (default: all)
@@ -53,16 +64,18 @@ step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines e
 # specialisations, ~70 in all; later steps find them in Triton's on-disk cache).
 # graph == eager (detectors, greedy walk, mixer plans), every mixer under sync_debug "error",
 # the Triton kernels (walk, both detectors', boxes and paste, blend) against their tensor ops,
-# nvjpeg decode + fp16 resampling against the CPU path
+# nvjpeg decode + fp16 resampling against the CPU path; DALI's GPU operators against its CPU
+# ones (crop distribution, eval and resize pixels), where DALI was unpacked
 step tests 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
   tests/test_graphs.py tests/test_greedy_triton.py tests/test_saliency_triton.py \
-  tests/test_boxes_triton.py tests/test_guided_triton.py tests/test_loader_nvjpeg.py -k cuda
+  tests/test_boxes_triton.py tests/test_guided_triton.py tests/test_loader_nvjpeg.py \
+  tests/test_loader_dali.py -k cuda
 # the Triton kernels (greedy walk, fine-grained and spectral-residual detectors, boxes + paste,
 # mask + blend) against tensor ops
 step triton_kernels 75 $PY benchmarks/triton_kernels.py --device "$DEVICE" $KERNEL_ARGS
 step aug_overhead 170 $PY benchmarks/aug_overhead.py --device "$DEVICE" $AUG_ARGS
 step mixer_profile 40 $PY benchmarks/mixer_profile.py --device "$DEVICE" $PROF_ARGS
-step input_pipeline 170 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader auto,nvjpeg \
+step input_pipeline 170 $PY benchmarks/input_pipeline.py --device "$DEVICE" --loader "$LOADERS" \
   $PIPE_ARGS --methods none,saliencymix --data /tmp/jpeg
 # which stage caps the torch loader (IPC, decode, pinning, device finish), and nvjpeg's
 step loader_stages 75 $PY benchmarks/loader_stages.py --device "$DEVICE" --loader torch,nvjpeg \

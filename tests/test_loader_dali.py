@@ -219,6 +219,32 @@ def test_dali_decodes_exif_rotated_jpegs_as_the_torch_loader(tmp_path):
     assert along_columns > 150 and abs(along_rows) < 10, (along_columns, along_rows)
 
 
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_dali_decodes_as_its_cpu_operators(tmp_path):
+    """nvjpeg (DALI's `mixed` decoder, hardware or CUDA) and DALI's GPU resize against its CPU
+    operators on a real photo (JPEG, 512x512): eval (resize 256, centre crop 224) and the `none`
+    recipe's square resize; only the decoders' IDCT rounding may differ, by a grey level or so."""
+    from skimage import data as photos
+    from pretrain.dali import DaliLoader, PipeSpec
+
+    path = tmp_path / "astronaut.jpg"
+    Image.fromarray(photos.astronaut()).save(path, quality=90)
+    samples = [(str(path), 0)] * 3
+    for train, recipe, size, resize in ((False, "imagenet", 224, 256), (True, "none", 96, 96)):
+        spec = PipeSpec(batch=3, size=size, resize=resize, recipe=recipe, mean=(0.0,) * 3,
+                        std=(1 / 255,) * 3, threads=2)
+        out = {}
+        for dev in (CPU, CUDA):
+            spec_d = dataclasses.replace(spec, device_id=dev.index)
+            (x, y, _), = list(DaliLoader(spec_d, samples, train, 0, 0, 1, dev, False))
+            assert x.device == dev and x.shape == (3, 3, size, size) and y.tolist() == [0] * 3
+            out[dev.type] = x.float().cpu()
+        diff = (out["cuda"] - out["cpu"]).abs()
+        assert diff.mean() < 1.0 and (diff > 4).float().mean() < 0.01, (
+            train, float(diff.mean()), float(diff.max()))
+
+
 def test_an_empty_dali_eval_shard_yields_no_batches():
     """Fewer validation images than ranks: the rank without any gets no batches (the others
     still meet it in the all-reduce of the totals), as with the torch loader; too few training
