@@ -61,8 +61,9 @@ def resolve_loader(loader: str, dataset: str, train_aug: str, device: torch.devi
                    skip_bad_images: bool = False) -> str:
     """`torch`, `dali` or `nvjpeg` for a run. `auto`: DALI when it is installed, the run trains
     on CUDA and reads class folders with a recipe DALI implements; the torch loader otherwise.
-    `nvjpeg` (`pretrain.nvjpeg`: torchvision's GPU decoder, no extra) is chosen by name only,
-    until its GPU throughput is measured. A loader asked for where it cannot run is a user
+    `nvjpeg` (`pretrain.nvjpeg`: torchvision's GPU decoder, no extra) is chosen by name only:
+    on an H200 its engine epoch was 0.837 of the step against the torch loader's 0.9075 (its
+    decoding takes GPU time from the step). A loader asked for where it cannot run is a user
     error naming why."""
     if loader not in LOADERS:
         raise UserError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
