@@ -4,9 +4,9 @@
 # logs.tgz (the step logs):
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
 #       carry=[".gpu"], timeout_s=580)          # .gpu: bash ../shared/gpu/prepare.sh
-# With DALI (the device has none; ~155 MB in three parts, a call each, on a warm machine): see
-# gpu_checks/dali_bundle.sh; its last call runs this script, which then also tests DALI's GPU
-# operators and times loader=auto (-> DALI) against the torch loader.
+# With DALI (the device has none; ~155 MB in three parts, a call each, on a warm machine, before
+# this one): see gpu_checks/dali_bundle.sh; this script then also tests DALI's GPU operators and
+# times loader=auto (-> DALI) against the torch loader.
 # What it measures: the CUDA graphs of the detectors, the greedy walk and the SaliencyMix /
 # Guided-SR plans, and the Triton kernels (tests: graph == eager, kernels == tensor ops, no host
 # sync; aug_overhead: overhead_mix with graphs and kernels, overhead_mix_eager without graphs,
