@@ -7,14 +7,15 @@
 #   bash gpu_checks/dali_bundle.sh            # here, on the CPU machine (~4 min, 2 cores)
 # Then, on a device machine kept warm (it goes back after ~30 s idle: issue the calls back to
 # back), one call per part; each copies its part to /tmp/dali-parts there, and the call that
-# completes the set unpacks it to /tmp/dali-site (`gpu_checks/dali_install.sh`); then the usual
+# completes the set unpacks it to /tmp/dali-site (`gpu_checks/dali_install.sh`); then an
 # issue14.sh call (its 545 s leave no room for the unpacking), which finds /tmp/dali-site and
-# then also tests DALI's GPU operators and times loader=auto (-> DALI) against torch:
+# then also tests DALI's GPU operators (step dali) and times loader=auto (-> DALI). After the
+# usual full issue14.sh run, with >= 4 min of device time left:
 #   run(command="bash gpu_checks/dali_install.sh", carry=[".dali/parts.sha256", ".dali/part.aa"])
 #   run(command="bash gpu_checks/dali_install.sh", carry=[".dali/parts.sha256", ".dali/part.ab"])
 #   run(command="bash gpu_checks/dali_install.sh", carry=[".dali/parts.sha256", ".dali/part.ac"])
-#   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
-#       carry=[".gpu"], timeout_s=580)
+#   run(command="bash .gpu/env.sh && . /tmp/gpu-env && STEPS='dali input_pipeline' \
+#       LOADERS=auto bash gpu_checks/issue14.sh", carry=[".gpu"], timeout_s=300)
 # libnvcomp (only dlopen'ed, for compressed TIFF/numpy data) and DALI's bindings for other
 # Pythons are left out.
 set -euo pipefail

@@ -4,9 +4,10 @@
 # logs.tgz (the step logs):
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
 #       carry=[".gpu"], timeout_s=580)          # .gpu: bash ../shared/gpu/prepare.sh
-# With DALI (the device has none; ~155 MB in three parts, a call each, on a warm machine, before
-# this one): see gpu_checks/dali_bundle.sh; this script then also tests DALI's GPU operators and
-# times loader=auto (-> DALI) against the torch loader.
+# With DALI (the device has none; ~155 MB in three parts, a call each, on a warm machine): see
+# gpu_checks/dali_bundle.sh; this script then also tests DALI's GPU operators (step dali) and
+# times loader=auto (-> DALI); after a full run, STEPS="dali input_pipeline" LOADERS=auto does
+# only that.
 # What it measures: the CUDA graphs of the detectors, the greedy walk and the SaliencyMix /
 # Guided-SR plans, and the Triton kernels (tests: graph == eager, kernels == tensor ops, no host
 # sync; aug_overhead: overhead_mix with graphs and kernels, overhead_mix_eager without graphs,
@@ -64,12 +65,14 @@ step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines e
 # specialisations, ~70 in all; later steps find them in Triton's on-disk cache).
 # graph == eager (detectors, greedy walk, mixer plans), every mixer under sync_debug "error",
 # the Triton kernels (walk, both detectors', boxes and paste, blend) against their tensor ops,
-# nvjpeg decode + fp16 resampling against the CPU path; DALI's GPU operators against its CPU
-# ones (crop distribution, eval and resize pixels), where DALI was unpacked
+# nvjpeg decode + fp16 resampling against the CPU path
 step tests 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
   tests/test_graphs.py tests/test_greedy_triton.py tests/test_saliency_triton.py \
-  tests/test_boxes_triton.py tests/test_guided_triton.py tests/test_loader_nvjpeg.py \
-  tests/test_loader_dali.py -k cuda
+  tests/test_boxes_triton.py tests/test_guided_triton.py tests/test_loader_nvjpeg.py -k cuda
+# DALI's GPU operators against its CPU ones (crop distribution, eval and resize pixels), where
+# gpu_checks/dali_install.sh unpacked DALI
+[[ -f $DALI_SITE/.complete ]] && step dali 60 $PY -m pytest -q -rs -p no:cacheprovider \
+  tests/test_loader_dali.py
 # the Triton kernels (greedy walk, fine-grained and spectral-residual detectors, boxes + paste,
 # mask + blend) against tensor ops
 step triton_kernels 75 $PY benchmarks/triton_kernels.py --device "$DEVICE" $KERNEL_ARGS
@@ -99,10 +102,11 @@ def lines(name):
     text = p.read_text(errors="replace").splitlines() if p.exists() else []
     return [json.loads(l) for l in text if l.startswith("{")]
 goals = {"cutmix": 0.03, "saliencymix-sample": 0.03, "guided-sr-greedy": 0.05}
-tests = out / "tests.log"
-if tests.exists():
-    tail = [l for l in tests.read_text(errors="replace").splitlines() if l.strip()][-3:]
-    print("GPU tests:", " | ".join(tail))
+for name, title in (("tests", "GPU tests"), ("dali", "DALI GPU tests")):
+    log = out / f"{name}.log"
+    if log.exists():
+        tail = [l for l in log.read_text(errors="replace").splitlines() if l.strip()][-3:]
+        print(f"{title}:", " | ".join(tail))
 print("Issue 14 goals:")
 for r in lines("aug_overhead"):
     if r["method"] in goals or "overhead_mix_eager" in r:
