@@ -37,7 +37,7 @@ $py -m pip install -q --no-deps --no-compile $plat --target "$work/site" \
   astunparse==1.6.3 gast==0.7.0 optree==0.20.0 nvtx==0.2.17 makefun==1.16.0 libcst==1.9.0 six==1.17.0 \
   2>&1 | grep -v "^WARNING: Location" || true
 test -f "$work/site/nvidia/dali/backend_impl.cpython-${cp#cp}-x86_64-linux-gnu.so"
-find "$work/site" -name 'backend_impl.cpython-*.so' ! -name "*cpython-${cp#cp}-*" -delete
+find "$work/site" -name '*.cpython-*.so' ! -name "*.cpython-${cp#cp}-*" -delete  # other Pythons' bindings
 rm -rf "$work/site/bin"
 rm -rf .dali && mkdir -p .dali
 tar -C "$work/site" -cf - . | xz -6 -T0 | split -b "${PART_MB}M" - .dali/part.
