@@ -2,9 +2,9 @@
 # NVIDIA DALI for the GPU machine, which has none and takes at most 64 MiB per call (working
 # tree and carried paths together): DALI 2.4 for CUDA 13 (the device's torch is cu130) with
 # nvImageCodec, nvjpeg and its pure-Python dependencies, installed for CPython 3.12 into one
-# tree, xz-compressed (~155 MB) and cut into parts of PART_MB MiB (default 58: with .gpu and the
+# tree (543 MB), xz-compressed (149 MiB) and cut into parts of PART_MB MiB (default 58: with .gpu and the
 # checkout, ~65 MB a call) under .dali/ (git-ignored), with .dali/parts.sha256.
-#   bash gpu_checks/dali_bundle.sh            # here, on the CPU machine (~4 min, 2 cores)
+#   bash gpu_checks/dali_bundle.sh            # here, on the CPU machine (~3 min, 2 cores)
 # Then, on a device machine kept warm (it goes back after ~30 s idle: issue the calls back to
 # back), one call per part; each copies its part to /tmp/dali-parts there, and the call that
 # completes the set unpacks it to /tmp/dali-site (`gpu_checks/dali_install.sh`); then an

@@ -4,7 +4,7 @@
 # logs.tgz (the step logs):
 #   run(command="bash .gpu/env.sh && . /tmp/gpu-env && bash gpu_checks/issue14.sh",
 #       carry=[".gpu"], timeout_s=580)          # .gpu: bash ../shared/gpu/prepare.sh
-# With DALI (the device has none; ~155 MB in three parts, a call each, on a warm machine): see
+# With DALI (the device has none; 149 MiB in three parts, a call each, on a warm machine): see
 # gpu_checks/dali_bundle.sh; this script then also tests DALI's GPU operators (step dali) and
 # times loader=auto (-> DALI); after a full run, STEPS="dali input_pipeline" LOADERS=auto does
 # only that.
