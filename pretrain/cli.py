@@ -76,6 +76,12 @@ def _resume_config(a) -> TrainConfig:
     if "workers" in changes:  # `auto`: this machine's count; a stale note goes either way
         changes["workers"], changes["notes"] = resolve_workers(changes["workers"],
                                                                tuple(saved.get("notes", ())))
+    if "workers" in changes and (changes["workers"] == 0) != (saved.get("workers") == 0):
+        # without workers the training process draws the augmentations from its own RNG,
+        # with any number of them each sample is seeded (pretrain.data.SeededDataset)
+        raise UserError(f"--resume cannot switch workers={saved.get('workers')} to "
+                        f"workers={changes['workers']}: 0 and any other count draw different "
+                        "augmentations (counts above 0 may change freely)")
     if a.data is not None:
         changes["data"] = a.data
     if a.epochs is not None:  # extending a finished run is allowed

@@ -66,6 +66,53 @@ class TrainConfig:
     # recorded in config.json and printed at the start of a run.
     notes: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        problem = config_problem(self)
+        if problem:
+            raise UserError(f"bad setting: {problem}")
+
+
+CHOICES = {"loader": ("auto", "torch", "dali", "nvjpeg"), "amp": ("auto", "off", "bf16", "fp16"),
+           "channels_last": ("auto", "on", "off")}
+
+
+def config_problem(cfg: TrainConfig) -> str | None:
+    """What is wrong with a config, in words (None: nothing); checked when one is made, so
+    that a bad `key=value` ends in one line, not in a traceback from deep inside torch."""
+    for key, valid in CHOICES.items():
+        if getattr(cfg, key) not in valid:
+            return f"{key}={getattr(cfg, key)!r}; valid: {', '.join(valid)}"
+    if cfg.device != "auto":
+        import torch
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            return f"device={cfg.device!r}; valid: auto, cpu, cuda, cuda:N"
+    positive = ("epochs", "batch_size", "input_size", "resize", "crop")
+    at_least_0 = ("micro_batch", "workers", "warmup_epochs", "limit_train", "limit_val")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            return f"{key}={getattr(cfg, key)} must be at least 1"
+    for key in at_least_0:
+        if isinstance(getattr(cfg, key), int) and getattr(cfg, key) < 0:
+            return f"{key}={getattr(cfg, key)} must not be negative"
+    if cfg.batch_size < 2:
+        return f"batch_size={cfg.batch_size}: mixing needs at least 2 images per batch"
+    if not (cfg.lr > 0 and 0 <= cfg.momentum < 1 and cfg.weight_decay >= 0 and cfg.gamma > 0):
+        return (f"lr={cfg.lr:g} must be > 0, momentum={cfg.momentum:g} in [0, 1), "
+                f"weight_decay={cfg.weight_decay:g} >= 0, gamma={cfg.gamma:g} > 0")
+    if any(m < 1 for m in cfg.milestones):
+        return f"milestones={_csv(cfg.milestones)} must be epochs from 1"
+    if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
+        return (f"mean={_csv(cfg.mean)} and std={_csv(cfg.std)} need 3 values each (RGB, in "
+                "[0, 1] units), std above 0")
+    if cfg.crop > cfg.resize:
+        return f"crop={cfg.crop} is larger than resize={cfg.resize}"
+    if cfg.dataset in ("cifar10", "cifar100") and cfg.input_size != 32:
+        return (f"input_size={cfg.input_size}: CIFAR images are 32x32 and the CIFAR recipe "
+                "crops 32 from them padded by 4")
+    return None
+
 
 # Settings a user does not set with key=value: given by flags, or derived.
 _NOT_SETTABLE = ("preset", "data", "out", "method", "notes")
@@ -218,7 +265,7 @@ def _follow_preset(preset: dict[str, Any], values: dict[str, Any], given: set[st
     return notes
 
 
-def _csv(items: tuple[int, ...]) -> str:
+def _csv(items: tuple[Any, ...]) -> str:
     return ",".join(str(i) for i in items)
 
 

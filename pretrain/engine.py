@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,7 +79,10 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None) -> Runtime:
     """Model, optimiser, schedule, mixer and data of a run (`data` given: in-memory data)."""
     torch.manual_seed(cfg.seed)
-    per_rank = max(1, cfg.batch_size // dist.world_size)
+    per_rank = cfg.batch_size // dist.world_size
+    if per_rank < 2:
+        raise UserError(f"batch_size={cfg.batch_size} over {dist.world_size} processes leaves "
+                        f"{per_rank} image(s) per process and step; mixing needs at least 2")
     if cfg.micro_batch != 0 and not 2 <= cfg.micro_batch <= per_rank:
         raise UserError(f"micro_batch={cfg.micro_batch} must be 0 (no split) or from 2 to the "
                         f"{per_rank} images each process trains on per step (batch_size "
@@ -421,6 +425,7 @@ def save_resume(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -> None:
         "rng_cpu": torch.get_rng_state(),
         "history": history,
         "config": _plain_config(rt.cfg),
+        "classes": list(rt.data.classes),
     }
     atomic_save(rt.run.file(RESUME_FILE), lambda tmp: torch.save(state, tmp))
 
@@ -444,7 +449,18 @@ def load_resume(rt: Runtime) -> tuple[int, list[dict[str, Any]]]:
         if saved.get(key) != _plain_config(rt.cfg).get(key):
             raise UserError(f"{path}: cannot resume with a different {key} "
                             f"({saved.get(key)!r} saved, {_plain_config(rt.cfg).get(key)!r} now)")
-    rt.model.load_state_dict(state["model"])
+    classes = list(rt.data.classes)
+    saved_classes = state.get("classes")  # absent in files of earlier versions
+    if saved_classes is not None and saved_classes != classes:
+        diff = next((f"{a!r} saved, {b!r} now" for a, b in zip(saved_classes, classes)
+                     if a != b), f"{len(saved_classes)} saved, {len(classes)} now")
+        raise UserError(f"{path}: cannot resume on data with other classes ({diff}); "
+                        f"{rt.cfg.data} is not the run's data")
+    try:
+        rt.model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UserError(f"{path}: the saved model does not fit {rt.cfg.arch} with "
+                        f"{len(classes)} classes; {rt.cfg.data} is not the run's data") from None
     rt.optimizer.load_state_dict(state["optimizer"])
     rt.scheduler.load_state_dict(state["scheduler"])
     rt.scaler.load_state_dict(state["scaler"])
@@ -497,6 +513,15 @@ def _restore_artefacts(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -
         _write_artefacts(rt, epoch, history)
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes a kill interrupted (`smix.io.atomic_path` names
+    them `.NAME.XXXX.tmp`; a ResNet-50's resume state is ~300 MB). Returns them."""
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train (or continue) a run; returns the final metrics.json content's `results`."""
     dist = init_distributed(cfg.device)
@@ -510,12 +535,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         for note in cfg.notes:
             print(f"pretrain: {note}", file=sys.stderr)
         if resume:
+            remove_stale_temporaries(rt.run.path)
             _restore_artefacts(rt, start, history)
     for epoch in range(start, cfg.epochs):
+        lr = rt.optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
         stats = train_epoch(rt, epoch)
         sync_bn_buffers(rt)
         rt.scheduler.step()
-        stats.update(evaluate(rt, epoch), epoch=epoch + 1, lr=rt.optimizer.param_groups[0]["lr"])
+        stats.update(evaluate(rt, epoch), epoch=epoch + 1, lr=lr)
         history.append(stats)
         if dist.is_main:
             _write_epoch(rt, epoch + 1, history)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from smix.checkpoint import read_checkpoint
 from smix.cli import main as smix
+from smix.dist import DistInfo
 from smix import cpus as cpus_mod
 from smix.errors import UserError
 from pretrain import engine
@@ -235,13 +236,46 @@ def test_nan_loss_stops_and_keeps_last_good(shapes_root, tmp_path, monkeypatch, 
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--preset", "shapes-resnet18", "--method", "foo"], "unknown method 'foo'"),
     (["--preset", "shapes-resnet18", "arch=resnet5"], "unknown architecture 'resnet5'"),
+    # values torch would reject deep inside, or silently misread
+    (["--preset", "shapes-resnet18", "device=foo"], "bad setting: device='foo'; valid: auto"),
+    (["--preset", "shapes-resnet18", "mean=0.5,0.5"], "bad setting: mean=0.5,0.5 and std="),
+    (["--preset", "shapes-resnet18", "std=0.2,0,0.2"], "std above 0"),
+    (["--preset", "shapes-resnet18", "lr=-1"], "bad setting: lr=-1 must be > 0"),
+    (["--preset", "shapes-resnet18", "channels_last=maybe"],
+     "bad setting: channels_last='maybe'; valid: auto, on, off"),
+    (["--preset", "shapes-resnet18", "--epochs", "0"], "bad setting: epochs=0 must be at least 1"),
+    (["--preset", "cifar10-resnet18", "input_size=64", "resize=64", "crop=64"],
+     "input_size=64: CIFAR images are 32x32"),
 ])
 def test_pretrain_bad_options(shapes_root, tmp_path, capsys, argv, message):
+    fast = {k: v for k, v in FAST.items() if not any(a.startswith(f"{k}=") for a in argv)}
     base = ["pretrain", "--data", str(shapes_root), "--out", str(tmp_path / "r"),
-            *[f"{k}={v}" for k, v in FAST.items()]]
+            *[f"{k}={v}" for k, v in fast.items()]]
     assert smix(base[:1] + argv + base[1:]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("workers", "-1", "workers=-1 must not be negative"),
+    ("batch_size", "1", "batch_size=1: mixing needs at least 2 images"),
+    ("batch_size", "-8", "batch_size=-8 must be at least 1"),
+])
+def test_bad_numbers_in_fast_settings(shapes_root, tmp_path, capsys, key, value, message):
+    settings = {**FAST, key: value}
+    assert smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root), "--out",
+                 str(tmp_path / "r"), *[f"{k}={v}" for k, v in settings.items()]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err
+    assert not (tmp_path / "r" / "backbone.safetensors").exists()
+
+
+def test_one_image_per_process_is_refused_not_trained_on_nothing(shapes_root, tmp_path):
+    cfg = build_config("shapes-resnet18", shapes_root, tmp_path / "r", "cutmix",
+                       {**FAST, "batch_size": "2"})
+    two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(UserError, match="batch_size=2 over 2 processes leaves 1 image"):
+        engine.build_runtime(cfg, two_ranks)
 
 
 def test_pretrain_bad_data(tmp_path, capsys):

@@ -245,6 +245,7 @@ def test_resume_accepts_data_location_and_io_settings_refuses_the_rest(shapes_ro
     # notes in place of what the first machine said
     saved = json.loads((run / "config.json").read_text())
     saved["notes"] = [*saved["notes"], "workers=auto: 15 on this machine"]
+    saved["workers"] = 15  # (a count above 0 may change on resume; from 0 it may not)
     (run / "config.json").write_text(json.dumps(saved))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
@@ -256,6 +257,60 @@ def test_resume_accepts_data_location_and_io_settings_refuses_the_rest(shapes_ro
     assert [n for n in saved["notes"] if "workers" in n] == [
         "workers=auto: 1 on this machine"]
     assert _epochs_logged(run) == [1, 2, 3]
+
+
+def test_resume_refuses_data_with_other_classes(shapes_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root),
+                 "--out", str(run), "--epochs", "1", *TINY]) == 0
+    first = sorted(p.name for p in (shapes_root / "train").iterdir())[0]
+    renamed, fewer = tmp_path / "renamed", tmp_path / "fewer"
+    for copy in (renamed, fewer):
+        shutil.copytree(shapes_root, copy)
+    for split in ("train", "val"):  # same count, one name changed: labels would shift
+        (renamed / split / first).rename(renamed / split / "zebra")
+        shutil.rmtree(fewer / split / first)
+    capsys.readouterr()
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "2", "--data", str(renamed)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot resume on data with other classes" in err
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "2", "--data", str(fewer)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "other classes" in err
+    # a resume state of an earlier version, without the class list: the model's shape decides
+    state = torch.load(run / engine.RESUME_FILE, weights_only=True)
+    del state["classes"]
+    torch.save(state, run / engine.RESUME_FILE)
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "2", "--data", str(fewer)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "does not fit resnet18 with 2 classes" in err
+    assert _epochs_logged(run) == [1]
+
+
+def test_resume_refuses_switching_between_no_workers_and_workers(shapes_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root),
+                 "--out", str(run), "--epochs", "1", *TINY]) == 0  # workers=0
+    capsys.readouterr()
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "2", "workers=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot switch workers=0 to workers=2" in err
+
+
+def test_resume_removes_temporaries_of_killed_writes_and_logs_each_epochs_lr(shapes_root,
+                                                                            tmp_path):
+    run = tmp_path / "run"
+    assert smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root),
+                 "--out", str(run), "--epochs", "1", "milestones=1", "lr=0.05", *TINY]) == 0
+    stale = run / ".resume.pt.k1ll3d.tmp"  # the name smix.io.atomic_path gives
+    stale.write_bytes(b"half a resume state")
+    keep = run / "notes.tmp"  # not one of ours
+    keep.write_text("mine")
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0
+    assert not stale.exists() and keep.exists()
+    lrs = [json.loads(l)["lr"] for l in (run / "log.jsonl").read_text().splitlines()]
+    gamma = json.loads((run / "config.json").read_text())["gamma"]
+    assert lrs == pytest.approx([0.05, 0.05 * gamma])  # the rate each epoch trained at
 
 
 # 8. DDP: ranks skip a batch together -------------------------------------------------------
