@@ -164,6 +164,25 @@ def test_end_to_end_and_resume(shapes: Path, tmp_path: Path, capsys: pytest.Capt
     assert (d2 / "model_final.pth").is_file()
 
 
+def test_split_file_with_blank_lines_and_a_second_column(shapes: Path, tmp_path: Path) -> None:
+    """The toolkit's reader skips blank lines and keeps the first column; detectron2's evaluator
+    reads the same ids (not the split file, which its voc_eval would read as image "")."""
+    import shutil
+    root = tmp_path / "voc"
+    shutil.copytree(shapes, root)
+    split = root / "VOC2007/ImageSets/Main/test.txt"
+    ids = split.read_text().split()
+    split.write_text(f"{ids[0]}  1\n\n" + "\n".join(ids[1:]) + "\n\n\n")
+    ckpt, _ = make_ckpt(tmp_path / "r18.safetensors", "resnet18")
+    out = tmp_path / "run"
+    assert smix_run("transfer", _argv(ckpt, root, out, "--iters", "0")) == 0
+    r = json.loads((out / "metrics.json").read_text())["results"]
+    assert r["evaluator"] == "detectron2.PascalVOCDetectionEvaluator"
+    assert r["test_images"] == len(ids)
+    assert r["toolkit_evaluator"]["AP50"] == pytest.approx(r["AP50"], abs=1e-9)
+    assert (out / "detectron2" / "test_ids.txt").read_text().split("\n") == [*ids, ""]
+
+
 @pytest.mark.slow
 def test_two_processes_through_detectron2s_launcher(shapes: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,

@@ -9,6 +9,7 @@ accumulation (detectron2 has none: `AccumTrainer`, a subclass of its AMPTrainer,
 the toolkit's VOC reader.
 Evaluation: detectron2's `PascalVOCDetectionEvaluator` gives AP/AP50/AP75; on the very same
 (text-rounded) detections the toolkit's evaluator gives the per-class APs and a cross-check.
+Both read the same test images: detectron2's gets the toolkit's ids in a split file of the run.
 """
 
 from __future__ import annotations
@@ -148,9 +149,13 @@ class VOCEvaluator(PascalVOCDetectionEvaluator):
     """detectron2's VOC evaluator plus the toolkit's evaluator on the same detections."""
 
     def __init__(self, dataset_name: str, records: Sequence[VOCRecord], run_d2: bool,
-                 metric: str = "voc07"):
+                 metric: str = "voc07", image_set: Path | None = None):
         super().__init__(dataset_name)
         self._records, self._run_d2, self._metric = list(records), run_d2, metric
+        if image_set is not None:
+            # detectron2's voc_eval re-reads the split file with its own parser (a blank line
+            # becomes image "", `000005  1` an unknown image); give it the toolkit's ids instead
+            self._image_set_path = str(image_set)
 
     def reset(self) -> None:
         super().reset()
@@ -347,6 +352,7 @@ class D2Job:
     run_d2_evaluator: bool
     micro_batch: int | None = None  # None: auto
     amp: str = "off"
+    image_set: Path | None = None  # the test ids, one a line, for detectron2's evaluator
 
 
 def fresh_d2_logger(log_file: Path) -> None:
@@ -378,7 +384,7 @@ def worker(job: D2Job) -> None:
     if comm.is_main_process() and not (out / "model_final.pth").exists():
         trainer.checkpointer.save("model_final")  # e.g. --iters 0: the untrained detector
     evaluator = VOCEvaluator(TEST_NAME, job.test, job.run_d2_evaluator,
-                             year_metric(job.test_year))
+                             year_metric(job.test_year), job.image_set)
     loader = build_detection_test_loader(job.cfg, TEST_NAME)
     results = inference_on_dataset(trainer.model, loader, evaluator)
     if comm.is_main_process():
@@ -411,9 +417,11 @@ def run_detectron2(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: Run
     if problem:
         print(f"smix transfer: detectron2's VOC evaluator cannot read the test annotations "
               f"({problem}); AP comes from the toolkit's evaluator", file=sys.stderr)
+    image_set = out / "test_ids.txt"  # the ids the toolkit read, as detectron2's evaluator reads
+    atomic_write(image_set, "".join(f"{r.image_id}\n" for r in splits.test))
     job = D2Job(d2cfg, splits.train, splits.test, splits.class_names, splits.test_dir,
                 splits.test_set.split("/", 1)[1], splits.test_year, run.path, cfg.resume,
-                s.log_period, problem is None, s.micro_batch, s.amp)
+                s.log_period, problem is None, s.micro_batch, s.amp, image_set)
     (out / "eval.json").unlink(missing_ok=True)
     launch(worker, cfg.num_gpus, num_machines=cfg.num_machines, machine_rank=cfg.machine_rank,
            dist_url=cfg.dist_url, args=(job,))
