@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -94,6 +95,30 @@ def test_resolve_scales_lr_with_batch_and_steps_with_iters(tmp_path: Path) -> No
     assert s.min_size_train == (64, 96) and s.min_size_test == 96
     fpn = resolve(TransferConfig(tmp_path, tmp_path, tmp_path, arch="fpn"))
     assert fpn.rpn_pre_nms_train == 2000
+
+
+def test_a_batch_override_rescales_the_schedule_as_detectron2_does(tmp_path: Path) -> None:
+    """batch x k: lr x k, max_iter, steps, warmup and checkpoint period / k (auto_scale_workers);
+    explicit values stay; micro_batch changes nothing of the recipe."""
+    def settings(preset: str = "d2-voc", iters: int | None = None, **kv: str):
+        return resolve(TransferConfig(tmp_path, tmp_path, tmp_path, preset=preset, iters=iters,
+                                      overrides=tuple(kv.items())))
+    s = settings(batch="8")
+    assert (s.lr, s.max_iter, s.steps) == (pytest.approx(0.01), 36000, (24000, 32000))
+    assert (s.warmup_iters, s.checkpoint_period) == (200, 10000)
+    s = settings("paper", batch="16")  # 41000 / 2 = 20500, 33000 / 2 = 16500
+    assert (s.lr, s.max_iter, s.steps) == (pytest.approx(8e-3), 20500, (16500,))
+    assert (s.warmup_iters, s.checkpoint_period) == (50, 2500)
+    s = settings("paper", batch="3")  # scale 3/8: int(round(41000 * 8 / 3)) = 109333
+    assert (s.max_iter, s.steps, s.warmup_iters) == (109333, (88000,), 267)
+    s = settings(batch="8", lr="0.05", steps="100,200", warmup="7", checkpoint_period="9")
+    assert (s.lr, s.max_iter, s.steps, s.warmup_iters, s.checkpoint_period) == (
+        0.05, 36000, (100, 200), 7, 9)
+    s = settings(iters=900, batch="8")  # --iters is explicit: steps at its fractions
+    assert (s.max_iter, s.steps, s.warmup_iters) == (900, (600, 800), 200)
+    base = settings(batch="8")
+    assert settings(batch="8", micro_batch="2") == dataclasses.replace(base, micro_batch=2)
+    assert settings(micro_batch="1") == dataclasses.replace(settings(), micro_batch=1)
 
 
 @pytest.mark.parametrize("kv, match", [

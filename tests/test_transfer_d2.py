@@ -127,6 +127,29 @@ def test_lr_schedule_equals_detectron2s(tmp_path: Path) -> None:
             sched.step()
 
 
+@pytest.mark.parametrize("preset, batch", [("d2-voc", 8), ("d2-voc", 32), ("paper", 16),
+                                           ("paper", 3)])
+def test_batch_scaling_equals_detectron2s_auto_scale_workers(preset: str, batch: int,
+                                                             tmp_path: Path) -> None:
+    """The preset on one image per worker, rescaled by detectron2 to `batch` workers."""
+    from detectron2.engine import DefaultTrainer
+    from transfer.config import get_preset
+    p = get_preset(preset)
+    meta = make_ckpt(tmp_path / "r18.safetensors", "resnet18")[1]
+    cfg, _ = d2cfg(meta, "fpn", tmp_path)
+    cfg.defrost()
+    cfg.SOLVER.merge_from_list(["IMS_PER_BATCH", p.batch, "BASE_LR", p.lr, "MAX_ITER",
+                                p.max_iter, "STEPS", p.steps, "WARMUP_ITERS", p.warmup_iters,
+                                "CHECKPOINT_PERIOD", p.checkpoint_period,
+                                "REFERENCE_WORLD_SIZE", p.batch])
+    ref = DefaultTrainer.auto_scale_workers(cfg, batch).SOLVER
+    s = resolve(TransferConfig(tmp_path, tmp_path, tmp_path, preset=preset,
+                               overrides=(("batch", str(batch)),)))
+    assert s.batch == ref.IMS_PER_BATCH and s.lr == pytest.approx(ref.BASE_LR, rel=1e-12)
+    assert (s.max_iter, s.steps, s.warmup_iters, s.checkpoint_period) == (
+        ref.MAX_ITER, tuple(ref.STEPS), ref.WARMUP_ITERS, ref.CHECKPOINT_PERIOD)
+
+
 def _argv(ckpt: Path, shapes: Path, out: Path, *extra: str) -> list[str]:
     return ["--ckpt", str(ckpt), "--voc-root", str(shapes), "--out", str(out), "--arch", "fpn",
             "--classes", "auto", "--no-progress", *FAST, *extra]

@@ -2,11 +2,16 @@
 
 A preset is the published recipe (batch, lr, schedule, input sizes); `resolve` applies `--iters`
 and `key=value` overrides to it once, so both backends train with the same resolved numbers and
-the run folder records them. Changing the batch scales the learning rate linearly (Goyal et al.,
-"ImageNet in 1 hour", as detectron2's `auto_scale_workers` does); `--iters` rescales the LR steps
-to the same fractions of the schedule. The batch is the *effective* batch: `micro_batch=N|auto`
-splits it into micro-batches with gradient accumulation (`transfer.micro`) and leaves the learning
-rate alone; `amp=bf16|fp16` trains in mixed precision on CUDA.
+the run folder records them. Changing the batch rescales the recipe as detectron2's
+`DefaultTrainer.auto_scale_workers` does (Goyal et al., "ImageNet in 1 hour"): with
+scale = batch / preset batch, the learning rate is multiplied by it and the iteration counts
+(max_iter, LR steps, warmup, checkpoint period) divided by it, rounded to integers, so that the
+schedule sees the same number of images; a value set explicitly (`lr=`, `steps=`, `warmup=`,
+`checkpoint_period=`, `--iters`) is kept as given, and with `--iters` the LR steps keep their
+fractions of the schedule (there is no periodic evaluation to rescale). The batch is the
+*effective* batch: `micro_batch=N|auto` splits it into micro-batches with gradient accumulation
+(`transfer.micro`) and changes nothing of the recipe; `amp=bf16|fp16` trains in mixed precision
+on CUDA.
 """
 
 from __future__ import annotations
@@ -204,27 +209,41 @@ def _arch_defaults(arch: str) -> dict[str, Any]:
             "rpn_pre_nms_test": 1000, "rpn_post_nms_test": 1000}
 
 
+def _batch_scaled(p: Preset, batch: int, iters: int | None) -> dict[str, Any]:
+    """lr, max_iter, steps, warmup and checkpoint period for `batch`, as detectron2's
+    `auto_scale_workers` rescales them (lr x scale, iterations / scale, `int(round(...))`);
+    with `--iters` the steps keep their fractions of the schedule."""
+    scale = batch / p.batch
+    if iters is None:
+        max_iter = int(round(p.max_iter / scale))
+        steps = tuple(int(round(s / scale)) for s in p.steps)
+    elif iters < 0:
+        raise UserError(f"--iters must be >= 0, got {iters}")
+    else:
+        max_iter, fraction = iters, iters / p.max_iter
+        steps = tuple(int(round(s * fraction)) for s in p.steps)
+    return dict(lr=p.lr * scale, max_iter=max_iter, steps=steps,
+                warmup_iters=int(round(p.warmup_iters / scale)),
+                checkpoint_period=max(1, int(round(p.checkpoint_period / scale))))
+
+
 def resolve(cfg: TransferConfig) -> Settings:
     """Preset + `--iters` + overrides -> the numbers a run uses."""
     if cfg.arch not in ARCHS:
         raise UserError(f"unknown --arch {cfg.arch!r}; valid: {', '.join(ARCHS)}")
     p = get_preset(cfg.preset)
     values, d2 = _parse_overrides(cfg.overrides)
-    max_iter = p.max_iter if cfg.iters is None else cfg.iters
-    if max_iter < 0:
-        raise UserError(f"--iters must be >= 0, got {max_iter}")
-    scale = max_iter / p.max_iter
     batch = values.get("batch", p.batch)
     if batch < 1:
         raise UserError(f"batch must be >= 1, got {batch}")
     base = dict(
-        preset=p.name, batch=batch, lr=p.lr * batch / p.batch, max_iter=max_iter,
-        steps=tuple(int(round(s * scale)) for s in p.steps),
-        warmup_iters=min(p.warmup_iters, max_iter), warmup_factor=p.warmup_factor,
-        gamma=p.gamma, momentum=p.momentum, weight_decay=p.weight_decay,
-        min_size_train=p.min_size_train, max_size_train=p.max_size_train,
-        min_size_test=p.min_size_test, max_size_test=p.max_size_test,
-        checkpoint_period=p.checkpoint_period, **_arch_defaults(cfg.arch))
+        preset=p.name, batch=batch, **_batch_scaled(p, batch, cfg.iters),
+        warmup_factor=p.warmup_factor, gamma=p.gamma, momentum=p.momentum,
+        weight_decay=p.weight_decay, min_size_train=p.min_size_train,
+        max_size_train=p.max_size_train, min_size_test=p.min_size_test,
+        max_size_test=p.max_size_test, **_arch_defaults(cfg.arch))
+    max_iter = base["max_iter"]
+    base["warmup_iters"] = min(base["warmup_iters"], max_iter)
     if "min_size_train" in values and "min_size_test" not in values:
         values["min_size_test"] = max(values["min_size_train"] or (0,))
     if "max_size_train" in values and "max_size_test" not in values:
