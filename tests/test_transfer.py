@@ -440,6 +440,59 @@ def test_detectron2_backend_missing_is_a_clear_error(shapes: Path, ckpt18: Path,
     assert code == 2 and "detectron2 is not installed" in err
 
 
+def test_resume_refuses_another_recipe(ckpt18: Path, shapes: Path, tmp_path: Path, monkeypatch,
+                                      capsys: pytest.CaptureFixture) -> None:
+    """--resume continues the same recipe only: a changed setting is a one-line error naming it
+    (config.json untouched); how the run is carried out (workers, micro_batch, ...) may change."""
+    from transfer import api
+    from transfer.voc_eval import Detections, evaluate_voc
+
+    def backend(cfg, s, splits, run, sha):  # stands in for the training; evaluates nothing
+        return evaluate_voc(splits.test, Detections.empty(), splits.class_names), {}
+    monkeypatch.setitem(api._BACKENDS, "torchvision", backend)
+    out = tmp_path / "run"
+    argv = ["--backend", "torchvision", "--ckpt", str(ckpt18), "--voc-root", str(shapes), "--out",
+            str(out), "--arch", "fpn", "--classes", "auto", "--iters", "4", "--no-progress", *FAST]
+    assert cli(argv, capsys)[0] == 0
+    config = (out / "config.json").read_bytes()
+    for extra, message in [
+            (["--preset", "paper", "--iters", "10", "lr=0.5"], "preset 'd2-voc', not 'paper'"),
+            (["--iters", "10"], "max_iter 4, not 10"), (["lr=0.5"], "lr 0.0025, not 0.5"),
+            (["steps=1"], "steps [3], not [1]"), (["seed=1"], "seed 0, not 1"),
+            (["SOLVER.MOMENTUM=0.8"], "d2_options [], not [['SOLVER.MOMENTUM', '0.8']]")]:
+        code, _, err = cli([*argv, *extra, "--resume"], capsys)
+        assert code == 2 and err.strip().splitlines()[-1] == (
+            f"smix transfer: error: --resume: {out} was run with {message}; use a new --out"), extra
+        assert (out / "config.json").read_bytes() == config
+    code, _, err = cli([*argv, "workers=1", "micro_batch=1", "log_period=3", "checkpoint_period=5",
+                        "--resume"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["settings"]["micro_batch"] == 1
+
+
+def test_resume_state_names_the_setting_that_differs(tmp_path: Path) -> None:
+    """The torchvision resume state records the recipe too (a second guard, without config.json)."""
+    from transfer.tv_backend import _fingerprint
+    cfg = tcfg(tmp_path, tmp_path, tmp_path)
+    s = resolve(cfg)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fp = _fingerprint(cfg, "abc", SHAPE_CLASSES, s)
+    save_state(tmp_path / "state.pt", model, opt, 3, fp)
+    assert load_state(tmp_path / "state.pt", model, opt, fp) == 3
+    assert load_state(tmp_path / "state.pt", model, opt,  # a run-only setting may change
+                      _fingerprint(cfg, "abc", SHAPE_CLASSES, dataclasses.replace(s, workers=4)))
+    with pytest.raises(UserError, match=r"another run \(it was run with lr 0.0025, not 0.5\)"):
+        load_state(tmp_path / "state.pt", model, opt,
+                   _fingerprint(cfg, "abc", SHAPE_CLASSES, dataclasses.replace(s, lr=0.5)))
+    old = json.dumps({"backend": "torchvision", "arch": "fpn", "backbone_sha256": "abc",
+                      "classes": list(SHAPE_CLASSES)})  # written before the recipe was recorded
+    save_state(tmp_path / "old.pt", model, opt, 2, old)
+    assert load_state(tmp_path / "old.pt", model, opt, fp) == 2
+    with pytest.raises(UserError, match="it was run with backbone_sha256 'abc', not 'xyz'"):
+        load_state(tmp_path / "old.pt", model, opt, _fingerprint(cfg, "xyz", SHAPE_CLASSES, s))
+
+
 def test_one_line_split_file_and_custom_class_file(shapes: Path, tmp_path: Path) -> None:
     """detectron2's loader mis-reads a one-line split (np.loadtxt -> 0-d array); ours does not."""
     root = tmp_path / "voc"

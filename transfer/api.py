@@ -16,8 +16,9 @@ from smix.amp import amp_dtype
 from smix.checkpoint import checkpoint_ref, read_meta
 from smix.dist import pick_device
 from smix.errors import UserError
-from smix.io import RunDir, file_sha256, read_json, to_jsonable
-from transfer.config import BACKENDS, Settings, TransferConfig, resolve
+from smix.io import RunDir, file_sha256, read_json
+from transfer.config import (BACKENDS, Settings, TransferConfig, first_difference, recipe,
+                             resolve)
 from transfer.convert import check_detection_backbone
 from transfer.data import VOCSplits, load_splits, parse_sets
 from transfer.voc_eval import VOCResult, metric_label
@@ -61,18 +62,21 @@ def choose_backend(requested: str) -> str:
     return "detectron2" if detectron2_available() else "torchvision"
 
 
-def _guard_run_folder(run: RunDir, resume: bool, identity: dict[str, Any]) -> None:
-    """Never overwrite a run by accident; resume only the same checkpoint/backend/arch/classes."""
+def _guard_run_folder(run: RunDir, resume: bool, identity: dict[str, Any], s: Settings) -> None:
+    """Never overwrite a run by accident; resume only the same checkpoint/backend/arch/classes
+    and the same recipe (every resolved setting but those of `RUN_ONLY_SETTINGS`)."""
     present = [m for m in RUN_MARKERS if run.file(m).exists()]
     if present and not resume:
         raise UserError(f"{run.path} already holds a transfer run ({present[0]}); pass --resume "
                         "to continue it or choose another --out")
     if resume and run.file("config.json").is_file():
-        before = read_json(run.file("config.json")).get("identity", {})
-        for key, value in identity.items():
-            if key in before and before[key] != to_jsonable(value):
-                raise UserError(f"--resume: {run.path} was run with {key} {before[key]!r}, not "
-                                f"{to_jsonable(value)!r}; use a new --out")
+        before = read_json(run.file("config.json"))
+        diff = (first_difference(before.get("identity", {}), identity)
+                or first_difference(before.get("settings", {}), recipe(s)))
+        if diff:
+            key, old, new = diff
+            raise UserError(f"--resume: {run.path} was run with {key} {old!r}, not {new!r}; use "
+                            "a new --out")
 
 
 def _backend_note(requested: str, backend: str) -> str:
@@ -125,7 +129,7 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any] | None:
                 "checkpoint_sha256": sha}
     config = {"request": cfg, "identity": identity, "settings": s, "data": _data_summary(splits)}
     if cfg.machine_rank == 0:
-        _guard_run_folder(run, cfg.resume, identity)
+        _guard_run_folder(run, cfg.resume, identity, s)
         run.write_config(config)
         run.log({"event": "start", "backend": backend, "preset": s.preset, "arch": cfg.arch,
                  "iters": s.max_iter, "resume": cfg.resume})

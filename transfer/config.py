@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from smix.errors import UserError
+from smix.io import to_jsonable
 
 ARCHS = ("c4", "fpn")
 BACKENDS = ("auto", "detectron2", "torchvision")
@@ -140,6 +141,27 @@ class Settings:
     micro_batch: int | None = None  # images per forward/backward pass; None: auto
     amp: str = "off"  # off (fp32, the recipe) | bf16 | fp16 (CUDA only)
     d2_options: tuple[tuple[str, str], ...] = ()  # raw detectron2 keys (UPPER.CASE=value)
+
+
+# Settings that change how a run is carried out, not what it trains and measures: a resumed run
+# may change them (e.g. a smaller micro_batch after an out-of-memory, as that error advises).
+RUN_ONLY_SETTINGS = ("workers", "log_period", "checkpoint_period", "micro_batch")
+
+
+def recipe(s: Settings) -> dict[str, Any]:
+    """The settings that make a run what it is (JSON values): `--resume` must keep all of them."""
+    return {k: v for k, v in to_jsonable(s).items() if k not in RUN_ONLY_SETTINGS}
+
+
+def first_difference(before: Mapping[str, Any], now: Mapping[str, Any]
+                     ) -> tuple[str, Any, Any] | None:
+    """(key, old, new) of the first key of `now` whose JSON value differs from the one in
+    `before`; keys `before` lacks (recorded by later versions only) are not compared."""
+    for key, value in now.items():
+        value = to_jsonable(value)
+        if key in before and before[key] != value:
+            return key, before[key], value
+    return None
 
 
 def _ints(text: str) -> tuple[int, ...]:

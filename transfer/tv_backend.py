@@ -29,7 +29,7 @@ from smix.checkpoint import BackboneMeta, load_backbone
 from smix.dist import pick_device
 from smix.errors import UserError
 from smix.io import RunDir, atomic_save
-from transfer.config import Settings, TransferConfig
+from transfer.config import Settings, TransferConfig, first_difference, recipe
 from transfer.data import VOCSplits
 from transfer.micro import (MicroChoice, all_proposals, announce, choose, largest_train_size,
                             oom_error, split)
@@ -73,9 +73,22 @@ def build_from_checkpoint(ckpt: Path, arch: str, class_names: tuple[str, ...], s
     return model, meta
 
 
-def _fingerprint(cfg: TransferConfig, sha: str, class_names: tuple[str, ...]) -> str:
+def _fingerprint(cfg: TransferConfig, sha: str, class_names: tuple[str, ...], s: Settings
+                 ) -> str:
     return json.dumps({"backend": "torchvision", "arch": cfg.arch, "backbone_sha256": sha,
-                       "classes": list(class_names)})
+                       "classes": list(class_names), **recipe(s)})
+
+
+def _mismatch(saved: Any, fingerprint: str) -> str | None:
+    """What differs between the run that wrote a resume state and this one; None: the same run
+    (a state written before the settings were recorded is checked on what it records)."""
+    if saved == fingerprint:
+        return None
+    try:
+        diff = first_difference(json.loads(saved), json.loads(fingerprint))
+    except (TypeError, ValueError, AttributeError):
+        return "checkpoint, arch, classes, backend or settings differ"
+    return None if diff is None else f"it was run with {diff[0]} {diff[1]!r}, not {diff[2]!r}"
 
 
 def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, next_iter: int,
@@ -93,9 +106,10 @@ def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerp
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: one clear line
         raise UserError(f"{path}: unreadable resume state ({type(e).__name__}: {e})") from None
-    if state.get("fingerprint") != fingerprint:
-        raise UserError(f"{path}: resume state belongs to another run (checkpoint, arch, classes "
-                        "or backend differ); use a new --out")
+    mismatch = _mismatch(state.get("fingerprint"), fingerprint)
+    if mismatch:
+        raise UserError(f"{path}: resume state belongs to another run ({mismatch}); use a new "
+                        "--out")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
@@ -235,7 +249,7 @@ def run_torchvision(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: Ru
     model.to(device)
     opt = make_optimizer(model, s)
     st = Stepper(device, amp=amp_dtype(s.amp, device, allow_cpu=False))
-    fingerprint = _fingerprint(cfg, ckpt_sha, splits.class_names)
+    fingerprint = _fingerprint(cfg, ckpt_sha, splits.class_names, s)
     state = run.file(STATE_FILE)
     start = (load_state(state, model, opt, fingerprint, st.scaler)
              if cfg.resume and state.is_file() else 0)
