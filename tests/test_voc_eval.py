@@ -208,43 +208,51 @@ def test_vectorised_matching_equals_the_loop_reference(seed: int) -> None:
     assert res.AP == pytest.approx(float(np.mean(all_t)))
 
 
+def _both_evaluators(folder: Path, records, d: Detections, names, year: str):
+    """Write `records` as a VOC test split under `folder`, feed `d` to the backend's evaluator
+    (detectron2's and the toolkit's); returns the records read back and its output."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    from smix.io import atomic_write
+    from smix.voc import load_voc, write_annotation
+    from transfer.d2_backend import VOCEvaluator, register
+
+    voc = folder / "VOC2007"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    for r in records:
+        atomic_write(voc / "Annotations" / f"{r.image_id}.xml",
+                     write_annotation(voc, f"{r.image_id}.jpg", 100, 100, list(r.objects)))
+        (voc / "JPEGImages" / f"{r.image_id}.jpg").touch()
+    atomic_write(voc / "ImageSets/Main/test.txt", "\n".join(r.image_id for r in records))
+    test = load_voc(voc, "test", tuple(names))
+    register("voc_eval_parity", test, names, voc, "test", year)
+    ev = VOCEvaluator("voc_eval_parity", test, run_d2=True, metric=year_metric(year))
+    ev.reset()
+    for r in test:
+        sel = [i for i, x in enumerate(d.image_ids) if x == r.image_id]
+        boxes = Boxes(torch.tensor(d.boxes[sel]).float().reshape(-1, 4))
+        inst = Instances((100, 100), pred_boxes=boxes,
+                         scores=torch.tensor(d.scores[sel]).float(),
+                         pred_classes=torch.tensor(d.labels[sel]).long())
+        ev.process([{"image_id": r.image_id}], [{"instances": inst}])
+    return test, ev.evaluate()
+
+
 @pytest.mark.parametrize("year", ["2007", "2012"])
 def test_identical_to_detectron2_pascal_voc_evaluator(tmp_path: Path, year: str) -> None:
     """Same detections into detectron2's PascalVOCDetectionEvaluator and the toolkit's: several
     objects per image, duplicates, difficult objects, distinct and tied scores; the year
     registered decides the metric in both (11-point for 2007, area for 2012)."""
     need_detectron2()
-    import torch
-    from detectron2.structures import Boxes, Instances
-
-    from smix.io import atomic_write
-    from smix.voc import load_voc, write_annotation
-    from transfer.d2_backend import VOCEvaluator, d2_rounded, register
+    from transfer.d2_backend import d2_rounded
 
     for seed, tied in ((0, False), (1, False), (2, False), (3, True), (4, True)):
         records, d, names = random_scene(100 + seed, n_images=20, tied=tied)
         assert max(len(r.objects) for r in records) >= 2
         assert (len(np.unique(d.scores)) < len(d.scores)) == tied
-        voc = tmp_path / f"s{seed}" / "VOC2007"
-        for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
-            (voc / sub).mkdir(parents=True)
-        for r in records:
-            atomic_write(voc / "Annotations" / f"{r.image_id}.xml",
-                         write_annotation(voc, f"{r.image_id}.jpg", 100, 100, list(r.objects)))
-            (voc / "JPEGImages" / f"{r.image_id}.jpg").touch()
-        atomic_write(voc / "ImageSets/Main/test.txt", "\n".join(r.image_id for r in records))
-        test = load_voc(voc, "test", tuple(names))
-        register("voc_eval_parity", test, names, voc, "test", year)
-        ev = VOCEvaluator("voc_eval_parity", test, run_d2=True, metric=year_metric(year))
-        ev.reset()
-        for r in test:
-            sel = [i for i, x in enumerate(d.image_ids) if x == r.image_id]
-            boxes = Boxes(torch.tensor(d.boxes[sel]).float().reshape(-1, 4))
-            inst = Instances((100, 100), pred_boxes=boxes,
-                             scores=torch.tensor(d.scores[sel]).float(),
-                             pred_classes=torch.tensor(d.labels[sel]).long())
-            ev.process([{"image_id": r.image_id}], [{"instances": inst}])
-        out = ev.evaluate()
+        test, out = _both_evaluators(tmp_path / f"s{seed}", records, d, names, year)
         assert out["detectron2"]["AP50"] == pytest.approx(out["toolkit"]["AP50"], abs=1e-9)
         assert out["detectron2"]["AP75"] == pytest.approx(out["toolkit"]["AP75"], abs=1e-9)
         assert out["detectron2"]["AP"] == pytest.approx(out["toolkit"]["AP"], abs=1e-9)
@@ -254,6 +262,28 @@ def test_identical_to_detectron2_pascal_voc_evaluator(tmp_path: Path, year: str)
             out["toolkit"]["AP50"], abs=2.0)
         assert d2_rounded("x", np.array([[0.04, 1.26, 3.0, 4.0]]), [0.12345], [1])[1].tolist() \
             == [[1.0, 2.3, 3.0, 4.0]]
+
+
+@pytest.mark.parametrize("year", ["2007", "2012"])
+def test_detectron2s_headline_leaves_out_classes_without_ground_truth(tmp_path: Path,
+                                                                      year: str) -> None:
+    """A class with detections but no (non-difficult) ground truth has no AP: detectron2's means
+    would count it as 0 (11-point) or NaN (area); the backend's leave it out, as the toolkit's."""
+    need_detectron2()
+    records, d, names = random_scene(105, n_images=20)
+    records.append(rec("img999", ("bus", (10, 10, 40, 40), False), ("cow", (5, 5, 30, 30), True)))
+    names = [*names, "cow", "sheep"]  # cow: one difficult object only; sheep: none at all
+    spurious = dets(*[(r.image_id, 3 + k % 2, 0.5 + k / 100, (5.0, 5.0, 30.0, 30.0))
+                      for k, r in enumerate(records[:6])])
+    d = Detections(d.image_ids + spurious.image_ids, np.concatenate([d.labels, spurious.labels]),
+                   np.concatenate([d.scores, spurious.scores]),
+                   np.concatenate([d.boxes, spurious.boxes]))
+    _, out = _both_evaluators(tmp_path, records, d, names, year)
+    toolkit = out["toolkit"]
+    assert tuple(toolkit["classes_without_ground_truth"]) == ("cow", "sheep")
+    assert 0 < toolkit["AP50"] < 100
+    for key in ("AP", "AP50", "AP75"):
+        assert out["detectron2"][key] == pytest.approx(toolkit[key], abs=1e-9), key
 
 
 def test_chunked_overlaps_equal_one_pass() -> None:

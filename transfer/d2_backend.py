@@ -7,8 +7,9 @@ GPU device ids on CPU, letting the gloo path run; (2) checkpoints are written at
 accumulation (detectron2 has none: `AccumTrainer`, a subclass of its AMPTrainer, which also gives
 `amp=bf16|fp16` on CUDA), the RPN/RoI sampling seeded per image. Datasets are registered from
 the toolkit's VOC reader.
-Evaluation: detectron2's `PascalVOCDetectionEvaluator` gives AP/AP50/AP75; on the very same
-(text-rounded) detections the toolkit's evaluator gives the per-class APs and a cross-check.
+Evaluation: detectron2's `PascalVOCDetectionEvaluator` gives AP/AP50/AP75 (over the classes with
+ground truth, as the toolkit's means); on the very same (text-rounded) detections the toolkit's
+evaluator gives the per-class APs and a cross-check.
 Both read the same test images: detectron2's gets the toolkit's ids in a split file of the run.
 """
 
@@ -21,6 +22,7 @@ import sys
 import time
 import weakref
 import xml.etree.ElementTree as ET
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -169,7 +171,7 @@ class VOCEvaluator(PascalVOCDetectionEvaluator):
                                         inst.scores.tolist(), inst.pred_classes.tolist()))
 
     def evaluate(self) -> dict:
-        d2 = super().evaluate() if self._run_d2 else None
+        d2 = self._d2_evaluate() if self._run_d2 else None
         gathered = comm.gather(self._raw, dst=0)
         if not comm.is_main_process():
             return {}
@@ -177,6 +179,24 @@ class VOCEvaluator(PascalVOCDetectionEvaluator):
         toolkit = evaluate_voc(self._records, dets, self._class_names, self._metric)
         return {"detectron2": None if d2 is None else {k: float(v) for k, v in d2["bbox"].items()},
                 "toolkit": dataclasses.asdict(toolkit), "detections": len(dets.scores)}
+
+    def _d2_evaluate(self) -> dict | None:
+        """detectron2's evaluation over the classes with (non-difficult) ground truth only: its
+        means would count a class without any as AP 0 (11-point) or NaN (area), where the
+        toolkit's leave it out (`classes_without_ground_truth`); None when no class has any.
+        Every process computes the same classes, so all of them enter the gather or none."""
+        names, predictions = self._class_names, self._predictions
+        positives = {o.name for r in self._records for o in r.objects if not o.difficult}
+        kept = [i for i, name in enumerate(names) if name in positives]
+        if not kept:
+            return None
+        self._class_names = [names[i] for i in kept]
+        self._predictions = defaultdict(list, {new: predictions[old] for new, old
+                                               in enumerate(kept) if old in predictions})
+        try:
+            return super().evaluate()
+        finally:
+            self._class_names, self._predictions = names, predictions
 
 
 def seed_sampling(model: torch.nn.Module) -> ImageSeeds:
