@@ -7,6 +7,7 @@ XML; consumers convert once (`VOCObject.box0` gives 0-based [x0, y0, x1, y1) for
 from __future__ import annotations
 
 import dataclasses
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -89,11 +90,12 @@ def parse_annotation(xml: Path, image_dir: Path) -> VOCRecord:
 
 
 def find_year_dir(root: Path, year: str) -> Path | None:
-    """`root/VOC2007`, `root/VOCdevkit/VOC2007`, or root itself when it is that folder."""
-    for cand in (root / f"VOC{year}", root / "VOCdevkit" / f"VOC{year}"):
-        if cand.is_dir():
-            return cand
-    return root if root.name == f"VOC{year}" and root.is_dir() else None
+    """`root/VOC2007`, `root/VOCdevkit/VOC2007`, root itself when it is that folder, or its
+    sibling when root is another year's folder (`--voc-root VOCdevkit/VOC2007` finds VOC2012)."""
+    cands = [root / f"VOC{year}", root / "VOCdevkit" / f"VOC{year}"]
+    if re.fullmatch(r"VOC\d{4}", root.name):
+        cands.append(root.parent / f"VOC{year}")  # root itself for the same year
+    return next((c for c in cands if c.is_dir()), None)
 
 
 def read_split(year_dir: Path, split: str) -> list[str]:

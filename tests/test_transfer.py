@@ -534,6 +534,19 @@ def test_voc07_plus_12_in_a_devkit_folder(shapes: Path, tmp_path: Path) -> None:
         load_splits(tmp_path, "auto", parse_sets("2012:trainval"))
 
 
+def test_a_year_folder_as_root_finds_the_other_year_beside_it(shapes: Path, tmp_path: Path) -> None:
+    """--voc-root VOCdevkit/VOC2007 trains on VOC2012 too (its sibling), not silently without it."""
+    devkit = tmp_path / "VOCdevkit"
+    shutil.copytree(shapes / "VOC2007", devkit / "VOC2007")
+    shutil.copytree(shapes / "VOC2007", devkit / "VOC2012")
+    splits = load_splits(devkit / "VOC2007", "auto")
+    assert splits.train_sets == ("VOC2007/trainval", "VOC2012/trainval") and not splits.skipped_sets
+    assert splits.test_dir == devkit / "VOC2007"
+    assert load_splits(devkit / "VOC2012", "auto").test_dir == devkit / "VOC2007"
+    shutil.rmtree(devkit / "VOC2012")
+    assert load_splits(devkit / "VOC2007", "auto").skipped_sets == ("VOC2012/trainval",)
+
+
 @pytest.mark.parametrize("test_set,metric,label", [("2007:test", "voc07", "voc07-11point"),
                                                    ("2012:test", "area", "voc12-area")])
 def test_the_test_year_picks_and_names_the_metric(shapes: Path, ckpt18: Path, tmp_path: Path,

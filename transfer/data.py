@@ -85,8 +85,8 @@ def load_splits(root: Path, classes: str,
             if year == "2012" and not explicit:
                 skipped.append(f"VOC{year}/{split}")
                 continue
-            raise UserError(f"{root}: no VOC{year}/ folder (expected ROOT/VOC{year} or "
-                            f"ROOT/VOCdevkit/VOC{year})")
+            raise UserError(f"{root}: no VOC{year}/ folder (expected ROOT/VOC{year}, "
+                            f"ROOT/VOCdevkit/VOC{year}, or beside ROOT when it is a VOC folder)")
         train += load_voc(folder, split, wanted)
         used.append(f"VOC{year}/{split}")
     test_dir = _year_dir(root, test_set[0])
