@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import sys
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -102,14 +103,22 @@ def autograd_from(model: nn.Module, layer: nn.Module, gradients: bool) -> Iterat
             p.requires_grad_(flag)
 
 
+# A map whose span is within this fraction of its magnitude is flat: float32 rounding, e.g.
+# upsampling a 1x1 or constant map, leaves differences of ~1e-7 relative, not a signal.
+FLAT_RTOL = 1e-5
+
+
 def postprocess(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """ReLU, bilinear upsampling to `size`, min–max per image (a flat map becomes all zero)."""
+    """ReLU, bilinear upsampling to `size`, min–max per image. A flat map (span within
+    `FLAT_RTOL` of its magnitude) becomes all zero, as the grad-cam package's methods give,
+    instead of rounding noise stretched to [0, 1]."""
     cams = F.interpolate(cams.float().clamp(min=0).unsqueeze(1), size=size, mode="bilinear",
                          align_corners=False).squeeze(1)
     flat = cams.flatten(1)
     lo, hi = flat.min(1).values.view(-1, 1, 1), flat.max(1).values.view(-1, 1, 1)
     span = hi - lo
-    return torch.where(span > 0, (cams - lo) / span.clamp(min=1e-12), torch.zeros_like(cams))
+    signal = span > FLAT_RTOL * torch.maximum(hi.abs(), lo.abs())
+    return torch.where(signal, (cams - lo) / span.clamp(min=1e-12), torch.zeros_like(cams))
 
 
 class CamMethod:
@@ -126,6 +135,7 @@ class CamMethod:
         self.arch = arch
         self.layer_name, self.layer = resolve_layer(model, arch, layer)
         self.device = next(model.parameters()).device
+        self._warned = False
 
     def raw(self, images: torch.Tensor, targets: torch.Tensor | None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,11 +146,23 @@ class CamMethod:
         images = images.to(self.device)
         if targets is not None:
             targets = torch.as_tensor(targets, dtype=torch.long).to(self.device)
-        maps, logits, targets = self.raw(images, targets)
+        with capture(self.layer) as store:
+            maps, logits, targets = self.raw(images, targets)
+        self._warn_if_one_pixel(store.get("out"), images.shape[-2:])
         if not self.postprocessed:
             maps = postprocess(maps, (images.shape[-2], images.shape[-1]))
         return CamResult(maps.detach().float().cpu(), logits.detach().float().cpu(),
                          targets.detach().long().cpu())
+
+    def _warn_if_one_pixel(self, feats: Any, size: torch.Size) -> None:
+        """A 1x1 map at the target layer is flat once upsampled: say so once, since every map
+        of this run is then all zero and cannot localise anything."""
+        if self._warned or not isinstance(feats, torch.Tensor) or feats.shape[-2:] != (1, 1):
+            return
+        self._warned = True
+        print(f"warning: {self.name}: layer {self.layer_name!r} of {self.arch} is 1x1 at "
+              f"{size[0]}x{size[1]} input, so its maps are flat (all zero) and cannot localise; "
+              "use a larger input or an earlier --layer", file=sys.stderr)
 
 
 @register_cam("cam")

@@ -114,6 +114,28 @@ def test_postprocess_flat_map_is_zero_and_negative_is_clipped() -> None:
     assert torch.equal(out[1], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
 
 
+def test_postprocess_upsampled_flat_map_is_zero_not_rounding_noise() -> None:
+    """Upsampling a 1x1 or constant map leaves float32 differences of ~1e-7: those are not a
+    signal, so the map is all zero; a small but real span is still stretched to [0, 1]."""
+    one = postprocess(torch.full((1, 1, 1), 0.7345), (8, 8))
+    const = postprocess(torch.full((1, 3, 3), 1234.5), (13, 13))
+    assert torch.equal(one, torch.zeros(1, 8, 8)) and torch.equal(const, torch.zeros(1, 13, 13))
+    small = postprocess(torch.tensor([[[1000.0, 1000.1]]]), (1, 2))
+    assert torch.equal(small, torch.tensor([[[0.0, 1.0]]]))
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_a_one_pixel_layer_gives_zero_maps_and_warns_once(model, method, capsys) -> None:
+    """resnet18's layer4 is 1x1 at 32 px input (the quick demo's size): no localisation."""
+    cam = build_cam(method, model, "resnet18")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    maps = torch.cat([cam(x, torch.tensor([0, 1])).maps, cam(x[:1], torch.tensor([2])).maps])
+    assert torch.equal(maps, torch.zeros(3, 32, 32))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'layer4' of resnet18 is 1x1 at 32x32 input" in err
+    assert not model.layer4._forward_hooks
+
+
 def test_a_new_method_is_one_registration(model, images) -> None:
     @register_cam("test-uniform")
     class Uniform(CamMethod):
