@@ -9,7 +9,9 @@ For each image the CAM of its ground-truth class is thresholded; the box around 
 - energy-based pointing game (Wang et al., Score-CAM): the share of the CAM's mass inside the
   ground-truth boxes, averaged over images.
 Maps are min–max scaled, so "a fraction of the max" is a plain threshold; a region is the set
-of pixels strictly above it. Boxes go through the checkpoint's eval resize/crop together with
+of pixels strictly above it. Plain CAM is scaled from its raw minimum (no ReLU), as Zhou et al.'s
+`returnCAM` and Choe et al.'s `normalize_scoremap`, so thresholds mean what they mean there; the
+Grad-CAM family keeps its ReLU. Boxes go through the checkpoint's eval resize/crop together with
 the image (torchvision's box transform). Under torchrun the images are sharded and the counts
 summed exactly.
 """

@@ -2,8 +2,11 @@
 
 Template in the style of pytorch-grad-cam's `BaseCAM`: a method is a `CamMethod` subclass that
 overrides one function (`raw`), registered with `@register_cam(name)`. Every method returns
-maps already post-processed the same way — ReLU, bilinear upsampling to the input size,
-min–max per image — so the figures and the localisation metrics compare like with like.
+maps post-processed by the same steps — bilinear upsampling to the input size, min–max per
+image — so the figures and the localisation metrics compare like with like. The ReLU before
+them belongs to the Grad-CAM family (Selvaraju et al. define Grad-CAM with it); plain CAM is
+min–max normalised raw, as Zhou et al.'s `returnCAM` and Choe et al.'s wsolevaluation
+(`normalize_scoremap`) do, so that a CAM threshold means what it means in those papers.
 Hooks live only inside a `with` block (`capture`), so a model never keeps stale hooks.
 """
 
@@ -108,11 +111,12 @@ def autograd_from(model: nn.Module, layer: nn.Module, gradients: bool) -> Iterat
 FLAT_RTOL = 1e-5
 
 
-def postprocess(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """ReLU, bilinear upsampling to `size`, min–max per image. A flat map (span within
+def postprocess(cams: torch.Tensor, size: tuple[int, int], relu: bool = True) -> torch.Tensor:
+    """ReLU (if `relu`), bilinear upsampling to `size`, min–max per image. A flat map (span within
     `FLAT_RTOL` of its magnitude) becomes all zero, as the grad-cam package's methods give,
     instead of rounding noise stretched to [0, 1]."""
-    cams = F.interpolate(cams.float().clamp(min=0).unsqueeze(1), size=size, mode="bilinear",
+    cams = cams.float().clamp(min=0) if relu else cams.float()
+    cams = F.interpolate(cams.unsqueeze(1), size=size, mode="bilinear",
                          align_corners=False).squeeze(1)
     flat = cams.flatten(1)
     lo, hi = flat.min(1).values.view(-1, 1, 1), flat.max(1).values.view(-1, 1, 1)
@@ -129,6 +133,7 @@ class CamMethod:
 
     name: ClassVar[str] = "base"
     postprocessed: ClassVar[bool] = False  # True when `raw` already returns final maps
+    relu: ClassVar[bool] = True  # clip negative evidence before min–max (the Grad-CAM family)
 
     def __init__(self, model: nn.Module, arch: str, layer: str | None = None):
         self.model = model.eval()
@@ -150,7 +155,7 @@ class CamMethod:
             maps, logits, targets = self.raw(images, targets)
         self._warn_if_one_pixel(store.get("out"), images.shape[-2:])
         if not self.postprocessed:
-            maps = postprocess(maps, (images.shape[-2], images.shape[-1]))
+            maps = postprocess(maps, (images.shape[-2], images.shape[-1]), self.relu)
         return CamResult(maps.detach().float().cpu(), logits.detach().float().cpu(),
                          targets.detach().long().cpu())
 
@@ -168,7 +173,15 @@ class CamMethod:
 @register_cam("cam")
 class PlainCAM(CamMethod):
     """Zhou et al. 2016: CAM_k = Σ_c w_kc·A_c from the fc weights and the features that feed
-    global average pooling. One forward pass, no backward, so it is the cheap default."""
+    global average pooling. One forward pass, no backward, so it is the cheap default.
+
+    No ReLU: Zhou et al.'s `returnCAM` and Choe et al.'s `normalize_scoremap` min–max the raw
+    map, so negative evidence sets the zero of the scale. Clipping it first would move every
+    threshold wherever the background is negative, and the boxes would no longer compare with
+    those papers' numbers. Grad-CAM (ReLU by definition) thus equals this CAM only after a ReLU.
+    """
+
+    relu = False
 
     def __init__(self, model: nn.Module, arch: str, layer: str | None = None):
         super().__init__(model, arch, layer)

@@ -30,26 +30,32 @@ def test_registry_lists_the_six_methods_and_rejects_unknown_names() -> None:
 
 
 def test_plain_cam_equals_gradcam_after_relu_and_minmax(model, images) -> None:
-    """For GAP+FC, dlogit_k/dA_c = w_kc/(h·w) everywhere, so Grad-CAM = CAM/(h·w)."""
+    """For GAP+FC, dlogit_k/dA_c = w_kc/(h·w) everywhere, so Grad-CAM = ReLU(CAM)/(h·w):
+    equal after Grad-CAM's ReLU; plain CAM itself is min–max scaled raw (no ReLU)."""
     targets = torch.tensor([0, 1, 2, 3])
-    cam = build_cam("cam", model, "resnet18")(images, targets)
+    method = build_cam("cam", model, "resnet18")
+    cam = method(images, targets)
     grad = build_cam("gradcam", model, "resnet18")(images, targets)
     assert cam.maps.shape == grad.maps.shape == (4, 96, 96)
     assert cam.maps.max() > 0.99  # not the trivial all-zero map
-    torch.testing.assert_close(cam.maps, grad.maps, atol=2e-5, rtol=0)
+    raw = method.raw(images, targets)[0].detach()
+    assert float(raw.min()) < 0  # negative evidence, so the two scalings differ
+    torch.testing.assert_close(postprocess(raw, (96, 96), relu=True), grad.maps, atol=2e-5,
+                               rtol=0)
+    assert float((cam.maps - grad.maps).abs().max()) > 0.05
     torch.testing.assert_close(cam.logits, grad.logits)
     assert torch.equal(cam.targets, targets)
 
 
 def test_plain_cam_is_the_fc_weighted_sum_of_layer4(model, images) -> None:
-    """Hand-computed reference: Σ_c w_kc·A_c, ReLU, bilinear upsampling, min–max."""
+    """Hand-computed reference: Σ_c w_kc·A_c, bilinear upsampling, min–max (no ReLU)."""
     feats = {}
     h = model.layer4.register_forward_hook(lambda m, i, o: feats.setdefault("a", o))
     with torch.no_grad():
         logits = model(images[:2])
     h.remove()
     pred = logits.argmax(1)
-    raw = (model.fc.weight[pred][:, :, None, None] * feats["a"]).sum(1).clamp(min=0)
+    raw = (model.fc.weight[pred][:, :, None, None] * feats["a"]).sum(1)
     up = torch.nn.functional.interpolate(raw[:, None], size=(96, 96), mode="bilinear")[:, 0]
     lo = up.flatten(1).min(1).values[:, None, None]
     hi = up.flatten(1).max(1).values[:, None, None]
@@ -102,16 +108,38 @@ def test_plain_cam_on_preact_resnet_uses_its_final_relu() -> None:
     torch.manual_seed(0)
     net = build_model("preact_resnet18", 3).eval()
     x = torch.randn(2, 3, 32, 32)
-    a = build_cam("cam", net, "preact_resnet18")(x, torch.tensor([0, 1]))
+    method = build_cam("cam", net, "preact_resnet18")
+    raw = method.raw(x, torch.tensor([0, 1]))[0].detach()
     b = build_cam("gradcam", net, "preact_resnet18")(x, torch.tensor([0, 1]))
-    torch.testing.assert_close(a.maps, b.maps, atol=2e-5, rtol=0)
+    torch.testing.assert_close(postprocess(raw, (32, 32), relu=True), b.maps, atol=2e-5, rtol=0)
 
 
-def test_postprocess_flat_map_is_zero_and_negative_is_clipped() -> None:
+def test_postprocess_flat_map_is_zero_and_negative_is_clipped_only_with_relu() -> None:
     maps = torch.stack([torch.full((2, 2), 3.0), torch.tensor([[-1.0, 0.0], [0.0, 2.0]])])
     out = postprocess(maps, (2, 2))
     assert torch.equal(out[0], torch.zeros(2, 2))
     assert torch.equal(out[1], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    raw = postprocess(maps, (2, 2), relu=False)
+    assert torch.equal(raw[0], torch.zeros(2, 2))
+    assert torch.equal(raw[1], torch.tensor([[0.0, 1 / 3], [1 / 3, 1.0]]))
+
+
+def test_plain_cam_box_at_a_threshold_follows_zhou_and_choe_not_relu() -> None:
+    """7x7 raw CAM: object +1 (3x3), halo +0.1 (the 5x5 ring), background -0.6. Min–max of
+    the raw map (Zhou's returnCAM, Choe's normalize_scoremap) puts the halo at
+    0.7/1.6 = 0.4375 > 0.2, so the box at 0.2 is the 5x5; after a ReLU the halo is 0.1 < 0.2
+    and the box shrinks to the object's 3x3."""
+    from cam.localize import largest_region_boxes
+
+    raw = torch.full((1, 7, 7), -0.6)
+    raw[0, 1:6, 1:6] = 0.1
+    raw[0, 2:5, 2:5] = 1.0
+    assert get_cam_method("cam").relu is False and get_cam_method("gradcam").relu is True
+    plain = postprocess(raw, (7, 7), relu=get_cam_method("cam").relu)
+    assert float(plain[0, 1, 1]) == pytest.approx(0.4375) and float(plain[0, 0, 0]) == 0
+    assert largest_region_boxes(plain.numpy() > 0.2).tolist() == [[1, 1, 6, 6]]
+    clipped = postprocess(raw, (7, 7), relu=True)
+    assert largest_region_boxes(clipped.numpy() > 0.2).tolist() == [[2, 2, 5, 5]]
 
 
 def test_postprocess_upsampled_flat_map_is_zero_not_rounding_noise() -> None:
