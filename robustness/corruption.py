@@ -175,6 +175,30 @@ def check_folder_classes(splits: Sequence[Split], metas: Sequence[BackboneMeta],
             label_map(classes, meta, Path(path))
 
 
+# The class count of a checkpoint whose `dataset` metadata names a CIFAR set.
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def check_array_labels(splits: Sequence[Split], metas: Sequence[BackboneMeta],
+                       paths: Sequence[Path]) -> None:
+    """CIFAR-C labels cover every class of their set, so max(label) + 1 is its class count: it
+    must be the checkpoint's, and its `dataset` where that names a CIFAR set. Only fitting in
+    the classifier would let a CIFAR-100 model be scored on CIFAR-10-C without a word."""
+    for labels_path in dict.fromkeys(s.labels for s in splits if s.kind == "array"):
+        labels = load_npy(labels_path)
+        if not len(labels) or int(np.min(labels)) < 0:
+            raise UserError(f"{labels_path}: expected class indices >= 0 (CIFAR-C labels)")
+        k = int(np.max(labels)) + 1
+        for path, meta in zip(paths, metas):
+            named = CIFAR_CLASSES.get(meta.dataset.lower().replace("-", "").replace("_", ""))
+            if k != meta.num_classes:
+                raise UserError(f"{labels_path}: labels cover {k} classes but checkpoint {path} "
+                                f"has {meta.num_classes} (CIFAR-{k}-C needs a CIFAR-{k} model)")
+            if named not in (None, k):
+                raise UserError(f"{labels_path}: labels cover {k} classes but checkpoint {path} "
+                                f"was trained on {meta.dataset} ({named} classes)")
+
+
 def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
     """Evaluate every checkpoint on every split; rank 0 writes metrics.json."""
     if not cfg.checkpoints:
@@ -184,6 +208,7 @@ def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
     metas = read_metas(cfg.checkpoints)
     layout, splits, ignored = plan_splits(cfg)
     check_folder_classes(splits, metas, cfg.checkpoints)
+    check_array_labels(splits, metas, cfg.checkpoints)
     with dist_session(cfg.device) as info:
         run = RunDir(cfg.out) if info.is_main else None
         if run:

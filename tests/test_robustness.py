@@ -336,7 +336,9 @@ def test_imagenet_c_run_matches_direct_errors(world, tmp_path):
 def write_cifar_c(root: Path, n: int = 8, k: int = 10, names=("snow", "contrast")) -> np.ndarray:
     rng = np.random.default_rng(1)
     root.mkdir(parents=True, exist_ok=True)
-    labels = np.tile(rng.integers(0, k, n), 5).astype(np.int64)
+    base = rng.integers(0, k, n)
+    base[-1] = k - 1  # as published, the labels reach the last class
+    labels = np.tile(base, 5).astype(np.int64)
     np.save(root / "labels.npy", labels)
     for name in names:
         arr = rng.integers(0, 256, (5 * n, SIZE, SIZE, 3), dtype=np.uint8)
@@ -396,6 +398,26 @@ def test_cifar100_c_clean_error_reads_cifar100_where_both_sets_are(tmp_path):
                                        .float().mean())
     assert res["models"][0]["clean_error"] == pytest.approx(errors["cifar100"])
     assert errors["cifar100"] != pytest.approx(errors["cifar10"])
+
+
+def test_cifar_c_labels_must_have_the_checkpoints_class_count(tmp_path, capsys):
+    """CIFAR-10-C labels (0..9) fit a CIFAR-100 classifier, but they are not its classes: the
+    run must refuse, before writing anything, as it must a CIFAR-10-sized model whose metadata
+    says it was trained on CIFAR-100."""
+    root = tmp_path / "CIFAR-10-C"
+    write_cifar_c(root, names=("snow",))
+    c100 = make_ckpt(tmp_path / "c100.safetensors", 5, classes=tuple(f"f{i}" for i in range(100)),
+                     dataset="cifar100")
+    code, err = cli(["corruption", "--ckpt", str(c100), "--data", str(root), "--out",
+                     str(tmp_path / "o"), "--workers", "0", "--device", "cpu"], capsys)
+    assert code == 2 and "\n" not in err and not (tmp_path / "o").exists()
+    assert "labels cover 10 classes but checkpoint" in err and "has 100" in err
+    odd = make_ckpt(tmp_path / "odd.safetensors", 6, classes=tuple(f"c{i}" for i in range(10)),
+                    dataset="CIFAR-100")
+    with pytest.raises(UserError, match="was trained on CIFAR-100 \\(100 classes\\)"):
+        run_corruption(CorruptionConfig(checkpoints=(odd,), data=root, out=tmp_path / "o",
+                                        workers=0, device="cpu"))
+    assert not (tmp_path / "o").exists()
 
 
 def test_cifar_c_bad_arrays(tmp_path):
