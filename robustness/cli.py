@@ -18,8 +18,12 @@ from robustness.attacks import attack_info, list_attacks
 from robustness.corruption import CorruptionConfig, run_corruption
 
 
-def parse_eps(text: str) -> tuple[float, ...]:
-    """"1,2,4,8" -> (1.0, 2.0, 4.0, 8.0); each in (0, 255] (/255 units), duplicates dropped."""
+def parse_eps(text: str, allow_subpixel: bool = False) -> tuple[float, ...]:
+    """"1,2,4,8" -> (1.0, 2.0, 4.0, 8.0); each in (0, 255] (/255 units), duplicates dropped.
+
+    Every value below 1 almost always means [0,1] units (0.03 for 8/255, as torchattacks'
+    `eps` is given): that would attack with 255 times too small an epsilon, so it is refused
+    unless `allow_subpixel` says the sub-pixel budget is meant."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -30,7 +34,16 @@ def parse_eps(text: str) -> tuple[float, ...]:
     if bad:
         raise UserError(f"--eps {bad[0]:g} is outside (0, {MAX_EPS:g}]: epsilon is in /255 pixel "
                         "units (8 means 8/255)")
+    if not allow_subpixel and all(v < 1 for v in values):
+        meant = ",".join(_scaled(v) for v in values)
+        raise UserError(f"--eps {text} looks like [0,1] units; ε is in /255 pixel units: did you "
+                        f"mean {meant}? (--allow-subpixel-eps runs it as given)")
     return tuple(dict.fromkeys(values))
+
+
+def _scaled(v: float) -> str:
+    """v in [0,1] units written in /255 units, rounded as a user would have typed it."""
+    return f"{round(v * 255) if v * 255 >= 0.5 else round(v * 255, 2):g}"
 
 
 def _common(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -51,6 +64,9 @@ def _attack_parser(sub: Any, name: str) -> None:
     _common(p, "evaluation images as class folders (e.g. ImageNet val)")
     p.add_argument("--eps", default=",".join(f"{e:g}" for e in info.default_eps),
                    help="epsilons in /255 pixel units, comma-separated (default: %(default)s)")
+    p.add_argument("--allow-subpixel-eps", action="store_true",
+                   help="accept an --eps whose values are all below 1/255 (refused by default: "
+                        "usually [0,1] units by mistake)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--impl", default=info.default_impl, choices=sorted(info.impls),
                    help="implementation (default: %(default)s)")
@@ -84,7 +100,7 @@ def build_parser() -> ArgParser:
 def _attack_config(args: argparse.Namespace) -> AttackConfig:
     return AttackConfig(
         attack=args.command, checkpoints=tuple(args.ckpt), data=args.data, out=args.out,
-        eps=parse_eps(args.eps), batch_size=args.batch_size, limit=args.limit, impl=args.impl,
+        eps=parse_eps(args.eps, args.allow_subpixel_eps), batch_size=args.batch_size, limit=args.limit, impl=args.impl,
         step=getattr(args, "step", 1.0), steps=getattr(args, "steps", 10),
         random_start=getattr(args, "random_start", True), seed=args.seed,
         workers=args.workers, device=args.device, dataset=args.dataset)

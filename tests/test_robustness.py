@@ -447,6 +447,25 @@ def test_cli_rejects_eps_outside_range(world, tmp_path, capsys, eps):
     assert "eps" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("eps, meant", [("0.03", "8"), ("0.0039,0.0314", "1,8"),
+                                       ("0.001", "0.26")])
+def test_cli_refuses_eps_in_unit_range_units_unless_asked(world, tmp_path, capsys, eps, meant):
+    """--eps 0.03 meant 8/255 (torchattacks' units) and would run 0.03/255."""
+    base = ["fgsm", "--ckpt", str(world["a"]), "--data", str(world["val"]), "--workers", "0",
+            "--limit", "2", "--device", "cpu", "--eps", eps]
+    code, err = cli(base + ["--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "\n" not in err and not (tmp_path / "o").exists()
+    assert "looks like [0,1] units" in err and f"did you mean {meant}?" in err
+    assert cli_run("robustness", base + ["--out", str(tmp_path / "ok"),
+                                         "--allow-subpixel-eps"]) == 0
+    res = json.loads((tmp_path / "ok" / "metrics.json").read_text())["results"]
+    assert res["eps"] == [float(e) for e in eps.split(",")]
+    code, _ = cli(["fgsm", "--ckpt", str(world["a"]), "--data", str(world["val"]), "--eps",
+                   "0.5,2", "--out", str(tmp_path / "mixed"), "--limit", "2", "--workers", "0",
+                   "--device", "cpu"], capsys)
+    assert code == 0  # one value >= 1: the units are /255
+
+
 def test_cli_bad_data_and_checkpoints(world, tmp_path, capsys):
     base = ["fgsm", "--ckpt", str(world["a"]), "--out", str(tmp_path / "o"), "--workers", "0"]
     code, err = cli(base + ["--data", str(tmp_path / "missing")], capsys)
