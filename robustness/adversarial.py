@@ -17,13 +17,13 @@ from typing import Any, Sequence
 import torch
 
 from smix.checkpoint import checkpoint_ref
-from smix.data import ClassFolder, eval_transform, scan_class_folders
+from smix.data import eval_transform
 from smix.dist import DistInfo, all_reduce_sum
 from smix.errors import UserError
 from smix.io import RunDir
 from robustness.attacks import AttackParams, BatchAttack, attack_info, get_attack
 from robustness.common import (Loaded, correct_counts, dist_session, group_by_transform,
-                               label_map, load_all, percent, progress, read_metas)
+                               label_map, load_all, open_images, percent, progress, read_metas)
 from robustness.data import dataset_batches, shard_batches, subset_indices
 from robustness.plot import plot_accuracy_vs_eps
 
@@ -92,7 +92,8 @@ def attack_counts(model: torch.nn.Module, attack: BatchAttack, images: torch.Ten
 def _attack_pass(cfg: AttackConfig, group: list[Loaded], info: DistInfo, attack: BatchAttack,
                  desc: str) -> tuple[torch.Tensor, int]:
     """One pass over the data for checkpoints sharing a transform: counts [models, 1+E, 2]."""
-    dataset = ClassFolder(cfg.data, transform=eval_transform(group[0].meta, normalize=False))
+    dataset = open_images(cfg.data, group[0].meta, group[0].path,
+                          eval_transform(group[0].meta, normalize=False))
     maps = [label_map(dataset.classes, m.meta, m.path).to(info.device) for m in group]
     indices = subset_indices(len(dataset), cfg.limit)
     shard = shard_batches(indices, cfg.batch_size, info.rank, info.world_size)
@@ -115,7 +116,8 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     check_config(cfg)
     impl, attack = get_attack(cfg.attack, cfg.impl)
     metas = read_metas(cfg.checkpoints)
-    classes, _ = scan_class_folders(cfg.data)  # bad data fails here, before anything is written
+    # bad data fails here, before anything is written
+    classes = open_images(cfg.data, metas[0], cfg.checkpoints[0]).classes
     for path, meta in zip(cfg.checkpoints, metas):
         label_map(classes, meta, path)
     with dist_session(cfg.device) as info:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from smix.checkpoint import BackboneMeta, read_meta
+from smix.data import ClassFolder
 from smix.dist import DistInfo, cleanup, init_distributed
 from smix.errors import UserError
 from robustness.model import Normalized, load_for_eval, require_class_names
@@ -63,6 +64,15 @@ def label_map(classes: Sequence[str], meta: BackboneMeta, path: Path) -> torch.T
                         f"folders vs {meta.num_classes} classes; first difference: {diff[0]!r})")
     index = {name: i for i, name in enumerate(meta.class_names)}
     return torch.tensor([index[c] for c in classes], dtype=torch.long)
+
+
+def open_images(root: Path, meta: BackboneMeta, path: Path, transform: Any = None
+                ) -> ClassFolder:
+    """The evaluation images read as pretrain reads them, with the checkpoint's class names: a
+    class-folder tree, or Tiny-ImageNet's own val layout (`images/` + `val_annotations.txt`).
+    The classes must be the checkpoint's; `label_map(dataset.classes, …)` then maps labels."""
+    require_class_names(meta, path)
+    return ClassFolder(root, transform=transform, classes=sorted(meta.class_names))
 
 
 def correct_counts(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from smix.checkpoint import BackboneMeta, checkpoint_ref
-from smix.data import ClassFolder, read_cifar
+from smix.data import read_cifar
 from smix.dist import DistInfo, all_reduce_sum
 from smix.errors import UserError
 from smix.io import RunDir
 from robustness.common import (Loaded, correct_counts, dist_session, group_by_transform,
-                               label_map, load_all, progress, read_metas)
+                               label_map, load_all, open_images, progress, read_metas)
 from robustness.corruption_data import (CORRUPTIONS, Split, detect_layout, load_npy, scan_cifar_c,
                                         scan_imagenet_c, split_transform, warn_ignored)
 from robustness.data import array_batches, dataset_batches, shard_batches, subset_indices
@@ -105,7 +105,7 @@ class _SplitData:
         self.split, self.meta = split, group[0].meta
         self.transform = split_transform(split, self.meta)
         if split.kind == "folder":
-            self.dataset = ClassFolder(split.path, transform=self.transform)
+            self.dataset = open_images(split.path, self.meta, group[0].path, self.transform)
             self.maps = [label_map(self.dataset.classes, m.meta, m.path) for m in group]
             n, offset = len(self.dataset), 0
         else:
@@ -160,15 +160,19 @@ def _corruption_pass(cfg: CorruptionConfig, splits: Sequence[Split], group: list
 
 def check_folder_classes(splits: Sequence[Split], metas: Sequence[BackboneMeta],
                          paths: Sequence[Path]) -> None:
-    """Every class-folder split must hold the checkpoints' classes: checked on the folder names
-    up front (cheap), so a wrong tree fails before anything is written."""
+    """Every class-folder split must hold the checkpoints' classes: checked up front, so a wrong
+    tree fails before anything is written. Corrupted splits by their folder names (cheap); the
+    clean split is read as pretrain reads it, since it may be Tiny-ImageNet's val layout."""
     for split in splits:
         if split.kind != "folder":
             continue
         if not split.path.is_dir():
             raise UserError(f"{split.path}: data directory does not exist")
-        classes = sorted(e.name for e in os.scandir(split.path)
-                         if e.is_dir() and not e.name.startswith("."))
+        if split.corruption == "clean":
+            classes = open_images(split.path, metas[0], Path(paths[0])).classes
+        else:
+            classes = sorted(e.name for e in os.scandir(split.path)
+                             if e.is_dir() and not e.name.startswith("."))
         if not classes:
             raise UserError(f"{split.path}: no class folders (expected <class>/<image>)")
         for path, meta in zip(paths, metas):

@@ -466,6 +466,42 @@ def test_cli_refuses_eps_in_unit_range_units_unless_asked(world, tmp_path, capsy
     assert code == 0  # one value >= 1: the units are /255
 
 
+def write_tiny_val(val: Path, out: Path) -> Path:
+    """A class-folder val set rewritten in Tiny-ImageNet's own val layout (what pretrain reads):
+    `out/images/*` + `out/val_annotations.txt` (file, wnid, box)."""
+    (out / "images").mkdir(parents=True)
+    lines = []
+    for f in sorted(val.glob("*/*.jpg")):
+        name = f"{f.parent.name}_{f.name}"
+        (out / "images" / name).write_bytes(f.read_bytes())
+        lines.append(f"{name}\t{f.parent.name}\t0\t0\t8\t8")
+    (out / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_tiny_imagenet_val_layout_is_read_as_pretrain_reads_it(world, tmp_path, capsys):
+    """The same images as the class-folder val set, so the same numbers; before, the `images`
+    folder was taken for a class and the run refused."""
+    tiny = write_tiny_val(world["val"], tmp_path / "tiny" / "val")
+    code = cli_run("robustness", ["fgsm", "--ckpt", str(world["a"]), "--data", str(tiny),
+                                  "--out", str(tmp_path / "f"), "--eps", "8", "--workers", "0",
+                                  "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "f" / "metrics.json").read_text())["results"]
+    assert res["n_images"] == 12
+    assert res["models"][0]["clean_acc"] == pytest.approx(direct_clean_top1(world["a"], world["val"]))
+    root = tmp_path / "ic"
+    write_imagenet_c(root, world["val"], corruptions=("snow",))
+    res = run_corruption(CorruptionConfig(checkpoints=(world["a"],), data=root, clean=tiny,
+                                          out=tmp_path / "c", workers=0, device="cpu"))
+    model, meta = load_backbone(world["a"])
+    assert res["models"][0]["clean_error"] == pytest.approx(direct_error(model, meta, world["val"]))
+    two = make_ckpt(tmp_path / "two.safetensors", 7, classes=CLASSES[:2])
+    code, err = cli(["fgsm", "--ckpt", str(two), "--data", str(tiny), "--out",
+                     str(tmp_path / "o")], capsys)
+    assert code == 2 and "class 'triangle' is not a" in err and not (tmp_path / "o").exists()
+
+
 def test_cli_bad_data_and_checkpoints(world, tmp_path, capsys):
     base = ["fgsm", "--ckpt", str(world["a"]), "--out", str(tmp_path / "o"), "--workers", "0"]
     code, err = cli(base + ["--data", str(tmp_path / "missing")], capsys)
