@@ -10,6 +10,7 @@ torchrun the batches are sharded over the processes and the integer counts are s
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,6 +71,24 @@ def attack_params(cfg: AttackConfig) -> AttackParams:
     return AttackParams(step=cfg.step / 255, steps=cfg.steps, random_start=cfg.random_start)
 
 
+def under_attacked(cfg: AttackConfig) -> list[float]:
+    """The epsilons an iterative attack cannot reach: `steps` steps of `step` move a pixel at
+    most steps·step, so a larger ε is under-attacked and its robust accuracy inflated."""
+    if not {"step", "steps"} <= set(attack_info(cfg.attack).params):
+        return []
+    return [e for e in cfg.eps if cfg.steps * cfg.step < e]
+
+
+def budget_warning(cfg: AttackConfig, short: Sequence[float]) -> str:
+    """One line: which ε are out of reach, and Madry et al.'s step for the largest. The run
+    keeps the user's step: changing it silently would change what was asked for."""
+    top = max(short)
+    return (f"warning: {cfg.attack}: {cfg.steps} steps of {cfg.step:g}/255 move at most "
+            f"{cfg.steps * cfg.step:g}/255, less than ε = {', '.join(map(eps_key, short))}/255: "
+            f"under-attacked, robust accuracy inflated; Madry et al.'s step = 2.5·ε/steps "
+            f"gives --step {2.5 * top / cfg.steps:g} for ε = {top:g}")
+
+
 def batch_seed(seed: int, global_batch: int) -> int:
     """The seed of one global batch: the same whichever process evaluates it."""
     return (seed * 1_000_003 + global_batch) % (2 ** 63)
@@ -124,6 +143,8 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
         run = RunDir(cfg.out) if info.is_main else None
         if run:
             run.write_config(cfg)
+            if under_attacked(cfg):
+                print(budget_warning(cfg, under_attacked(cfg)), file=sys.stderr)
         loaded = load_all(cfg.checkpoints, info.device)
         counts = torch.zeros(len(loaded), 1 + len(cfg.eps), 2, dtype=torch.int64)
         groups = group_by_transform(metas)
@@ -175,6 +196,7 @@ def build_results(cfg: AttackConfig, impl: str, loaded: Sequence[Loaded], counts
             "robust_acc": acc[1 + top_eps]["top1"],
         })
     params = {"step": cfg.step, "steps": cfg.steps, "random_start": cfg.random_start}
+    short = under_attacked(cfg)
     return {
         "dataset": dataset_name(cfg, loaded),
         "n_images": n_images,
@@ -184,5 +206,7 @@ def build_results(cfg: AttackConfig, impl: str, loaded: Sequence[Loaded], counts
         "threat_model": "Linf",
         "params": {k: v for k, v in params.items() if k in info.params},
         "passes": passes,
+        "under_attacked_eps": short,  # ε beyond steps·step: their robust accuracy is inflated
+        "warnings": [budget_warning(cfg, short)] if short else [],
         "models": models,
     }

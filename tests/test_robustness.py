@@ -247,6 +247,25 @@ def test_two_transforms_two_passes_and_impls_agree(world, tmp_path):
         assert r1["models"][0][key] == r2["models"][0][key]
 
 
+def test_pgd_step_budget_short_of_eps_warns_and_is_recorded(world, tmp_path, capsys):
+    """10 steps of 1/255 reach at most 10/255: ε = 16 is under-attacked. The step is kept as
+    given; the warning is one line on stderr and the ε is listed in metrics.json."""
+    base = dict(attack="pgd", checkpoints=(world["a"],), data=world["val"], batch_size=6,
+                limit=2, workers=0, device="cpu", steps=2)
+    res = run_attack(AttackConfig(out=tmp_path / "short", eps=(1.0, 4.0, 16.0), **base))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "under-attacked" in line]
+    assert len(lines) == 1 and "2 steps of 1/255 move at most 2/255" in lines[0]
+    assert "ε = 4, 16/255" in lines[0] and "2.5·ε/steps gives --step 20 for ε = 16" in lines[0]
+    assert res["under_attacked_eps"] == [4.0, 16.0] and res["warnings"] == [lines[0]]
+    assert res["params"] == {"step": 1.0, "steps": 2, "random_start": True}  # kept as given
+    saved = json.loads((tmp_path / "short" / "metrics.json").read_text())["results"]
+    assert saved["under_attacked_eps"] == [4.0, 16.0]
+    ok = run_attack(AttackConfig(out=tmp_path / "ok", eps=(4.0,), step=2.0, **base))
+    assert ok["under_attacked_eps"] == [] and ok["warnings"] == []
+    assert "under-attacked" not in capsys.readouterr().err
+
+
 # --- corruptions ------------------------------------------------------------------------------------
 
 def test_mce_hand_computed():
