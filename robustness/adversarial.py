@@ -21,10 +21,10 @@ from smix.checkpoint import checkpoint_ref
 from smix.data import eval_transform
 from smix.dist import DistInfo, all_reduce_sum
 from smix.errors import UserError
-from smix.io import RunDir
 from robustness.attacks import AttackParams, BatchAttack, attack_info, get_attack
 from robustness.common import (Loaded, correct_counts, dist_session, group_by_transform,
-                               label_map, load_all, open_images, percent, progress, read_metas)
+                               fresh_run, label_map, load_all, open_images, percent, progress,
+                               read_metas)
 from robustness.data import dataset_batches, shard_batches, subset_indices
 from robustness.plot import plot_accuracy_vs_eps
 
@@ -140,7 +140,7 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     for path, meta in zip(cfg.checkpoints, metas):
         label_map(classes, meta, path)
     with dist_session(cfg.device) as info:
-        run = RunDir(cfg.out) if info.is_main else None
+        run = fresh_run(cfg.out) if info.is_main else None
         if run:
             run.write_config(cfg)
             if under_attacked(cfg):

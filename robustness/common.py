@@ -16,6 +16,7 @@ from smix.checkpoint import BackboneMeta, read_meta
 from smix.data import ClassFolder
 from smix.dist import DistInfo, cleanup, init_distributed
 from smix.errors import UserError
+from smix.io import RunDir
 from robustness.model import Normalized, load_for_eval, require_class_names
 
 
@@ -73,6 +74,17 @@ def open_images(root: Path, meta: BackboneMeta, path: Path, transform: Any = Non
     The classes must be the checkpoint's; `label_map(dataset.classes, …)` then maps labels."""
     require_class_names(meta, path)
     return ClassFolder(root, transform=transform, classes=sorted(meta.class_names))
+
+
+def fresh_run(out: Path) -> RunDir:
+    """The run folder, cleared of a previous run's record: a rerun into the same --out replaces
+    its config, log, metrics and plot instead of appending to the old log or leaving old numbers
+    beside a new config should it fail. Other files in the folder are left alone."""
+    run = RunDir(out)
+    for name in ("metrics.json", "accuracy_vs_eps.png"):
+        run.file(name).unlink(missing_ok=True)
+    run.write_log([])
+    return run
 
 
 def correct_counts(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:

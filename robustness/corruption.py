@@ -21,9 +21,9 @@ from smix.checkpoint import BackboneMeta, checkpoint_ref
 from smix.data import read_cifar
 from smix.dist import DistInfo, all_reduce_sum
 from smix.errors import UserError
-from smix.io import RunDir
-from robustness.common import (Loaded, correct_counts, dist_session, group_by_transform,
-                               label_map, load_all, open_images, progress, read_metas)
+from robustness.common import (Loaded, correct_counts, dist_session, fresh_run,
+                               group_by_transform, label_map, load_all, open_images, progress,
+                               read_metas)
 from robustness.corruption_data import (CORRUPTIONS, Split, detect_layout, load_npy, scan_cifar_c,
                                         scan_imagenet_c, split_transform, warn_ignored)
 from robustness.data import array_batches, dataset_batches, shard_batches, subset_indices
@@ -214,7 +214,7 @@ def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
     check_folder_classes(splits, metas, cfg.checkpoints)
     check_array_labels(splits, metas, cfg.checkpoints)
     with dist_session(cfg.device) as info:
-        run = RunDir(cfg.out) if info.is_main else None
+        run = fresh_run(cfg.out) if info.is_main else None
         if run:
             run.write_config(cfg)
             warn_ignored(cfg.data, ignored)

@@ -266,6 +266,20 @@ def test_pgd_step_budget_short_of_eps_warns_and_is_recorded(world, tmp_path, cap
     assert "under-attacked" not in capsys.readouterr().err
 
 
+def test_rerun_into_the_same_folder_replaces_the_previous_record(world, tmp_path):
+    out = tmp_path / "run"
+    base = dict(attack="fgsm", checkpoints=(world["a"],), data=world["val"], out=out,
+                batch_size=6, limit=3, workers=0, device="cpu")
+    run_attack(AttackConfig(eps=(8.0,), **base))
+    (out / "notes.txt").write_text("mine")
+    res = run_attack(AttackConfig(eps=(2.0,), **base))
+    log = (out / "log.jsonl").read_text().splitlines()
+    assert len(log) == 1 and json.loads(log[0])["pass"] == 0  # not appended to the first run's
+    assert json.loads((out / "metrics.json").read_text())["results"]["eps"] == res["eps"] == [2.0]
+    assert json.loads((out / "config.json").read_text())["eps"] == [2.0]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 # --- corruptions ------------------------------------------------------------------------------------
 
 def test_mce_hand_computed():
