@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import re
@@ -111,34 +112,73 @@ class Table:
         return buf.getvalue()
 
 
+# The training settings that change what a run measures (the seed aside): runs differing in
+# any of them are different experiments, never averaged together. Read from metrics.json's
+# `config` (the resolved TrainConfig); a run without one is grouped by its epochs alone.
+RECIPE_KEYS = ("preset", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+               "milestones", "gamma", "warmup_epochs", "input_size", "resize", "crop",
+               "train_aug", "mean", "std", "arch_kwargs", "limit_train", "limit_val")
+
+
+def recipe(r: Run) -> tuple:
+    """(epochs, (key, value) …): what must match, besides dataset/arch/method, to average runs."""
+    config = r.metrics.get("config") if isinstance(r.metrics.get("config"), dict) else {}
+    return (r.results.get("epochs"),
+            *((k, json.dumps(config[k], sort_keys=True)) for k in RECIPE_KEYS if k in config))
+
+
+def incomplete_epochs(results: dict[str, Any]) -> str:
+    """'' for a finished run, else ' (incomplete: k of n epochs)': metrics.json is rewritten
+    every epoch, so a running or crashed run's numbers are not the recipe's result."""
+    done, total = results.get("epochs_done"), results.get("epochs")
+    if isinstance(done, int) and isinstance(total, int) and done < total:
+        return f" (incomplete: {done} of {total} epochs)"
+    return ""
+
+
+def _recipe_label(key: tuple, varying: set[str]) -> str:
+    """The preset and batch, plus every other recipe setting that differs between rows."""
+    shown = {k: v.strip('"') for k, v in key[1:]}
+    return ", ".join(f"{k}={shown[k]}" for k in RECIPE_KEYS
+                     if k in shown and (k in ("preset", "batch_size") or k in varying)) or "–"
+
+
 def classification_table(runs: list[Run]) -> Table | None:
     cls = [r for r in runs if r.kind == "pretrain/classification" and r.results.get("best")]
     if not cls:
         return None
+    # one group per setting and recipe; an unfinished run is a group (a row) of its own
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in cls:
         res = r.results
-        groups[(res.get("dataset"), res.get("arch"), method_label(res.get("method")))].append(r)
+        groups[(res.get("dataset"), res.get("arch"), method_label(res.get("method")),
+                recipe(r), r.path.name if incomplete_epochs(res) else "")].append(r)
     per_epoch = {k: statistics.mean(r.results.get("train_time_s", 0) / max(r.results.get("epochs_done", 1), 1)
                                     for r in g) for k, g in groups.items()}
+    varying = {k for k in RECIPE_KEYS if len({dict(key[3][1:]).get(k) for key in groups}) > 1}
     rows = []
-    for key in sorted(groups, key=lambda k: (str(k[0]), str(k[1]), k[2] != "none", k[2])):
+    for key in sorted(groups, key=lambda k: (str(k[0]), str(k[1]), str(k[3]), k[2] != "none",
+                                             k[2], k[4])):
         g = groups[key]
-        base = per_epoch.get((key[0], key[1], "none"))
+        base = per_epoch.get((key[0], key[1], "none", key[3], ""))
         overhead = "–" if not base else f"{100 * (per_epoch[key] - base) / base:+.1f}%"
         seeds = sorted({r.results.get("seed") for r in g}, key=str)
-        rows.append([str(key[0]), str(key[1]), key[2], str(len(g)) + (" (seeds " + ",".join(map(str, seeds)) + ")" if len(g) > 1 else ""),
-                     mean_std([r.results["best"]["top1_err"] for r in g]),
-                     mean_std([r.results["best"]["top5_err"] for r in g]),
-                     mean_std([r.results["last"]["top1_err"] for r in g]),
-                     mean_std([r.results["last"]["top5_err"] for r in g]),
+        part = incomplete_epochs(g[0].results)
+        rows.append([str(key[0]), str(key[1]), key[2], fmt(key[3][0]), _recipe_label(key[3], varying),
+                     str(len(g)) + (" (seeds " + ",".join(map(str, seeds)) + ")" if len(g) > 1 else ""),
+                     *(mean_std([r.results[which][field] for r in g]) + part
+                       for which, field in (("best", "top1_err"), ("best", "top5_err"),
+                                            ("last", "top1_err"), ("last", "top5_err"))),
                      f"{per_epoch[key]:.1f}", overhead, ", ".join(r.path.name for r in g)])
     return Table("Classification (top-1 / top-5 error, %)",
-                 ["dataset", "arch", "method", "runs", "best top-1 err", "top-5 err @best",
-                  "last top-1 err", "last top-5 err", "s / epoch", "aug. overhead", "run folders"],
+                 ["dataset", "arch", "method", "epochs", "recipe", "runs", "best top-1 err",
+                  "top-5 err @best", "last top-1 err", "last top-5 err", "s / epoch",
+                  "aug. overhead", "run folders"],
                  rows, "Best = the epoch with the highest top-1 (what the papers report), with its "
                        "top-5; overhead = (T_method − T_none) / T_none per epoch (GuidedMixup, Table 2). "
-                       "Several runs of one setting: mean ± std over seeds.")
+                       "Several runs of one setting and recipe: mean ± std over seeds; runs whose "
+                       "recipe differs are separate rows. 'incomplete: k of n epochs': a run not "
+                       "finished (still running or stopped), shown alone and never averaged.")
 
 
 def detection_table(runs: list[Run]) -> Table | None:

@@ -115,3 +115,29 @@ def test_corruption_table_marks_an_incomplete_set(tmp_path):
     assert rows["part"]["mCE"] == "60.00 (incomplete: 2 of 15 corruptions)"
     assert rows["part"]["relative mCE"] == "80.00 (incomplete: 2 of 15 corruptions)"
     assert rows["part"]["clean err"] == "25.00"
+
+
+def test_unfinished_and_other_recipe_runs_are_not_averaged(tmp_path):
+    """metrics.json is rewritten every epoch: a run stopped at epoch 3 of 200 must not pull
+    the finished seeds' mean (4.0, 4.2 and 60 averaged would read 22.73 ± 32.27)."""
+    root = tmp_path / "runs"
+    method = {"name": "saliencymix"}
+    for name, seed, err, done, total, batch in (("s0", 0, 4.0, 200, 200, 128),
+                                                ("s1", 1, 4.2, 200, 200, 128),
+                                                ("s2", 2, 60.0, 3, 200, 128),
+                                                ("b256", 3, 5.0, 200, 200, 256),
+                                                ("short", 4, 9.0, 100, 100, 128)):
+        pretrain_run(root, name, method, seed, err, err, 10.0 * done, epochs=done)
+        m = json.loads((root / name / "metrics.json").read_text())
+        m["results"]["epochs"] = total
+        m["config"] = {"preset": "cifar10-r18", "batch_size": batch, "epochs": total, "seed": seed}
+        (root / name / "metrics.json").write_text(json.dumps(m))
+    build_report([root], tmp_path / "rep")
+    rows = {r["run folders"]: r for r in read_csv(tmp_path / "rep" / "classification.csv")}
+    assert set(rows) == {"s0, s1", "s2", "b256", "short"}
+    assert rows["s0, s1"]["best top-1 err"] == "4.10 ± 0.14"
+    assert rows["s0, s1"]["runs"] == "2 (seeds 0,1)"
+    assert rows["s2"]["best top-1 err"] == "60.00 (incomplete: 3 of 200 epochs)"
+    assert rows["b256"]["best top-1 err"] == "5.00"
+    assert rows["b256"]["recipe"] == "preset=cifar10-r18, batch_size=256"
+    assert rows["short"]["epochs"] == "100" and rows["short"]["best top-1 err"] == "9.00"
