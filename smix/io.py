@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,10 @@ from typing import Any, Callable, Iterator
 from smix.errors import UserError
 
 METRICS_FORMAT = "smix.metrics/1"
+# Where /proc cannot tell the umask: read once, at import (single-threaded then), by setting
+# it and putting it back.
+_UMASK_AT_IMPORT = os.umask(0o022)
+os.umask(_UMASK_AT_IMPORT)
 
 
 @contextlib.contextmanager
@@ -38,12 +43,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp made it 0600 (and a writer may have made it anew): the mode open() would give
+        os.chmod(tmp_path, _file_mode(path))
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (`os.umask` can only set it, and setting
+    it for a moment races with other threads creating files); Linux >= 4.7 reports it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return _UMASK_AT_IMPORT
+
+
+def _file_mode(path: Path) -> int:
+    """An existing file keeps its permissions; a new one gets 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -147,6 +147,27 @@ def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["b.safetensors"]
 
 
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    """Not mkstemp's 0600: a new file is 0666 less the umask, a rewrite keeps the old mode."""
+    import os
+    from smix.io import atomic_write, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "metrics.json", {"a": 1})
+        save_checkpoint(tmp_path / "b.safetensors", build_model("resnet18", 3), meta_for("resnet18"))
+        os.umask(0o077)
+        atomic_write(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(old)
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777
+    assert mode("metrics.json") == 0o644 and mode("b.safetensors") == 0o644
+    assert mode("private.txt") == 0o600
+    (tmp_path / "metrics.json").chmod(0o640)
+    write_json(tmp_path / "metrics.json", {"a": 2})
+    assert mode("metrics.json") == 0o640
+
+
 def _official_checkpoint(path: Path) -> torch.nn.Module:
     """A `model_best.pth.tar` as the official SaliencyMix / CutMix `train.py` saves it: a
     torchvision ResNet-50 wrapped in `DataParallel` (hence `module.` keys), its SGD state after
