@@ -1,8 +1,9 @@
 """Import external checkpoints into the toolkit format, without ever fully unpickling.
 
-Sources: torchvision / timm ResNet state dicts (`.pth`, `.pt`, `.bin`, `.safetensors`), and the
+Sources: torchvision / timm ResNet state dicts (`.pth`, `.pt`, `.bin`, `.safetensors`), the
 official SaliencyMix / CutMix `.pth.tar` files (`{'state_dict': {'module.…'}, 'epoch', 'arch',
-'best_err1', 'optimizer', …}`). The reader is chosen by content, not by name; torch files are
+'best_err1', 'optimizer', …}`), and the official SaliencyMix CIFAR `.pt` files (the bare
+`state_dict` of a DataParallel-wrapped Cutout ResNet: `module.…shortcut.…`, `module.linear.…`). The reader is chosen by content, not by name; torch files are
 opened with `torch.load(weights_only=True)`; anything that needs arbitrary unpickling is refused.
 """
 
@@ -85,14 +86,46 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
              ((3, 4, 6, 3), True): 50, ((3, 4, 23, 3), True): 101}
     depth = table.get((counts, bottleneck))
     conv1 = state.get("conv1.weight")
-    if depth is None or conv1 is None:
-        raise UserError("cannot infer the architecture from the tensor names; pass --arch "
+    name = None
+    if depth is not None and conv1 is not None:
+        name = f"cifar_resnet{depth}" if conv1.shape[-1] == 3 else f"resnet{depth}"
+        if name in list_archs():
+            return name
+    found = f"a ResNet layout like {name}" if name else "an unknown layout"
+    fits = _archs_with_names(state)
+    if not fits:  # --arch could not help: say so rather than suggest it
+        raise UserError(f"the tensors are {found}, which no registered architecture has "
                         f"({', '.join(list_archs())})")
-    cifar = conv1.shape[-1] == 3
-    name = f"cifar_resnet{depth}" if cifar else f"resnet{depth}"
-    if name not in list_archs():
-        raise UserError(f"inferred arch {name} is not registered; pass --arch")
-    return name
+    raise UserError(f"cannot infer the architecture from the tensor names; pass --arch "
+                    f"({', '.join(fits)})")
+
+
+def _archs_with_names(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The registered archs whose tensor names are exactly the file's (BN counters aside)."""
+    names = {k for k in state if not k.endswith("num_batches_tracked")}
+    fits = []
+    for arch in list_archs():
+        with torch.device("meta"):  # names only: no memory, no initialisation cost
+            ref = build_model(arch, 1).state_dict()
+        if {k for k in ref if not k.endswith("num_batches_tracked")} == names:
+            fits.append(arch)
+    return fits
+
+
+def rename_cutout_resnet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official SaliencyMix CIFAR ResNets (Cutout's `model/resnet.py`, uoguelph-mlrg) have
+    torchvision's layout under two other names: the projection shortcut `shortcut.{0,1}`
+    (conv, BN) is `downsample.{0,1}` and the classifier `linear` is `fc`. Other files pass
+    unchanged (the PreAct and Wide ResNets' own `shortcut` is a bare conv, not indexed)."""
+    if "linear.weight" not in state or "fc.weight" in state:
+        return state
+    if not any(re.match(r"layer\d\.\d+\.shortcut\.[01]\.", k) for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"^(layer\d\.\d+)\.shortcut\.([01])\.", r"\1.downsample.\2.", key)
+        out[re.sub(r"^linear\.", "fc.", key)] = value
+    return out
 
 
 def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
@@ -100,6 +133,7 @@ def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
                       method: str = "unknown", input_size: int | None = None) -> BackboneMeta:
     """Convert `src` to a validated toolkit checkpoint at `dst`."""
     state, extras = read_external(src)
+    state = rename_cutout_resnet(state)
     arch = arch or infer_arch(state)
     spec = arch_spec(arch)
     fc = state.get(f"{spec.classifier}.weight")

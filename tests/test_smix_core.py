@@ -227,6 +227,78 @@ def test_import_cifar_stem_and_torchvision_plain(tmp_path):
     assert meta.arch == "cifar_resnet18" and meta.crop == 32 and meta.resize == 32
 
 
+class CutoutBlock(torch.nn.Module):
+    """Cutout's `model/resnet.py` BasicBlock (uoguelph-mlrg/Cutout, used by the official
+    SaliencyMix CIFAR code), transcribed: a `shortcut` Sequential(conv1x1, BN) when the shape
+    changes, an empty one otherwise."""
+
+    def __init__(self, cin: int, planes: int, stride: int):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CutoutResNet18(torch.nn.Module):
+    """Cutout's ResNet18: 3x3 stem, no max-pool, avg_pool2d(4) at 32px, a `linear` classifier."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(64)
+        cin, layers = 64, []
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(torch.nn.Sequential(CutoutBlock(cin, planes, stride),
+                                              CutoutBlock(planes, planes, 1)))
+            cin = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = torch.nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(torch.nn.functional.avg_pool2d(out, 4).flatten(1))
+
+
+def test_import_official_saliencymix_cifar_pt(tmp_path):
+    """SaliencyMix_CIFAR/saliencymix.py ends with `torch.save(cnn.state_dict(), …'.pt')` of
+    `nn.DataParallel(ResNet18(num_classes))`: bare `module.` keys, `shortcut`, `linear`."""
+    torch.manual_seed(0)
+    net = CutoutResNet18(100)
+    net.train()
+    net(torch.randn(8, 3, 32, 32))  # running statistics off their initial values
+    net.eval()
+    torch.save(torch.nn.DataParallel(net).state_dict(), tmp_path / "cifar100_resnet18.pt")
+    meta = import_checkpoint(tmp_path / "cifar100_resnet18.pt", tmp_path / "b.safetensors")
+    assert meta.arch == "cifar_resnet18" and meta.num_classes == 100
+    model, _ = load_backbone(tmp_path / "b.safetensors")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_import_suggests_arch_only_when_one_could_fit(tmp_path):
+    wide = build_model("wide_resnet28_10", 3)  # no layout to infer, but --arch would load it
+    torch.save(wide.state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(UserError, match=r"pass --arch \(wide_resnet28_10\)"):
+        import_checkpoint(tmp_path / "wide.pth", tmp_path / "w.safetensors")
+    r152 = torchvision.models.resnet152(num_classes=3)  # a ResNet depth nobody registered
+    torch.save(r152.state_dict(), tmp_path / "r152.pth")
+    with pytest.raises(UserError, match="no registered architecture has") as e:
+        import_checkpoint(tmp_path / "r152.pth", tmp_path / "r.safetensors")
+    assert "--arch" not in str(e.value)
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("pwned",))
