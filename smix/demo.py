@@ -155,6 +155,32 @@ def resolve_step(argv: list[str]) -> list[str] | None:
     return ["pretrain", "--resume", str(out)]
 
 
+def check_demo_size(out: Path, s: DemoSize) -> None:
+    """Continue only a demo of the same size: its steps are skipped when their outputs exist,
+    so a full demo in a `--quick` demo's folder would report the smoke run's numbers. The size
+    is recorded in out/demo.json; a folder from before that record is judged by its data."""
+    from smix.io import read_json, write_json
+
+    record, shapes = out / "demo.json", out / "data" / "shapes.json"
+    wanted = dataclasses.asdict(s)
+    if record.is_file():
+        recorded = read_json(record)
+        found = recorded.get("size") if isinstance(recorded, dict) else None
+        same = found == wanted
+    elif shapes.is_file():
+        data = read_json(shapes)
+        found = {k: data.get(k) for k in ("classes", "size")} if isinstance(data, dict) else None
+        same = found is not None and found["size"] == s.size and \
+            isinstance(found["classes"], list) and len(found["classes"]) == s.classes
+    else:
+        same = True
+    if not same:
+        kind = "--quick" if s is QUICK else "full"
+        raise UserError(f"{out} holds a demo of another size than this {kind} one ({found}); "
+                        "pass another --out, or delete that folder to start over")
+    write_json(record, {"size": wanted})
+
+
 def run_demo(out: Path, quick: bool = False, backend: str = "auto", threads: int = 1) -> Path:
     """Run (or continue) the demo on `threads` torch intra-op threads. One by default: its
     tensors are small (64 px, detection batches of 4), and when anything else runs on a 2-core
@@ -169,6 +195,7 @@ def run_demo(out: Path, quick: bool = False, backend: str = "auto", threads: int
     torch.set_num_threads(threads)
 
     detectron2 = importlib.util.find_spec("detectron2") is not None
+    check_demo_size(out, QUICK if quick else FULL)
     plan = steps(out, QUICK if quick else FULL, detectron2, backend)
     chosen = backend if backend != "auto" else (
         "detectron2" if detectron2 else "torchvision; detectron2 not installed")

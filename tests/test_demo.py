@@ -59,3 +59,28 @@ def test_class_coloured_shapes_and_their_options(tmp_path, capsys):
     capsys.readouterr()
     assert smix(["data", "shapes", str(tmp_path / "t"), "--radius", "0.3"]) == 2
     assert "--radius" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_folder_of_another_size(tmp_path, capsys):
+    """`smix demo` after `smix demo --quick` in the same --out would skip every step whose
+    output exists and report the smoke run: it stops instead, and deletes nothing."""
+    from smix.demo import FULL, QUICK, check_demo_size
+    from smix.io import RunDir, write_json
+
+    old = tmp_path / "old"  # a --quick demo from before demo.json: judged by its data
+    write_json(old / "data" / "shapes.json", {"classes": ["circle", "square", "triangle"],
+                                              "size": QUICK.size})
+    RunDir(old / "runs" / "pretrain-none").write_metrics(
+        stage="pretrain", kind="classification", results={"epochs_done": 1, "epochs": 1})
+    assert smix(["demo", "--out", str(old)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "another size" in err and "another --out" in err
+    assert (old / "runs" / "pretrain-none" / "metrics.json").is_file()
+    check_demo_size(old, QUICK)  # the same size continues, and is now recorded
+    with pytest.raises(Exception, match="another size"):
+        check_demo_size(old, FULL)
+    new = tmp_path / "new"
+    check_demo_size(new, FULL)
+    check_demo_size(new, FULL)
+    with pytest.raises(Exception, match="another size"):
+        check_demo_size(new, QUICK)
