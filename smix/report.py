@@ -3,6 +3,11 @@
 Reads only `metrics.json` (schema `smix.metrics/1`, written by every stage through
 `smix.io.RunDir`) and `log.jsonl`; it knows nothing of the stages' code. Every row names
 the run folder(s) it came from, so each cell can be traced back.
+
+Odd input: a metrics.json that is not a toolkit record (unreadable, not UTF-8 JSON, not an
+object, another format, `results` not an object) stops the report with one line naming the
+file; a well-formed record lacking a value shows "–" in its cell, and log lines lacking a
+plotted value are left out of the plot.
 """
 
 from __future__ import annotations
@@ -63,8 +68,13 @@ def find_runs(paths: Iterable[Path]) -> list[Run]:
                 continue
             seen.add(f.resolve())
             m = read_json(f)
+            if not isinstance(m, dict):
+                raise UserError(f"{f}: not a toolkit metrics.json (a JSON {type(m).__name__}, "
+                                "not an object)")
             if m.get("format") != METRICS_FORMAT:
                 raise UserError(f"{f}: not a toolkit metrics.json (format {m.get('format')!r})")
+            if not isinstance(m.get("results") or {}, dict):
+                raise UserError(f"{f}: its `results` is not an object")
             runs.append(Run(f.parent, m))
     if not runs:
         raise UserError("no metrics.json found under the given folders")
@@ -143,6 +153,16 @@ def _recipe_label(key: tuple, varying: set[str]) -> str:
                      if k in shown and (k in ("preset", "batch_size") or k in varying)) or "–"
 
 
+def _number(value: Any, default: float = 0) -> float:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _err(r: Run, which: str, field: str) -> Any:
+    """results[which][field], None ("–") where the record lacks it."""
+    value = r.results.get(which)
+    return value.get(field) if isinstance(value, dict) else None
+
+
 def classification_table(runs: list[Run]) -> Table | None:
     cls = [r for r in runs if r.kind == "pretrain/classification" and r.results.get("best")]
     if not cls:
@@ -153,7 +173,8 @@ def classification_table(runs: list[Run]) -> Table | None:
         res = r.results
         groups[(res.get("dataset"), res.get("arch"), method_label(res.get("method")),
                 recipe(r), r.path.name if incomplete_epochs(res) else "")].append(r)
-    per_epoch = {k: statistics.mean(r.results.get("train_time_s", 0) / max(r.results.get("epochs_done", 1), 1)
+    per_epoch = {k: statistics.mean(_number(r.results.get("train_time_s")) /
+                                    max(_number(r.results.get("epochs_done"), 1), 1)
                                     for r in g) for k, g in groups.items()}
     varying = {k for k in RECIPE_KEYS if len({dict(key[3][1:]).get(k) for key in groups}) > 1}
     rows = []
@@ -166,7 +187,7 @@ def classification_table(runs: list[Run]) -> Table | None:
         part = incomplete_epochs(g[0].results)
         rows.append([str(key[0]), str(key[1]), key[2], fmt(key[3][0]), _recipe_label(key[3], varying),
                      str(len(g)) + (" (seeds " + ",".join(map(str, seeds)) + ")" if len(g) > 1 else ""),
-                     *(mean_std([r.results[which][field] for r in g]) + part
+                     *(mean_std([_err(r, which, field) for r in g]) + part
                        for which, field in (("best", "top1_err"), ("best", "top5_err"),
                                             ("last", "top1_err"), ("last", "top5_err"))),
                      f"{per_epoch[key]:.1f}", overhead, ", ".join(r.path.name for r in g)])
@@ -218,7 +239,8 @@ def detection_table(runs: list[Run]) -> Table | None:
 
 
 def _models(runs: list[Run], kind: str) -> list[tuple[Run, dict[str, Any]]]:
-    return [(r, m) for r in runs if r.kind == kind for m in r.results.get("models", [])]
+    return [(r, m) for r in runs if r.kind == kind for m in r.results.get("models") or []
+            if isinstance(m, dict)]
 
 
 def _eps_key(e: Any) -> str:
@@ -312,7 +334,8 @@ def plot_eps(runs: list[Run], out: Path) -> Path | None:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r, m in models:
-        adv = sorted(((float(k), v["top1"]) for k, v in m.get("adversarial", {}).items()))
+        adv = sorted((float(k), v["top1"]) for k, v in m.get("adversarial", {}).items()
+                     if isinstance(v, dict) and v.get("top1") is not None)
         xs = [0.0] + [e for e, _ in adv]
         ys = [(m.get("clean") or {}).get("top1")] + [a for _, a in adv]
         label = f"{method_label((m.get('checkpoint') or {}).get('method'))} [{r.path.name}]"
@@ -338,9 +361,10 @@ def plot_training(runs: list[Run], out: Path) -> Path | None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for r, log in curves:
         label = f"{method_label(r.results.get('method'))} [{r.path.name}]"
-        epochs = [h["epoch"] for h in log]
-        a1.plot(epochs, [h["train_loss"] for h in log], marker=".", label=label)
-        a2.plot(epochs, [h["top1"] for h in log], marker=".", label=label)
+        for ax, key in ((a1, "train_loss"), (a2, "top1")):
+            points = [(h["epoch"], h[key]) for h in log if isinstance(h, dict)
+                      and h.get("epoch") is not None and h.get(key) is not None]
+            ax.plot([e for e, _ in points], [v for _, v in points], marker=".", label=label)
     a1.set(xlabel="epoch", ylabel="training loss", title="Training loss")
     a2.set(xlabel="epoch", ylabel="val top-1 (%)", title="Validation top-1")
     for a in (a1, a2):
@@ -372,6 +396,8 @@ def audit_section(runs: list[Run], out: Path) -> tuple[list[Table], list[Path]]:
 def build_report(paths: list[Path], out: Path) -> dict[str, Any]:
     """Write report.md, one CSV per table and the plots; return what was written."""
     runs = find_runs(paths)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     audit_tabs, audit_plots = audit_section(runs, out)
     tables = audit_tabs + [t for t in (classification_table(runs), detection_table(runs),

@@ -141,3 +141,36 @@ def test_unfinished_and_other_recipe_runs_are_not_averaged(tmp_path):
     assert rows["b256"]["best top-1 err"] == "5.00"
     assert rows["b256"]["recipe"] == "preset=cifar10-r18, batch_size=256"
     assert rows["short"]["epochs"] == "100" and rows["short"]["best top-1 err"] == "9.00"
+
+
+def test_report_odd_input_is_one_line_or_a_dash(tmp_path, capsys):
+    """Policy: a metrics.json that is no toolkit record stops the report with one line naming
+    it; a well-formed record missing a value gets "–", and log lines missing one are not plotted."""
+    def report(*paths: Path, out: Path = tmp_path / "rep") -> str:
+        assert smix(["report", *map(str, paths), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err
+        return err
+
+    for name, payload in (("list", b"[1, 2]"), ("latin1", '{"a": "é"}'.encode("latin-1")),
+                          ("results", b'{"format": "smix.metrics/1", "results": [1]}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_bytes(payload)
+        assert f"{name}/metrics.json" in report(tmp_path / name)
+    root = tmp_path / "runs"
+    pretrain_run(root, "nolast", {"name": "none"}, 0, 30.0, 31.0, 100.0)
+    m = json.loads((root / "nolast" / "metrics.json").read_text())
+    del m["results"]["last"]
+    (root / "nolast" / "metrics.json").write_text(json.dumps(m))
+    RunDir(root / "nolast").log({"epoch": 3, "note": "a record without loss or top-1"})
+    RunDir(root / "fgsm").write_metrics(stage="robustness", kind="fgsm", results={
+        "dataset": "shapes", "n_images": 4, "models": [
+            {"checkpoint": ck("none"), "clean": {"top1": 90.0},
+             "adversarial": {"1": {"top1": 50.0}, "8": {"error": "skipped"}}}]})
+    (tmp_path / "afile").write_text("x")
+    assert "afile" in report(root, out=tmp_path / "afile")
+    build_report([root], tmp_path / "rep")
+    row = read_csv(tmp_path / "rep" / "classification.csv")[0]
+    assert row["best top-1 err"] == "30.00" and row["last top-1 err"] == "–"
+    assert (tmp_path / "rep" / "training_curves.png").is_file()
+    assert (tmp_path / "rep" / "fgsm_accuracy_vs_eps.png").is_file()
