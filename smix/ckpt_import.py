@@ -38,9 +38,9 @@ def read_external(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         with open(src, "rb") as f:
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
         raise UserError(f"{src}: refused, it needs full unpickling of arbitrary objects, which "
-                        f"this toolkit never does ({first})") from None
+                        f"this toolkit never does ({_unsafe_reason(src, e)}); save its "
+                        "state_dict alone with torch.save to import it") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"{src}: cannot read as a torch checkpoint ({e})") from None
     if not isinstance(obj, Mapping):
@@ -50,6 +50,24 @@ def read_external(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             extras = {k: v for k, v in obj.items() if k != key and not isinstance(v, Mapping)}
             return _tensors(obj[key], src), extras
     return _tensors(obj, src), {}
+
+
+def _unsafe_reason(src: Path, error: Exception) -> str:
+    """What blocked `weights_only` loading, in one line: the classes the file would unpickle
+    (asked of torch for zip files; else read from its message), or torch's own reason."""
+    names: list[str] = []
+    if hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch >= 2.5
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(src))
+        except (ValueError, RuntimeError, OSError, pickle.UnpicklingError):  # legacy files:
+            # (not zip) only the message names the class
+            names = []
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    names = names or re.findall(r"Unsupported global: GLOBAL (\S+)", text)
+    if names:
+        return f"it holds {', '.join(dict.fromkeys(names))}"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+    return detail.group(1).strip() if detail else "an object torch will not load safely"
 
 
 def sniff_format(src: Path) -> str:

@@ -312,6 +312,20 @@ def test_import_refuses_full_unpickling(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_refusal_names_the_class_and_has_no_terminal_codes(tmp_path, capsys, zip_format):
+    """A timm-style file (training args as an argparse.Namespace) is refused, and the one line
+    says which class blocked it rather than torch's first line with its ANSI bold codes."""
+    import argparse
+    sd = torchvision.models.resnet18(num_classes=3).state_dict()
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1), "epoch": 3},
+               tmp_path / "t.pth.tar", _use_new_zipfile_serialization=zip_format)
+    assert smix(["ckpt", "import", str(tmp_path / "t.pth.tar"), str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "\x1b" not in err
+    assert "refused" in err and "argparse.Namespace" in err
+
+
 def test_ckpt_cli_inspect_and_errors(tmp_path, capsys):
     save_checkpoint(tmp_path / "b.safetensors", build_model("resnet18", 3), meta_for("resnet18"))
     assert smix(["ckpt", "inspect", str(tmp_path / "b.safetensors"), "--json"]) == 0
