@@ -51,9 +51,12 @@ class BackboneMeta:
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.class_names) != self.num_classes:
-            raise UserError(f"class_names has {len(self.class_names)} names but num_classes is "
-                            f"{self.num_classes}")
+        for name in ("class_names", "mean", "std"):  # JSON gives lists: stored as tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        problem = _meta_problem(self)
+        if problem:
+            raise UserError(problem)
 
     def to_header(self) -> dict[str, str]:
         header = {"format": FORMAT}
@@ -79,13 +82,52 @@ class BackboneMeta:
                 kwargs[f.name] = raw if f.name in ("arch", "dataset") else json.loads(raw)
             except json.JSONDecodeError:
                 raise UserError(f"{source}: metadata field {f.name!r} is not valid JSON") from None
-        for name in ("class_names", "mean", "std"):
-            if name in kwargs:
-                kwargs[name] = tuple(kwargs[name])
+        for name in ("class_names", "mean", "std"):  # a string is no list (tuple("abc"))
+            if name in kwargs and not isinstance(kwargs[name], list):
+                raise UserError(f"{source}: metadata field {name!r} must be a list, got "
+                                f"{kwargs[name]!r}")
         try:
             return cls(**kwargs)
         except UserError as e:  # inconsistent fields: said with the file's name
             raise UserError(f"{source}: {e}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _meta_problem(m: BackboneMeta) -> str:
+    """The first field of `m` of the wrong type or out of range, in words ('' if none): a
+    checkpoint's consumers build transforms and models from these without further checks."""
+    for name in ("arch", "dataset"):
+        if not isinstance(getattr(m, name), str):
+            return f"metadata field {name!r} must be a string"
+    if not _is_int(m.num_classes) or m.num_classes < 1:
+        return f"metadata field 'num_classes' must be a positive integer, got {m.num_classes!r}"
+    if not isinstance(m.class_names, tuple) or not all(isinstance(c, str) for c in m.class_names):
+        return "metadata field 'class_names' must be a list of strings"
+    if len(m.class_names) != m.num_classes:
+        return (f"class_names has {len(m.class_names)} names but num_classes is "
+                f"{m.num_classes}")
+    for name in ("arch_kwargs", "method", "metrics", "provenance"):
+        if not isinstance(getattr(m, name), dict):
+            return f"metadata field {name!r} must be a JSON object"
+    for name in ("input_size", "resize", "crop"):
+        if not _is_int(getattr(m, name)) or getattr(m, name) < 1:
+            return f"metadata field {name!r} must be a positive integer, got {getattr(m, name)!r}"
+    if not _is_int(m.epochs) or m.epochs < 0:
+        return f"metadata field 'epochs' must be an integer >= 0, got {m.epochs!r}"
+    for name, low in (("mean", None), ("std", 0)):
+        v = getattr(m, name)
+        if not (isinstance(v, tuple) and len(v) == 3 and all(map(_is_number, v))
+                and (low is None or all(x > low for x in v))):
+            kind = "3 positive numbers" if low is not None else "3 numbers"
+            return f"metadata field {name!r} must be {kind} (RGB), got {_plain(v)!r}"
+    return ""
 
 
 def _plain(value: Any) -> Any:
@@ -184,6 +226,9 @@ def validate_state(state: Mapping[str, torch.Tensor], meta: BackboneMeta, source
         if key not in reference:
             raise UserError(f"{source}: unexpected tensor {key!r} for arch {meta.arch}")
     for key, value in state.items():
+        if value.is_floating_point() and value.dtype != torch.float32:
+            raise UserError(f"{source}: tensor {key!r} is {str(value.dtype).replace('torch.', '')}"
+                            ", the format stores floats as float32")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise UserError(f"{source}: tensor {key!r} contains NaN or Inf")
 

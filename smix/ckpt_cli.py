@@ -50,6 +50,8 @@ def main(argv: list[str]) -> int:
         info = describe(meta, state)
         print(json.dumps(info, indent=2)) if a.json else _print_human(info)
         return 0
+    if a.input_size is not None and a.input_size < 1:
+        raise UserError(f"--input-size must be a positive number of pixels, got {a.input_size}")
     names = None
     if a.classes is not None:
         if not a.classes.is_file():

@@ -164,7 +164,7 @@ def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
     for key, ref in reference.items():  # torchvision's BN counters may be absent in old files
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros_like(ref)
-    size = input_size or (32 if spec.stem == "cifar" else 224)
+    size = input_size if input_size is not None else (32 if spec.stem == "cifar" else 224)
     meta = BackboneMeta(
         arch=arch, num_classes=num_classes, class_names=tuple(class_names),
         input_size=size, resize=size if size == 32 else 256 * size // 224, crop=size,

@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from smix.arch import arch_spec, build_model, list_archs
-from smix.checkpoint import BackboneMeta, load_backbone, read_checkpoint, save_checkpoint
+from smix.checkpoint import (BackboneMeta, export_state, load_backbone, read_checkpoint,
+                              save_checkpoint)
 from smix.ckpt_import import import_checkpoint
 from smix.cli import main as smix
 from smix.data import CIFAR, ClassFolder, read_cifar
@@ -125,6 +126,44 @@ def test_checkpoint_validation_errors(tmp_path):
     with pytest.raises(UserError, match="contains NaN or Inf"):
         save_checkpoint(good, model, meta_for("resnet18"))
     assert good.read_bytes() == before
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mean", "[0.5, 0.5]", "'mean' must be 3 numbers"),
+    ("mean", "0.5", "'mean' must be a list"),
+    ("std", "[0, 0, 0]", "'std' must be 3 positive numbers"),
+    ("class_names", '"abc"', "'class_names' must be a list"),
+    ("class_names", "[1, 2, 3]", "'class_names' must be a list of strings"),
+    ("arch_kwargs", "[1]", "'arch_kwargs' must be a JSON object"),
+    ("input_size", "0", "'input_size' must be a positive integer"),
+    ("crop", '"big"', "'crop' must be a positive integer"),
+    ("num_classes", '"3"', "'num_classes' must be a positive integer")])
+def test_metadata_types_and_ranges_are_checked(tmp_path, field, value, message):
+    state = export_state(build_model("resnet18", 3))
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path), metadata={**meta_for("resnet18").to_header(), field: value})
+    with pytest.raises(UserError, match=f"m.safetensors: metadata field {message}"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_tensors_other_than_float32_are_refused(tmp_path, dtype):
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in export_state(build_model("resnet18", 3)).items()}
+    save_file(state, str(tmp_path / "h.safetensors"), metadata=meta_for("resnet18").to_header())
+    with pytest.raises(UserError, match=f"h.safetensors: tensor .* is {str(dtype)[6:]}, .*float32"):
+        read_checkpoint(tmp_path / "h.safetensors")
+
+
+def test_import_refuses_a_non_positive_input_size(tmp_path, capsys):
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r.pth")
+    for size in ("0", "-5"):
+        assert smix(["ckpt", "import", str(tmp_path / "r.pth"), str(tmp_path / "o.safetensors"),
+                     "--input-size", size]) == 2
+        assert "--input-size must be a positive" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+    with pytest.raises(UserError, match="'input_size' must be a positive integer, got 0"):
+        import_checkpoint(tmp_path / "r.pth", tmp_path / "o.safetensors", input_size=0)
 
 
 def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
