@@ -169,7 +169,7 @@ def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
         arch=arch, num_classes=num_classes, class_names=tuple(class_names),
         input_size=size, resize=size if size == 32 else 256 * size // 224, crop=size,
         dataset=dataset, method={"name": method, "imported_from": src.name},
-        epochs=int(extras.get("epoch", 0)) if isinstance(extras.get("epoch"), int) else 0,
+        epochs=_epochs_done(extras.get("epoch")),
         metrics=_metrics_from(extras), provenance=provenance(),
     )
     if size == 32:
@@ -177,6 +177,14 @@ def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
         meta = dataclasses.replace(meta, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     save_checkpoint(dst, state, meta)
     return meta
+
+
+def _epochs_done(epoch: Any) -> int:
+    """The official CutMix / SaliencyMix `train.py` saves `'epoch': epoch` at the end of
+    `for epoch in range(…, args.epochs)`, the 0-based index of the epoch just trained: the
+    last file of a 300-epoch run says 299. Epochs completed are one more."""
+    return epoch + 1 if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 \
+        else 0
 
 
 def _metrics_from(extras: Mapping[str, Any]) -> dict[str, Any]:
