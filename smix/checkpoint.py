@@ -68,6 +68,9 @@ class BackboneMeta:
     @classmethod
     def from_header(cls, header: Mapping[str, str], source: str = "checkpoint") -> "BackboneMeta":
         fmt = header.get("format")
+        if isinstance(fmt, str) and fmt.startswith("smix.backbone/") and fmt != FORMAT:
+            raise UserError(f"{source}: format {fmt!r} was written by another (newer) version "
+                            f"of the toolkit; this one reads {FORMAT!r}")
         if fmt != FORMAT:
             raise UserError(f"{source}: not a toolkit checkpoint (format {fmt!r}, expected "
                             f"{FORMAT!r}); convert it with `smix ckpt import`")
@@ -191,7 +194,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], B
             meta = BackboneMeta.from_header(header, source=str(path))
             state = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
-        raise UserError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
+        raise UserError(_unreadable(path, e)) from None
     validate_state(state, meta, source=str(path))
     return state, meta
 
@@ -205,7 +208,21 @@ def read_meta(path: str | os.PathLike) -> BackboneMeta:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return BackboneMeta.from_header(f.metadata() or {}, source=str(path))
     except SafetensorError as e:
-        raise UserError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
+        raise UserError(_unreadable(path, e)) from None
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why safetensors cannot open `path`: a torch.save file (to import), else damage."""
+    from smix.ckpt_import import sniff_format  # (imports this module)
+
+    try:
+        kind = sniff_format(path)
+    except UserError:
+        kind = "unknown"
+    if kind == "torch":
+        return (f"{path}: not a safetensors file but a torch.save checkpoint; convert it with "
+                "`smix ckpt import`")
+    return f"{path}: unreadable safetensors file, truncated or corrupt ({error})"
 
 
 def validate_state(state: Mapping[str, torch.Tensor], meta: BackboneMeta, source: str) -> None:

@@ -166,6 +166,19 @@ def test_import_refuses_a_non_positive_input_size(tmp_path, capsys):
         import_checkpoint(tmp_path / "r.pth", tmp_path / "o.safetensors", input_size=0)
 
 
+def test_inspect_tells_a_torch_file_and_a_newer_format_apart(tmp_path, capsys):
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "x.pth.tar")
+    assert smix(["ckpt", "inspect", str(tmp_path / "x.pth.tar")]) == 2
+    err = capsys.readouterr().err
+    assert "not a safetensors file" in err and "smix ckpt import" in err
+    state = export_state(build_model("resnet18", 3))
+    save_file(state, str(tmp_path / "v2.safetensors"),
+              metadata={**meta_for("resnet18").to_header(), "format": "smix.backbone/2"})
+    with pytest.raises(UserError, match="newer") as e:
+        read_checkpoint(tmp_path / "v2.safetensors")
+    assert "import" not in str(e.value)
+
+
 def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
     import smix.checkpoint as ck
 
