@@ -105,6 +105,11 @@ def read_split(year_dir: Path, split: str) -> list[str]:
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     if not ids:
         raise UserError(f"{path}: split file lists no images")
+    seen: set[str] = set()
+    for i in ids:  # (said here, before any training; the evaluator would refuse it at the end)
+        if i in seen:
+            raise UserError(f"{path}: lists image {i} more than once")
+        seen.add(i)
     return ids
 
 

@@ -509,6 +509,16 @@ def test_one_line_split_file_and_custom_class_file(shapes: Path, tmp_path: Path)
     assert load_splits(root, "auto").class_names == SHAPE_CLASSES
 
 
+def test_an_image_listed_twice_is_refused_before_training(shapes: Path, tmp_path: Path) -> None:
+    root = tmp_path / "voc"
+    shutil.copytree(shapes, root)
+    test = root / "VOC2007/ImageSets/Main/test.txt"
+    ids = test.read_text().split()
+    test.write_text("\n".join([*ids, ids[1]]) + "\n")
+    with pytest.raises(UserError, match=f"test.txt: lists image {ids[1]} more than once$"):
+        load_splits(root, "auto")
+
+
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     import subprocess
     import sys
