@@ -61,6 +61,10 @@ def _parser() -> ArgParser:
     loc.add_argument("--curve-interval", type=float, default=0.01,
                      help="threshold step of the MaxBoxAcc sweep")
     loc.add_argument("--iou-threshold", type=float, default=0.5)
+    loc.add_argument("--geometry", default="crop", choices=("crop", "square"),
+                     help="crop: the checkpoint's eval resize + centre crop (default); square: "
+                          "the whole image resized to crop x crop, as Choe et al.'s WSOL "
+                          "evaluation (compare MaxBoxAcc with their tables)")
     _loader_args(loc)
     return p
 
@@ -111,7 +115,7 @@ def main(argv: list[str]) -> int:
 
         r = localize(LocalizeConfig(
             tuple(a.ckpt), a.out, a.voc_root, a.boxes, a.split, a.year, a.cam_method, a.layer,
-            a.cam_threshold, a.curve_interval, a.iou_threshold, a.batch_size,
+            a.cam_threshold, a.curve_interval, a.iou_threshold, a.geometry, a.batch_size,
             a.skip_bad_images, a.workers, a.device, not a.no_progress))
         if main_rank:
             _print_localization(r)
@@ -120,7 +124,7 @@ def main(argv: list[str]) -> int:
 
 def _print_localization(r: dict) -> None:
     print(f"{r['dataset']}: {r['n_images']} images, IoU >= {r['iou_threshold']}, "
-          f"CAM threshold {r['cam_threshold']}")
+          f"CAM threshold {r['cam_threshold']}, geometry {r.get('geometry', 'crop')}")
     print(f"{'checkpoint':<40} {'GT-known':>9} {'Top-1Loc':>9} {'Top-1Cls':>9} "
           f"{'MaxBoxAcc':>10} {'Pointing':>9}")
     for m in r["models"]:

@@ -11,8 +11,11 @@ For each image the CAM of its ground-truth class is thresholded; the box around 
 Maps are min–max scaled, so "a fraction of the max" is a plain threshold; a region is the set
 of pixels strictly above it. Plain CAM is scaled from its raw minimum (no ReLU), as Zhou et al.'s
 `returnCAM` and Choe et al.'s `normalize_scoremap`, so thresholds mean what they mean there; the
-Grad-CAM family keeps its ReLU. Boxes go through the checkpoint's eval resize/crop together with
-the image (torchvision's box transform). Under torchrun the images are sharded and the counts
+Grad-CAM family keeps its ReLU. Boxes go through the eval geometry together with the image
+(torchvision's box transform): by default (`geometry="crop"`) the checkpoint's resize + centre
+crop, as the classifier is evaluated, where a box the crop cuts away is not evaluable; with
+`geometry="square"` the whole image is resized to crop x crop, as Choe et al.'s wsolevaluation
+does (`_load_resized_boxes`), so that MaxBoxAcc compares with their tables. Under torchrun the images are sharded and the counts
 summed exactly.
 """
 
@@ -116,6 +119,17 @@ def localization_hits(maps: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
 
 # --- the command --------------------------------------------------------------------------------
 
+GEOMETRIES = ("crop", "square")
+
+
+def localize_transform(meta: Any, geometry: str) -> Any:
+    """The eval transform of `geometry`: the checkpoint's own (resize + centre crop), or the
+    whole image resized to crop x crop (Choe et al.), normalised with the checkpoint's mean/std."""
+    if geometry == "square":
+        meta = dataclasses.replace(meta, resize=meta.crop)  # eval_transform's square branch
+    return eval_transform(meta)
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalizeConfig:
     ckpts: tuple[Path, ...]
@@ -129,6 +143,7 @@ class LocalizeConfig:
     cam_threshold: float = 0.2
     curve_interval: float = 0.01
     iou_threshold: float = 0.5
+    geometry: str = "crop"  # crop: the checkpoint's resize + centre crop | square: wsolevaluation
     batch_size: int = 32
     skip_bad_images: bool = False
     workers: int = 0
@@ -140,6 +155,8 @@ class LocalizeConfig:
             raise UserError("give exactly one of --voc-root DIR or --boxes FILE")
         if not 0 <= self.cam_threshold < 1 or not 0 < self.iou_threshold <= 1:
             raise UserError("--cam-threshold must be in [0, 1) and --iou-threshold in (0, 1]")
+        if self.geometry not in GEOMETRIES:
+            raise UserError(f"--geometry {self.geometry!r}; valid: {', '.join(GEOMETRIES)}")
         if self.batch_size < 1 or self.workers < 0:
             raise UserError("--batch-size must be >= 1 and --workers >= 0")
         threshold_sweep(self.curve_interval)
@@ -214,6 +231,7 @@ def localize(cfg: LocalizeConfig) -> dict[str, Any]:
                                                        if k not in ("checkpoint", "boxacc_curve")}})
         results = {"dataset": _dataset_name(cfg), "n_images": int(entries[0]["n_evaluated"]),
                    "iou_threshold": cfg.iou_threshold, "cam_threshold": cfg.cam_threshold,
+                   "geometry": cfg.geometry,
                    "models": entries}
         if run is not None:
             run.write_config(cfg)
@@ -231,7 +249,7 @@ def _count(cfg: LocalizeConfig, m: CamModel, items: Sequence[GTImage], shard: Se
            labels: Sequence[int], sweep: Sequence[float], info: DistInfo) -> torch.Tensor:
     """float64 [7 + T]: n, correct, gt-known hits, top-1 hits, energy sum, unreadable,
     no box left after the crop, hits per sweep threshold — sums, so ranks add up exactly."""
-    loader = DataLoader(GTDataset(items, shard, labels, eval_transform(m.meta),
+    loader = DataLoader(GTDataset(items, shard, labels, localize_transform(m.meta, cfg.geometry),
                                   cfg.skip_bad_images),
                         batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_collate)
     counts = torch.zeros(7 + len(sweep), dtype=torch.float64)

@@ -19,7 +19,8 @@ from smix.io import atomic_write, read_json
 from smix.voc import VOCObject, write_annotation
 from cam.boxes import from_boxes_file, from_voc
 from cam.localize import (GTDataset, LocalizeConfig, best_iou, box_masks, energy_in_boxes,
-                          largest_region_boxes, localize, localization_hits, threshold_sweep)
+                          largest_region_boxes, localize, localization_hits, localize_transform,
+                          threshold_sweep)
 from cam.methods import build_cam
 
 CLASSES = ("bright", "other")
@@ -119,6 +120,27 @@ def test_boxes_follow_the_eval_resize_and_crop(tmp_path) -> None:
     drawn = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
     np.testing.assert_allclose(boxes[0].tolist(), drawn, atol=1.0)
     assert x.shape == (3, 64, 64)
+
+
+def test_square_geometry_keeps_what_the_centre_crop_cuts_away(tmp_path) -> None:
+    """Choe et al. resize the whole image to crop x crop; the checkpoint's resize 256 / crop 224
+    cuts a box at the border of a wide image away. Hand values: 200x100 image, box [0,0,50,100)."""
+    img = Image.new("RGB", (200, 100))
+    img.paste((255, 255, 255), (0, 0, 50, 100))
+    img.save(tmp_path / "wide.png")
+    meta = BackboneMeta(arch="resnet18", num_classes=1, class_names=("a",), resize=256,
+                        crop=224, mean=(0, 0, 0), std=(1, 1, 1))
+    item = from_boxes_file(_write_boxes(tmp_path, [("wide.png", "a", [0, 0, 50, 100])]))[0]
+    # crop: 200x100 -> 512x256, centre 224 from x=144: the box [0,128) is gone
+    _, _, cut, _ = GTDataset([item], [0], [0], localize_transform(meta, "crop"), False)[0]
+    assert cut[0, 2] <= cut[0, 0]  # empty: not evaluable
+    x, _, kept, _ = GTDataset([item], [0], [0], localize_transform(meta, "square"), False)[0]
+    assert x.shape == (3, 224, 224)
+    np.testing.assert_allclose(kept[0].tolist(), [0, 0, 56, 224])  # x 224/200, y 224/100
+    ys, xs = torch.nonzero(x[0] > 0.5, as_tuple=True)
+    assert abs(xs.max().item() + 1 - 56) <= 1 and ys.min().item() == 0
+    with pytest.raises(UserError, match="--geometry 'wsol'; valid: crop, square"):
+        LocalizeConfig((Path("a"),), tmp_path, voc_root=tmp_path, geometry="wsol").check()
 
 
 def _write_boxes(folder: Path, rows: list) -> Path:

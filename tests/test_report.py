@@ -117,6 +117,22 @@ def test_corruption_table_marks_an_incomplete_set(tmp_path):
     assert rows["part"]["clean err"] == "25.00"
 
 
+def test_localisation_rows_say_their_threshold_and_geometry(tmp_path):
+    root = tmp_path / "runs"
+    for name, extra in (("old", {}), ("wsol", {"geometry": "square"})):  # old: before geometry
+        RunDir(root / name).write_metrics(stage="cam", kind="localization", results={
+            "dataset": "VOC2007 test", "n_images": 10, "iou_threshold": 0.5,
+            "cam_threshold": 0.2, **extra, "models": [
+                {"checkpoint": ck("none"), "method": "cam", "top1_cls": 90.0,
+                 "gt_known_loc": 40.0, "top1_loc": 38.0, "maxboxacc": 45.0,
+                 "pointing_game": 50.0}]})
+    build_report([root], tmp_path / "rep")
+    rows = {r["run folder"]: r for r in read_csv(tmp_path / "rep" / "weakly_supervised_localisation_from_cams.csv")}
+    assert rows["old"]["threshold / geometry"] == "0.20 / crop"
+    assert rows["wsol"]["threshold / geometry"] == "0.20 / square"
+    assert rows["wsol"]["MaxBoxAcc"] == "45.00"
+
+
 def test_unfinished_and_other_recipe_runs_are_not_averaged(tmp_path):
     """metrics.json is rewritten every epoch: a run stopped at epoch 3 of 200 must not pull
     the finished seeds' mean (4.0, 4.2 and 60 averaged would read 22.73 ± 32.27)."""
