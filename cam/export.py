@@ -6,11 +6,13 @@ Layout of OUT: `<tag>/<nnnn>_<image>.png|.npy` per checkpoint (tag = `<k>_<metho
 `grid.png`, `config.json`, `metrics.json`. Maps are float32 [H,W] in [0,1] at the model's input
 resolution (after the checkpoint's eval resize/crop), the same the overlay shows.
 Under torchrun the images are sharded; each rank writes the files of its own images, rank 0 the
-grid and metrics.json.
+grid and metrics.json. A rerun into OUT removes the overlays and maps of the earlier export that
+it did not write again (those the earlier metrics.json lists); other files stay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +25,7 @@ from smix.data import eval_transform, normalize
 from smix.dist import (DistInfo, agree, barrier, distributed, gather_lists,
                            shard_indices)
 from smix.errors import UserError
-from smix.io import RunDir
+from smix.io import RunDir, read_json
 from cam.images import file_stem, image_loader, list_images, resolve_targets
 from cam.models import CamModel, load_models
 from cam.render import overlay, read_png, save_grid, save_npy, save_png
@@ -57,6 +59,7 @@ def export_cams(cfg: ExportConfig) -> dict[str, Any]:
         models = load_models(cfg.ckpts, cfg.method, cfg.layer, info.device)
         targets = [resolve_targets(cfg.target, paths, m.meta, m.path) for m in models]
         run = RunDir(cfg.out)
+        previous = recorded_files(run) if info.is_main else set()
         shard = list(shard_indices(len(paths), info.rank, info.world_size))
         records, bad = agree(_export_shard, cfg, paths, shard, models, targets, run, info)
         records, bad = gather_lists(records), sorted(set(gather_lists(bad)))
@@ -67,8 +70,35 @@ def export_cams(cfg: ExportConfig) -> dict[str, Any]:
             results["grid"] = _write_grid(cfg, models, results, run)
             run.write_config(cfg)
             run.write_metrics(stage="cam", kind="export", results=results, config=cfg)
+            remove_stale(run, previous - recorded_files(run))
         barrier()
     return results
+
+
+def recorded_files(run: RunDir) -> set[str]:
+    """The overlays and maps a run folder's metrics.json lists (relative paths; none when it
+    has no readable export record)."""
+    try:
+        results = read_json(run.file("metrics.json")).get("results") or {}
+    except (UserError, AttributeError):
+        return set()
+    if not isinstance(results, dict):
+        return set()
+    return {str(entry[key]) for m in results.get("models") or [] if isinstance(m, dict)
+            for entry in m.get("images") or [] if isinstance(entry, dict)
+            for key in ("overlay", "map") if entry.get(key)}
+
+
+def remove_stale(run: RunDir, names: set[str]) -> None:
+    """Delete what an earlier export into this folder wrote and this one did not, so that the
+    folder's overlays are this run's alone (other files are the user's and are left alone)."""
+    root = run.path.resolve()
+    for name in sorted(names):
+        path = (root / name).resolve()
+        if root in path.parents:  # only inside the run folder
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # its tag folder, once empty
+                path.parent.rmdir()
 
 
 def _export_shard(cfg: ExportConfig, paths: list[Path], shard: list[int],

@@ -73,6 +73,22 @@ def test_export_writes_overlays_maps_grid_and_metrics(data, tmp_path, capsys) ->
     assert len(list((tmp_path / "e" / "01_saliencymix").glob("*.png"))) == 12
 
 
+def test_a_rerun_replaces_the_earlier_exports_files(data, tmp_path, capsys) -> None:
+    out = tmp_path / "e"
+    assert _smix(_export(data, out), capsys)[0] == 0
+    before = {p.relative_to(out) for p in out.rglob("*.npy")}
+    (out / "01_saliencymix" / "mine.txt").write_text("the user's")  # not the export's
+    one = sorted(data["val"].glob("circle/*.jpg"))[:2]
+    rc, err = _smix(["export", "--ckpt", str(data["cutmix"]), "--images", *map(str, one),
+                     "--out", str(out), "--no-progress"], capsys)
+    assert rc == 0, err
+    r = read_json(out / "metrics.json")["results"]
+    now = {p.relative_to(out) for p in out.rglob("*.npy")}
+    assert len(before) == 24 and now == {Path(i["map"]) for i in r["models"][0]["images"]}
+    assert len(now) == 2 and len(list(out.rglob("*.png"))) == 2 + 1  # + grid.png
+    assert (out / "01_saliencymix" / "mine.txt").read_text() == "the user's"
+
+
 def test_export_batched_equals_one_at_a_time(data, tmp_path, capsys) -> None:
     for bs in ("3", "1"):
         rc, err = _smix(["export", "--ckpt", str(data["cutmix"]), "--images",
