@@ -96,6 +96,9 @@ def build_parser() -> ArgParser:
     c.add_argument("--corruptions", default="",
                    help="comma-separated subset (default: the 15 benchmark corruptions on disk)")
     c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--resume", action="store_true",
+                   help="continue a killed run in --out from its progress.json (each finished "
+                        "split is kept; the checkpoints, data and splits must be the same)")
     return parser
 
 
@@ -113,7 +116,7 @@ def _corruption_config(args: argparse.Namespace) -> CorruptionConfig:
     return CorruptionConfig(
         checkpoints=tuple(args.ckpt), data=args.data, out=args.out, clean=args.clean,
         corruptions=names, batch_size=args.batch_size, limit=args.limit, workers=args.workers,
-        device=args.device, dataset=args.dataset)
+        device=args.device, dataset=args.dataset, resume=args.resume)
 
 
 def _summary(results: dict[str, Any], kind: str) -> list[str]:

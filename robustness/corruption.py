@@ -4,6 +4,10 @@ ImageNet-C: mCE = mean over corruptions c of (sum_s E_{s,c} / sum_s E^AlexNet_{s
 relative mCE = mean over c of (sum_s (E_{s,c} - E_clean)) / (sum_s (E^AlexNet_{s,c} - E^AlexNet_clean))
 when the clean error is known (--clean). CIFAR-10-C / CIFAR-100-C: the mean corruption error
 (no AlexNet normalisation, as in the CIFAR literature). Errors in metrics.json are percent.
+
+ImageNet-C is 75 splits of 50,000 images: each split's exact counts (summed over processes) are
+committed to `progress.json` in the run folder as soon as it is done, and `--resume` continues a
+killed run from there, refusing one whose checkpoints, data or split selection differ.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import torch
 
 from smix.checkpoint import BackboneMeta, checkpoint_ref
 from smix.data import read_cifar
-from smix.dist import DistInfo, all_reduce_sum
+from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object
 from smix.errors import UserError
+from smix.io import RunDir
 from robustness.common import (Loaded, correct_counts, dist_session, fresh_run,
                                group_by_transform, label_map, load_all, open_images, progress,
                                read_metas)
@@ -84,6 +89,46 @@ class CorruptionConfig:
     workers: int = 4
     device: str = "auto"
     dataset: str = ""
+    resume: bool = False  # continue from the run folder's progress.json
+
+
+PROGRESS_FILE = "progress.json"
+
+
+def split_key(split: Split) -> str:
+    return f"{split.corruption}/{split.severity}"
+
+
+def run_identity(cfg: CorruptionConfig, splits: Sequence[Split]) -> dict[str, Any]:
+    """What a resumed run must share with the killed one for its counts to be the same
+    measurement: the checkpoints' bytes, the data, the split selection and the image subset
+    (batch size, workers and device only change how the counts are made)."""
+    from smix.io import file_sha256
+    return {"checkpoints": [file_sha256(p) for p in cfg.checkpoints],
+            "data": str(Path(cfg.data).resolve()),
+            "clean": str(Path(cfg.clean).resolve()) if cfg.clean is not None else None,
+            "splits": [split_key(s) for s in splits], "limit": cfg.limit}
+
+
+def load_progress(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The committed splits of a killed run: {split: {"correct": [per checkpoint], "total": n}}."""
+    from smix.io import read_json
+    path = Path(out) / PROGRESS_FILE
+    if not path.is_file():
+        raise UserError(f"{out}: nothing to resume (no {PROGRESS_FILE})")
+    saved = read_json(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("done"), dict):
+        raise UserError(f"{path}: not a corruption run's progress record")
+    for key, value in identity.items():
+        if saved.get("identity", {}).get(key) != value:
+            raise UserError(f"{path}: cannot resume with other {key} than the run's; use a new "
+                            "--out (or rerun without --resume to start over)")
+    return saved["done"]
+
+
+def commit_progress(out: Path, identity: dict[str, Any], done: dict[str, Any]) -> None:
+    from smix.io import write_json
+    write_json(Path(out) / PROGRESS_FILE, {"identity": identity, "done": done})
 
 
 def plan_splits(cfg: CorruptionConfig) -> tuple[str, list[Split], list[str]]:
@@ -137,12 +182,20 @@ def _identity_map(labels: np.ndarray, split: Split, m: Loaded) -> torch.Tensor:
 
 
 def _corruption_pass(cfg: CorruptionConfig, splits: Sequence[Split], group: list[Loaded],
-                     info: DistInfo, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 correct counts [models, splits] and image counts [splits] of this process."""
+                     info: DistInfo, desc: str, done: dict[str, Any], ids: Sequence[str],
+                     commit: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 correct counts [models, splits] and image counts [splits], summed over processes.
+    A split whose counts `done` holds for every checkpoint of the group (by `ids`, their
+    hashes) is taken from it; each split evaluated is summed at once and handed to `commit`."""
     correct = torch.zeros(len(group), len(splits), dtype=torch.int64)
     totals = torch.zeros(len(splits), dtype=torch.int64)
     with progress(0, desc, info.is_main) as bar:
         for k, split in enumerate(splits):
+            saved = done.get(split_key(split), {})
+            if all(i in saved.get("correct", {}) for i in ids):
+                correct[:, k] = torch.tensor([saved["correct"][i] for i in ids])
+                totals[k] = saved["total"]
+                continue
             data = _SplitData(split, group, cfg)
             n_local, batches = data.batches(info, cfg)
             bar.total += n_local
@@ -155,6 +208,9 @@ def _corruption_pass(cfg: CorruptionConfig, splits: Sequence[Split], group: list
                         correct[j, k] += correct_counts(loaded.model(images), maps[j][labels])[0]
                 totals[k] += len(labels)
                 bar.update(len(labels))
+            counts = all_reduce_sum(torch.cat([correct[:, k], totals[k:k + 1]]))  # exact
+            correct[:, k], totals[k] = counts[:-1], counts[-1]
+            commit(split_key(split), dict(zip(ids, correct[:, k].tolist())), int(totals[k]))
     return correct, totals
 
 
@@ -213,11 +269,25 @@ def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
     layout, splits, ignored = plan_splits(cfg)
     check_folder_classes(splits, metas, cfg.checkpoints)
     check_array_labels(splits, metas, cfg.checkpoints)
+    identity = run_identity(cfg, splits)
     with dist_session(cfg.device) as info:
-        run = fresh_run(cfg.out) if info.is_main else None
+        # rank 0's record (its error, on every rank): every rank skips the same splits
+        done: dict[str, Any] = broadcast_object(agree(
+            lambda: load_progress(cfg.out, identity) if cfg.resume and info.is_main else {}))
+        run = (RunDir(cfg.out) if cfg.resume else fresh_run(cfg.out)) if info.is_main else None
         if run:
+            if not cfg.resume:
+                run.file(PROGRESS_FILE).unlink(missing_ok=True)
             run.write_config(cfg)
             warn_ignored(cfg.data, ignored)
+
+        def commit(key: str, counts: dict[str, int], total: int) -> None:
+            entry = done.setdefault(key, {"correct": {}, "total": total})
+            entry["correct"].update(counts)
+            if run:
+                commit_progress(cfg.out, identity, done)
+
+        ids = identity["checkpoints"]
         loaded = load_all(cfg.checkpoints, info.device)
         correct = torch.zeros(len(loaded), len(splits), dtype=torch.int64)
         totals = torch.zeros(len(splits), dtype=torch.int64)
@@ -225,14 +295,13 @@ def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
         for g, group in enumerate(groups):
             t0 = time.perf_counter()
             part, totals = _corruption_pass(cfg, splits, [loaded[i] for i in group], info,
-                                            f"pass {g + 1}/{len(groups)}")
+                                            f"pass {g + 1}/{len(groups)}", done,
+                                            [ids[i] for i in group], commit)
             correct[group] = part
             if run:
                 run.log({"pass": g, "checkpoints": [str(cfg.checkpoints[i]) for i in group],
                          "world_size": info.world_size,
                          "seconds": time.perf_counter() - t0})
-        all_reduce_sum(correct)  # int64: exact totals over processes
-        all_reduce_sum(totals)
         if not run:
             return {}
         results = build_results(cfg, layout, splits, ignored, loaded, correct, totals)

@@ -28,6 +28,7 @@ from robustness.attacks import AttackParams, get_attack, list_attacks
 from robustness.common import group_by_transform
 from robustness.corruption import (CorruptionConfig, mean_corruption_error, relative_mce,
                                    run_corruption)
+from robustness import corruption as corruption_mod
 from robustness.corruption_data import scan_cifar_c, scan_imagenet_c
 from robustness.data import shard_batches, subset_indices
 from robustness.model import Normalized, load_for_eval
@@ -364,6 +365,47 @@ def test_imagenet_c_run_matches_direct_errors(world, tmp_path):
     assert m["relative_mCE"] == pytest.approx(100 * relative_mce(per, clean / 100))
     assert m["mean_error"] == pytest.approx(np.mean([np.mean(v) for v in per.values()]) * 100)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["kind"] == "corruption"
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_corruption_run_resumes_from_its_finished_splits(world, tmp_path, monkeypatch,
+                                                                  capsys):
+    root = tmp_path / "imagenet-c"
+    write_imagenet_c(root, world["val"])
+    args = ["corruption", "--ckpt", str(world["a"]), "--ckpt", str(world["b"]), "--data",
+            str(root), "--clean", str(world["val"]), "--batch-size", "4", "--workers", "0",
+            "--device", "cpu"]
+    assert cli_run("robustness", args + ["--out", str(tmp_path / "whole")]) == 0
+    evaluated = []
+    real = corruption_mod._SplitData.batches
+
+    def batches(self, info, cfg):  # the run is killed while the 5th split is evaluated
+        evaluated.append(corruption_mod.split_key(self.split))
+        if len(evaluated) == 5 and not cfg.resume:
+            raise Killed
+        return real(self, info, cfg)
+
+    monkeypatch.setattr(corruption_mod._SplitData, "batches", batches)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        cli_run("robustness", args + ["--out", str(out)])
+    # both checkpoints share one transform: one pass, 11 splits (clean + 2 x 5)
+    progress = json.loads((out / corruption_mod.PROGRESS_FILE).read_text())
+    assert list(progress["done"]) == evaluated[:4] and not (out / "metrics.json").exists()
+    evaluated.clear()
+    capsys.readouterr()
+    assert cli_run("robustness", args + ["--out", str(out), "--corruptions", "fog",
+                                         "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot resume with other splits than the run's" in err
+    assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 0
+    assert len(evaluated) == 11 - 4 and evaluated[0] == "gaussian_noise/4"  # only the rest
+    assert _numbers(out / "metrics.json") == _numbers(tmp_path / "whole" / "metrics.json")
+    assert cli_run("robustness", args + ["--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "nothing to resume (no progress.json)" in capsys.readouterr().err
 
 
 def write_cifar_c(root: Path, n: int = 8, k: int = 10, names=("snow", "contrast")) -> np.ndarray:
