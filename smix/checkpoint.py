@@ -89,6 +89,9 @@ class BackboneMeta:
             if name in kwargs and not isinstance(kwargs[name], list):
                 raise UserError(f"{source}: metadata field {name!r} must be a list, got "
                                 f"{kwargs[name]!r}")
+            if name in ("mean", "std") and len(kwargs.get(name, ())) == 1:
+                # earlier versions took `mean=0.5` (Normalize broadcasts it): the same for RGB
+                kwargs[name] = kwargs[name] * 3
         try:
             return cls(**kwargs)
         except UserError as e:  # inconsistent fields: said with the file's name

@@ -119,13 +119,17 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def _archs_with_names(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """The registered archs whose tensor names are exactly the file's (BN counters aside)."""
+    """The registered archs whose tensors are exactly the file's by name and shape (BN
+    counters aside; the classifier's class count is the file's own)."""
     names = {k for k in state if not k.endswith("num_batches_tracked")}
     fits = []
     for arch in list_archs():
-        with torch.device("meta"):  # names only: no memory, no initialisation cost
-            ref = build_model(arch, 1).state_dict()
-        if {k for k in ref if not k.endswith("num_batches_tracked")} == names:
+        classifier = f"{arch_spec(arch).classifier}.weight"
+        classes = state[classifier].shape[0] if classifier in state else 1
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            ref = build_model(arch, classes).state_dict()
+        ref_names = {k for k in ref if not k.endswith("num_batches_tracked")}
+        if ref_names == names and all(ref[k].shape == state[k].shape for k in names):
             fits.append(arch)
     return fits
 
@@ -169,7 +173,7 @@ def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
         arch=arch, num_classes=num_classes, class_names=tuple(class_names),
         input_size=size, resize=size if size == 32 else 256 * size // 224, crop=size,
         dataset=dataset, method={"name": method, "imported_from": src.name},
-        epochs=_epochs_done(extras.get("epoch")),
+        epochs=_epochs_done(extras.get("epoch"), extras),
         metrics=_metrics_from(extras), provenance=provenance(),
     )
     if size == 32:
@@ -179,12 +183,15 @@ def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
     return meta
 
 
-def _epochs_done(epoch: Any) -> int:
-    """The official CutMix / SaliencyMix `train.py` saves `'epoch': epoch` at the end of
-    `for epoch in range(…, args.epochs)`, the 0-based index of the epoch just trained: the
-    last file of a 300-epoch run says 299. Epochs completed are one more."""
-    return epoch + 1 if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 \
-        else 0
+def _epochs_done(epoch: Any, extras: Mapping[str, Any]) -> int:
+    """The official CutMix / SaliencyMix `train.py` (the files with `best_err1`) saves
+    `'epoch': epoch` at the end of `for epoch in range(…, args.epochs)`, the 0-based index of
+    the epoch just trained: the last file of a 300-epoch run says 299, so one more were done.
+    pytorch/examples' imagenet `main.py` (the files with `best_acc1`) saves `epoch + 1`."""
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        return 0
+    zero_based = ("best_err1" in extras or "best_err5" in extras) and "best_acc1" not in extras
+    return epoch + 1 if zero_based else epoch
 
 
 def _metrics_from(extras: Mapping[str, Any]) -> dict[str, Any]:

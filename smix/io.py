@@ -24,10 +24,6 @@ from typing import Any, Callable, Iterator
 from smix.errors import UserError
 
 METRICS_FORMAT = "smix.metrics/1"
-# Where /proc cannot tell the umask: read once, at import (single-threaded then), by setting
-# it and putting it back.
-_UMASK_AT_IMPORT = os.umask(0o022)
-os.umask(_UMASK_AT_IMPORT)
 
 
 @contextlib.contextmanager
@@ -44,7 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             f.flush()
             os.fsync(f.fileno())
         # mkstemp made it 0600 (and a writer may have made it anew): the mode open() would give
-        os.chmod(tmp_path, _file_mode(path))
+        os.chmod(tmp_path, _file_mode(path, tmp_path))
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -53,22 +49,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _umask() -> int:
+def _umask(folder: Path) -> int:
     """The process umask, read without changing it (`os.umask` can only set it, and setting
-    it for a moment races with other threads creating files); Linux >= 4.7 reports it."""
+    it for a moment races with other threads creating files): Linux >= 4.7 reports it in
+    /proc; elsewhere a probe file created with mode 0666 in `folder` shows its read/write
+    bits, all that a new file can lose."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    return _UMASK_AT_IMPORT
+    fd, probe = tempfile.mkstemp(prefix=".umask.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return 0o777 & ~stat.S_IMODE(os.fstat(fd).st_mode) & 0o666
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
-def _file_mode(path: Path) -> int:
+def _file_mode(path: Path, tmp: Path) -> int:
     """An existing file keeps its permissions; a new one gets 0666 less the umask."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
-        return 0o666 & ~_umask()
+        return 0o666 & ~_umask(tmp.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -220,6 +220,25 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
     assert mode("metrics.json") == 0o640
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_umask_without_proc_is_read_from_a_probe_file(tmp_path, monkeypatch, umask):
+    import os
+    from smix import io as smix_io
+
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(
+        OSError("no /proc")) if str(self).startswith("/proc") else real(self, *a, **k))
+    old = os.umask(umask)
+    try:
+        got = smix_io._umask(tmp_path)
+        smix_io.atomic_write(tmp_path / "new.txt", "x")
+    finally:
+        os.umask(old)
+    assert got == umask & 0o666  # (its read/write bits: all a new file can lose)
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["new.txt"]  # no probe left behind
+
+
 def _official_checkpoint(path: Path) -> torch.nn.Module:
     """A `model_best.pth.tar` as the official SaliencyMix / CutMix `train.py` saves it: a
     torchvision ResNet-50 wrapped in `DataParallel` (hence `module.` keys), its SGD state after
@@ -350,6 +369,39 @@ def test_import_suggests_arch_only_when_one_could_fit(tmp_path):
     with pytest.raises(UserError, match="no registered architecture has") as e:
         import_checkpoint(tmp_path / "r152.pth", tmp_path / "r.safetensors")
     assert "--arch" not in str(e.value)
+
+
+def test_import_suggests_arch_by_shapes_too(tmp_path):
+    cifar34 = torchvision.models.resnet34(num_classes=10)  # CIFAR stem: resnet34's names only
+    cifar34.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    torch.save(cifar34.state_dict(), tmp_path / "c34.pth")
+    with pytest.raises(UserError, match="no registered architecture has") as e:
+        import_checkpoint(tmp_path / "c34.pth", tmp_path / "c.safetensors")
+    assert "--arch" not in str(e.value)
+
+
+def test_import_epochs_of_pytorch_examples_files_are_as_saved(tmp_path):
+    """pytorch/examples' imagenet main.py saves `'epoch': epoch + 1` with `best_acc1`."""
+    sd = torchvision.models.resnet18(num_classes=3).state_dict()
+    torch.save({"epoch": 90, "arch": "resnet18", "state_dict": sd,
+                "best_acc1": torch.tensor(69.7)}, tmp_path / "ex.pth.tar")
+    meta = import_checkpoint(tmp_path / "ex.pth.tar", tmp_path / "ex.safetensors")
+    assert meta.epochs == 90 and meta.metrics["best_acc1"] == pytest.approx(69.7, abs=1e-4)
+
+
+def test_a_one_value_mean_of_earlier_versions_reads_as_rgb(tmp_path):
+    """Earlier versions accepted `mean=0.5 std=0.5` (Normalize broadcasts one value)."""
+    path = tmp_path / "old.safetensors"
+    save_checkpoint(path, build_model("resnet18", 2), BackboneMeta(
+        arch="resnet18", num_classes=2, class_names=("a", "b"), mean=(0.5,) * 3, std=(0.5,) * 3))
+    tensors = load_file(path)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata())
+    header.update(mean="[0.5]", std="[0.25]")
+    save_file(tensors, str(path), metadata=header)
+    _, meta = read_checkpoint(path)
+    assert meta.mean == (0.5, 0.5, 0.5) and meta.std == (0.25, 0.25, 0.25)
 
 
 class Evil:
