@@ -97,7 +97,8 @@ def config_problem(cfg: TrainConfig) -> str | None:
         if isinstance(getattr(cfg, key), int) and getattr(cfg, key) < 0:
             return f"{key}={getattr(cfg, key)} must not be negative"
     if cfg.batch_size < 2:
-        return f"batch_size={cfg.batch_size}: mixing needs at least 2 images per batch"
+        return (f"batch_size={cfg.batch_size}: a training step takes at least 2 images (a pair "
+                "to mix, BatchNorm's batch statistics; the engine skips smaller batches)")
     if not (cfg.lr > 0 and 0 <= cfg.momentum < 1 and cfg.weight_decay >= 0 and cfg.gamma > 0):
         return (f"lr={cfg.lr:g} must be > 0, momentum={cfg.momentum:g} in [0, 1), "
                 f"weight_decay={cfg.weight_decay:g} >= 0, gamma={cfg.gamma:g} > 0")

@@ -82,7 +82,7 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     per_rank = cfg.batch_size // dist.world_size
     if per_rank < 2:
         raise UserError(f"batch_size={cfg.batch_size} over {dist.world_size} processes leaves "
-                        f"{per_rank} image(s) per process and step; mixing needs at least 2")
+                        f"{per_rank} image(s) per process and step; a step takes at least 2")
     if cfg.micro_batch != 0 and not 2 <= cfg.micro_batch <= per_rank:
         raise UserError(f"micro_batch={cfg.micro_batch} must be 0 (no split) or from 2 to the "
                         f"{per_rank} images each process trains on per step (batch_size "

@@ -71,9 +71,11 @@ def open_images(root: Path, meta: BackboneMeta, path: Path, transform: Any = Non
                 ) -> ClassFolder:
     """The evaluation images read as pretrain reads them, with the checkpoint's class names: a
     class-folder tree, or Tiny-ImageNet's own val layout (`images/` + `val_annotations.txt`).
-    The classes must be the checkpoint's; `label_map(dataset.classes, …)` then maps labels."""
+    The classes must be the checkpoint's; `label_map(dataset.classes, …)` then checks that (a
+    folder tree's own class list, so its message names the checkpoint) and maps labels."""
     require_class_names(meta, path)
-    return ClassFolder(root, transform=transform, classes=sorted(meta.class_names))
+    tiny = (Path(root) / "val_annotations.txt").is_file()  # its classes come from the checkpoint
+    return ClassFolder(root, transform=transform, classes=sorted(meta.class_names) if tiny else None)
 
 
 def fresh_run(out: Path) -> RunDir:

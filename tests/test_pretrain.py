@@ -258,7 +258,7 @@ def test_pretrain_bad_options(shapes_root, tmp_path, capsys, argv, message):
 
 @pytest.mark.parametrize("key,value,message", [
     ("workers", "-1", "workers=-1 must not be negative"),
-    ("batch_size", "1", "batch_size=1: mixing needs at least 2 images"),
+    ("batch_size", "1", "batch_size=1: a training step takes at least 2 images"),
     ("batch_size", "-8", "batch_size=-8 must be at least 1"),
 ])
 def test_bad_numbers_in_fast_settings(shapes_root, tmp_path, capsys, key, value, message):

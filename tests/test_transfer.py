@@ -470,6 +470,44 @@ def test_resume_refuses_another_recipe(ckpt18: Path, shapes: Path, tmp_path: Pat
     assert json.loads((out / "config.json").read_text())["settings"]["micro_batch"] == 1
 
 
+def test_resume_refuses_other_training_data(ckpt18: Path, shapes: Path, tmp_path: Path,
+                                            monkeypatch, capsys: pytest.CaptureFixture) -> None:
+    """VOC2012 appearing beside VOC2007 (or found since the year-folder lookup) would switch a
+    run from 07 to 07+12 halfway through its schedule: refused."""
+    from transfer import api
+    from transfer.voc_eval import Detections, evaluate_voc
+
+    def backend(cfg, s, splits, run, sha):
+        return evaluate_voc(splits.test, Detections.empty(), splits.class_names), {}
+    monkeypatch.setitem(api._BACKENDS, "torchvision", backend)
+    root = tmp_path / "voc"
+    shutil.copytree(shapes, root)
+    argv = ["--backend", "torchvision", "--ckpt", str(ckpt18), "--voc-root", str(root), "--out",
+            str(tmp_path / "run"), "--arch", "fpn", "--classes", "auto", "--iters", "4",
+            "--no-progress", *FAST]
+    assert cli(argv, capsys)[0] == 0
+    shutil.copytree(root / "VOC2007", root / "VOC2012")
+    code, _, err = cli([*argv, "--resume"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].endswith(
+        "was run with train_sets ['VOC2007/trainval'], not ['VOC2007/trainval', "
+        "'VOC2012/trainval']; use a new --out")
+
+
+def test_resume_of_a_run_from_before_batch_scaling_says_how_to_keep_its_schedule(
+        tmp_path: Path) -> None:
+    from transfer.api import _schedule_hint
+    p = get_preset("d2-voc")
+    s = resolve(TransferConfig(tmp_path, tmp_path, tmp_path, overrides=(("batch", "8"),)))
+    assert s.max_iter == 2 * p.max_iter  # batch 16 -> 8: twice the iterations now
+    before = {"batch": 8, "max_iter": p.max_iter, "steps": list(p.steps),  # as it was resolved
+              "warmup_iters": p.warmup_iters, "checkpoint_period": p.checkpoint_period}
+    hint = _schedule_hint("max_iter", before, s)
+    assert hint.endswith(f"add --iters {p.max_iter} steps={','.join(map(str, p.steps))} "
+                         f"warmup={p.warmup_iters} checkpoint_period={p.checkpoint_period}")
+    assert _schedule_hint("max_iter", {**before, "warmup_iters": 7}, s) == ""  # set by hand
+    assert _schedule_hint("lr", before, s) == ""
+
+
 def test_resume_state_names_the_setting_that_differs(tmp_path: Path) -> None:
     """The torchvision resume state records the recipe too (a second guard, without config.json)."""
     from transfer.tv_backend import _fingerprint

@@ -17,8 +17,8 @@ from smix.checkpoint import checkpoint_ref, read_meta
 from smix.dist import pick_device
 from smix.errors import UserError
 from smix.io import RunDir, file_sha256, read_json
-from transfer.config import (BACKENDS, Settings, TransferConfig, first_difference, recipe,
-                             resolve)
+from transfer.config import (BACKENDS, Settings, TransferConfig, first_difference, get_preset,
+                             recipe, resolve)
 from transfer.convert import check_detection_backbone
 from transfer.data import VOCSplits, load_splits, parse_sets
 from transfer.voc_eval import VOCResult, metric_label
@@ -62,21 +62,58 @@ def choose_backend(requested: str) -> str:
     return "detectron2" if detectron2_available() else "torchvision"
 
 
-def _guard_run_folder(run: RunDir, resume: bool, identity: dict[str, Any], s: Settings) -> None:
-    """Never overwrite a run by accident; resume only the same checkpoint/backend/arch/classes
-    and the same recipe (every resolved setting but those of `RUN_ONLY_SETTINGS`)."""
+def _guard_run_folder(run: RunDir, resume: bool, identity: dict[str, Any],
+                      data: dict[str, Any], s: Settings) -> None:
+    """Never overwrite a run by accident; resume only the same checkpoint/backend/arch/classes,
+    the same data (sets and image counts) and the same recipe (every resolved setting but those
+    of `RUN_ONLY_SETTINGS`)."""
     present = [m for m in RUN_MARKERS if run.file(m).exists()]
     if present and not resume:
         raise UserError(f"{run.path} already holds a transfer run ({present[0]}); pass --resume "
                         "to continue it or choose another --out")
     if resume and run.file("config.json").is_file():
         before = read_json(run.file("config.json"))
+        settings = before.get("settings", {})
         diff = (first_difference(before.get("identity", {}), identity)
-                or first_difference(before.get("settings", {}), recipe(s)))
+                or first_difference(_data_identity(before.get("data", {})), data)
+                or first_difference(settings, recipe(s)))
         if diff:
             key, old, new = diff
-            raise UserError(f"--resume: {run.path} was run with {key} {old!r}, not {new!r}; use "
-                            "a new --out")
+            raise UserError(f"--resume: {run.path} was run with {key} {old!r}, not {new!r}; "
+                            f"{_schedule_hint(key, settings, s) or 'use a new --out'}")
+
+
+def _data_identity(summary: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run must train and test on: the sets and their image counts (not where
+    they are: a devkit may move)."""
+    return {k: summary[k] for k in ("train_sets", "train_images", "test_set", "test_images")
+            if k in summary}
+
+
+SCHEDULE = ("max_iter", "steps", "warmup_iters", "checkpoint_period")
+
+
+def _schedule_hint(key: str, before: dict[str, Any], s: Settings) -> str:
+    """Runs started before a `batch=` override rescaled the schedule (as detectron2's
+    auto_scale_workers does) recorded the preset's iterations unscaled: when the recorded
+    schedule is that one, how to resume with it."""
+    p = get_preset(s.preset)
+    old_max = before.get("max_iter")
+    if (key not in SCHEDULE or s.batch == p.batch or before.get("batch") != s.batch
+            or not isinstance(old_max, int)):
+        return ""
+    unscaled = {"steps": [int(round(x * old_max / p.max_iter)) for x in p.steps],
+                "warmup_iters": min(p.warmup_iters, old_max),
+                "checkpoint_period": p.checkpoint_period}
+    if any(before.get(k) != v for k, v in unscaled.items()):
+        return ""
+    keep = {"--iters": before.get("max_iter"), "steps=": ",".join(map(str, before.get("steps", []))),
+            "warmup=": before.get("warmup_iters"),
+            "checkpoint_period=": before.get("checkpoint_period")}
+    args = " ".join(f"{k}{'' if k.endswith('=') else ' '}{v}" for k, v in keep.items()
+                    if v not in (None, ""))
+    return (f"a batch= override now rescales the schedule as detectron2 does; to resume with "
+            f"the run's recorded one, add {args}")
 
 
 def _backend_note(requested: str, backend: str) -> str:
@@ -129,7 +166,7 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any] | None:
                 "checkpoint_sha256": sha}
     config = {"request": cfg, "identity": identity, "settings": s, "data": _data_summary(splits)}
     if cfg.machine_rank == 0:
-        _guard_run_folder(run, cfg.resume, identity, s)
+        _guard_run_folder(run, cfg.resume, identity, _data_identity(config["data"]), s)
         run.write_config(config)
         run.log({"event": "start", "backend": backend, "preset": s.preset, "arch": cfg.arch,
                  "iters": s.max_iter, "resume": cfg.resume})
