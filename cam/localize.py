@@ -15,8 +15,8 @@ Grad-CAM family keeps its ReLU. Boxes go through the eval geometry together with
 (torchvision's box transform): by default (`geometry="crop"`) the checkpoint's resize + centre
 crop, as the classifier is evaluated, where a box the crop cuts away is not evaluable; with
 `geometry="square"` the whole image is resized to crop x crop, as Choe et al.'s wsolevaluation
-does (`_load_resized_boxes`), so that MaxBoxAcc compares with their tables. Under torchrun the images are sharded and the counts
-summed exactly.
+does (`_load_resized_boxes`), so that MaxBoxAcc compares with their tables. Under torchrun the
+images are sharded and the counts summed exactly.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -513,15 +512,6 @@ def _restore_artefacts(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -
         _write_artefacts(rt, epoch, history)
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files of writes a kill interrupted (`smix.io.atomic_path` names
-    them `.NAME.XXXX.tmp`; a ResNet-50's resume state is ~300 MB). Returns them."""
-    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
-
-
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train (or continue) a run; returns the final metrics.json content's `results`."""
     dist = init_distributed(cfg.device)
@@ -535,7 +525,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         for note in cfg.notes:
             print(f"pretrain: {note}", file=sys.stderr)
         if resume:
-            remove_stale_temporaries(rt.run.path)
+            rt.run.remove_stale_temporaries()
             _restore_artefacts(rt, start, history)
     for epoch in range(start, cfg.epochs):
         lr = rt.optimizer.param_groups[0]["lr"]  # the rate this epoch trains at

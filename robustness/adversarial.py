@@ -143,8 +143,9 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
         run = fresh_run(cfg.out) if info.is_main else None
         if run:
             run.write_config(cfg)
-            if under_attacked(cfg):
-                print(budget_warning(cfg, under_attacked(cfg)), file=sys.stderr)
+            short = under_attacked(cfg)
+            if short:
+                print(budget_warning(cfg, short), file=sys.stderr)
         loaded = load_all(cfg.checkpoints, info.device)
         counts = torch.zeros(len(loaded), 1 + len(cfg.eps), 2, dtype=torch.int64)
         groups = group_by_transform(metas)

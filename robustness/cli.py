@@ -105,7 +105,8 @@ def build_parser() -> ArgParser:
 def _attack_config(args: argparse.Namespace) -> AttackConfig:
     return AttackConfig(
         attack=args.command, checkpoints=tuple(args.ckpt), data=args.data, out=args.out,
-        eps=parse_eps(args.eps, args.allow_subpixel_eps), batch_size=args.batch_size, limit=args.limit, impl=args.impl,
+        eps=parse_eps(args.eps, args.allow_subpixel_eps), batch_size=args.batch_size,
+        limit=args.limit, impl=args.impl,
         step=getattr(args, "step", 1.0), steps=getattr(args, "steps", 10),
         random_start=getattr(args, "random_start", True), seed=args.seed,
         workers=args.workers, device=args.device, dataset=args.dataset)

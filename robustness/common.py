@@ -75,7 +75,8 @@ def open_images(root: Path, meta: BackboneMeta, path: Path, transform: Any = Non
     folder tree's own class list, so its message names the checkpoint) and maps labels."""
     require_class_names(meta, path)
     tiny = (Path(root) / "val_annotations.txt").is_file()  # its classes come from the checkpoint
-    return ClassFolder(root, transform=transform, classes=sorted(meta.class_names) if tiny else None)
+    classes = sorted(meta.class_names) if tiny else None
+    return ClassFolder(root, transform=transform, classes=classes)
 
 
 def fresh_run(out: Path) -> RunDir:

@@ -25,7 +25,7 @@ from smix.checkpoint import BackboneMeta, checkpoint_ref
 from smix.data import read_cifar
 from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object
 from smix.errors import UserError
-from smix.io import RunDir
+from smix.io import RunDir, file_sha256, read_json, write_json
 from robustness.common import (Loaded, correct_counts, dist_session, fresh_run,
                                group_by_transform, label_map, load_all, open_images, progress,
                                read_metas)
@@ -103,7 +103,6 @@ def run_identity(cfg: CorruptionConfig, splits: Sequence[Split]) -> dict[str, An
     """What a resumed run must share with the killed one for its counts to be the same
     measurement: the checkpoints' bytes, the data, the split selection and the image subset
     (batch size, workers and device only change how the counts are made)."""
-    from smix.io import file_sha256
     return {"checkpoints": [file_sha256(p) for p in cfg.checkpoints],
             "data": str(Path(cfg.data).resolve()),
             "clean": str(Path(cfg.clean).resolve()) if cfg.clean is not None else None,
@@ -111,8 +110,8 @@ def run_identity(cfg: CorruptionConfig, splits: Sequence[Split]) -> dict[str, An
 
 
 def load_progress(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """The committed splits of a killed run: {split: {"correct": [per checkpoint], "total": n}}."""
-    from smix.io import read_json
+    """The committed splits of a killed run: {split: {"correct": {checkpoint sha256: count},
+    "total": n}}."""
     path = Path(out) / PROGRESS_FILE
     if not path.is_file():
         raise UserError(f"{out}: nothing to resume (no {PROGRESS_FILE})")
@@ -127,7 +126,6 @@ def load_progress(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def commit_progress(out: Path, identity: dict[str, Any], done: dict[str, Any]) -> None:
-    from smix.io import write_json
     write_json(Path(out) / PROGRESS_FILE, {"identity": identity, "done": done})
 
 

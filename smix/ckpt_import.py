@@ -3,8 +3,9 @@
 Sources: torchvision / timm ResNet state dicts (`.pth`, `.pt`, `.bin`, `.safetensors`), the
 official SaliencyMix / CutMix `.pth.tar` files (`{'state_dict': {'module.…'}, 'epoch', 'arch',
 'best_err1', 'optimizer', …}`), and the official SaliencyMix CIFAR `.pt` files (the bare
-`state_dict` of a DataParallel-wrapped Cutout ResNet: `module.…shortcut.…`, `module.linear.…`). The reader is chosen by content, not by name; torch files are
-opened with `torch.load(weights_only=True)`; anything that needs arbitrary unpickling is refused.
+`state_dict` of a DataParallel-wrapped Cutout ResNet: `module.…shortcut.…`, `module.linear.…`).
+The reader is chosen by content, not by name; torch files are opened with
+`torch.load(weights_only=True)`; anything that needs arbitrary unpickling is refused.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
         if name in list_archs():
             return name
     found = f"a ResNet layout like {name}" if name else "an unknown layout"
-    fits = _archs_with_names(state)
+    fits = _archs_that_fit(state)
     if not fits:  # --arch could not help: say so rather than suggest it
         raise UserError(f"the tensors are {found}, which no registered architecture has "
                         f"({', '.join(list_archs())})")
@@ -118,7 +119,7 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
                     f"({', '.join(fits)})")
 
 
-def _archs_with_names(state: Mapping[str, torch.Tensor]) -> list[str]:
+def _archs_that_fit(state: Mapping[str, torch.Tensor]) -> list[str]:
     """The registered archs whose tensors are exactly the file's by name and shape (BN
     counters aside; the classifier's class count is the file's own)."""
     names = {k for k in state if not k.endswith("num_batches_tracked")}

@@ -300,9 +300,9 @@ def test_import_cifar_stem_and_torchvision_plain(tmp_path):
 
 
 class CutoutBlock(torch.nn.Module):
-    """Cutout's `model/resnet.py` BasicBlock (uoguelph-mlrg/Cutout, used by the official
-    SaliencyMix CIFAR code), transcribed: a `shortcut` Sequential(conv1x1, BN) when the shape
-    changes, an empty one otherwise."""
+    """A block with the key layout of Cutout's `model/resnet.py` BasicBlock (uoguelph-mlrg/Cutout,
+    used by the official SaliencyMix CIFAR code), written here for the test: a `shortcut`
+    Sequential(conv1x1, BN) when the shape changes, an empty one otherwise."""
 
     def __init__(self, cin: int, planes: int, stride: int):
         super().__init__()

@@ -107,7 +107,8 @@ def _schedule_hint(key: str, before: dict[str, Any], s: Settings) -> str:
                 "checkpoint_period": p.checkpoint_period}
     if any(before.get(k) != v for k, v in unscaled.items()):
         return ""
-    keep = {"--iters": before.get("max_iter"), "steps=": ",".join(map(str, before.get("steps", []))),
+    keep = {"--iters": before.get("max_iter"),
+            "steps=": ",".join(map(str, before.get("steps", []))),
             "warmup=": before.get("warmup_iters"),
             "checkpoint_period=": before.get("checkpoint_period")}
     args = " ".join(f"{k}{'' if k.endswith('=') else ' '}{v}" for k, v in keep.items()
