@@ -5,30 +5,36 @@ transform (resize 256 / centre crop 224 for ImageNet checkpoints) and its normal
 once inside the model (`robustness.model.Normalized`). Checkpoints with the same transform share
 one pass over the data: each batch is loaded once and every model is attacked on it. Under
 torchrun the batches are sharded over the processes and the integer counts are summed exactly.
+PGD on ImageNet val is hours of GPU time: the counts are committed to `progress.json` about 20
+times per pass, and `--resume` continues a killed run from its last commit, with the numbers an
+uninterrupted run gives (each batch is seeded by its global index).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from smix.checkpoint import checkpoint_ref
 from smix.data import eval_transform
-from smix.dist import DistInfo, all_reduce_sum
+from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object, shard_indices
 from smix.errors import UserError
 from robustness.attacks import AttackParams, BatchAttack, attack_info, get_attack
-from robustness.common import (Loaded, correct_counts, dist_session, group_by_transform,
-                               fresh_run, label_map, load_all, open_images, percent, progress,
-                               read_metas)
-from robustness.data import dataset_batches, shard_batches, subset_indices
+from robustness.common import (PROGRESS_FILE, Loaded, checkpoint_hashes, commit_progress,
+                               correct_counts, dist_session, fresh_run, group_by_transform,
+                               label_map, load_all, load_progress, open_images, percent,
+                               progress, read_metas, resumed_run)
+from robustness.data import index_batches, subset_indices
 from robustness.plot import plot_accuracy_vs_eps
 
 MAX_EPS = 255.0  # /255 units: epsilon is at most the whole pixel range
+COMMITS = 20  # progress commits per pass: a killed run loses at most about 1/20 of a pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,7 @@ class AttackConfig:
     workers: int = 4
     device: str = "auto"
     dataset: str = ""  # the name metrics.json reports; default: the checkpoints' dataset
+    resume: bool = False  # continue from the run folder's progress.json
 
 
 def check_config(cfg: AttackConfig) -> None:
@@ -108,30 +115,87 @@ def attack_counts(model: torch.nn.Module, attack: BatchAttack, images: torch.Ten
     return torch.stack(rows)
 
 
+def commit_chunks(start: int, n_batches: int, world_size: int, commits: int = COMMITS
+                  ) -> list[range]:
+    """Global batches [start, n_batches) in the chunks whose counts are committed one at a
+    time: a multiple of `world_size` batches each (every process has work in each), about
+    `commits` chunks over a whole pass."""
+    per = world_size * max(1, math.ceil(n_batches / (commits * world_size)))
+    return [range(b, min(b + per, n_batches)) for b in range(start, n_batches, per)]
+
+
+def _slice(r: range) -> slice:
+    return slice(r.start, r.stop)
+
+
+def saved_counts(saved: dict[str, Any], shape: tuple[int, ...], out: Path
+                 ) -> tuple[int, torch.Tensor]:
+    """(batches done, counts) of one pass's progress entry, checked against the run's shape."""
+    try:
+        batches, counts = int(saved["batches"]), torch.tensor(saved["counts"], dtype=torch.int64)
+    except (KeyError, TypeError, ValueError):
+        counts = None
+    if counts is None or tuple(counts.shape) != shape or batches < 0:
+        raise UserError(f"{Path(out) / PROGRESS_FILE}: a pass's record is malformed; rerun without "
+                        "--resume to start over")
+    return batches, counts
+
+
 def _attack_pass(cfg: AttackConfig, group: list[Loaded], info: DistInfo, attack: BatchAttack,
-                 desc: str) -> tuple[torch.Tensor, int]:
-    """One pass over the data for checkpoints sharing a transform: counts [models, 1+E, 2]."""
+                 desc: str, saved: dict[str, Any] | None,
+                 commit: Callable[[int, torch.Tensor], None]) -> tuple[torch.Tensor, int]:
+    """One pass over the data for checkpoints sharing a transform: counts [models, 1+E, 2],
+    summed over processes. Global batch b is indices[b·batch : (b+1)·batch] whichever process
+    attacks it, seeded by b; after each chunk of batches the counts so far are handed to
+    `commit` with the number of batches they cover, and a pass `saved` by a killed run
+    continues from its last commit with the same numbers an uninterrupted run gives."""
     dataset = open_images(cfg.data, group[0].meta, group[0].path,
                           eval_transform(group[0].meta, normalize=False))
     maps = [label_map(dataset.classes, m.meta, m.path).to(info.device) for m in group]
     indices = subset_indices(len(dataset), cfg.limit)
-    shard = shard_batches(indices, cfg.batch_size, info.rank, info.world_size)
+    bs = cfg.batch_size
+    n_batches = math.ceil(len(indices) / bs)
     eps01 = [e / 255 for e in cfg.eps]
     params = attack_params(cfg)
-    counts = torch.zeros(len(group), 1 + len(cfg.eps), 2, dtype=torch.int64)
-    with progress(len(shard.indices), desc, info.is_main) as bar:
-        for b, (images, labels) in enumerate(dataset_batches(dataset, shard, cfg.workers)):
-            images, labels = images.to(info.device), labels.to(info.device)
-            seed = batch_seed(cfg.seed, shard.first_batch + b)
-            for j, loaded in enumerate(group):
-                counts[j] += attack_counts(loaded.model, attack, images, maps[j][labels], eps01,
-                                           params, seed)
-            bar.update(len(labels))
+    shape = (len(group), 1 + len(cfg.eps), 2)
+    start, counts = (saved_counts(saved, shape, cfg.out) if saved
+                     else (0, torch.zeros(shape, dtype=torch.int64)))
+    chunks = commit_chunks(min(start, n_batches), n_batches, info.world_size)
+    mine = [chunk[_slice(shard_indices(len(chunk), info.rank, info.world_size))]
+            for chunk in chunks]
+    members = [indices[b * bs:(b + 1) * bs] for part in mine for b in part]
+    batches = index_batches(dataset, members, cfg.workers)
+    if start:
+        desc += f" (resumed at batch {start}/{n_batches})"
+    with progress(sum(map(len, members)), desc, info.is_main) as bar:
+        for chunk, part in zip(chunks, mine):
+            new = torch.zeros(shape, dtype=torch.int64)
+            for b in part:
+                images, labels = next(batches)
+                images, labels = images.to(info.device), labels.to(info.device)
+                for j, loaded in enumerate(group):
+                    new[j] += attack_counts(loaded.model, attack, images, maps[j][labels], eps01,
+                                            params, batch_seed(cfg.seed, b))
+                bar.update(len(labels))
+            counts += all_reduce_sum(new)  # int64: the totals over processes are exact
+            commit(chunk.stop, counts)
     return counts, len(indices)
 
 
+def run_identity(cfg: AttackConfig, impl: str) -> dict[str, Any]:
+    """What a resumed run must share with the killed one for its counts to be the same
+    measurement: the checkpoints' bytes, the data and its subset, and all that decides an
+    adversarial image: attack, implementation, ε, its parameters, the seed and the batch size
+    (which decides each batch's seed). Workers and device only change how they are made."""
+    return {"checkpoints": checkpoint_hashes(cfg.checkpoints),
+            "data": str(Path(cfg.data).resolve()), "limit": cfg.limit, "impl": impl,
+            "eps": list(cfg.eps), "step": cfg.step, "steps": cfg.steps,
+            "random_start": cfg.random_start, "seed": cfg.seed, "batch_size": cfg.batch_size}
+
+
 def run_attack(cfg: AttackConfig) -> dict[str, Any]:
-    """Evaluate every checkpoint under the attack; rank 0 writes metrics.json and the plot."""
+    """Evaluate every checkpoint under the attack; rank 0 writes metrics.json and the plot.
+    Each pass's counts are committed to progress.json as they grow; `resume` continues there."""
     check_config(cfg)
     impl, attack = get_attack(cfg.attack, cfg.impl)
     metas = read_metas(cfg.checkpoints)
@@ -139,13 +203,24 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     classes = open_images(cfg.data, metas[0], cfg.checkpoints[0]).classes
     for path, meta in zip(cfg.checkpoints, metas):
         label_map(classes, meta, path)
+    identity = run_identity(cfg, impl)
     with dist_session(cfg.device) as info:
-        run = fresh_run(cfg.out) if info.is_main else None
+        # rank 0's record (its error, on every rank): every rank continues from the same batch
+        done: dict[str, Any] = broadcast_object(agree(
+            lambda: load_progress(cfg.out, identity, cfg.attack)
+            if cfg.resume and info.is_main else {}))
+        run = (resumed_run(cfg.out) if cfg.resume else fresh_run(cfg.out)) if info.is_main else None
         if run:
             run.write_config(cfg)
             short = under_attacked(cfg)
             if short:
                 print(budget_warning(cfg, short), file=sys.stderr)
+
+        def commit(g: int, batches: int, counts: torch.Tensor) -> None:
+            done[str(g)] = {"batches": batches, "counts": counts.tolist()}
+            if run:
+                commit_progress(cfg.out, cfg.attack, identity, done)
+
         loaded = load_all(cfg.checkpoints, info.device)
         counts = torch.zeros(len(loaded), 1 + len(cfg.eps), 2, dtype=torch.int64)
         groups = group_by_transform(metas)
@@ -153,13 +228,15 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
         for g, group in enumerate(groups):
             t0 = time.perf_counter()
             desc = f"{cfg.attack} pass {g + 1}/{len(groups)}"
-            part, n_images = _attack_pass(cfg, [loaded[i] for i in group], info, attack, desc)
+            saved = done.get(str(g))
+            part, n_images = _attack_pass(cfg, [loaded[i] for i in group], info, attack, desc,
+                                          saved, lambda b, c, g=g: commit(g, b, c))
             counts[group] = part
             if run:
                 run.log({"pass": g, "checkpoints": [str(cfg.checkpoints[i]) for i in group],
-                         "world_size": info.world_size,
-                         "images": n_images, "seconds": time.perf_counter() - t0})
-        all_reduce_sum(counts)  # int64: the totals over processes are exact
+                         "world_size": info.world_size, "images": n_images,
+                         "resumed_at_batch": saved["batches"] if saved else 0,
+                         "seconds": time.perf_counter() - t0})
         if not run:
             return {}
         results = build_results(cfg, impl, loaded, counts, n_images, len(groups))

@@ -58,6 +58,9 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--workers", type=int, default=4, help="data loader processes")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dataset", default="", help="dataset name for metrics.json")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run in --out from its progress.json (the counts "
+                        "committed so far are kept; checkpoints, data and settings must match)")
 
 
 def _attack_parser(sub: Any, name: str) -> None:
@@ -96,9 +99,6 @@ def build_parser() -> ArgParser:
     c.add_argument("--corruptions", default="",
                    help="comma-separated subset (default: the 15 benchmark corruptions on disk)")
     c.add_argument("--batch-size", type=int, default=128)
-    c.add_argument("--resume", action="store_true",
-                   help="continue a killed run in --out from its progress.json (each finished "
-                        "split is kept; the checkpoints, data and splits must be the same)")
     return parser
 
 
@@ -109,7 +109,7 @@ def _attack_config(args: argparse.Namespace) -> AttackConfig:
         limit=args.limit, impl=args.impl,
         step=getattr(args, "step", 1.0), steps=getattr(args, "steps", 10),
         random_start=getattr(args, "random_start", True), seed=args.seed,
-        workers=args.workers, device=args.device, dataset=args.dataset)
+        workers=args.workers, device=args.device, dataset=args.dataset, resume=args.resume)
 
 
 def _corruption_config(args: argparse.Namespace) -> CorruptionConfig:

@@ -16,7 +16,7 @@ from smix.checkpoint import BackboneMeta, read_meta
 from smix.data import ClassFolder
 from smix.dist import DistInfo, cleanup, init_distributed
 from smix.errors import UserError
-from smix.io import RunDir
+from smix.io import RunDir, file_sha256, read_json, write_json
 from robustness.model import Normalized, load_for_eval, require_class_names
 
 
@@ -79,15 +79,56 @@ def open_images(root: Path, meta: BackboneMeta, path: Path, transform: Any = Non
     return ClassFolder(root, transform=transform, classes=classes)
 
 
+# A run's committed partial counts: what `--resume` continues from.
+PROGRESS_FILE = "progress.json"
+
+
 def fresh_run(out: Path) -> RunDir:
     """The run folder, cleared of a previous run's record: a rerun into the same --out replaces
-    its config, log, metrics and plot instead of appending to the old log or leaving old numbers
-    beside a new config should it fail. Other files in the folder are left alone."""
+    its config, log, metrics, plot and progress instead of appending to the old log, leaving old
+    numbers beside a new config should it fail, or resuming from another run's counts. Other
+    files in the folder are left alone."""
     run = RunDir(out)
-    for name in ("metrics.json", "accuracy_vs_eps.png"):
+    for name in ("metrics.json", "accuracy_vs_eps.png", PROGRESS_FILE):
         run.file(name).unlink(missing_ok=True)
     run.write_log([])
     return run
+
+
+def resumed_run(out: Path) -> RunDir:
+    """The run folder of a killed run, kept as it is but for the temporaries of writes the kill
+    interrupted."""
+    run = RunDir(out)
+    run.remove_stale_temporaries()
+    return run
+
+
+def checkpoint_hashes(paths: Sequence[Path]) -> list[str]:
+    """The checkpoints' sha256, in order: a resumed run must evaluate the same bytes."""
+    return [file_sha256(p) for p in paths]
+
+
+def load_progress(out: Path, identity: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The `done` record of a killed run of this `kind` in `out`. Every `identity` entry (what
+    makes its counts the same measurement) must equal the run's, else a one-line refusal."""
+    path = Path(out) / PROGRESS_FILE
+    if not path.is_file():
+        raise UserError(f"{out}: nothing to resume (no {PROGRESS_FILE})")
+    saved = read_json(path)
+    if (not isinstance(saved, dict) or not isinstance(saved.get("done"), dict)
+            or saved.get("kind", "corruption") != kind):
+        raise UserError(f"{path}: not a {kind} run's progress record")
+    for key, value in identity.items():
+        if saved.get("identity", {}).get(key) != value:
+            raise UserError(f"{path}: cannot resume with other {key} than the run's; use a new "
+                            "--out (or rerun without --resume to start over)")
+    return saved["done"]
+
+
+def commit_progress(out: Path, kind: str, identity: dict[str, Any], done: dict[str, Any]
+                    ) -> None:
+    """Atomically replace the run's progress record."""
+    write_json(Path(out) / PROGRESS_FILE, {"kind": kind, "identity": identity, "done": done})
 
 
 def correct_counts(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:

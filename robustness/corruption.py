@@ -25,10 +25,10 @@ from smix.checkpoint import BackboneMeta, checkpoint_ref
 from smix.data import read_cifar
 from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object
 from smix.errors import UserError
-from smix.io import RunDir, file_sha256, read_json, write_json
-from robustness.common import (Loaded, correct_counts, dist_session, fresh_run,
-                               group_by_transform, label_map, load_all, open_images, progress,
-                               read_metas)
+from robustness.common import (Loaded, checkpoint_hashes, commit_progress,
+                               correct_counts, dist_session, fresh_run, group_by_transform,
+                               label_map, load_all, load_progress, open_images, progress,
+                               read_metas, resumed_run)
 from robustness.corruption_data import (CORRUPTIONS, Split, detect_layout, load_npy, scan_cifar_c,
                                         scan_imagenet_c, split_transform, warn_ignored)
 from robustness.data import array_batches, dataset_batches, shard_batches, subset_indices
@@ -92,9 +92,6 @@ class CorruptionConfig:
     resume: bool = False  # continue from the run folder's progress.json
 
 
-PROGRESS_FILE = "progress.json"
-
-
 def split_key(split: Split) -> str:
     return f"{split.corruption}/{split.severity}"
 
@@ -103,30 +100,10 @@ def run_identity(cfg: CorruptionConfig, splits: Sequence[Split]) -> dict[str, An
     """What a resumed run must share with the killed one for its counts to be the same
     measurement: the checkpoints' bytes, the data, the split selection and the image subset
     (batch size, workers and device only change how the counts are made)."""
-    return {"checkpoints": [file_sha256(p) for p in cfg.checkpoints],
+    return {"checkpoints": checkpoint_hashes(cfg.checkpoints),
             "data": str(Path(cfg.data).resolve()),
             "clean": str(Path(cfg.clean).resolve()) if cfg.clean is not None else None,
             "splits": [split_key(s) for s in splits], "limit": cfg.limit}
-
-
-def load_progress(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """The committed splits of a killed run: {split: {"correct": {checkpoint sha256: count},
-    "total": n}}."""
-    path = Path(out) / PROGRESS_FILE
-    if not path.is_file():
-        raise UserError(f"{out}: nothing to resume (no {PROGRESS_FILE})")
-    saved = read_json(path)
-    if not isinstance(saved, dict) or not isinstance(saved.get("done"), dict):
-        raise UserError(f"{path}: not a corruption run's progress record")
-    for key, value in identity.items():
-        if saved.get("identity", {}).get(key) != value:
-            raise UserError(f"{path}: cannot resume with other {key} than the run's; use a new "
-                            "--out (or rerun without --resume to start over)")
-    return saved["done"]
-
-
-def commit_progress(out: Path, identity: dict[str, Any], done: dict[str, Any]) -> None:
-    write_json(Path(out) / PROGRESS_FILE, {"identity": identity, "done": done})
 
 
 def plan_splits(cfg: CorruptionConfig) -> tuple[str, list[Split], list[str]]:
@@ -271,11 +248,10 @@ def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
     with dist_session(cfg.device) as info:
         # rank 0's record (its error, on every rank): every rank skips the same splits
         done: dict[str, Any] = broadcast_object(agree(
-            lambda: load_progress(cfg.out, identity) if cfg.resume and info.is_main else {}))
-        run = (RunDir(cfg.out) if cfg.resume else fresh_run(cfg.out)) if info.is_main else None
+            lambda: load_progress(cfg.out, identity, "corruption")
+            if cfg.resume and info.is_main else {}))
+        run = (resumed_run(cfg.out) if cfg.resume else fresh_run(cfg.out)) if info.is_main else None
         if run:
-            if not cfg.resume:
-                run.file(PROGRESS_FILE).unlink(missing_ok=True)
             run.write_config(cfg)
             warn_ignored(cfg.data, ignored)
 
@@ -283,7 +259,7 @@ def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
             entry = done.setdefault(key, {"correct": {}, "total": total})
             entry["correct"].update(counts)
             if run:
-                commit_progress(cfg.out, identity, done)
+                commit_progress(cfg.out, "corruption", identity, done)
 
         ids = identity["checkpoints"]
         loaded = load_all(cfg.checkpoints, info.device)

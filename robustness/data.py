@@ -46,6 +46,17 @@ def dataset_batches(dataset: Dataset, shard: Shard, workers: int) -> Iterator[tu
     return ((torch.as_tensor(x).as_subclass(torch.Tensor), y) for x, y in loader)
 
 
+def index_batches(dataset: Dataset, batches: Sequence[Sequence[int]], workers: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) for each list of dataset indices in `batches`, in order: one loader
+    over batches that need not be contiguous (a process's part of each commit chunk)."""
+    if not batches:
+        return iter(())
+    loader = DataLoader(dataset, batch_sampler=[list(b) for b in batches], num_workers=workers,
+                        persistent_workers=False)
+    return ((torch.as_tensor(x).as_subclass(torch.Tensor), y) for x, y in loader)
+
+
 def array_batches(images: np.ndarray, labels: np.ndarray, shard: Shard,
                   transform: Callable[[torch.Tensor], torch.Tensor]
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -23,9 +23,10 @@ from smix.cli import run as cli_run
 from smix.data import ClassFolder, eval_transform, read_cifar
 from smix.errors import UserError
 from smix.shapes import ShapesConfig, generate_shapes
-from robustness.adversarial import AttackConfig, run_attack
+from robustness import adversarial as adversarial_mod
+from robustness.adversarial import AttackConfig, batch_seed, commit_chunks, run_attack
 from robustness.attacks import AttackParams, get_attack, list_attacks
-from robustness.common import group_by_transform
+from robustness.common import PROGRESS_FILE, group_by_transform
 from robustness.corruption import (CorruptionConfig, mean_corruption_error, relative_mce,
                                    run_corruption)
 from robustness import corruption as corruption_mod
@@ -281,6 +282,66 @@ def test_rerun_into_the_same_folder_replaces_the_previous_record(world, tmp_path
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_commit_chunks_cover_the_rest_in_whole_rounds_of_batches():
+    for n, world_size, start in [(782, 1, 0), (782, 3, 100), (6, 2, 0), (5, 4, 3), (1, 1, 0)]:
+        chunks = commit_chunks(start, n, world_size)
+        assert [b for c in chunks for b in c] == list(range(start, n))  # each batch once, in order
+        assert all(len(c) % world_size == 0 for c in chunks[:-1])  # every process has work
+    # 782 batches: chunks of ceil(782 / 20) = 40 -> 20 chunks; with 8 processes 5 each -> 40 again;
+    # with 64, one batch each: chunks of 64 -> ceil(782 / 64) = 13
+    assert [len(commit_chunks(0, 782, w)) for w in (1, 8, 64)] == [20, 20, 13]
+    assert len(commit_chunks(0, 782, 8)[0]) == 40
+    assert commit_chunks(6, 6, 2) == []
+
+
+def test_a_killed_pgd_run_resumes_from_its_last_commit(world, tmp_path, monkeypatch, capsys):
+    """Two passes (two transforms) over 12 images in batches of 2: one commit per batch. The run
+    is killed in pass 1's 4th batch; --resume attacks only the batches after the last commit and
+    gives an uninterrupted run's numbers, PGD's random starts included."""
+    other = make_ckpt(tmp_path / "c.safetensors", 3, resize=36)
+    args = ["pgd", "--ckpt", str(world["a"]), "--ckpt", str(world["b"]), "--ckpt", str(other),
+            "--data", str(world["val"]), "--eps", "2,8", "--steps", "2", "--batch-size", "2",
+            "--workers", "0", "--device", "cpu"]
+    assert cli_run("robustness", args + ["--out", str(tmp_path / "whole")]) == 0
+    attacked, state = [], {"kill": True}
+    real = adversarial_mod.attack_counts
+
+    def attack_counts(model, attack, images, labels, eps01, params, seed):
+        attacked.append(seed)
+        if len(attacked) == 7 and state.pop("kill", False):  # a, b of batches 0-2, a of 3
+            raise Killed
+        return real(model, attack, images, labels, eps01, params, seed)
+
+    monkeypatch.setattr(adversarial_mod, "attack_counts", attack_counts)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        cli_run("robustness", args + ["--out", str(out)])
+    progress = json.loads((out / PROGRESS_FILE).read_text())
+    assert progress["kind"] == "pgd" and progress["done"]["0"]["batches"] == 3
+    assert not (out / "metrics.json").exists()
+    capsys.readouterr()
+    for change, what in [(["--seed", "1"], "seed"), (["--steps", "3"], "steps"),
+                         (["--batch-size", "3"], "batch_size"), (["--limit", "5"], "limit")]:
+        flags = args + change + ["--out", str(out), "--resume"]
+        assert cli_run("robustness", flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"cannot resume with other {what} than the run's" in err
+    attacked.clear()
+    assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 0
+    # pass 1: batches 3-5 of a and b; pass 2: all 6 batches of c; the seeds are the batches'
+    assert attacked == [batch_seed(0, b) for b in (3, 3, 4, 4, 5, 5)] + \
+        [batch_seed(0, b) for b in range(6)]
+    assert _numbers(out / "metrics.json") == _numbers(tmp_path / "whole" / "metrics.json")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["resumed_at_batch"] for r in log] == [3, 0]
+    # a fresh run into the folder forgets the progress; a folder of another kind is refused
+    assert cli_run("robustness", args + ["--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "nothing to resume (no progress.json)" in capsys.readouterr().err
+    fgsm = ["fgsm"] + args[1:args.index("--steps")] + args[args.index("--batch-size"):]
+    assert cli_run("robustness", fgsm + ["--out", str(out), "--resume"]) == 2
+    assert "progress.json: not a fgsm run's progress record" in capsys.readouterr().err
+
+
 # --- corruptions ------------------------------------------------------------------------------------
 
 def test_mce_hand_computed():
@@ -393,7 +454,7 @@ def test_a_killed_corruption_run_resumes_from_its_finished_splits(world, tmp_pat
     with pytest.raises(Killed):
         cli_run("robustness", args + ["--out", str(out)])
     # both checkpoints share one transform: one pass, 11 splits (clean + 2 x 5)
-    progress = json.loads((out / corruption_mod.PROGRESS_FILE).read_text())
+    progress = json.loads((out / PROGRESS_FILE).read_text())
     assert list(progress["done"]) == evaluated[:4] and not (out / "metrics.json").exists()
     evaluated.clear()
     capsys.readouterr()
@@ -669,4 +730,37 @@ def test_two_process_run_equals_single_process(world, tmp_path, name):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
     assert json.loads(log[0])["world_size"] == 2
+    assert _numbers(tmp_path / "two" / "metrics.json") == _numbers(tmp_path / "one" / "metrics.json")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_killed_run_resumes_under_torchrun_with_the_same_numbers(world, tmp_path, monkeypatch):
+    """Killed on one process after 2 of its 6 batches, resumed by 2 gloo processes: the rest
+    is sharded over them batch by batch, and the numbers are the uninterrupted run's."""
+    argv = ["pgd", "--ckpt", str(world["a"]), "--data", str(world["val"]), "--eps", "2,8",
+            "--steps", "2", "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+    assert cli_run("robustness", argv + ["--out", str(tmp_path / "one")]) == 0
+    calls = []
+    real = adversarial_mod.attack_counts
+
+    def attack_counts(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return real(*args)
+
+    monkeypatch.setattr(adversarial_mod, "attack_counts", attack_counts)
+    with pytest.raises(Killed):
+        cli_run("robustness", argv + ["--out", str(tmp_path / "two")])
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "two" / PROGRESS_FILE).read_text())["done"]["0"]["batches"] == 2
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "robustness", *argv, "--out", str(tmp_path / "two"), "--resume"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
+    assert log["world_size"] == 2 and log["resumed_at_batch"] == 2
     assert _numbers(tmp_path / "two" / "metrics.json") == _numbers(tmp_path / "one" / "metrics.json")
