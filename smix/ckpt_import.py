@@ -10,12 +10,14 @@ The reader is chosen by content, not by name; torch files are opened with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -36,7 +38,7 @@ def read_external(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         except SafetensorError as e:
             raise UserError(f"{src}: unreadable safetensors file ({e})") from None
     try:  # a file object: torch.load itself would pick a reader by the name's extension
-        with open(src, "rb") as f:
+        with open(src, "rb") as f, _allowing(numpy_globals()):
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"{src}: refused, it needs full unpickling of arbitrary objects, which "
@@ -48,9 +50,35 @@ def read_external(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise UserError(f"{src}: expected a dict of tensors, found {type(obj).__name__}")
     for key in ("state_dict", "model", "model_state", "module"):
         if isinstance(obj.get(key), Mapping):
-            extras = {k: v for k, v in obj.items() if k != key and not isinstance(v, Mapping)}
+            extras = {k: _plain(v) for k, v in obj.items()
+                      if k != key and not isinstance(v, Mapping)}
             return _tensors(obj[key], src), extras
     return _tensors(obj, src), {}
+
+
+def numpy_globals() -> list[Any]:
+    """What unpickling numpy scalars and arrays needs, for files that store `best_acc1` or an
+    epoch as numpy values: the scalar and array rebuilders, `numpy.dtype` and its classes. Each
+    builds numpy data from bytes; an object array's items still go through torch's restricted
+    unpickler, so nothing else becomes loadable."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+    module = getattr(np, "dtypes", None)  # numpy >= 1.25
+    dtypes = [getattr(module, n) for n in dir(module) if n.endswith("DType")] if module else []
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def _allowing(names: list[Any]) -> Any:
+    """torch's context that adds to what `weights_only` loads (torch >= 2.5); older torch
+    refuses numpy values as before."""
+    safe = getattr(torch.serialization, "safe_globals", None)
+    return safe(names) if safe else contextlib.nullcontext()
+
+
+def _plain(v: Any) -> Any:
+    """A numpy scalar (or one-element array) as the Python number it holds."""
+    if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.size == 1):
+        return v.item()
+    return v
 
 
 def _unsafe_reason(src: Path, error: Exception) -> str:
@@ -59,7 +87,8 @@ def _unsafe_reason(src: Path, error: Exception) -> str:
     names: list[str] = []
     if hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch >= 2.5
         try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(src))
+            with _allowing(numpy_globals()):  # only what is still refused
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(str(src))
         except (ValueError, RuntimeError, OSError, pickle.UnpicklingError):  # legacy files:
             # (not zip) only the message names the class
             names = []
@@ -86,7 +115,14 @@ def sniff_format(src: Path) -> str:
 
 
 def _tensors(d: Mapping[str, Any], src: Path) -> dict[str, torch.Tensor]:
-    out = {k: v for k, v in strip_prefixes(d).items() if isinstance(v, torch.Tensor)}
+    """The tensors of a state dict; numeric numpy arrays (some converted files hold weights as
+    arrays) become tensors."""
+    out = {}
+    for k, v in strip_prefixes(d).items():
+        if isinstance(v, np.ndarray) and v.dtype.kind in "biuf":
+            v = torch.from_numpy(np.array(v, order="C"))  # a copy; 0-d stays 0-d
+        if isinstance(v, torch.Tensor):
+            out[k] = v
     if not out:
         raise UserError(f"{src}: no tensors found")
     return out

@@ -418,6 +418,27 @@ def test_import_refuses_full_unpickling(tmp_path):
 
 
 @pytest.mark.parametrize("zip_format", [True, False])
+def test_import_reads_numpy_scalars_and_arrays_but_not_what_they_hide(tmp_path, zip_format):
+    """pytorch/examples-style extras saved as numpy values (np.float64 best_acc1, np.int64
+    epoch) and a state dict of numpy arrays import; an object array holding a callable is still
+    refused, and the refusal names only that callable."""
+    sd = torchvision.models.resnet18(num_classes=3).state_dict()
+    kw = dict(_use_new_zipfile_serialization=zip_format)
+    torch.save({"state_dict": sd, "best_acc1": np.float64(76.25), "epoch": np.int64(90),
+                "curve": np.array([1.0, 2.0])}, tmp_path / "s.pth.tar", **kw)
+    meta = import_checkpoint(tmp_path / "s.pth.tar", tmp_path / "s.safetensors")
+    assert meta.epochs == 90 and meta.metrics == {"best_acc1": 76.25}
+    torch.save({k: v.numpy() for k, v in sd.items()}, tmp_path / "a.pth", **kw)
+    import_checkpoint(tmp_path / "a.pth", tmp_path / "a.safetensors")
+    state, _ = read_checkpoint(tmp_path / "a.safetensors")
+    assert set(state) == set(sd) and all(torch.equal(state[k], sd[k]) for k in sd)
+    torch.save({"state_dict": sd, "x": np.array([Evil()], dtype=object)}, tmp_path / "e.pth", **kw)
+    with pytest.raises(UserError, match=r"refused, .* \(it holds (builtins\.)?print\);"):
+        import_checkpoint(tmp_path / "e.pth", tmp_path / "e.safetensors")
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
 def test_refusal_names_the_class_and_has_no_terminal_codes(tmp_path, capsys, zip_format):
     """A timm-style file (training args as an argparse.Namespace) is refused, and the one line
     says which class blocked it rather than torch's first line with its ANSI bold codes."""
