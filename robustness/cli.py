@@ -52,7 +52,7 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--data", type=Path, required=True, help=data_help)
     p.add_argument("--out", type=Path, required=True,
                    help="run folder to write; a rerun into it replaces its config, log, "
-                        "metrics and plot")
+                        "metrics and plot (--resume continues it instead)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate N evenly spaced images (per split) instead of all")
     p.add_argument("--workers", type=int, default=4, help="data loader processes")
