@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,14 +36,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from smix.devices import device_name
-from smix.dist import init_distributed
-from smix.cpus import auto_workers
-from pretrain import engine
-from pretrain.config import build_config
-from pretrain.data import SeededDataset
-from pretrain.nvjpeg import DecodeLoader
-from benchmarks.input_pipeline import jpeg_tree, sync
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` from any cwd
+
+from smix.devices import device_name  # noqa: E402
+from smix.dist import init_distributed  # noqa: E402
+from smix.cpus import auto_workers  # noqa: E402
+from pretrain import engine  # noqa: E402
+from pretrain.config import build_config  # noqa: E402
+from pretrain.data import SeededDataset  # noqa: E402
+from pretrain.nvjpeg import DecodeLoader  # noqa: E402
+from benchmarks.input_pipeline import jpeg_tree, sync  # noqa: E402
 
 
 class BlankImages(Dataset):

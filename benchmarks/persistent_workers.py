@@ -16,18 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.input_pipeline import sync, write_jpegs
-from smix.devices import device_name
-from smix.dist import init_distributed
-from smix.cpus import auto_workers
-from pretrain import engine
-from pretrain.config import build_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` from any cwd
+
+from benchmarks.input_pipeline import sync, write_jpegs  # noqa: E402
+from smix.devices import device_name  # noqa: E402
+from smix.dist import init_distributed  # noqa: E402
+from smix.cpus import auto_workers  # noqa: E402
+from pretrain import engine  # noqa: E402
+from pretrain.config import build_config  # noqa: E402
 
 
 def epoch_times(rt: engine.Runtime, epoch: int) -> tuple[float, float]:

@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,13 +31,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from smix.data import collate_skip, load_rgb
-from smix.devices import device_name
-from smix.cpus import auto_workers
-from pretrain.config import build_config
-from pretrain.data import SeededDataset, build_datasets
-from benchmarks.input_pipeline import write_jpegs
-from benchmarks.loader_stages import BlankImages
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` from any cwd
+
+from smix.data import collate_skip, load_rgb  # noqa: E402
+from smix.devices import device_name  # noqa: E402
+from smix.cpus import auto_workers  # noqa: E402
+from pretrain.config import build_config  # noqa: E402
+from pretrain.data import SeededDataset, build_datasets  # noqa: E402
+from benchmarks.input_pipeline import write_jpegs  # noqa: E402
+from benchmarks.loader_stages import BlankImages  # noqa: E402
 
 
 class OldSeeded(SeededDataset):

@@ -20,15 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from smix.data import TrainAug, finish_on_device, load_rgb, load_rgb_tensor, train_transform
-from smix.devices import device_name
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` from any cwd
+
+from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from smix.data import (  # noqa: E402
+    TrainAug, finish_on_device, load_rgb, load_rgb_tensor, train_transform)
+from smix.devices import device_name  # noqa: E402
+from benchmarks.input_pipeline import write_jpegs  # noqa: E402
 
 
 def per_image_ms(fn, paths: list[Path], repeats: int) -> float:
@@ -47,7 +52,6 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    from benchmarks.input_pipeline import write_jpegs
     torch.set_num_threads(1)  # as in a DataLoader worker
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), a.images, 1)
