@@ -3,7 +3,11 @@
 Baseline: the VOC devkit / py-faster-rcnn matching written as a per-detection Python loop (as
 detectron2's `voc_eval` runs it), measured in the same process on the same synthetic VOC-scale
 detections (images x classes, jittered true positives, duplicates, difficult objects, clutter).
-Both compute AP50 per class; the script checks they agree, then prints one JSON line.
+Both compute AP50 per class. The script prints one JSON line, then checks they agree: over the
+classes both score (a class without non-difficult objects has no AP: the toolkit says None, the
+loop leaves it out rather than divide by zero as the devkit does), |ΔAP50| must stay within
+1e-6 points and no class may be scored by one side only; otherwise it exits non-zero with one
+line. Both run in numpy on the host, so there is no GPU variant; the line names the CPU.
 
     python benchmarks/transfer_voc_eval.py [--images 4952] [--dets-per-image 100]
 """
@@ -12,13 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from smix.devices import device_name
 from smix.voc import VOC_CLASSES, VOCObject, VOCRecord
 from transfer.voc_eval import Detections, average_precision, evaluate_voc, to_voc_boxes
+
+TOLERANCE = 1e-6  # AP50 points: the two compute the same numbers, up to float rounding
 
 
 def synthetic(n_images: int, per_image: int, seed: int = 0) -> tuple[list[VOCRecord], Detections]:
@@ -40,8 +48,8 @@ def synthetic(n_images: int, per_image: int, seed: int = 0) -> tuple[list[VOCRec
     return records, Detections.concat(parts)
 
 
-def loop_ap50(records: list[VOCRecord], d: Detections) -> list[float]:
-    """The baseline: one detection at a time, as the devkit does."""
+def loop_ap50(records: list[VOCRecord], d: Detections) -> list[float | None]:
+    """The baseline: one detection at a time, as the devkit does (None: no positives)."""
     boxes, aps = to_voc_boxes(d.boxes), []
     for c, name in enumerate(VOC_CLASSES):
         gts = {r.image_id: [o for o in r.objects if o.name == name] for r in records}
@@ -69,8 +77,20 @@ def loop_ap50(records: list[VOCRecord], d: Detections) -> list[float]:
             else:
                 fp[n] = 1.0
         tp, fp = np.cumsum(tp), np.cumsum(fp)
+        if npos == 0:
+            aps.append(None)
+            continue
         aps.append(100 * average_precision(tp / npos, tp / np.maximum(tp + fp, 1e-300)))
     return aps
+
+
+def compare(ref: list[float | None], ours: list[float | None]) -> tuple[float, int, int, int]:
+    """(max |ΔAP50| over the classes both score, classes compared, classes skipped, classes
+    scored by one side only)."""
+    pairs = [(a, b) for a, b in zip(ref, ours) if a is not None and b is not None]
+    one_sided = sum((a is None) != (b is None) for a, b in zip(ref, ours))
+    diff = max((abs(a - b) for a, b in pairs), default=0.0)
+    return diff, len(pairs), len(ref) - len(pairs), one_sided
 
 
 def main() -> None:
@@ -88,13 +108,18 @@ def main() -> None:
     tic = time.perf_counter()
     evaluate_voc(records, d, VOC_CLASSES)
     t_all = time.perf_counter() - tic
-    diff = max(abs(a - b) for a, b in zip(ref, (ours.per_class[n] for n in VOC_CLASSES)))
+    diff, compared, skipped, one_sided = compare(ref, [ours.per_class[n] for n in VOC_CLASSES])
     print(json.dumps({
-        "benchmark": "transfer_voc_eval", "images": args.images, "detections": len(d.scores),
+        "benchmark": "transfer_voc_eval", "device": "cpu", "device_name": device_name("cpu"),
+        "images": args.images, "detections": len(d.scores),
         "baseline": "per-detection loop (VOC devkit / detectron2 voc_eval style), AP50",
         "baseline_s": round(t_loop, 3), "vectorised_AP50_AP75_s": round(t_vec, 3),
         "vectorised_all_10_thresholds_s": round(t_all, 3),
-        "speedup_vs_baseline": round(t_loop / t_vec, 1), "max_abs_AP50_diff": diff}))
+        "speedup_vs_baseline": round(t_loop / t_vec, 1), "max_abs_AP50_diff": diff,
+        "classes_compared": compared, "classes_skipped_no_positives": skipped}), flush=True)
+    if diff > TOLERANCE or one_sided:
+        sys.exit(f"transfer_voc_eval: the evaluators disagree: max |dAP50| {diff:.3g} (tolerance "
+                 f"{TOLERANCE}), {one_sided} class(es) scored by one side only")
 
 
 if __name__ == "__main__":
