@@ -3,9 +3,11 @@
 The torchvision backend, end to end through `run_transfer` (the code `smix transfer` runs): a
 randomly initialised ResNet-18 checkpoint, FPN, generated shapes data in the VOC layout, N
 iterations of the d2-voc schedule (rescaled) versus 0 iterations (the baseline, same process,
-same seed: identical new layers). Prints one JSON line.
+same seed: identical new layers). Prints one JSON line naming the device it trained on
+(`--device`, default the GPU where there is one, as `smix transfer` picks).
 
     python benchmarks/transfer_finetune.py [--iters 300] [--classes 4] [--per-class 40]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from smix.arch import build_model
 from smix.checkpoint import BackboneMeta, save_checkpoint
+from smix.devices import device_name
 from smix.shapes import SHAPES, ShapesConfig, generate_shapes
 from transfer.api import run_transfer
 from transfer.config import TransferConfig
@@ -29,13 +32,23 @@ OVERRIDES = ("min_size=64", "max_size=64", "batch=4", "lr=0.02", "workers=0",
              "rpn_post_nms_test=100", "checkpoint_period=100000", "log_period=50")
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--per-class", type=int, default=40)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on shared cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -52,13 +65,17 @@ def main() -> None:
         for iters in (0, args.iters):
             cfg = TransferConfig(ckpt, root / "shapes", root / f"run{iters}", backend="torchvision",
                                  arch="fpn", classes="auto", iters=iters, progress=False,
+                                 device=args.device,
                                  overrides=tuple(tuple(o.split("=", 1)) for o in OVERRIDES))
+            sync(device)
             tic = time.perf_counter()
             ap[iters] = run_transfer(cfg)
+            sync(device)
             seconds[iters] = time.perf_counter() - tic
     base, tuned = ap[0], ap[args.iters]
     print(json.dumps({
-        "benchmark": "transfer_finetune", "backend": "torchvision", "arch": "fpn",
+        "benchmark": "transfer_finetune", "device": device.type,
+        "device_name": device_name(device), "backend": "torchvision", "arch": "fpn",
         "backbone": "resnet18 (random init)", "data": f"shapes {args.classes} classes, "
         f"{args.per_class}/class train, 64px", "iters": args.iters,
         "baseline": "untrained detector (0 iterations)", "baseline_AP50": round(base["AP50"], 2),
