@@ -2,8 +2,12 @@
 
 * loader alone  -- the engine's training loader for one epoch, batches delivered to the device;
 * step alone    -- the engine's `train_step` on a batch already on the device, per method;
-* engine epoch  -- `engine.train_epoch`: loader + step as training runs them (worker start
-                   included).
+* engine epoch  -- `engine.train_epoch`: loader + step as training runs them, the epoch after
+                   an untimed warm-up epoch. Worker start-up is not in it: the workers persist
+                   (`persistent_workers`, the default) and the warm-up started them;
+                   DALI builds each epoch's pipeline before `train_epoch` starts its clock.
+                   It does include the epoch's wait for its first batch and, at its end, for
+                   the slowest worker (see "Epoch length").
 
 Baseline: the step alone with method `none`. Ratios: `epoch_vs_step` (goal >= 0.9 on a GPU,
 ResNet-50, batch 256, bf16, loader=auto), `loader_vs_step`, and per method
