@@ -45,8 +45,10 @@ FREE = {aten.view.default, aten.slice.Tensor, aten.select.int, aten.unsqueeze.de
         aten.squeeze.dim, aten.squeeze.default, aten.expand.default, aten.t.default,
         aten.alias.default, aten.as_strided.default, aten.permute.default,
         aten._unsafe_view.default, aten.detach.default, aten.unbind.int, aten.split.Tensor,
-        aten.reshape.default, aten.new_empty.default, aten.empty.memory_format,
-        aten.lift_fresh.default, aten.is_pinned.default}
+        aten.reshape.default, aten.lift_fresh.default, aten.is_pinned.default,
+        # allocations: memory from the caching allocator, no kernel
+        aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
+        aten.new_empty.default, aten.new_empty_strided.default}
 
 
 class CountLaunches(TorchDispatchMode):
