@@ -122,8 +122,8 @@ def main() -> None:
             print(json.dumps({
                 "benchmark": "cam_export", "device": device.type,
                 "device_name": device_name(device), "method": method, "arch": a.arch,
-                "size": a.size,
-                "images": n, "threads": torch.get_num_threads(), "batch_size": a.batch_size,
+                "size": a.size, "images": n, "threads": torch.get_num_threads(),
+                "batch_size": a.batch_size,
                 "baseline": "same export, batch_size=1", "repeats": a.repeats,
                 "batched_img_per_s": round(n / batched, 2),
                 "baseline_img_per_s": round(n / single, 2),
