@@ -8,6 +8,7 @@ from pathlib import Path
 
 from smix.cli import ArgParser, parse_overrides
 from smix.errors import UserError
+from smix.io import distinct_names
 from cam.methods import list_cam_methods
 
 _METHODS = ", ".join(list_cam_methods())
@@ -43,8 +44,10 @@ def _parser() -> ArgParser:
                    help="comma-separated mixer names (default: every registered mixer)")
     m.add_argument("--mixer-arg", action="append", default=[], metavar="MIXER.KEY=VALUE",
                    help="a mixer parameter, e.g. cutmix.alpha=1.0; repeatable")
-    m.add_argument("--classes", nargs=2, default=("true", "true"), metavar=("A", "B"),
-                   help="class of A and B: true (folder name), pred, or a class name/index")
+    m.add_argument("--classes", nargs=2, default=("auto", "auto"), metavar=("A", "B"),
+                   help="class of A and B: auto (the folder's name where it is a class of the "
+                        "checkpoint, else the prediction; default), true (the folder's name), "
+                        "pred, or a class name/index")
     m.add_argument("--seed", type=int, default=0)
     loc = sub.add_parser("localize", help="GT-known/Top-1 Loc, MaxBoxAcc, pointing game")
     _common(loc)
@@ -127,7 +130,8 @@ def _print_localization(r: dict) -> None:
           f"CAM threshold {r['cam_threshold']}, geometry {r.get('geometry', 'crop')}")
     print(f"{'checkpoint':<40} {'GT-known':>9} {'Top-1Loc':>9} {'Top-1Cls':>9} "
           f"{'MaxBoxAcc':>10} {'Pointing':>9}")
-    for m in r["models"]:
-        name = Path(m["checkpoint"]["path"]).name + f" ({m['training_method']})"
+    names = distinct_names([m["checkpoint"]["path"] for m in r["models"]])
+    for m, name in zip(r["models"], names):
+        name += f" ({m['training_method']})"
         print(f"{name[:40]:<40} {m['gt_known_loc']:9.2f} {m['top1_loc']:9.2f} "
               f"{m['top1_cls']:9.2f} {m['maxboxacc']:10.2f} {m['pointing_game']:9.2f}")

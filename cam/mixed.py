@@ -13,6 +13,7 @@ checkpoint), then per checkpoint its CAM for A's class and for B's class.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,7 +41,7 @@ class MixedConfig:
     out: Path
     methods: tuple[str, ...] | None = None  # mixer names; None: every registered one but none
     mixer_args: tuple[tuple[str, str, str], ...] = ()  # (mixer, parameter, value)
-    classes: tuple[str, str] = ("true", "true")  # per image: true (folder) | pred | class
+    classes: tuple[str, str] = ("auto", "auto")  # per image: auto | true (folder) | pred | class
     cam_method: str | None = None
     layer: str | None = None
     seed: int = 0
@@ -98,17 +99,23 @@ def mix_pair(mixer: Any, x: torch.Tensor, labels: torch.Tensor, seed: int, ctx: 
 
 
 def _pair_labels(cfg: MixedConfig, m: CamModel, x: torch.Tensor) -> torch.Tensor:
-    pred = None
+    """The class of each image: its folder's (`true`), the model's prediction (`pred`), the
+    folder's where it names a class of the checkpoint and else the prediction, said on stderr
+    (`auto`: images outside class folders), or a class name/index."""
+    with torch.no_grad():
+        pred = m.model(x.to(m.cam.device)).argmax(1).cpu()
     out = []
-    for path, spec in zip(cfg.pair, cfg.classes):
-        if spec == "pred":
-            if pred is None:
-                with torch.no_grad():
-                    pred = m.model(x.to(m.cam.device)).argmax(1).cpu()
-            out.append(int(pred[len(out)]))
-        elif spec == "true":
-            out.append(class_index(m.meta, path.parent.name,
-                                   f"folder of {path}; pass --classes A B or pred"))
+    for i, (path, spec) in enumerate(zip(cfg.pair, cfg.classes)):
+        folder = path.parent.name
+        if spec == "pred" or (spec == "auto" and folder not in m.meta.class_names):
+            out.append(int(pred[i]))
+            if spec == "auto":
+                print(f"cam mixed: {path}: its folder {folder!r} is not a class of {m.path}; "
+                      f"using the predicted class {m.meta.class_names[out[-1]]!r} "
+                      "(--classes A B to choose)", file=sys.stderr)
+        elif spec in ("true", "auto"):
+            out.append(class_index(m.meta, folder,
+                                   f"folder of {path}; pass --classes A B, or pred pred"))
         else:
             out.append(class_index(m.meta, spec, f"--classes, for {m.path}"))
     return torch.tensor(out, dtype=torch.long)

@@ -116,7 +116,8 @@ def config_problem(cfg: TrainConfig) -> str | None:
 
 
 # Settings a user does not set with key=value: given by flags, or derived.
-_NOT_SETTABLE = ("preset", "data", "out", "method", "notes")
+# set by flags or derived, or (the last two) set one key at a time: method.<p>=v, arch.<p>=v
+_NOT_SETTABLE = ("preset", "data", "out", "method", "notes", "method_params", "arch_kwargs")
 
 
 def _cifar(arch: str, classes: int, **kw: Any) -> dict[str, Any]:

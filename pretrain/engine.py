@@ -521,9 +521,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         raise UserError(f"{rt.run.path} already holds a run; use --resume to continue it "
                         "or choose another --out")
     if dist.is_main:
+        # a resumed run's set-up notes (milestones rescaled for the first --epochs, ...) are in
+        # its config.json; only what this command changed (workers=auto) is news
+        old = set(read_json(rt.run.file("config.json")).get("notes", ())) if resume else set()
+        if resume:
+            where = (f"at epoch {start + 1} of {cfg.epochs}" if start < cfg.epochs
+                     else f"with all {cfg.epochs} epochs done")
+            print(f"pretrain: resuming {rt.run.path} {where}, with the recipe it was set up "
+                  "with (config.json)", file=sys.stderr)
         rt.run.write_config(cfg)
         for note in cfg.notes:
-            print(f"pretrain: {note}", file=sys.stderr)
+            if note not in old:
+                print(f"pretrain: {note}", file=sys.stderr)
         if resume:
             rt.run.remove_stale_temporaries()
             _restore_artefacts(rt, start, history)

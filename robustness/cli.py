@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from smix.cli import ArgParser
 from smix.errors import UserError
+from smix.io import distinct_names
 from smix.report import incomplete_note
 from robustness.adversarial import MAX_EPS, AttackConfig, run_attack
 from robustness.attacks import attack_info, list_attacks
@@ -66,7 +67,8 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
 def _attack_parser(sub: Any, name: str) -> None:
     info = attack_info(name)
     p = sub.add_parser(name, help=f"{name.upper()} white-box L-inf evaluation")
-    _common(p, "evaluation images as class folders (e.g. ImageNet val)")
+    _common(p, "evaluation images as class folders (e.g. ImageNet val) or Tiny-ImageNet's "
+               "own val/ layout (images/ + val_annotations.txt)")
     p.add_argument("--eps", default=",".join(f"{e:g}" for e in info.default_eps),
                    help="epsilons in /255 pixel units, comma-separated (default: %(default)s)")
     p.add_argument("--allow-subpixel-eps", action="store_true",
@@ -122,8 +124,9 @@ def _corruption_config(args: argparse.Namespace) -> CorruptionConfig:
 
 def _summary(results: dict[str, Any], kind: str) -> list[str]:
     lines = []
-    for m in results.get("models", []):
-        name = Path(m["checkpoint"]["path"]).name
+    models = results.get("models", [])
+    names = distinct_names([m["checkpoint"]["path"] for m in models])
+    for name, m in zip(names, models):
         if kind == "corruption":
             lines.append(f"{name}: mean error {_fmt(m['mean_error'])}  mCE {_fmt(m['mCE'])}  "
                          f"clean error {_fmt(m['clean_error'])}{incomplete_note(results)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from smix.errors import UserError, one_line
 
@@ -28,7 +28,13 @@ COMMANDS = {
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse whose usage errors are a `UserError` (one line, exit 2) instead of exit."""
+    """argparse whose usage errors are a `UserError` (one line, exit 2) instead of exit, and
+    whose flags must be spelled out: with abbreviations, `cam mixed --method gradcam` (the flag
+    of `cam export`) was silently read as `--methods` and failed on a mixer name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UserError(message, prog=self.prog)

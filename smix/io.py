@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from smix.errors import UserError
 
@@ -174,6 +174,18 @@ def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:length]
+
+
+def distinct_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The shortest trailing parts of each path that tell them apart, for console lines:
+    runs/base/backbone.safetensors and runs/smix/backbone.safetensors give base/backbone…
+    and smix/backbone…; distinct file names stay bare."""
+    parts = [Path(p).parts for p in paths]
+    for k in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = [str(Path(*p[-k:])) if p else "" for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
 
 
 class RunDir:

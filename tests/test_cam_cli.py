@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from smix.arch import build_model
-from smix.checkpoint import BackboneMeta, save_checkpoint
+from smix.checkpoint import BackboneMeta, load_backbone, save_checkpoint
 from smix.cli import run
 from smix.data import eval_transform, load_rgb
 from smix.io import read_json
@@ -194,6 +194,37 @@ def test_mixed_draws_each_mixer_and_both_cams(data, tmp_path, capsys) -> None:
     grid = read_png(out / "grid.png")
     # shared inputs (same preprocessing, model-free mixers): 1 input row + 2 rows per checkpoint
     assert grid.shape[:2] == GridLayout(5, 5).size_px[::-1]
+
+
+def test_mixed_images_outside_class_folders_take_the_prediction(data, tmp_path, capsys) -> None:
+    """`--pair a.png b.png` from a figures folder: the folder names no class, so by default each
+    image gets the model's prediction, said on stderr; `true` refuses with a usable hint."""
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    for name, cls in (("a.png", "circle"), ("b.png", "square")):
+        shutil.copy(sorted((data["val"] / cls).iterdir())[0], figs / name)
+    base = ["mixed", "--ckpt", str(data["cutmix"]), "--pair", str(figs / "a.png"),
+            str(figs / "b.png"), "--methods", "cutmix"]
+    rc, err = _smix(base + ["--out", str(tmp_path / "auto")], capsys)
+    assert rc == 0, err
+    notes = [line for line in err.splitlines() if "is not a class of" in line]
+    assert len(notes) == 2 and "its folder 'figs'" in notes[0] and "using the predicted" in notes[0]
+    model, meta = load_backbone(data["cutmix"])
+    x = torch.stack([eval_transform(meta)(load_rgb(figs / n)) for n in ("a.png", "b.png")])
+    with torch.no_grad():
+        pred = [meta.class_names[i] for i in model.eval()(x).argmax(1).tolist()]
+    got = read_json(tmp_path / "auto" / "metrics.json")["results"]["models"][0]
+    assert [got["class_a"], got["class_b"]] == pred
+    rc, err = _smix(base + ["--classes", "true", "true", "--out", str(tmp_path / "t")], capsys)
+    assert rc == 2 and "class 'figs' (folder of" in err and "pred pred" in err
+
+
+def test_flags_are_not_abbreviated(data, tmp_path, capsys) -> None:
+    """`--method` is `cam export`'s flag; in `cam mixed` it must not pass for `--methods`."""
+    a = sorted((data["val"] / "circle").iterdir())[0]
+    rc, err = _smix(["mixed", "--ckpt", str(data["cutmix"]), "--pair", str(a), str(a),
+                     "--method", "gradcam", "--out", str(tmp_path / "m")], capsys)
+    assert rc == 2 and "unrecognized arguments: --method gradcam" in err
 
 
 def test_mixed_unknown_mixer_lists_the_registered_ones(data, tmp_path, capsys) -> None:

@@ -217,6 +217,12 @@ def test_notes_are_printed_and_recorded(shapes_root, tmp_path, capsys):
     assert "pretrain: LR milestones rescaled to 1 epochs: 2 -> 1" in err
     assert "pretrain: lr scaled linearly with the batch: 0.02 x 8/32 = 0.005" in err
     assert len(json.loads((run / "config.json").read_text())["notes"]) == 2
+    # resumed for 3 epochs: the set-up notes (about 1 epoch) are not news, and are not repeated
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "3"]) == 0
+    err = capsys.readouterr().err
+    assert f"pretrain: resuming {run} at epoch 2 of 3, with the recipe it was set up" in err
+    assert "rescaled" not in err and "scaled linearly" not in err
+    assert len(json.loads((run / "config.json").read_text())["notes"]) == 2
 
 
 # 6. what --resume accepts ------------------------------------------------------------------
@@ -251,7 +257,9 @@ def test_resume_accepts_data_location_and_io_settings_refuses_the_rest(shapes_ro
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(cpus_mod, "CGROUP", tmp_path / "no-cgroup")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    capsys.readouterr()
     assert smix(["pretrain", "--resume", str(run), "--epochs", "3", "workers=auto"]) == 0
+    assert "pretrain: workers=auto: 1 on this machine" in capsys.readouterr().err  # news
     saved = json.loads((run / "config.json").read_text())
     assert saved["workers"] == 1
     assert [n for n in saved["notes"] if "workers" in n] == [

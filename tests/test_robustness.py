@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -694,6 +695,20 @@ def test_cli_fgsm_end_to_end(world, tmp_path, capsys):
     assert code == 0 and "eps 8:" in out
     res = json.loads((tmp_path / "o" / "metrics.json").read_text())["results"]
     assert res["n_images"] == 6 and res["eps"] == [8.0] and res["impl"] == "shared-grad"
+
+
+def test_cli_summary_tells_same_named_checkpoints_apart(world, tmp_path, capsys):
+    for run in ("base", "smix"):
+        (tmp_path / run).mkdir()
+        shutil.copy(world["a"], tmp_path / run / "backbone.safetensors")
+    code = cli_run("robustness", ["fgsm", "--ckpt", str(tmp_path / "base" / "backbone.safetensors"),
+                                  "--ckpt", str(tmp_path / "smix" / "backbone.safetensors"),
+                                  "--data", str(world["val"]), "--out", str(tmp_path / "o"),
+                                  "--eps", "8", "--workers", "0", "--limit", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines[0].startswith("base/backbone.safetensors: clean top-1")
+    assert lines[1].startswith("smix/backbone.safetensors: clean top-1")
 
 
 # --- torchrun: 2 gloo processes give the single-process numbers ----------------------------------------

@@ -553,3 +553,12 @@ def test_checkpoint_written_before_the_rename_still_loads(tmp_path):
     assert meta.method == {"name": "saliencymix", "prob": 1.0} and meta.epochs == 8
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_distinct_names_are_the_shortest_telling_suffixes():
+    from smix.io import distinct_names
+    assert distinct_names(["runs/base/backbone.safetensors", "runs/smix/backbone.safetensors"]) \
+        == ["base/backbone.safetensors", "smix/backbone.safetensors"]
+    # one depth for all (the lines stay comparable); a shorter path is shown whole
+    assert distinct_names(["a/x/b.st", "c/x/b.st", "d.st"]) == ["a/x/b.st", "c/x/b.st", "d.st"]
+    assert distinct_names(["p/a.st", "q/b.st"]) == ["a.st", "b.st"]

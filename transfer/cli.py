@@ -13,7 +13,8 @@ def build_parser() -> ArgParser:
     p = ArgParser(
         prog="smix transfer",
         description="Fine-tune Faster R-CNN on Pascal VOC (VOC07+12 trainval -> VOC07 test) from a "
-                    "toolkit checkpoint and report VOC07 11-point AP50 (and AP, AP75, per class).",
+                    "toolkit checkpoint and report AP50 (VOC07 11-point on a 2007 test set, "
+                    "area under the curve on 2012) with AP, AP75 and per-class AP.",
         epilog="overrides (key=value): batch, lr, steps, warmup, min_size, max_size, test_size, "
                "anchor_sizes, rpn_batch, roi_batch, rpn_post_nms_train/test, workers, seed, "
                "checkpoint_period, train_sets (2007:trainval,2012:trainval), test_set, ...; "
