@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from smix.checkpoint import checkpoint_ref
+from smix.checkpoint import BackboneMeta, checkpoint_ref
 from smix.data import denormalize, eval_transform, load_rgb, normalize
 from smix.dist import pick_device
 from smix.errors import UserError
@@ -98,6 +98,15 @@ def mix_pair(mixer: Any, x: torch.Tensor, labels: torch.Tensor, seed: int, ctx: 
                     "(is its prob 0?)")
 
 
+def _names_a_class(meta: BackboneMeta, name: str) -> bool:
+    """Whether `class_index` takes `name` (a class name, or an index below the class count)."""
+    try:
+        class_index(meta, name, "")
+    except UserError:
+        return False
+    return True
+
+
 def _pair_labels(cfg: MixedConfig, m: CamModel, x: torch.Tensor) -> torch.Tensor:
     """The class of each image: its folder's (`true`), the model's prediction (`pred`), the
     folder's where it names a class of the checkpoint and else the prediction, said on stderr
@@ -107,13 +116,15 @@ def _pair_labels(cfg: MixedConfig, m: CamModel, x: torch.Tensor) -> torch.Tensor
     out = []
     for i, (path, spec) in enumerate(zip(cfg.pair, cfg.classes)):
         folder = path.parent.name
-        if spec == "pred" or (spec == "auto" and folder not in m.meta.class_names):
-            out.append(int(pred[i]))
-            if spec == "auto":
+        if spec == "auto":
+            spec = "true" if _names_a_class(m.meta, folder) else "pred"
+            if spec == "pred":
                 print(f"cam mixed: {path}: its folder {folder!r} is not a class of {m.path}; "
-                      f"using the predicted class {m.meta.class_names[out[-1]]!r} "
+                      f"using the predicted class {m.meta.class_names[int(pred[i])]!r} "
                       "(--classes A B to choose)", file=sys.stderr)
-        elif spec in ("true", "auto"):
+        if spec == "pred":
+            out.append(int(pred[i]))
+        elif spec == "true":
             out.append(class_index(m.meta, folder,
                                    f"folder of {path}; pass --classes A B, or pred pred"))
         else:

@@ -13,7 +13,9 @@ uninterrupted run gives (each batch is seeded by its global index).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from smix.checkpoint import checkpoint_ref
-from smix.data import eval_transform
+from smix.data import ClassFolder, eval_transform
 from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object, shard_indices
 from smix.errors import UserError
 from robustness.attacks import AttackParams, BatchAttack, attack_info, get_attack
@@ -128,14 +130,14 @@ def _slice(r: range) -> slice:
     return slice(r.start, r.stop)
 
 
-def saved_counts(saved: dict[str, Any], shape: tuple[int, ...], out: Path
+def saved_counts(saved: dict[str, Any], shape: tuple[int, ...], n_batches: int, out: Path
                  ) -> tuple[int, torch.Tensor]:
     """(batches done, counts) of one pass's progress entry, checked against the run's shape."""
     try:
         batches, counts = int(saved["batches"]), torch.tensor(saved["counts"], dtype=torch.int64)
     except (KeyError, TypeError, ValueError):
         counts = None
-    if counts is None or tuple(counts.shape) != shape or batches < 0:
+    if counts is None or tuple(counts.shape) != shape or not 0 <= batches <= n_batches:
         raise UserError(f"{Path(out) / PROGRESS_FILE}: a pass's record is malformed; rerun without "
                         "--resume to start over")
     return batches, counts
@@ -158,9 +160,9 @@ def _attack_pass(cfg: AttackConfig, group: list[Loaded], info: DistInfo, attack:
     eps01 = [e / 255 for e in cfg.eps]
     params = attack_params(cfg)
     shape = (len(group), 1 + len(cfg.eps), 2)
-    start, counts = (saved_counts(saved, shape, cfg.out) if saved
+    start, counts = (saved_counts(saved, shape, n_batches, cfg.out) if saved
                      else (0, torch.zeros(shape, dtype=torch.int64)))
-    chunks = commit_chunks(min(start, n_batches), n_batches, info.world_size)
+    chunks = commit_chunks(start, n_batches, info.world_size)
     mine = [chunk[_slice(shard_indices(len(chunk), info.rank, info.world_size))]
             for chunk in chunks]
     members = [indices[b * bs:(b + 1) * bs] for part in mine for b in part]
@@ -182,13 +184,18 @@ def _attack_pass(cfg: AttackConfig, group: list[Loaded], info: DistInfo, attack:
     return counts, len(indices)
 
 
-def run_identity(cfg: AttackConfig, impl: str) -> dict[str, Any]:
+def run_identity(cfg: AttackConfig, impl: str, dataset: ClassFolder) -> dict[str, Any]:
     """What a resumed run must share with the killed one for its counts to be the same
-    measurement: the checkpoints' bytes, the data and its subset, and all that decides an
-    adversarial image: attack, implementation, ε, its parameters, the seed and the batch size
-    (which decides each batch's seed). Workers and device only change how they are made."""
+    measurement: the checkpoints' bytes, the images (their list: a folder still being unpacked
+    or cleaned up between the kill and the resume would mix counts of other images) and their
+    subset, and all that decides an adversarial image: attack, implementation, ε, its
+    parameters, the seed and the batch size (which decides each batch's seed). Workers and
+    device only change how they are made."""
+    listing = "\n".join(f"{os.path.relpath(p, cfg.data)}\t{t}" for p, t in dataset.samples)
     return {"checkpoints": checkpoint_hashes(cfg.checkpoints),
-            "data": str(Path(cfg.data).resolve()), "limit": cfg.limit, "impl": impl,
+            "data": str(Path(cfg.data).resolve()),
+            "images": len(dataset), "image names": hashlib.sha256(listing.encode()).hexdigest(),
+            "limit": cfg.limit, "impl": impl,
             "eps": list(cfg.eps), "step": cfg.step, "steps": cfg.steps,
             "random_start": cfg.random_start, "seed": cfg.seed, "batch_size": cfg.batch_size}
 
@@ -200,10 +207,10 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     impl, attack = get_attack(cfg.attack, cfg.impl)
     metas = read_metas(cfg.checkpoints)
     # bad data fails here, before anything is written
-    classes = open_images(cfg.data, metas[0], cfg.checkpoints[0]).classes
+    images = open_images(cfg.data, metas[0], cfg.checkpoints[0])
     for path, meta in zip(cfg.checkpoints, metas):
-        label_map(classes, meta, path)
-    identity = run_identity(cfg, impl)
+        label_map(images.classes, meta, path)
+    identity = run_identity(cfg, impl, images)
     with dist_session(cfg.device) as info:
         # rank 0's record (its error, on every rank): every rank continues from the same batch
         done: dict[str, Any] = broadcast_object(agree(

@@ -64,7 +64,11 @@ def numpy_globals() -> list[Any]:
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
     module = getattr(np, "dtypes", None)  # numpy >= 1.25
     dtypes = [getattr(module, n) for n in dir(module) if n.endswith("DType")] if module else []
-    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+    rebuilders = [core.multiarray.scalar, core.multiarray._reconstruct]
+    # files pickled under numpy 1 (the official SaliencyMix / CutMix ones) name them
+    # numpy.core.multiarray.*; under numpy 2 the same functions live in numpy._core
+    aliases = [(f, f"numpy.core.multiarray.{f.__name__}") for f in rebuilders]
+    return [*rebuilders, *aliases, np.ndarray, np.dtype, *dtypes]
 
 
 def _allowing(names: list[Any]) -> Any:

@@ -217,6 +217,12 @@ def test_mixed_images_outside_class_folders_take_the_prediction(data, tmp_path, 
     assert [got["class_a"], got["class_b"]] == pred
     rc, err = _smix(base + ["--classes", "true", "true", "--out", str(tmp_path / "t")], capsys)
     assert rc == 2 and "class 'figs' (folder of" in err and "pred pred" in err
+    (tmp_path / "2").mkdir()  # a folder named by a class index is that class, as with `true`
+    shutil.copy(figs / "a.png", tmp_path / "2" / "a.png")
+    base[4] = str(tmp_path / "2" / "a.png")
+    rc, err = _smix(base + ["--out", str(tmp_path / "num")], capsys)
+    got = read_json(tmp_path / "num" / "metrics.json")["results"]["models"][0]
+    assert rc == 0 and got["class_a"] == meta.class_names[2] and err.count("is not a class") == 1
 
 
 def test_flags_are_not_abbreviated(data, tmp_path, capsys) -> None:

@@ -300,8 +300,10 @@ def test_a_killed_pgd_run_resumes_from_its_last_commit(world, tmp_path, monkeypa
     is killed in pass 1's 4th batch; --resume attacks only the batches after the last commit and
     gives an uninterrupted run's numbers, PGD's random starts included."""
     other = make_ckpt(tmp_path / "c.safetensors", 3, resize=36)
+    val = tmp_path / "val"
+    shutil.copytree(world["val"], val)
     args = ["pgd", "--ckpt", str(world["a"]), "--ckpt", str(world["b"]), "--ckpt", str(other),
-            "--data", str(world["val"]), "--eps", "2,8", "--steps", "2", "--batch-size", "2",
+            "--data", str(val), "--eps", "2,8", "--steps", "2", "--batch-size", "2",
             "--workers", "0", "--device", "cpu"]
     assert cli_run("robustness", args + ["--out", str(tmp_path / "whole")]) == 0
     attacked, state = [], {"kill": True}
@@ -327,6 +329,15 @@ def test_a_killed_pgd_run_resumes_from_its_last_commit(world, tmp_path, monkeypa
         assert cli_run("robustness", flags) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and f"cannot resume with other {what} than the run's" in err
+    # the folder changed between the kill and the resume: one image fewer, or one renamed
+    image = sorted((val / "circle").iterdir())[0]
+    for change, what in [(lambda: image.rename(tmp_path / "away.png"), "images"),
+                         (lambda: (tmp_path / "away.png").rename(val / "square" / "x.png"),
+                          "image names")]:
+        change()
+        assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 2
+        assert f"cannot resume with other {what} than the run's" in capsys.readouterr().err
+    (val / "square" / "x.png").rename(image)
     attacked.clear()
     assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 0
     # pass 1: batches 3-5 of a and b; pass 2: all 6 batches of c; the seeds are the batches'
