@@ -161,17 +161,22 @@ def _corruption_pass(cfg: CorruptionConfig, splits: Sequence[Split], group: list
                      commit: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-1 correct counts [models, splits] and image counts [splits], summed over processes.
     A split whose counts `done` holds for every checkpoint of the group (by `ids`, their
-    hashes) is taken from it; each split evaluated is summed at once and handed to `commit`."""
+    hashes) is taken from it, if it still holds the images counted; each split evaluated is
+    summed at once and handed to `commit`."""
     correct = torch.zeros(len(group), len(splits), dtype=torch.int64)
     totals = torch.zeros(len(splits), dtype=torch.int64)
     with progress(0, desc, info.is_main) as bar:
         for k, split in enumerate(splits):
             saved = done.get(split_key(split), {})
+            data = _SplitData(split, group, cfg)
             if all(i in saved.get("correct", {}) for i in ids):
+                if saved["total"] != len(data.indices):  # the split changed since the kill
+                    raise UserError(f"{split.path}: {len(data.indices)} images to evaluate now, "
+                                    f"{saved['total']} when the killed run counted them; rerun "
+                                    "without --resume to start over")
                 correct[:, k] = torch.tensor([saved["correct"][i] for i in ids])
                 totals[k] = saved["total"]
                 continue
-            data = _SplitData(split, group, cfg)
             n_local, batches = data.batches(info, cfg)
             bar.total += n_local
             bar.set_description(f"{desc} {split.corruption}/{split.severity}")

@@ -474,6 +474,12 @@ def test_a_killed_corruption_run_resumes_from_its_finished_splits(world, tmp_pat
                                          "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "cannot resume with other splits than the run's" in err
+    image = next((root / "gaussian_noise" / "1").rglob("*.JPEG"))  # a finished split changed
+    image.rename(tmp_path / "away.JPEG")
+    assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 2
+    assert "11 images to evaluate now, 12 when the killed run counted" in capsys.readouterr().err
+    (tmp_path / "away.JPEG").rename(image)
+    evaluated.clear()
     assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 0
     assert len(evaluated) == 11 - 4 and evaluated[0] == "gaussian_noise/4"  # only the rest
     assert _numbers(out / "metrics.json") == _numbers(tmp_path / "whole" / "metrics.json")
