@@ -156,6 +156,13 @@ def code_version() -> str:
         return __version__
 
 
+def _program(argv0: str) -> str:
+    """How the command was started, as a user would retype it: `smix` for the console script,
+    `python -m pretrain` for a package's __main__.py (whose own name says nothing)."""
+    path = Path(argv0)
+    return f"python -m {path.parent.name}" if path.name == "__main__.py" else path.name
+
+
 def provenance() -> dict[str, str]:
     """Who made a file: code version, torch version, command line, UTC time."""
     import torch
@@ -163,7 +170,7 @@ def provenance() -> dict[str, str]:
     return {
         "code_version": code_version(),
         "torch_version": torch.__version__,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join([_program(sys.argv[0]), *sys.argv[1:]]),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 

@@ -165,3 +165,31 @@ def test_engine_trains_on_chunked_uint8_batches(shapes_root, tmp_path, monkeypat
     stats = engine.train_epoch(rt, 0)
     assert stats["train_images"] == 24 and np.isfinite(stats["train_loss"])
     assert not isinstance(engine.make_loader(rt, False, 0), engine.ChunkedLoader)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_cifar_plus_is_a_32_crop_of_the_4_padded_image_and_a_fair_flip(on_device):
+    """The CIFAR '+' augmentation, checked against its definition rather than against another
+    path: every output is one of the 81 crops of the zero-padded image, mirrored or not; all 81
+    turn up, and about half are mirrored. Pixels encode their own position, so a crop is
+    recognised exactly (0 never occurs in the image: padding is told apart)."""
+    y, x = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    img = torch.stack([y * 7 + 1, x * 7 + 1, torch.full_like(y, 128)]).to(torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    t = train_transform(TrainAug("cifar", 32, mean, std), on_device=on_device)
+    padded = torch.nn.functional.pad(img, (4, 4, 4, 4))
+    crops = {(dy, dx, flip): c.flip(-1) if flip else c
+             for dy in range(9) for dx in range(9) for flip in (False, True)
+             for c in [padded[:, dy:dy + 32, dx:dx + 32]]}
+    torch.manual_seed(0)
+    seen = []
+    for _ in range(1000):
+        out = t(img)
+        if not on_device:  # normalised float: back to the uint8 grid
+            out = (out * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1))
+            out = (out * 255).round().to(torch.uint8)
+        match = [k for k, c in crops.items() if torch.equal(out, c)]
+        assert len(match) == 1
+        seen.append(match[0])
+    assert {(dy, dx) for dy, dx, _ in seen} == {(dy, dx) for dy in range(9) for dx in range(9)}
+    assert abs(sum(flip for *_, flip in seen) / len(seen) - 0.5) < 0.05

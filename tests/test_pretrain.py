@@ -38,6 +38,9 @@ def test_presets_carry_paper_settings():
                                                                             256)
     assert c.milestones == (60, 120, 160) and c.gamma == 0.2 and c.epochs == 200
     assert c.method_params == {"prob": 0.5} and c.arch == "cifar_resnet18"
+    # SaliencyMix's CIFAR recipe mixes half the batches too (its train.py: --cutmix_prob 0.5)
+    s = build_config("cifar10-resnet18", Path("d"), Path("o"), "saliencymix")
+    assert s.method_params["prob"] == 0.5
     i = build_config("imagenet-resnet50", Path("d"), Path("o"), "saliencymix")
     assert (i.epochs, i.batch_size, i.milestones, i.gamma) == (300, 256, (75, 150, 225), 0.1)
     assert (i.resize, i.crop, i.weight_decay) == (256, 224, 1e-4) and i.method_params["prob"] == 1.0

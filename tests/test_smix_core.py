@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -457,6 +458,33 @@ def test_refusal_names_the_class_and_has_no_terminal_codes(tmp_path, capsys, zip
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "\x1b" not in err
     assert "refused" in err and "argparse.Namespace" in err
+
+
+def test_provenance_records_version_command_and_time(tmp_path):
+    """A checkpoint made by `python -m smix ckpt import` says so (not `__main__.py …`), with
+    the toolkit's version and commit and the time it was made."""
+    import datetime as dt
+    import subprocess
+    import sys
+    from smix import __version__
+
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r.pth")
+    repo = Path(__file__).resolve().parent.parent
+    before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    argv = ["ckpt", "import", str(tmp_path / "r.pth"), str(tmp_path / "r.safetensors")]
+    proc = subprocess.run([sys.executable, "-m", "smix", *argv], cwd=tmp_path, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr
+    p = read_checkpoint(tmp_path / "r.safetensors")[1].provenance
+    assert p["command"] == " ".join(["python -m smix", *argv])
+    made = dt.datetime.strptime(p["created_utc"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=dt.timezone.utc)
+    assert before <= made <= dt.datetime.now(dt.timezone.utc)
+    assert p["code_version"].startswith(__version__) and p["torch_version"] == torch.__version__
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], text=True,
+                          capture_output=True)
+    if head.returncode == 0:  # from a checkout: the commit too
+        assert f"+g{head.stdout.strip()}" in p["code_version"]
 
 
 def test_ckpt_cli_inspect_and_errors(tmp_path, capsys):
