@@ -8,10 +8,11 @@ de-normalised batch carries float noise (127.99998 must count as 128, not 127).
 
 Registry (one per kind, as timm does it)::
 
-    @register_detector("basnet")            # weights the user supplies; nothing is downloaded
-    def basnet(images: torch.Tensor) -> torch.Tensor: ...
+    @register_detector("my_detector")
+    def my_detector(images: torch.Tensor) -> torch.Tensor: ...
 
     get_detector("fine_grained")(images)   # unknown names raise UserError listing valid ones
+    get_detector("torchscript:basnet.pt")  # a network with weights the user supplies (BASNet)
 
 A detector registered with ``needs_model=True`` (``gradient``) is called as
 ``fn(model, images_normalized, labels)`` instead; callers branch on ``fn.needs_model``. One
@@ -39,6 +40,8 @@ Detectors and their parity with OpenCV contrib 5.0 (``cv2.saliency``), as measur
   1 - correlation <= 2e-7, argmax identical on 20/20 photos.
 * ``frequency_tuned`` -- Achanta et al. 2009 (no OpenCV counterpart): distance in CIE Lab
   (sRGB, D65) between the mean image colour and a 5x5 binomial-blurred image, scaled to [0,1].
+* ``torchscript:PATH`` -- a salient-object network with weights the user supplies (BASNet),
+  exported with TorchScript; BASNet's test-time preprocessing; see ``torchscript_detector``.
 * ``gradient`` -- GuidedMixup's "AP" saliency, sqrt(mean_c (dCE/dx)^2), from one forward and
   backward of the model being trained; see ``gradient_saliency``.
 
@@ -55,7 +58,10 @@ measured 13 ms on one thread vs 3.4 s on two for 10 images of 224x224 with one c
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -108,12 +114,72 @@ def list_detectors() -> list[str]:
 
 
 def get_detector(name: str) -> Detector:
-    """The detector registered as ``name``; a user-facing error lists the valid names."""
+    """The detector registered as ``name``, or ``torchscript:PATH``, a saliency network the
+    user supplies (`torchscript_detector`); a user-facing error lists the valid names."""
+    if name.startswith(TORCHSCRIPT):
+        return torchscript_detector(name[len(TORCHSCRIPT):])
     try:
         return _DETECTORS[name]
     except KeyError:
         raise UserError(f"unknown saliency detector {name!r}; valid detectors: "
-                        f"{', '.join(list_detectors())}") from None
+                        f"{', '.join(list_detectors())}, or {TORCHSCRIPT}PATH (a saliency "
+                        "network you supply, e.g. BASNet)") from None
+
+
+# ------------------------------------------------------------ networks the user supplies
+
+TORCHSCRIPT = "torchscript:"
+NETWORK_INPUT = 256  # BASNet's RescaleT(256): what the traced network is given
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=None)
+def torchscript_detector(path: str) -> Detector:
+    """A salient-object network as a detector, from weights the user supplies (nothing is
+    downloaded), exported with TorchScript, e.g. BASNet (Qin et al. 2019) from its official
+    code and weights: ``torch.jit.save(torch.jit.trace(net.eval(), torch.rand(1, 3, 256, 256)),
+    "basnet.pt")``, then ``detector=torchscript:basnet.pt``.
+
+    BASNet's test-time protocol: the image resized to 256x256 (bilinear), scaled to [0,1],
+    normalised with ImageNet's mean and std; the first output (its fused map; a tuple or list
+    gives its first element, a [B,C,h,w] map its channel 0), min-max normalised per image
+    (its ``normPRED``), resized back to the image's size."""
+    if not Path(path).is_file():
+        raise UserError(f"detector {TORCHSCRIPT}{path}: no such file")
+    _network(path, "cpu")  # a file that is not TorchScript fails here, in one line
+
+    def detect(images: torch.Tensor) -> torch.Tensor:
+        images = _check_images(images)
+        x = F.interpolate(_as_uint8_grid(images) / 255.0, size=(NETWORK_INPUT, NETWORK_INPUT),
+                          mode="bilinear", align_corners=False)
+        mean = constant(_IMAGENET_MEAN, torch.float32, x.device, (1, 3, 1, 1))
+        std = constant(_IMAGENET_STD, torch.float32, x.device, (1, 3, 1, 1))
+        with torch.no_grad():
+            out = _network(path, str(x.device))((x - mean) / std)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = (out[:, 0] if out.dim() == 4 else out).float()
+        lo = out.amin(dim=(1, 2), keepdim=True)
+        span = out.amax(dim=(1, 2), keepdim=True) - lo
+        out = (out - lo) / span.clamp_min(1e-12)
+        return F.interpolate(out[:, None], size=images.shape[2:], mode="bilinear",
+                             align_corners=False)[:, 0]
+
+    detect.needs_model = False  # type: ignore[attr-defined]
+    detect.takes_normalization = False  # type: ignore[attr-defined]
+    return detect
+
+
+@device_cache(maxsize=8)
+def _network(path: str, device: str) -> torch.jit.ScriptModule:
+    """The network on `device`, loaded once (kept alive for the CUDA graphs that read it)."""
+    try:
+        with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; it still loads
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location=device).eval()
+    except (RuntimeError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"detector {TORCHSCRIPT}{path}: not a TorchScript file ({first}); "
+                        "export the network with torch.jit.save(torch.jit.trace(...))") from None
 
 
 # ------------------------------------------------------------------------ shared pixel helpers

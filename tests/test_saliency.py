@@ -9,11 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from smix.data import denormalize
 from smix.errors import UserError
 from pretrain import saliency
+from pretrain.mixers import MixContext, get_mixer
 from pretrain.saliency import (fine_grained, frequency_tuned, get_detector, gradient_saliency,
                                list_detectors, normalized_saliency, register_detector,
                                spectral_residual)
@@ -284,3 +286,55 @@ def test_gradient_saliency_is_the_rms_input_gradient():
     nn.functional.cross_entropy(model(x), y).backward()
     expected = x.grad.pow(2).mean(1).sqrt()
     torch.testing.assert_close(gradient_saliency(model, x.detach(), y), expected)
+
+
+class _RedNet(torch.nn.Module):
+    """A stand-in for BASNet: side outputs as a tuple, the first [B,1,h,w] map (here twice
+    the normalised red plane, plus a constant the min-max removes)."""
+
+    def forward(self, x: torch.Tensor):
+        return (2 * x[:, :1] + 5, x[:, 1:2])
+
+
+def test_a_torchscript_network_is_a_detector_with_basnets_protocol(tmp_path):
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(_RedNet()), str(path))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 40, 56), generator=g, dtype=torch.uint8)
+    got = get_detector(f"torchscript:{path}")(images)
+    # BASNet's test protocol written out: 256x256 bilinear, [0,1], ImageNet normalisation,
+    # first output's channel 0, min-max per image, bilinear back to the image's size
+    x = F.interpolate(images.float() / 255, size=(256, 256), mode="bilinear", align_corners=False)
+    red = 2 * (x[:, 0] - 0.485) / 0.229 + 5
+    red = (red - red.amin((1, 2), keepdim=True)) / (red.amax((1, 2), keepdim=True)
+                                                    - red.amin((1, 2), keepdim=True))
+    want = F.interpolate(red[:, None], size=(40, 56), mode="bilinear", align_corners=False)[:, 0]
+    assert got.shape == (2, 40, 56) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_saliencymix_cuts_where_a_supplied_network_points(tmp_path):
+    """A bright red square in each source image: a network that sees red puts the patch there."""
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(_RedNet()), str(path))
+    images = torch.zeros(4, 3, 64, 64)
+    spots = [(10, 12), (40, 20), (20, 50), (50, 50)]
+    for i, (y, x) in enumerate(spots):
+        images[i, 0, y - 3:y + 4, x - 3:x + 4] = 1.0
+    mixer = get_mixer("saliencymix", mode="sample", prob=1.0, detector=f"torchscript:{path}")
+    ctx = MixContext((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 4, None)
+    params = mixer.sample(images, torch.arange(4), torch.Generator().manual_seed(1), ctx)
+    for i, (y0, x0, y1, x1) in zip(params.perm.tolist(), params.boxes.tolist()):
+        y, x = spots[i]
+        assert y0 <= y < y1 and x0 <= x < x1, (i, spots[i], (y0, x0, y1, x1))
+
+
+def test_a_supplied_network_that_is_missing_or_not_torchscript_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        get_detector(f"torchscript:{tmp_path / 'none.pt'}")
+    (tmp_path / "w.pth").write_bytes(b"not a network")
+    with pytest.raises(UserError, match="not a TorchScript file") as e:
+        get_detector(f"torchscript:{tmp_path / 'w.pth'}")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="or torchscript:PATH"):
+        get_detector("basnet")
