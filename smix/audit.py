@@ -553,12 +553,15 @@ def parse_methods(text: str | None, overrides: dict[str, str]) -> tuple[tuple[st
     entries = []
     for item in (text.split(",") if text else list_mixers()):
         name, *kv = item.strip().split(":")
-        params = {}
+        params: dict[str, str] = {}
         for pair in kv:
-            if "=" not in pair:
+            if "=" in pair:
+                k, v = pair.split("=", 1)
+                params[k] = v
+            elif params:  # part of a value holding ':' (detector=torchscript:PATH)
+                params[k] += ":" + pair
+            else:
                 raise UserError(f"--methods: expected name:key=value, got {item!r}")
-            k, v = pair.split("=", 1)
-            params[k] = v
         entries.append((name, params))
     names = {n for n, _ in entries}
     for key, value in overrides.items():

@@ -206,3 +206,14 @@ def test_audit_user_errors(tmp_path, capsys, argv, message):
     assert smix(["audit", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_method_values_may_hold_colons():
+    """detector=torchscript:PATH keeps its colons; a key after it still starts a new param."""
+    from smix.audit import parse_methods
+    from smix.errors import UserError
+    got = parse_methods("cutmix,saliencymix:detector=torchscript:/w/basnet.pt:mode=sample", {})
+    assert got == (("cutmix", {}), ("saliencymix", {"detector": "torchscript:/w/basnet.pt",
+                                                    "mode": "sample"}))
+    with pytest.raises(UserError, match="expected name:key=value"):
+        parse_methods("saliencymix:sample", {})
