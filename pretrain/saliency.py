@@ -12,7 +12,7 @@ Registry (one per kind, as timm does it)::
     def my_detector(images: torch.Tensor) -> torch.Tensor: ...
 
     get_detector("fine_grained")(images)   # unknown names raise UserError listing valid ones
-    get_detector("torchscript:basnet.pt")  # a network with weights the user supplies (BASNet)
+    get_detector("network:basnet.pt2")  # a network with weights the user supplies (BASNet)
 
 A detector registered with ``needs_model=True`` (``gradient``) is called as
 ``fn(model, images_normalized, labels)`` instead; callers branch on ``fn.needs_model``. One
@@ -40,8 +40,9 @@ Detectors and their parity with OpenCV contrib 5.0 (``cv2.saliency``), as measur
   1 - correlation <= 2e-7, argmax identical on 20/20 photos.
 * ``frequency_tuned`` -- Achanta et al. 2009 (no OpenCV counterpart): distance in CIE Lab
   (sRGB, D65) between the mean image colour and a 5x5 binomial-blurred image, scaled to [0,1].
-* ``torchscript:PATH`` -- a salient-object network with weights the user supplies (BASNet),
-  exported with TorchScript; BASNet's test-time preprocessing; see ``torchscript_detector``.
+* ``network:PATH`` -- a salient-object network with weights the user supplies (BASNet),
+  exported with torch.export (``.pt2``) or TorchScript; BASNet's test-time preprocessing; see
+  ``network_detector``.
 * ``gradient`` -- GuidedMixup's "AP" saliency, sqrt(mean_c (dCE/dx)^2), from one forward and
   backward of the model being trained; see ``gradient_saliency``.
 
@@ -61,6 +62,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -114,39 +116,48 @@ def list_detectors() -> list[str]:
 
 
 def get_detector(name: str) -> Detector:
-    """The detector registered as ``name``, or ``torchscript:PATH``, a saliency network the
-    user supplies (`torchscript_detector`); a user-facing error lists the valid names."""
-    if name.startswith(TORCHSCRIPT):
-        return torchscript_detector(name[len(TORCHSCRIPT):])
+    """The detector registered as ``name``, or ``network:PATH``, a saliency network the user
+    supplies (`network_detector`); a user-facing error lists the valid names."""
+    for prefix in _NETWORK_PREFIXES:
+        if name.startswith(prefix):
+            return network_detector(name[len(prefix):])
     try:
         return _DETECTORS[name]
     except KeyError:
         raise UserError(f"unknown saliency detector {name!r}; valid detectors: "
-                        f"{', '.join(list_detectors())}, or {TORCHSCRIPT}PATH (a saliency "
+                        f"{', '.join(list_detectors())}, or {NETWORK}PATH (a saliency "
                         "network you supply, e.g. BASNet)") from None
 
 
 # ------------------------------------------------------------ networks the user supplies
 
-TORCHSCRIPT = "torchscript:"
-NETWORK_INPUT = 256  # BASNet's RescaleT(256): what the traced network is given
+NETWORK = "network:"
+_NETWORK_PREFIXES = (NETWORK, "torchscript:")  # torchscript: is the older spelling
+NETWORK_INPUT = 256  # BASNet's RescaleT(256): what the exported network is given
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @functools.lru_cache(maxsize=None)
-def torchscript_detector(path: str) -> Detector:
+def network_detector(path: str) -> Detector:
     """A salient-object network as a detector, from weights the user supplies (nothing is
-    downloaded), exported with TorchScript, e.g. BASNet (Qin et al. 2019) from its official
-    code and weights: ``torch.jit.save(torch.jit.trace(net.eval(), torch.rand(1, 3, 256, 256)),
-    "basnet.pt")``, then ``detector=torchscript:basnet.pt``.
+    downloaded), e.g. BASNet (Qin et al. 2019) from its official code and weights, exported
+    once by the user either way:
+
+    * torch.export (``.pt2``): ``torch.export.save(torch.export.export(net.eval(),
+      (torch.rand(2, 3, 256, 256),), dynamic_shapes=({0: torch.export.Dim("batch")},)),
+      "basnet.pt2")``; a batch size fixed at export is run in slices of that size;
+    * TorchScript: ``torch.jit.save(torch.jit.trace(net.eval(), torch.rand(1, 3, 256, 256)),
+      "basnet.pt")`` (deprecated by torch 2.10, still read);
+
+    then ``detector=network:basnet.pt2`` (the file's contents tell which kind it is).
 
     BASNet's test-time protocol: the image resized to 256x256 (bilinear), scaled to [0,1],
     normalised with ImageNet's mean and std; the first output (its fused map; a tuple or list
     gives its first element, a [B,C,h,w] map its channel 0), min-max normalised per image
     (its ``normPRED``), resized back to the image's size."""
     if not Path(path).is_file():
-        raise UserError(f"detector {TORCHSCRIPT}{path}: no such file")
-    _network(path, "cpu")  # a file that is not TorchScript fails here, in one line
+        raise UserError(f"detector {NETWORK}{path}: no such file")
+    _network(path, "cpu")  # a file that is neither kind fails here, in one line
 
     def detect(images: torch.Tensor) -> torch.Tensor:
         images = _check_images(images)
@@ -156,8 +167,6 @@ def torchscript_detector(path: str) -> Detector:
         std = constant(_IMAGENET_STD, torch.float32, x.device, (1, 3, 1, 1))
         with torch.no_grad():
             out = _network(path, str(x.device))((x - mean) / std)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        out = (out[:, 0] if out.dim() == 4 else out).float()
         lo = out.amin(dim=(1, 2), keepdim=True)
         span = out.amax(dim=(1, 2), keepdim=True) - lo
         out = (out - lo) / span.clamp_min(1e-12)
@@ -169,17 +178,74 @@ def torchscript_detector(path: str) -> Detector:
     return detect
 
 
+def _first_map(out) -> torch.Tensor:
+    """A network's saliency map [B,h,w], float32: its first output, channel 0 of a [B,C,h,w]."""
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return (out[:, 0] if out.dim() == 4 else out).float()
+
+
+class _InSlices:
+    """A network exported for one batch size: run on slices of that size, the last one padded
+    with copies of its final image (whose maps are dropped)."""
+
+    def __init__(self, module: Callable, batch: int):
+        self.module, self.batch = module, batch
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        maps = []
+        for start in range(0, len(x), self.batch):
+            part = x[start:start + self.batch]
+            short = self.batch - len(part)
+            if short:
+                part = torch.cat([part, part[-1:].expand(short, *part.shape[1:])])
+            maps.append(_first_map(self.module(part))[:self.batch - short])
+        return torch.cat(maps)
+
+
 @device_cache(maxsize=8)
-def _network(path: str, device: str) -> torch.jit.ScriptModule:
-    """The network on `device`, loaded once (kept alive for the CUDA graphs that read it)."""
+def _network(path: str, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network on `device` as images -> maps [B,h,w], loaded once (kept alive for the CUDA
+    graphs that read it)."""
     try:
+        if _is_exported_program(path):
+            return _exported_network(path, device)
         with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; it still loads
             warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(path, map_location=device).eval()
-    except (RuntimeError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"detector {TORCHSCRIPT}{path}: not a TorchScript file ({first}); "
-                        "export the network with torch.jit.save(torch.jit.trace(...))") from None
+            module = torch.jit.load(path, map_location=device).eval()
+        return lambda x: _first_map(module(x))
+    except (RuntimeError, ValueError, OSError, KeyError) as e:
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else \
+            type(e).__name__
+        raise UserError(f"detector {NETWORK}{path}: not a torch.export (.pt2) or TorchScript "
+                        f"file ({first}); export the network with torch.export.save or "
+                        "torch.jit.save") from None
+
+
+def _is_exported_program(path: str) -> bool:
+    """Whether `path` is a torch.export archive (a zip with an ``archive_format`` record;
+    TorchScript's zips have none)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "archive_format" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _exported_network(path: str, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A torch.export program on `device`; a batch size fixed at export runs `_InSlices`."""
+    program = torch.export.load(path)
+    if device != "cpu":
+        from torch.export.passes import move_to_device_pass  # torch >= 2.6
+        program = move_to_device_pass(program, device)
+    inputs = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    user_inputs = program.graph_signature.user_inputs
+    if len(user_inputs) != 1:
+        raise ValueError(f"the network takes {len(user_inputs)} inputs, not one image batch")
+    batch = inputs[user_inputs[0]].meta["val"].shape[0]
+    module = program.module()
+    if isinstance(batch, int):
+        return _InSlices(module, batch)
+    return lambda x: _first_map(module(x))
 
 
 # ------------------------------------------------------------------------ shared pixel helpers

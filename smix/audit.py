@@ -558,7 +558,7 @@ def parse_methods(text: str | None, overrides: dict[str, str]) -> tuple[tuple[st
             if "=" in pair:
                 k, v = pair.split("=", 1)
                 params[k] = v
-            elif params:  # part of a value holding ':' (detector=torchscript:PATH)
+            elif params:  # part of a value holding ':' (detector=network:PATH)
                 params[k] += ":" + pair
             else:
                 raise UserError(f"--methods: expected name:key=value, got {item!r}")

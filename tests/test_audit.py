@@ -209,11 +209,11 @@ def test_audit_user_errors(tmp_path, capsys, argv, message):
 
 
 def test_method_values_may_hold_colons():
-    """detector=torchscript:PATH keeps its colons; a key after it still starts a new param."""
+    """detector=network:PATH keeps its colons; a key after it still starts a new param."""
     from smix.audit import parse_methods
     from smix.errors import UserError
-    got = parse_methods("cutmix,saliencymix:detector=torchscript:/w/basnet.pt:mode=sample", {})
-    assert got == (("cutmix", {}), ("saliencymix", {"detector": "torchscript:/w/basnet.pt",
+    got = parse_methods("cutmix,saliencymix:detector=network:/w/basnet.pt2:mode=sample", {})
+    assert got == (("cutmix", {}), ("saliencymix", {"detector": "network:/w/basnet.pt2",
                                                     "mode": "sample"}))
     with pytest.raises(UserError, match="expected name:key=value"):
         parse_methods("saliencymix:sample", {})

@@ -296,32 +296,68 @@ class _RedNet(torch.nn.Module):
         return (2 * x[:, :1] + 5, x[:, 1:2])
 
 
+def _basnet_protocol_of_rednet(images: torch.Tensor) -> torch.Tensor:
+    """BASNet's test protocol written out for `_RedNet`: 256x256 bilinear, [0,1], ImageNet
+    normalisation, first output's channel 0, min-max per image, bilinear back."""
+    x = F.interpolate(images.float() / 255, size=(256, 256), mode="bilinear", align_corners=False)
+    red = 2 * (x[:, 0] - 0.485) / 0.229 + 5
+    red = (red - red.amin((1, 2), keepdim=True)) / (red.amax((1, 2), keepdim=True)
+                                                    - red.amin((1, 2), keepdim=True))
+    return F.interpolate(red[:, None], size=images.shape[2:], mode="bilinear",
+                         align_corners=False)[:, 0]
+
+
+def _export(path, batch: int, dynamic: bool) -> None:
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+    program = torch.export.export(_RedNet(), (torch.rand(batch, 3, 256, 256),),
+                                  dynamic_shapes=shapes)
+    torch.export.save(program, str(path))
+
+
 def test_a_torchscript_network_is_a_detector_with_basnets_protocol(tmp_path):
     path = tmp_path / "net.pt"
     torch.jit.save(torch.jit.script(_RedNet()), str(path))
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 40, 56), generator=g, dtype=torch.uint8)
-    got = get_detector(f"torchscript:{path}")(images)
-    # BASNet's test protocol written out: 256x256 bilinear, [0,1], ImageNet normalisation,
-    # first output's channel 0, min-max per image, bilinear back to the image's size
-    x = F.interpolate(images.float() / 255, size=(256, 256), mode="bilinear", align_corners=False)
-    red = 2 * (x[:, 0] - 0.485) / 0.229 + 5
-    red = (red - red.amin((1, 2), keepdim=True)) / (red.amax((1, 2), keepdim=True)
-                                                    - red.amin((1, 2), keepdim=True))
-    want = F.interpolate(red[:, None], size=(40, 56), mode="bilinear", align_corners=False)[:, 0]
-    assert got.shape == (2, 40, 56) and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    want = _basnet_protocol_of_rednet(images)
+    for prefix in ("network:", "torchscript:"):  # torchscript: the older spelling
+        got = get_detector(f"{prefix}{path}")(images)
+        assert got.shape == (2, 40, 56) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "batch-fixed-at-3"])
+def test_a_torch_export_network_is_a_detector_with_basnets_protocol(tmp_path, dynamic):
+    """A .pt2 of torch.export: with a dynamic batch, or one fixed at export (3 here), which
+    7 images then pass in slices of 3, 3 and 1 padded to 3."""
+    path = tmp_path / "net.pt2"
+    _export(path, 3, dynamic)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (7, 3, 33, 47), generator=g, dtype=torch.uint8)
+    got = get_detector(f"network:{path}")(images)
+    assert got.shape == (7, 33, 47) and got.dtype == torch.float32
+    torch.testing.assert_close(got, _basnet_protocol_of_rednet(images), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_torch_export_network_runs_on_the_gpu(tmp_path):
+    path = tmp_path / "net.pt2"
+    _export(path, 2, dynamic=False)
+    images = torch.randint(0, 256, (3, 3, 40, 56), dtype=torch.uint8)
+    got = get_detector(f"network:{path}")(images.cuda())
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), _basnet_protocol_of_rednet(images), atol=1e-4, rtol=0)
 
 
 def test_saliencymix_cuts_where_a_supplied_network_points(tmp_path):
     """A bright red square in each source image: a network that sees red puts the patch there."""
-    path = tmp_path / "net.pt"
-    torch.jit.save(torch.jit.script(_RedNet()), str(path))
+    path = tmp_path / "net.pt2"
+    _export(path, 3, dynamic=False)  # 4 images: slices of 3 and 1
     images = torch.zeros(4, 3, 64, 64)
     spots = [(10, 12), (40, 20), (20, 50), (50, 50)]
     for i, (y, x) in enumerate(spots):
         images[i, 0, y - 3:y + 4, x - 3:x + 4] = 1.0
-    mixer = get_mixer("saliencymix", mode="sample", prob=1.0, detector=f"torchscript:{path}")
+    mixer = get_mixer("saliencymix", mode="sample", prob=1.0, detector=f"network:{path}")
     ctx = MixContext((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 4, None)
     params = mixer.sample(images, torch.arange(4), torch.Generator().manual_seed(1), ctx)
     for i, (y0, x0, y1, x1) in zip(params.perm.tolist(), params.boxes.tolist()):
@@ -329,12 +365,14 @@ def test_saliencymix_cuts_where_a_supplied_network_points(tmp_path):
         assert y0 <= y < y1 and x0 <= x < x1, (i, spots[i], (y0, x0, y1, x1))
 
 
-def test_a_supplied_network_that_is_missing_or_not_torchscript_is_one_line(tmp_path):
+def test_a_supplied_network_that_is_missing_or_not_a_network_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no such file"):
-        get_detector(f"torchscript:{tmp_path / 'none.pt'}")
+        get_detector(f"network:{tmp_path / 'none.pt'}")
     (tmp_path / "w.pth").write_bytes(b"not a network")
-    with pytest.raises(UserError, match="not a TorchScript file") as e:
-        get_detector(f"torchscript:{tmp_path / 'w.pth'}")
-    assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="or torchscript:PATH"):
+    torch.save({"weight": torch.ones(2)}, str(tmp_path / "state.pt"))  # a zip, but weights only
+    for name in ("w.pth", "state.pt"):
+        with pytest.raises(UserError, match="not a torch.export .* or TorchScript file") as e:
+            get_detector(f"network:{tmp_path / name}")
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="or network:PATH"):
         get_detector("basnet")
