@@ -72,7 +72,8 @@ step() {  # step NAME SECONDS CMD...: the log in $OUT/NAME.log, its JSON lines e
 # nvjpeg decode + fp16 resampling against the CPU path
 step tests 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_mixers_nosync.py \
   tests/test_graphs.py tests/test_greedy_triton.py tests/test_saliency_triton.py \
-  tests/test_boxes_triton.py tests/test_guided_triton.py tests/test_loader_nvjpeg.py -k cuda
+  tests/test_boxes_triton.py tests/test_guided_triton.py tests/test_loader_nvjpeg.py \
+  tests/test_saliency.py -k cuda
 # DALI's GPU operators against its CPU ones (crop distribution, eval and resize pixels), where
 # gpu_checks/dali_install.sh unpacked DALI
 [[ -f $DALI_SITE/.complete ]] && step dali 60 $PY -m pytest -q -rs -p no:cacheprovider \

@@ -340,7 +340,7 @@ def test_a_torch_export_network_is_a_detector_with_basnets_protocol(tmp_path, dy
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_torch_export_network_runs_on_the_gpu(tmp_path):
+def test_a_torch_export_network_runs_on_cuda(tmp_path):
     path = tmp_path / "net.pt2"
     _export(path, 2, dynamic=False)
     images = torch.randint(0, 256, (3, 3, 40, 56), dtype=torch.uint8)
