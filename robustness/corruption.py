@@ -7,12 +7,14 @@ when the clean error is known (--clean). CIFAR-10-C / CIFAR-100-C: the mean corr
 
 ImageNet-C is 75 splits of 50,000 images: each split's exact counts (summed over processes) are
 committed to `progress.json` in the run folder as soon as it is done, and `--resume` continues a
-killed run from there, refusing one whose checkpoints, data or split selection differ.
+killed run from there, refusing one whose checkpoints, data or split selection differ, or a
+finished split whose images changed since (their count, or the list of their files).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -139,6 +141,16 @@ class _SplitData:
             n, offset = split.count or len(self.labels), split.start
         self.indices = [offset + i for i in subset_indices(n, cfg.limit)]
 
+    def listing(self) -> str:
+        """A digest of the images evaluated: the files' relative paths and classes, or of an
+        array split the labels (its arrays are fixed releases; their count is checked too)."""
+        if self.split.kind == "folder":
+            samples = self.dataset.samples
+            text = "\n".join(f"{os.path.relpath(samples[i][0], self.split.path)}\t{samples[i][1]}"
+                             for i in self.indices)
+            return hashlib.sha256(text.encode()).hexdigest()
+        return hashlib.sha256(np.ascontiguousarray(self.labels[self.indices]).tobytes()).hexdigest()
+
     def batches(self, info: DistInfo, cfg: CorruptionConfig
                 ) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
         shard = shard_batches(self.indices, cfg.batch_size, info.rank, info.world_size)
@@ -174,6 +186,10 @@ def _corruption_pass(cfg: CorruptionConfig, splits: Sequence[Split], group: list
                     raise UserError(f"{split.path}: {len(data.indices)} images to evaluate now, "
                                     f"{saved['total']} when the killed run counted them; rerun "
                                     "without --resume to start over")
+                if "images" in saved and saved["images"] != data.listing():  # older: none
+                    raise UserError(f"{split.path}: other image files than when the killed run "
+                                    "counted them (same number); rerun without --resume to start "
+                                    "over")
                 correct[:, k] = torch.tensor([saved["correct"][i] for i in ids])
                 totals[k] = saved["total"]
                 continue
@@ -190,7 +206,8 @@ def _corruption_pass(cfg: CorruptionConfig, splits: Sequence[Split], group: list
                 bar.update(len(labels))
             counts = all_reduce_sum(torch.cat([correct[:, k], totals[k:k + 1]]))  # exact
             correct[:, k], totals[k] = counts[:-1], counts[-1]
-            commit(split_key(split), dict(zip(ids, correct[:, k].tolist())), int(totals[k]))
+            commit(split_key(split), dict(zip(ids, correct[:, k].tolist())), int(totals[k]),
+                   data.listing())
     return correct, totals
 
 
@@ -260,8 +277,8 @@ def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
             run.write_config(cfg)
             warn_ignored(cfg.data, ignored)
 
-        def commit(key: str, counts: dict[str, int], total: int) -> None:
-            entry = done.setdefault(key, {"correct": {}, "total": total})
+        def commit(key: str, counts: dict[str, int], total: int, images: str) -> None:
+            entry = done.setdefault(key, {"correct": {}, "total": total, "images": images})
             entry["correct"].update(counts)
             if run:
                 commit_progress(cfg.out, "corruption", identity, done)

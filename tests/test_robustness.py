@@ -478,7 +478,10 @@ def test_a_killed_corruption_run_resumes_from_its_finished_splits(world, tmp_pat
     image.rename(tmp_path / "away.JPEG")
     assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 2
     assert "11 images to evaluate now, 12 when the killed run counted" in capsys.readouterr().err
-    (tmp_path / "away.JPEG").rename(image)
+    (tmp_path / "away.JPEG").rename(image.with_name("z" + image.name))  # same count, renamed
+    assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 2
+    assert "other image files than when the killed run counted them" in capsys.readouterr().err
+    image.with_name("z" + image.name).rename(image)
     evaluated.clear()
     assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 0
     assert len(evaluated) == 11 - 4 and evaluated[0] == "gaussian_noise/4"  # only the rest
