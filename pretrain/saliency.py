@@ -234,15 +234,21 @@ def _is_exported_program(path: str) -> bool:
 def _exported_network(path: str, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A torch.export program on `device`; a batch size fixed at export runs `_InSlices`."""
     program = torch.export.load(path)
-    if device != "cpu":
+    try:
         from torch.export.passes import move_to_device_pass  # torch >= 2.6
+    except ImportError:
+        move_to_device_pass = None
+    if device != "cpu" and move_to_device_pass is not None:
         program = move_to_device_pass(program, device)
     inputs = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
     user_inputs = program.graph_signature.user_inputs
     if len(user_inputs) != 1:
-        raise ValueError(f"the network takes {len(user_inputs)} inputs, not one image batch")
+        raise UserError(f"detector {NETWORK}{path}: the network takes {len(user_inputs)} "
+                        "inputs; a detector takes one, the image batch")
     batch = inputs[user_inputs[0]].meta["val"].shape[0]
     module = program.module()
+    if device != "cpu" and move_to_device_pass is None:
+        module = module.to(device)  # older torch: constants made at export stay on its device
     if isinstance(batch, int):
         return _InSlices(module, batch)
     return lambda x: _first_map(module(x))

@@ -365,13 +365,22 @@ def test_saliencymix_cuts_where_a_supplied_network_points(tmp_path):
         assert y0 <= y < y1 and x0 <= x < x1, (i, spots[i], (y0, x0, y1, x1))
 
 
+class _TwoInputs(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return x - y
+
+
 def test_a_supplied_network_that_is_missing_or_not_a_network_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         get_detector(f"network:{tmp_path / 'none.pt'}")
     (tmp_path / "w.pth").write_bytes(b"not a network")
     torch.save({"weight": torch.ones(2)}, str(tmp_path / "state.pt"))  # a zip, but weights only
-    for name in ("w.pth", "state.pt"):
-        with pytest.raises(UserError, match="not a torch.export .* or TorchScript file") as e:
+    two = torch.export.export(_TwoInputs(), (torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)))
+    torch.export.save(two, str(tmp_path / "two.pt2"))  # a network, but not of one image batch
+    for name, message in (("w.pth", "not a torch.export .* or TorchScript file"),
+                          ("state.pt", "not a torch.export .* or TorchScript file"),
+                          ("two.pt2", "the network takes 2 inputs; a detector takes one")):
+        with pytest.raises(UserError, match=message) as e:
             get_detector(f"network:{tmp_path / name}")
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="or network:PATH"):
