@@ -192,6 +192,8 @@ class _InSlices:
         self.module, self.batch = module, batch
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not len(x):
+            return x.new_zeros((0, *x.shape[2:]))
         maps = []
         for start in range(0, len(x), self.batch):
             part = x[start:start + self.batch]
