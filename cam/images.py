@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from smix.checkpoint import BackboneMeta
-from smix.data import is_image, load_rgb
+from smix.data import image_files, load_rgb
 from smix.errors import UserError
 
 
@@ -26,7 +26,7 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(Path(dp) / f for dp, _, fs in os.walk(path) for f in fs if is_image(f))
+            found = sorted(Path(f) for f in image_files(path))
             if not found:
                 raise UserError(f"{path}: folder contains no images")
             out.extend(found)

@@ -126,6 +126,17 @@ def _libjpeg_quiet() -> Iterator[None]:
         os.close(saved)
 
 
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """The image files under a folder, sorted; hidden names are left out with their contents,
+    as hidden class folders are: what copies leave beside the pictures (macOS's `._x.JPEG`
+    companions, which are no picture; a NAS's `.@__thumb/` copies of them) is not data."""
+    found = []
+    for dp, dirs, fs in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(dp, f) for f in fs if is_image(f) and not f.startswith(".")]
+    return sorted(found)
+
+
 def scan_class_folders(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
     """Sorted class names and (path, label) samples of a class-folder tree."""
     root = Path(root)
@@ -136,8 +147,7 @@ def scan_class_folders(root: str | os.PathLike) -> tuple[list[str], list[tuple[s
         raise UserError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
     samples: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root / name) for f in fs
-                       if is_image(f))
+        files = image_files(root / name)
         if not files:
             raise UserError(f"{root / name}: class folder has no images")
         samples.extend((f, label) for f in files)

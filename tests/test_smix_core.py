@@ -515,6 +515,27 @@ def test_class_folder_errors(tmp_path):
     assert ClassFolder(tmp_path / "d", skip_bad_images=True)[1] is None
 
 
+def test_hidden_files_and_folders_in_a_class_folder_are_not_images(tmp_path):
+    """What copies leave beside the pictures: macOS's AppleDouble companions (`._x.JPEG`, not a
+    picture) and a NAS's hidden thumbnail folder (`.@__thumb/`, small copies of the pictures).
+    Hidden like the `.hidden` class folders already left out, they are not samples."""
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / c / "x.JPEG")
+    (tmp_path / "a" / "._x.JPEG").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (tmp_path / "b" / ".@__thumb").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "b" / ".@__thumb" / "s100x.JPEG")
+    (tmp_path / "b" / "sub").mkdir()  # a visible subfolder (Tiny-ImageNet's images/) is read
+    Image.new("RGB", (8, 8)).save(tmp_path / "b" / "sub" / "y.JPEG")
+    ds = ClassFolder(tmp_path)
+    assert [(Path(p).relative_to(tmp_path).as_posix(), t) for p, t in ds.samples] == [
+        ("a/x.JPEG", 0), ("b/sub/y.JPEG", 1), ("b/x.JPEG", 1)]
+    assert [ds[i][0].size for i in range(len(ds))] == [(8, 8)] * 3
+    from cam.images import list_images
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path])] == [
+        "a/x.JPEG", "b/sub/y.JPEG", "b/x.JPEG"]
+
+
 def test_cifar_reader(tmp_path):
     write_cifar10(tmp_path)
     images, labels, names = read_cifar(tmp_path, train=True)
