@@ -356,6 +356,8 @@ def _corrupt_copy(shapes: Path, tmp_path: Path, how: str) -> Path:
         xml.write_text(re.sub(r"<xmin>\d+</xmin>", "", xml.read_text()))
     elif how == "outside":
         xml.write_text(re.sub(r"<xmax>\d+</xmax>", "<xmax>65</xmax>", xml.read_text()))
+    elif how == "size":  # <size> wider than the picture: every box still inside it
+        xml.write_text(xml.read_text().replace("<width>64</width>", "<width>80</width>"))
     elif how == "no_image":
         (voc / "JPEGImages" / f"{first}.jpg").unlink()
     elif how == "no_voc2007":
@@ -368,6 +370,7 @@ def _corrupt_copy(shapes: Path, tmp_path: Path, how: str) -> Path:
     ("no_field", "missing <xmin>"),
     ("outside", "lies outside the 64x64 image"),
     ("no_image", "image missing"),
+    ("size", "is 64x64 but its annotation"),
     ("no_voc2007", "no VOC2007/ folder"),
 ])
 def test_bad_voc_data(how: str, match: str, shapes: Path, ckpt18: Path, tmp_path: Path,

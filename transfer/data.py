@@ -11,6 +11,9 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+from PIL import Image
+
+from smix.data import UNREADABLE
 from smix.errors import UserError
 from smix.voc import VOC_CLASSES, VOCRecord, classes_in, find_year_dir, load_voc
 
@@ -71,6 +74,20 @@ def _year_dir(root: Path, year: str) -> Path | None:
     return find_year_dir(root, year)
 
 
+def _check_size(rec: VOCRecord) -> None:
+    """The picture's size (its header only) must be the annotation's <size>: the boxes were
+    checked against it, and detectron2 stops mid-run, with a traceback, on the first image
+    whose size differs (annotation tools write wrong or 0x0 sizes now and then)."""
+    try:
+        with Image.open(rec.image_path) as im:
+            width, height = im.size
+    except UNREADABLE as e:
+        raise UserError(f"{rec.image_path}: cannot read image ({type(e).__name__}: {e})") from None
+    if (width, height) != (rec.width, rec.height):
+        raise UserError(f"{rec.image_path}: the image is {width}x{height} but its annotation "
+                        f"{rec.image_id}.xml gives <size> {rec.width}x{rec.height}")
+
+
 def load_splits(root: Path, classes: str,
                 train_sets: Sequence[tuple[str, str]] = DEFAULT_TRAIN,
                 test_set: tuple[str, str] = DEFAULT_TEST) -> VOCSplits:
@@ -103,5 +120,6 @@ def load_splits(root: Path, classes: str,
         if not rec.image_path.is_file():
             raise UserError(f"{rec.image_path}: image missing (listed by its annotation "
                             f"{rec.image_id}.xml)")
+        _check_size(rec)
     return VOCSplits(tuple(train), tuple(test), tuple(names), tuple(used),
                      f"VOC{test_set[0]}/{test_set[1]}", test_dir, tuple(skipped))
