@@ -64,7 +64,7 @@ def read_boxes_file(path: Path) -> dict[Path, list[tuple[str, Box]]]:
     """Every image of a boxes file with its (class, box) list, in file order."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
     except OSError as e:
         raise UserError(f"{path}: cannot read boxes file ({e.strerror or e})") from None
     grouped: dict[Path, list[tuple[str, Box]]] = {}

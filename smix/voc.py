@@ -102,7 +102,9 @@ def read_split(year_dir: Path, split: str) -> list[str]:
     path = year_dir / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise UserError(f"{path}: split file missing")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark
+    ids = [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines()
+           if line.strip()]
     if not ids:
         raise UserError(f"{path}: split file lists no images")
     seen: set[str] = set()

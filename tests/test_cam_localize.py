@@ -156,8 +156,10 @@ def test_boxes_file_jsonl_and_csv_agree_and_largest_box_sets_the_class(tmp_path)
     c = tmp_path / "boxes.csv"
     c.write_text("image,class,x0,y0,x1,y1\nx.jpg,cat,0,0,4,4\nx.jpg,dog,0,0,8,8\n"
                  "x.jpg,dog,10,10,12,12\n")
+    excel = tmp_path / "excel.csv"  # Excel's "CSV UTF-8": a byte-order mark, CRLF
+    excel.write_bytes(b"\xef\xbb\xbf" + c.read_text().replace("\n", "\r\n").encode())
     a, b = from_boxes_file(j), from_boxes_file(c)
-    assert a == b and len(a) == 1
+    assert a == b == from_boxes_file(excel) and len(a) == 1
     assert a[0].class_name == "dog" and a[0].boxes == ((0, 0, 8, 8), (10, 10, 12, 12))
     assert a[0].image == tmp_path / "x.jpg"
 

@@ -550,6 +550,20 @@ def test_one_line_split_file_and_custom_class_file(shapes: Path, tmp_path: Path)
     assert load_splits(root, "auto").class_names == SHAPE_CLASSES
 
 
+def test_split_and_class_files_saved_with_a_byte_order_mark(shapes: Path, tmp_path: Path) -> None:
+    """A split or class list edited on Windows (Notepad's UTF-8 starts with a BOM, and CRLF):
+    its first id is the annotation's, not one that "is missing" while the file is there."""
+    root = tmp_path / "voc"
+    shutil.copytree(shapes, root)
+    test = root / "VOC2007/ImageSets/Main/test.txt"
+    ids = test.read_text().split()
+    test.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(ids).encode() + b"\r\n")
+    (tmp_path / "names.txt").write_bytes(b"\xef\xbb\xbftriangle\r\ncircle\r\nsquare\r\n")
+    splits = load_splits(root, str(tmp_path / "names.txt"))
+    assert [r.image_id for r in splits.test] == ids
+    assert splits.class_names == ("triangle", "circle", "square")
+
+
 def test_an_image_listed_twice_is_refused_before_training(shapes: Path, tmp_path: Path) -> None:
     root = tmp_path / "voc"
     shutil.copytree(shapes, root)

@@ -59,7 +59,8 @@ def read_class_list(spec: str) -> tuple[str, ...] | None:
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"--classes: {spec!r} is neither 'voc', 'auto' nor an existing file")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()
+             if line.strip()]  # utf-8-sig: a byte-order mark (Windows Notepad) is not a name
     if not names:
         raise UserError(f"{path}: class list file is empty")
     dupes = sorted({n for n in names if names.count(n) > 1})
