@@ -50,14 +50,23 @@ def class_index(meta: BackboneMeta, name: str, source: str) -> int:
                     f"({meta.num_classes} classes: {shown})")
 
 
+def folder_class(path: Path, meta: BackboneMeta) -> str:
+    """The name of an image's class folder: its folder, or in Tiny-ImageNet's train layout
+    (``<wnid>/images/<image>``) the one above, where no class is called ``images``."""
+    folder = path.parent
+    if folder.name == "images" and "images" not in meta.class_names and folder.parent.name:
+        return folder.parent.name
+    return folder.name
+
+
 def resolve_targets(spec: str, paths: Sequence[Path], meta: BackboneMeta, ckpt: Path
                     ) -> torch.Tensor | None:
-    """Per-image target classes: None for `pred`; the parent folder's class for `true`
-    (ImageNet-style class folders); otherwise one class name or index for every image."""
+    """Per-image target classes: None for `pred`; the class folder's for `true` (ImageNet-style
+    class folders, `folder_class`); otherwise one class name or index for every image."""
     if spec == "pred":
         return None
     if spec == "true":
-        return torch.tensor([class_index(meta, p.parent.name, f"folder of {p}, for {ckpt}")
+        return torch.tensor([class_index(meta, folder_class(p, meta), f"folder of {p}, for {ckpt}")
                              for p in paths], dtype=torch.long)
     return torch.full((len(paths),), class_index(meta, spec, f"--target, for {ckpt}"),
                       dtype=torch.long)

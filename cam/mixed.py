@@ -25,7 +25,7 @@ from smix.data import denormalize, eval_transform, load_rgb, normalize
 from smix.dist import pick_device
 from smix.errors import UserError
 from smix.io import RunDir
-from cam.images import class_index
+from cam.images import class_index, folder_class
 from cam.models import CamModel, load_models
 from cam.render import overlay, save_grid, save_npy, save_png, to_uint8
 
@@ -115,7 +115,7 @@ def _pair_labels(cfg: MixedConfig, m: CamModel, x: torch.Tensor) -> torch.Tensor
         pred = m.model(x.to(m.cam.device)).argmax(1).cpu()
     out = []
     for i, (path, spec) in enumerate(zip(cfg.pair, cfg.classes)):
-        folder = path.parent.name
+        folder = folder_class(path, m.meta)
         if spec == "auto":
             spec = "true" if _names_a_class(m.meta, folder) else "pred"
             if spec == "pred":

@@ -141,6 +141,18 @@ def test_target_true_needs_class_folders(data, tmp_path, capsys) -> None:
     assert rc == 2 and "class 'loose' (folder of" in err
 
 
+def test_target_true_reads_tiny_imagenets_train_layout(data, tmp_path, capsys) -> None:
+    """train/<class>/images/<image>, as Tiny-ImageNet ships it: the class is the folder above."""
+    for name in ("square", "triangle"):
+        (tmp_path / "tiny" / name / "images").mkdir(parents=True)
+        shutil.copy(next((data["val"] / name).iterdir()), tmp_path / "tiny" / name / "images")
+    rc, err = _smix(["export", "--ckpt", str(data["cutmix"]), "--images", str(tmp_path / "tiny"),
+                     "--out", str(tmp_path / "o"), "--target", "true", "--no-progress"], capsys)
+    assert rc == 0, err
+    images = read_json(tmp_path / "o" / "metrics.json")["results"]["models"][0]["images"]
+    assert [m["target_class"] for m in images] == ["square", "triangle"]
+
+
 def test_localize_cli_on_the_shapes_voc_copy(data, tmp_path, capsys) -> None:
     rc, err = _smix(["localize", "--ckpt", str(data["cutmix"]), "--ckpt", str(data["saliencymix"]),
                      "--voc-root", str(data["shapes"]), "--out", str(tmp_path / "loc"),
