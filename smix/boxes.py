@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from smix.errors import UserError
+from smix.io import read_user_text
 
 Box = tuple[float, float, float, float]
 
@@ -63,10 +64,7 @@ def _rows(path: Path, text: str) -> list[tuple[str, str, Box]]:
 def read_boxes_file(path: Path) -> dict[Path, list[tuple[str, Box]]]:
     """Every image of a boxes file with its (class, box) list, in file order."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
-    except OSError as e:
-        raise UserError(f"{path}: cannot read boxes file ({e.strerror or e})") from None
+    text = read_user_text(path, "boxes file")
     grouped: dict[Path, list[tuple[str, Box]]] = {}
     for image, cls, box in _rows(path, text):
         image_path = Path(image) if Path(image).is_absolute() else path.parent / image

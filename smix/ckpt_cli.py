@@ -9,6 +9,7 @@ from smix.checkpoint import describe, read_checkpoint
 from smix.ckpt_import import import_checkpoint
 from smix.cli import ArgParser
 from smix.errors import UserError
+from smix.io import read_user_text
 
 
 def _print_human(info: dict) -> None:
@@ -56,7 +57,8 @@ def main(argv: list[str]) -> int:
     if a.classes is not None:
         if not a.classes.is_file():
             raise UserError(f"{a.classes}: class list file not found")
-        names = tuple(line.strip() for line in a.classes.read_text().splitlines() if line.strip())
+        names = tuple(line.strip() for line in read_user_text(a.classes, "class list").splitlines()
+                      if line.strip())
     meta = import_checkpoint(a.src, a.dst, a.arch, names, a.dataset, a.method, a.input_size)
     print(f"wrote {a.dst}: {meta.arch}, {meta.num_classes} classes")
     return 0

@@ -137,6 +137,19 @@ def read_json(path: str | os.PathLike) -> Any:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def read_user_text(path: str | os.PathLike, what: str) -> str:
+    """A text file a user wrote (a list, a CSV): UTF-8, with or without the byte-order mark
+    Notepad and Excel's "CSV UTF-8" write; anything else is one line."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: {what} is not UTF-8 text (byte {e.start}); save it as "
+                        "UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
 def code_version() -> str:
     """The toolkit version plus the git commit when run from a checkout."""
     from smix import __version__

@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from smix.errors import UserError
+from smix.io import read_user_text
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -102,8 +103,7 @@ def read_split(year_dir: Path, split: str) -> list[str]:
     path = year_dir / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise UserError(f"{path}: split file missing")
-    # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark
-    ids = [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines()
+    ids = [line.split()[0] for line in read_user_text(path, "split file").splitlines()
            if line.strip()]
     if not ids:
         raise UserError(f"{path}: split file lists no images")

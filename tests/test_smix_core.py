@@ -167,6 +167,14 @@ def test_import_refuses_a_non_positive_input_size(tmp_path, capsys):
         import_checkpoint(tmp_path / "r.pth", tmp_path / "o.safetensors", input_size=0)
 
 
+def test_import_reads_a_class_list_saved_with_a_byte_order_mark(tmp_path, capsys):
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r.pth")
+    (tmp_path / "names.txt").write_bytes(b"\xef\xbb\xbfcat\r\ndog\r\nfox\r\n")  # Notepad
+    assert smix(["ckpt", "import", str(tmp_path / "r.pth"), str(tmp_path / "o.safetensors"),
+                 "--classes", str(tmp_path / "names.txt")]) == 0
+    assert read_checkpoint(tmp_path / "o.safetensors")[1].class_names == ("cat", "dog", "fox")
+
+
 def test_inspect_tells_a_torch_file_and_a_newer_format_apart(tmp_path, capsys):
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "x.pth.tar")
     assert smix(["ckpt", "inspect", str(tmp_path / "x.pth.tar")]) == 2

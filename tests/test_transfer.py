@@ -564,6 +564,30 @@ def test_split_and_class_files_saved_with_a_byte_order_mark(shapes: Path, tmp_pa
     assert splits.class_names == ("triangle", "circle", "square")
 
 
+def test_text_files_not_in_utf8_are_one_line(shapes: Path, tmp_path: Path) -> None:
+    """A list saved as Windows-1252 (Excel's plain CSV, Notepad's "ANSI"): one line, not a
+    UnicodeDecodeError traceback."""
+    (tmp_path / "names.txt").write_bytes("caf\xe9\ncircle\n".encode("cp1252"))
+    with pytest.raises(UserError, match=r"names.txt: class list is not UTF-8 text \(byte 3\)"):
+        load_splits(shapes, str(tmp_path / "names.txt"))
+
+
+def test_the_size_check_turns_images_upright_as_detectron2_does(tmp_path: Path) -> None:
+    """A phone photo stored 64x48 with EXIF orientation 6 (turn 90 degrees) is 48x64 to
+    detectron2's reader: that is the <size> its annotation must give."""
+    from PIL import Image
+    from smix.voc import VOCRecord
+    from transfer.data import _check_size
+    image = Image.new("RGB", (64, 48))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rot.jpg", exif=exif)
+    _check_size(VOCRecord("rot", tmp_path / "rot.jpg", 48, 64, ()))
+    with pytest.raises(UserError, match="the image is 48x64 but its annotation rot.xml gives "
+                                        "<size> 64x48"):
+        _check_size(VOCRecord("rot", tmp_path / "rot.jpg", 64, 48, ()))
+
+
 def test_an_image_listed_twice_is_refused_before_training(shapes: Path, tmp_path: Path) -> None:
     root = tmp_path / "voc"
     shutil.copytree(shapes, root)

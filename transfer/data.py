@@ -15,6 +15,7 @@ from PIL import Image
 
 from smix.data import UNREADABLE
 from smix.errors import UserError
+from smix.io import read_user_text
 from smix.voc import VOC_CLASSES, VOCRecord, classes_in, find_year_dir, load_voc
 
 DEFAULT_TRAIN = (("2007", "trainval"), ("2012", "trainval"))
@@ -59,8 +60,8 @@ def read_class_list(spec: str) -> tuple[str, ...] | None:
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"--classes: {spec!r} is neither 'voc', 'auto' nor an existing file")
-    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()
-             if line.strip()]  # utf-8-sig: a byte-order mark (Windows Notepad) is not a name
+    names = [line.strip() for line in read_user_text(path, "class list").splitlines()
+             if line.strip()]
     if not names:
         raise UserError(f"{path}: class list file is empty")
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -75,13 +76,19 @@ def _year_dir(root: Path, year: str) -> Path | None:
     return find_year_dir(root, year)
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def _check_size(rec: VOCRecord) -> None:
     """The picture's size (its header only) must be the annotation's <size>: the boxes were
     checked against it, and detectron2 stops mid-run, with a traceback, on the first image
-    whose size differs (annotation tools write wrong or 0x0 sizes now and then)."""
+    whose size differs (annotation tools write wrong or 0x0 sizes now and then). The size is
+    detectron2's: upright, as the EXIF orientation tag says (a phone photo's 5-8 turn it)."""
     try:
         with Image.open(rec.image_path) as im:
             width, height = im.size
+            if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+                width, height = height, width
     except UNREADABLE as e:
         raise UserError(f"{rec.image_path}: cannot read image ({type(e).__name__}: {e})") from None
     if (width, height) != (rec.width, rec.height):
