@@ -52,9 +52,10 @@ def class_index(meta: BackboneMeta, name: str, source: str) -> int:
 
 def folder_class(path: Path, meta: BackboneMeta) -> str:
     """The name of an image's class folder: its folder, or in Tiny-ImageNet's train layout
-    (``<wnid>/images/<image>``) the one above, where no class is called ``images``."""
+    (``<wnid>/images/<image>``) the one above, where that names a class and ``images`` none."""
     folder = path.parent
-    if folder.name == "images" and "images" not in meta.class_names and folder.parent.name:
+    if (folder.name == "images" and "images" not in meta.class_names
+            and folder.parent.name in meta.class_names):
         return folder.parent.name
     return folder.name
 

@@ -153,6 +153,14 @@ def test_target_true_reads_tiny_imagenets_train_layout(data, tmp_path, capsys) -
     assert [m["target_class"] for m in images] == ["square", "triangle"]
 
 
+def test_only_a_class_folder_above_images_names_the_class() -> None:
+    from cam.images import folder_class
+    meta = BackboneMeta(arch="resnet18", num_classes=3, class_names=CLASSES)
+    assert folder_class(Path("tiny/train/square/images/a.JPEG"), meta) == "square"
+    assert folder_class(Path("runs/2/images/a.png"), meta) == "images"  # not class index 2
+    assert folder_class(Path("val/circle/a.png"), meta) == "circle"
+
+
 def test_localize_cli_on_the_shapes_voc_copy(data, tmp_path, capsys) -> None:
     rc, err = _smix(["localize", "--ckpt", str(data["cutmix"]), "--ckpt", str(data["saliencymix"]),
                      "--voc-root", str(data["shapes"]), "--out", str(tmp_path / "loc"),
