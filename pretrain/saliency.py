@@ -224,13 +224,15 @@ def _network(path: str, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _is_exported_program(path: str) -> bool:
-    """Whether `path` is a torch.export archive (a zip with an ``archive_format`` record;
-    TorchScript's zips have none)."""
+    """Whether `path` is a torch.export archive: a zip with an ``archive_format`` record (torch
+    >= 2.7) or a ``serialized_exported_program.json`` (the flat layout torch 2.1-2.6 wrote);
+    TorchScript's zips have neither."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.rsplit("/", 1)[-1] == "archive_format" for name in archive.namelist())
+            names = {name.rsplit("/", 1)[-1] for name in archive.namelist()}
     except (zipfile.BadZipFile, OSError):
         return False
+    return bool(names & {"archive_format", "serialized_exported_program.json"})
 
 
 def _exported_network(path: str, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -240,7 +242,7 @@ def _exported_network(path: str, device: str) -> Callable[[torch.Tensor], torch.
         from torch.export.passes import move_to_device_pass  # torch >= 2.6
     except ImportError:
         move_to_device_pass = None
-    if device != "cpu" and move_to_device_pass is not None:
+    if move_to_device_pass is not None:  # also a program exported on a GPU, run on the CPU
         program = move_to_device_pass(program, device)
     inputs = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
     user_inputs = program.graph_signature.user_inputs
@@ -249,7 +251,7 @@ def _exported_network(path: str, device: str) -> Callable[[torch.Tensor], torch.
                         "inputs; a detector takes one, the image batch")
     batch = inputs[user_inputs[0]].meta["val"].shape[0]
     module = program.module()
-    if device != "cpu" and move_to_device_pass is None:
+    if move_to_device_pass is None:
         module = module.to(device)  # older torch: constants made at export stay on its device
     if isinstance(batch, int):
         return _InSlices(module, batch)

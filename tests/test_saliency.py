@@ -6,6 +6,8 @@ project's dev extra; without them they fail with a message saying what to instal
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
 import torch
@@ -336,6 +338,33 @@ def test_a_torch_export_network_is_a_detector_with_basnets_protocol(tmp_path, dy
     images = torch.randint(0, 256, (7, 3, 33, 47), generator=g, dtype=torch.uint8)
     got = get_detector(f"network:{path}")(images)
     assert got.shape == (7, 33, 47) and got.dtype == torch.float32
+    torch.testing.assert_close(got, _basnet_protocol_of_rednet(images), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "batch-fixed-at-3"])
+def test_an_empty_batch_gives_empty_maps(tmp_path, dynamic):
+    _export(tmp_path / "net.pt2", 3, dynamic)
+    got = get_detector(f"network:{tmp_path / 'net.pt2'}")(torch.zeros(0, 3, 20, 30))
+    assert got.shape == (0, 20, 30)
+
+
+def test_a_pt2_in_the_layout_of_torch_2_1_to_2_6_is_read(tmp_path):
+    """Before the PT2 archive (torch 2.7), torch.export.save wrote a flat zip of
+    serialized_exported_program.json and its tensors: torch.export.load reads it still."""
+    serde = pytest.importorskip("torch._export.serde.serialize")
+    schema = pytest.importorskip("torch._export.serde.schema")
+    program = torch.export.export(_RedNet(), (torch.rand(2, 3, 256, 256),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    art = serde.serialize(program)
+    path = tmp_path / "old.pt2"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("serialized_exported_program.json", art.exported_program)
+        archive.writestr("serialized_state_dict.pt", art.state_dict)
+        archive.writestr("serialized_constants.pt", art.constants)
+        archive.writestr("serialized_example_inputs.pt", art.example_inputs)
+        archive.writestr("version", ".".join(map(str, schema.SCHEMA_VERSION)))
+    images = torch.randint(0, 256, (2, 3, 24, 40), dtype=torch.uint8)
+    got = get_detector(f"network:{path}")(images)
     torch.testing.assert_close(got, _basnet_protocol_of_rednet(images), atol=1e-5, rtol=0)
 
 
