@@ -586,6 +586,9 @@ def test_the_size_check_turns_images_upright_as_detectron2_does(tmp_path: Path) 
     with pytest.raises(UserError, match="the image is 48x64 but its annotation rot.xml gives "
                                         "<size> 64x48"):
         _check_size(VOCRecord("rot", tmp_path / "rot.jpg", 64, 48, ()))
+    # the torchvision backend reads it upright too: what the boxes were drawn on
+    item = VOCDetection([VOCRecord("rot", tmp_path / "rot.jpg", 48, 64, ())], ["a"])[0]
+    assert item[0].shape == (3, 64, 48)
 
 
 def test_an_image_listed_twice_is_refused_before_training(shapes: Path, tmp_path: Path) -> None:

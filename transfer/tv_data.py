@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
@@ -97,7 +98,9 @@ class VOCDetection(Dataset):
     def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, dict, str]:
         index, flip = key if isinstance(key, tuple) else (key, False)
         rec = self.records[index]
-        image = F.to_dtype(F.to_image(load_rgb(rec.image_path)), torch.float32, scale=True)
+        pil = load_rgb(rec.image_path)
+        ImageOps.exif_transpose(pil, in_place=True)  # upright, as detectron2 reads it
+        image = F.to_dtype(F.to_image(pil), torch.float32, scale=True)
         boxes = torch.tensor([o.box0 for o in rec.objects], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([self.label[o.name] for o in rec.objects], dtype=torch.int64)
         if flip:
