@@ -13,8 +13,6 @@ from smix.cpus import auto_workers
 from smix.data import CIFAR10_MEAN, CIFAR10_STD
 from smix.errors import UserError
 
-CIFAR100_MEAN = (129.3 / 255, 124.1 / 255, 112.4 / 255)
-CIFAR100_STD = (68.2 / 255, 65.4 / 255, 70.4 / 255)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +119,13 @@ _NOT_SETTABLE = ("preset", "data", "out", "method", "notes", "method_params", "a
 
 
 def _cifar(arch: str, classes: int, **kw: Any) -> dict[str, Any]:
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
-    # batch 256 as the SaliencyMix paper trains (its official code: 128)
+    # batch 256 as the SaliencyMix paper trains (its official code: 128). Normalisation: the
+    # CIFAR-10 statistics on CIFAR-100 too, as every official code these papers ran normalises
+    # both (SaliencyMix_CIFAR/saliencymix.py, Cutout's train.py, CutMix-PyTorch's train.py);
+    # Cutout's zero fill is then the same grey on both.
     base = dict(arch=arch, dataset=f"cifar{classes}", epochs=200, batch_size=256, lr=0.1,
                 weight_decay=5e-4, milestones=(60, 120, 160), gamma=0.2, input_size=32,
-                resize=32, crop=32, train_aug="cifar", mean=mean, std=std)
+                resize=32, crop=32, train_aug="cifar", mean=CIFAR10_MEAN, std=CIFAR10_STD)
     return {**base, **kw}
 
 
@@ -167,14 +167,26 @@ METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "cifar": {"cutmix": {"prob": 0.5}, "saliencymix": {"prob": 0.5}},
     "imagenet": {"cutmix": {"prob": 1.0}, "saliencymix": {"prob": 1.0}},
 }
+# GuidedMixup's mixing probability depends on its saliency, not on the dataset: every command
+# of the official README (3neutronstar/GuidedMixup: CIFAR-100, Tiny-ImageNet and FGVC) runs
+# Guided-SR with --mix_prob 0.5 and Guided-AP with --mix_prob 0.8 (its argparse default, 1.0,
+# is not what the paper's tables ran).
+GUIDED_PROB = {"sr": 0.5, "ap": 0.8}
 
 
-def _method_defaults(method: str, values: dict[str, Any]) -> dict[str, Any]:
+def _method_defaults(method: str, values: dict[str, Any], given: dict[str, str]
+                     ) -> dict[str, Any]:
+    """The dataset's (and for GuidedMixup the saliency's) defaults of `method`'s parameters;
+    `given` are the user's `method.<p>=v`, which override them afterwards."""
     family = "cifar" if values["dataset"].startswith("cifar") else "imagenet"
     defaults = dict(METHOD_DEFAULTS[family].get(method, {}))
     if method == "cutout":
         side = int(values["input_size"])
         defaults["size"] = max(1, side // 4 if values["dataset"] == "cifar100" else side // 2)
+    if method == "guidedmixup":
+        saliency = given.get("saliency", "sr")
+        if saliency in GUIDED_PROB:  # an unknown one is the mixer's error to report
+            defaults["prob"] = GUIDED_PROB[saliency]
     return defaults
 
 
@@ -243,7 +255,8 @@ def build_config(preset: str, data: Path, out: Path, method: str = "none",
     if "workers" in values:  # `auto` (a preset's or the user's): resolved, saved as a number
         values["workers"], said = resolve_workers(values["workers"], ())
         notes.extend(said)
-    method_params = typed_method_params(method, {**_method_defaults(method, values), **method_set})
+    method_params = typed_method_params(method, {**_method_defaults(method, values, method_set),
+                                                  **method_set})
     return TrainConfig(preset=preset, data=Path(data), out=Path(out), method=method,
                        method_params=method_params, arch_kwargs=arch_kwargs,
                        notes=tuple(notes), **values)

@@ -54,6 +54,29 @@ def test_presets_carry_paper_settings():
         build_config("cifar10-resnet18", Path("d"), Path("o"), overrides={"lr": "fast"})
 
 
+@pytest.mark.parametrize("preset", ["cifar10-resnet18", "cifar100-resnet18",
+                                    "cifar100-wrn28-10", "cifar100-preactresnet18"])
+def test_cifar_presets_normalise_as_the_official_codes(preset):
+    # SaliencyMix_CIFAR/saliencymix.py, uoguelph-mlrg/Cutout train.py and CutMix-PyTorch
+    # train.py normalise CIFAR-10 *and* CIFAR-100 with mean [125.3, 123.0, 113.9] / 255,
+    # std [63.0, 62.1, 66.7] / 255
+    c = build_config(preset, Path("d"), Path("o"))
+    assert c.mean == pytest.approx((125.3 / 255, 123.0 / 255, 113.9 / 255))
+    assert c.std == pytest.approx((63.0 / 255, 62.1 / 255, 66.7 / 255))
+
+
+@pytest.mark.parametrize("preset", ["cifar100-preactresnet18", "tinyimagenet-resnet50",
+                                    "imagenet-resnet50"])
+@pytest.mark.parametrize("saliency,given,prob", [
+    (None, {}, 0.5), ("sr", {}, 0.5), ("ap", {}, 0.8), ("ap", {"method.prob": "0.3"}, 0.3)])
+def test_guidedmixup_mixes_with_the_papers_probability(preset, saliency, given, prob):
+    # 3neutronstar/GuidedMixup README (CIFAR-100, Tiny-ImageNet) and FGVC/README.md: Guided-SR
+    # runs with --mix_prob 0.5, Guided-AP with --mix_prob 0.8 (main.py's default is 1.0)
+    extra = {"method.saliency": saliency} if saliency else {}
+    c = build_config(preset, Path("d"), Path("o"), "guidedmixup", {**extra, **given})
+    assert c.method_params["prob"] == prob
+
+
 def _machine(monkeypatch, tmp_path, usable: int, cpus: int, local: int | None = None,
              files: dict[str, str] | None = None) -> None:
     """A machine for `smix.cpus`: this process's affinity, the machine's CPU count, torchrun's

@@ -49,7 +49,8 @@ def _runtime(shapes_root, tmp_path, method: str, micro: int, **params: str):
 
 @pytest.mark.parametrize("method,params", [
     ("cutmix", {}), ("mixup", {}), ("none", {}),
-    ("guidedmixup", {"saliency": "ap", "pairing": "greedy"}),  # the model's gradients, chunked
+    # the model's gradients, chunked; prob 1 so that both steps mix (the preset default: 0.8)
+    ("guidedmixup", {"saliency": "ap", "pairing": "greedy", "prob": "1"}),
 ])
 def test_passes_accumulate_to_the_whole_batch_step(shapes_root, tmp_path, method, params):
     """Two steps at batch 8: one pass, against passes of 3, 3 and 2 images. Same draws, same
