@@ -468,10 +468,13 @@ def load_resume(rt: Runtime) -> tuple[int, list[dict[str, Any]]]:
 
 
 def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best epoch by top-1 (what the papers report) and the last epoch."""
+    """Best epoch by top-1 (what the papers report) and the last epoch. Of epochs tied on top-1
+    the latest is the best, with its top-5, as the official ImageNet code keeps them
+    (CutMix-PyTorch and SaliencyMix-ImageNet train.py: `is_best = err1 <= best_err1`, then
+    `best_err5 = err5`; its model_best is that epoch's model, as best.safetensors here)."""
     if not history:
         return {}
-    best = max(history, key=lambda h: (h["top1"], -h["epoch"]))
+    best = max(history, key=lambda h: (h["top1"], h["epoch"]))
     last = history[-1]
     pick = lambda h: {"epoch": h["epoch"], "top1": h["top1"], "top5": h["top5"],
                       "top1_err": 100 - h["top1"], "top5_err": 100 - h["top5"]}

@@ -174,9 +174,24 @@ def test_best_epoch_tie_summary_and_file_agree(shapes_root, tmp_path, monkeypatc
     monkeypatch.setattr(engine, "evaluate", lambda rt, e: {**real(rt, e), "top1": 50.0})
     run = tmp_path / "run"
     summary = engine.train(_short(shapes_root, run))
-    assert summary["best"]["epoch"] == 1  # the earliest of equals, as the papers report
-    assert read_meta(run / "best.safetensors").epochs == 1
+    # the latest of equals, as the official code that reports top-5 keeps it (CutMix-PyTorch
+    # and SaliencyMix-ImageNet train.py: `is_best = err1 <= best_err1`; `best_err5 = err5`)
+    assert summary["best"]["epoch"] == 2
+    assert read_meta(run / "best.safetensors").epochs == 2
     assert read_meta(run / "backbone.safetensors").epochs == 2
+
+
+def test_best_epoch_tie_reports_the_later_epochs_top5():
+    # CutMix-PyTorch train.py (and SaliencyMix-ImageNet's copy of it): `is_best = err1 <=
+    # best_err1; best_err1 = min(err1, best_err1); if is_best: best_err5 = err5`: on a top-1
+    # tie the later epoch's top-5 error is the one reported
+    history = [{"epoch": 1, "top1": 70.0, "top5": 88.0}, {"epoch": 2, "top1": 76.0, "top5": 92.0},
+               {"epoch": 3, "top1": 76.0, "top5": 93.0}, {"epoch": 4, "top1": 75.0, "top5": 94.0}]
+    s = engine.summarise(history)
+    assert s["best"]["epoch"] == 3
+    assert s["best"]["top1_err"] == pytest.approx(24.0)
+    assert s["best"]["top5_err"] == pytest.approx(7.0)
+    assert s["last"]["epoch"] == 4 and s["last"]["top5_err"] == pytest.approx(6.0)
 
 
 # 4, 5. defaults that follow the preset ----------------------------------------------------
