@@ -120,9 +120,10 @@ _NOT_SETTABLE = ("preset", "data", "out", "method", "notes", "method_params", "a
 
 def _cifar(arch: str, classes: int, **kw: Any) -> dict[str, Any]:
     # batch 256 as the SaliencyMix paper trains (its official code: 128). Normalisation: the
-    # CIFAR-10 statistics on CIFAR-100 too, as every official code these papers ran normalises
-    # both (SaliencyMix_CIFAR/saliencymix.py, Cutout's train.py, CutMix-PyTorch's train.py);
-    # Cutout's zero fill is then the same grey on both.
+    # CIFAR-10 statistics on CIFAR-100 too, as the codes of this recipe normalise both
+    # (SaliencyMix_CIFAR/saliencymix.py, Cutout's and CutMix-PyTorch's train.py). GuidedMixup's
+    # code (PuzzleMix's recipe: 1200 epochs, wd 1e-4, no preset here) normalises CIFAR-100
+    # with (129.3, 124.1, 112.4) / (68.2, 65.4, 70.4): `mean=`/`std=` set those.
     base = dict(arch=arch, dataset=f"cifar{classes}", epochs=200, batch_size=256, lr=0.1,
                 weight_decay=5e-4, milestones=(60, 120, 160), gamma=0.2, input_size=32,
                 resize=32, crop=32, train_aug="cifar", mean=CIFAR10_MEAN, std=CIFAR10_STD)
