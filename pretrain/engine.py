@@ -75,10 +75,22 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2**63 - 1)
 
 
+def rank_seed(seed: int, epoch: int, stream: int, rank: int) -> int:
+    """`epoch_seed` of one process: under torchrun each rank mixes, drops out and (without
+    loader workers) crops its own images with its own draws, as the same images would get in
+    one process; rank 0's seed is `epoch_seed`'s, so one-process runs are unchanged."""
+    return (epoch_seed(seed, epoch, stream) + rank * 1_000_000_007) % (2**63 - 1)
+
+
 def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None) -> Runtime:
     """Model, optimiser, schedule, mixer and data of a run (`data` given: in-memory data)."""
     torch.manual_seed(cfg.seed)
     per_rank = cfg.batch_size // dist.world_size
+    if cfg.batch_size % dist.world_size:
+        # DDP averages equal shares: the remainder would be dropped from every step, silently
+        raise UserError(f"batch_size={cfg.batch_size} does not split evenly over "
+                        f"{dist.world_size} processes ({per_rank} each would train steps of "
+                        f"{per_rank * dist.world_size}); use a multiple of {dist.world_size}")
     if per_rank < 2:
         raise UserError(f"batch_size={cfg.batch_size} over {dist.world_size} processes leaves "
                         f"{per_rank} image(s) per process and step; a step takes at least 2")
@@ -320,8 +332,10 @@ def train_batch(rt: Runtime, batch: tuple, colour: torch.Generator
 
 def train_epoch(rt: Runtime, epoch: int) -> dict[str, float]:
     """One pass over the training data; stops with `TrainingDiverged` on a non-finite loss."""
-    torch.manual_seed(epoch_seed(rt.cfg.seed, epoch, 2))
-    mix_gen = torch.Generator().manual_seed(epoch_seed(rt.cfg.seed, epoch, 3))
+    # per rank: with one seed, both ranks drew the same λ, boxes, pairs and dropout masks (and
+    # crops and flips without workers) at every step
+    torch.manual_seed(rank_seed(rt.cfg.seed, epoch, 2, rt.dist.rank))
+    mix_gen = torch.Generator().manual_seed(rank_seed(rt.cfg.seed, epoch, 3, rt.dist.rank))
     colour = colour_generator(rt, epoch)
     loader = make_loader(rt, train=True, epoch=epoch)
     rt.ddp_model.train()
