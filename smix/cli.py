@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Any, NoReturn, Sequence
 
@@ -25,6 +26,25 @@ COMMANDS = {
     "ckpt": ("smix.ckpt_cli", "inspect or import checkpoints"),
     "data": ("smix.data_cli", "generate the synthetic shapes dataset"),
 }
+
+
+# Commands that share their work over torchrun's processes (rank 0 writes). The others are one
+# process's work: under torchrun every process would run all of it into the same output
+# (`torchrun -m smix transfer` trained twice, each process writing the same run folder).
+TORCHRUN_COMMANDS = ("pretrain", "robustness", "cam")
+TORCHRUN_ADVICE = {"transfer": "for several GPUs or machines run it once with --num-gpus N "
+                               "(--num-machines, --machine-rank, --dist-url): detectron2's "
+                               "launcher starts the processes"}
+
+
+def torchrun_problem(command: str) -> str | None:
+    """Why `command` cannot run in this process group (None: it can)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or command in TORCHRUN_COMMANDS:
+        return None
+    advice = TORCHRUN_ADVICE.get(command, "start it without torchrun")
+    return (f"does not run under torchrun ({world} processes would each run all of it into the "
+            f"same output); {advice}")
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -65,6 +85,10 @@ def run(command: str, argv: Sequence[str]) -> int:
     if command not in COMMANDS:
         print(f"smix: error: unknown command {command!r}; valid: {', '.join(COMMANDS)}",
               file=sys.stderr)
+        return 2
+    problem = torchrun_problem(command)
+    if problem:
+        print(f"smix {command}: error: {problem}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     try:
