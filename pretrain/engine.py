@@ -209,7 +209,10 @@ def _data_loader(rt: Runtime, data, train: bool, epoch: int, collate, parts: int
     loader = DataLoader(
         data, batch_size=per_rank // parts, sampler=sampler, num_workers=cfg.workers,
         pin_memory=dist.device.type == "cuda" and collate is collate_skip,
-        drop_last=train and len(data) >= 2 * per_rank, collate_fn=collate,
+        # this process's share decides (under torchrun `data` is the whole set): 12 images,
+        # batch 8 on 2 processes trained 8 of them (one batch of 4 each) where one process
+        # trains all 12
+        drop_last=train and len(sampler) >= 2 * per_rank, collate_fn=collate,
         generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 6)),
         persistent_workers=persistent)
     return loader, sampler

@@ -3,6 +3,7 @@ recipe's batch is the batch the processes train together."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,20 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(shapes_root, 
     with pytest.raises(UserError, match=f"batch_size={batch} does not split evenly over "
                                         f"{world} processes"):
         engine.build_runtime(cfg, DistInfo(0, world, 0, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("limit,expected", [(12, 12), (24, 24)])
+def test_every_process_keeps_a_short_last_batch_as_one_process_does(shapes_root, tmp_path, limit,
+                                                                    expected):
+    """12 training images, batch 8: one process trains 8 + 4; two processes dropped each one's
+    last 2 of 6 images (the whole set's size, not the process's share, chose `drop_last`)."""
+    cfg = build_config("shapes-resnet18", shapes_root, tmp_path / "run", "none",
+                       {**FAST, "limit_train": str(limit)})
+    one = engine.build_runtime(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    n_one = sum(len(b[1]) for b in engine.make_loader(one, train=True, epoch=0))
+    n_two = 0
+    for rank in (0, 1):  # the loaders of both processes (no process group needed to build them)
+        rt = dataclasses.replace(one, dist=DistInfo(rank, 2, rank, torch.device("cpu")),
+                                 loaders={})
+        n_two += sum(len(b[1]) for b in engine.make_loader(rt, train=True, epoch=0))
+    assert n_one == n_two == expected
