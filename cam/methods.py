@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smix.arch import arch_spec
+from smix.dist import is_main_process
 from smix.errors import UserError
 
 
@@ -165,6 +166,8 @@ class CamMethod:
         if self._warned or not isinstance(feats, torch.Tensor) or feats.shape[-2:] != (1, 1):
             return
         self._warned = True
+        if not is_main_process():  # every rank has the same layer: torchrun printed it per rank
+            return
         print(f"warning: {self.name}: layer {self.layer_name!r} of {self.arch} is 1x1 at "
               f"{size[0]}x{size[1]} input, so its maps are flat (all zero) and cannot localise; "
               "use a larger input or an earlier --layer", file=sys.stderr)

@@ -72,6 +72,12 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or the only process: the one that says what every rank
+    would say (a warning about the checkpoint or the data, printed once, not once per rank)."""
+    return not _active() or dist.get_rank() == 0
+
+
 def group_device() -> torch.device:
     """The device the process group's collectives take tensors on: the current GPU for NCCL
     (which rejects CPU tensors: "No backend type associated with device type cpu"), the CPU

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -198,3 +200,34 @@ def test_gradcam_on_a_middle_layer_matches_full_autograd(model, images) -> None:
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
     assert [p.requires_grad for p in model.parameters()] == flags  # restored
     assert not model.layer3._forward_hooks
+
+
+def _warn_on_rank(rank: int, port: int, queue) -> None:
+    import io
+    import torch.distributed as dist
+    from smix.arch import build_model
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        sys.stderr = err = io.StringIO()
+        torch.manual_seed(0)
+        cam = build_cam("cam", build_model("resnet18", 3).eval(), "resnet18")
+        cam(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+        queue.put((rank, err.getvalue()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_the_one_pixel_warning_is_said_once_under_torchrun() -> None:
+    """Each of 2 processes printed it: every rank sees the same layer, rank 0 says it."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_warn_on_rank, args=(r, 29575, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    said = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert said[0].count("is 1x1 at 32x32 input") == 1 and said[1] == ""
