@@ -76,9 +76,9 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def rank_seed(seed: int, epoch: int, stream: int, rank: int) -> int:
-    """`epoch_seed` of one process: under torchrun each rank mixes, drops out and (without
-    loader workers) crops its own images with its own draws, as the same images would get in
-    one process; rank 0's seed is `epoch_seed`'s, so one-process runs are unchanged."""
+    """`epoch_seed` of one process: under torchrun each rank draws its own mixing, dropout and
+    (without loader workers) crops, not a copy of rank 0's; rank 0's seed is `epoch_seed`'s,
+    so one-process runs (and their `--resume`) are unchanged."""
     return (epoch_seed(seed, epoch, stream) + rank * 1_000_000_007) % (2**63 - 1)
 
 
