@@ -1,6 +1,7 @@
 """Production paths of pretraining: resume for every method, one commit point per epoch,
 the papers' defaults that follow the preset, flags `--resume` accepts or refuses, DDP-safe
-skipping, the loss in float32, evenly spaced limits, best-epoch ties."""
+skipping, the loss in float32, evenly spaced limits, best-epoch ties, and the numbers
+metrics.json reports (best/last epoch, top-1/top-5, the LR schedule) against hand values."""
 
 from __future__ import annotations
 
@@ -434,3 +435,51 @@ def test_every_run_applies_the_cudnn_setting(monkeypatch, shapes_root, tmp_path)
                        {"device": "cpu", "cudnn_benchmark": "false", "workers": "0"})
     engine.build_runtime(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
     assert seen == [(False, "cpu")]
+
+
+# 12. what metrics.json reports: best epoch, its top-5, the last epoch, top-k, the LR schedule --
+
+def test_summary_reports_the_best_top1_epoch_with_its_own_top5_and_the_last_epoch():
+    """Hand-made history: the best top-1 (epoch 2) is not the best top-5 (epoch 3) nor the
+    best top-1 + top-5 (epoch 3); the papers report epoch 2's top-1 with epoch 2's top-5."""
+    history = [{"epoch": 1, "top1": 60.0, "top5": 85.0},
+               {"epoch": 2, "top1": 72.5, "top5": 88.0},
+               {"epoch": 3, "top1": 72.0, "top5": 95.0},
+               {"epoch": 4, "top1": 70.0, "top5": 90.5}]
+    s = engine.summarise(history)
+    assert s["best"] == {"epoch": 2, "top1": 72.5, "top5": 88.0, "top1_err": 27.5,
+                         "top5_err": 12.0}
+    assert s["last"] == {"epoch": 4, "top1": 70.0, "top5": 90.5, "top1_err": 30.0,
+                         "top5_err": 9.5}
+
+
+def test_evaluate_counts_top1_and_top5_by_hand(monkeypatch):
+    """Seven classes, logits given by hand: top-1 hits 1 of 4, top-5 hits 3 of 4 (a label
+    ranked 6th is not a top-5 hit; a top-2 or top-3 rule would count 1 or 2)."""
+    logits = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1],    # label 0: rank 1
+                           [7.0, 6, 5, 4, 3, 2, 1],    # label 4: rank 5
+                           [7.0, 6, 5, 4, 3, 2, 1],    # label 5: rank 6
+                           [1.0, 2, 3, 4, 5, 6, 7]])   # label 3: rank 4
+    labels = torch.tensor([0, 4, 5, 3])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return logits[x.long().view(-1)]
+
+    rt = types.SimpleNamespace(model=Fixed(), dist=DistInfo(0, 1, 0, torch.device("cpu")),
+                               amp_dtype=None, channels_last=False)
+    batches = [(torch.tensor([0.0, 1.0]), labels[:2], 0), (torch.tensor([2.0, 3.0]), labels[2:], 0)]
+    monkeypatch.setattr(engine, "make_loader", lambda rt, train, epoch: batches)
+    out = engine.evaluate(rt, 1)
+    assert (out["top1"], out["top5"], out["val_images"]) == (25.0, 75.0, 4)
+
+
+def test_lr_schedule_by_hand_with_warmup_and_milestones():
+    """lr factor per epoch index e (0-based): linear warm-up (e+1)/w for e < w, then
+    gamma ** (number of milestones <= e): CIFAR's 0.2 at 60/120/160 after 2 warm-up epochs."""
+    c = build_config("cifar10-resnet18", Path("d"), Path("o"), "none", {"warmup_epochs": "2"})
+    factor = engine._lr_lambda(c)
+    expected = {0: 0.5, 1: 1.0, 2: 1.0, 59: 1.0, 60: 0.2, 119: 0.2, 120: 0.04, 159: 0.04,
+                160: 0.008, 199: 0.008}
+    for epoch, want in expected.items():
+        assert factor(epoch) == pytest.approx(want, rel=1e-12), epoch
