@@ -236,6 +236,28 @@ def test_fgsm_run_eps0_is_clean_and_numbers_trace(world, tmp_path):
     assert json.loads((out / "config.json").read_text())["attack"] == "fgsm"
 
 
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_run_hands_the_attack_eps_and_step_in_255ths(world, tmp_path, monkeypatch, attack):
+    """The config speaks /255 (eps 2 and 8, step 2): the attack must get 2/255, 8/255 and a
+    step of 2/255 in [0,1] pixel units (both implementations run the same conversion)."""
+    seen = []
+    impl, real = get_attack(attack)
+
+    def spy(model, images, labels, eps01, params, seed):
+        seen.append((list(eps01), params))
+        return real(model, images, labels, eps01, params, seed)
+
+    monkeypatch.setattr(adversarial_mod, "get_attack", lambda name, _=None: (impl, spy))
+    res = run_attack(AttackConfig(attack=attack, checkpoints=(world["a"],), data=world["val"],
+                                  out=tmp_path / "run", eps=(2.0, 8.0), step=2.0, steps=4,
+                                  batch_size=6, limit=6, workers=0, device="cpu"))
+    assert len(seen) == 1
+    eps01, params = seen[0]
+    assert eps01 == pytest.approx([2 / 255, 8 / 255], rel=1e-12)
+    assert params.step == pytest.approx(2 / 255, rel=1e-12) and params.steps == 4
+    assert res["eps"] == [2.0, 8.0]
+
+
 def test_two_transforms_two_passes_and_impls_agree(world, tmp_path):
     other = make_ckpt(tmp_path / "c.safetensors", 3, resize=36)
     base = dict(attack="fgsm", data=world["val"], eps=(2.0, 8.0), batch_size=6, workers=0,
