@@ -190,3 +190,36 @@ def test_report_odd_input_is_one_line_or_a_dash(tmp_path, capsys):
     assert row["best top-1 err"] == "30.00" and row["last top-1 err"] == "–"
     assert (tmp_path / "rep" / "training_curves.png").is_file()
     assert (tmp_path / "rep" / "fgsm_accuracy_vs_eps.png").is_file()
+
+
+def test_groups_by_dataset_top5_is_the_best_epochs_and_delta_is_against_the_seed_mean(tmp_path):
+    """Hand-computed cells: runs of one method on two datasets are two rows, never averaged
+    (CIFAR-10 5.0 and CIFAR-100 25.0 would read 15.00 ± 14.14); `top-5 err @best` is the top-5
+    error of the best top-1 epoch (2.0, 3.0 -> 2.50 ± 0.71), not the last epoch's (7.0, 9.0);
+    ΔAP50 is against the mean of the `none` backbones' seeds ((70 + 72) / 2 = 71)."""
+    root = tmp_path / "runs"
+    epoch = lambda ep, top1_err, top5_err: {"epoch": ep, "top1_err": top1_err,
+                                            "top5_err": top5_err}
+    for name, dataset, seed, best1, best5, last5 in (("c10-s0", "cifar10", 0, 5.0, 2.0, 7.0),
+                                                     ("c10-s1", "cifar10", 1, 6.0, 3.0, 9.0),
+                                                     ("c100-s0", "cifar100", 0, 25.0, 8.0, 8.5)):
+        RunDir(root / name).write_metrics(stage="pretrain", kind="classification", results={
+            "best": epoch(5, best1, best5), "last": epoch(10, best1 + 1, last5),
+            "arch": "resnet18", "dataset": dataset, "method": {"name": "cutmix"}, "seed": seed,
+            "epochs_done": 10, "epochs": 10, "train_time_s": 100.0})
+    for name, method, ap50 in (("none-s0", "none", 70.0), ("none-s1", "none", 72.0),
+                               ("cutmix", "cutmix", 74.5)):
+        RunDir(root / name).write_metrics(stage="transfer", kind="detection", results={
+            "AP50": ap50, "AP": 40.0, "AP75": 45.0, "backend": "torchvision", "preset": "d2-voc",
+            "arch": "fpn", "iters": 100, "checkpoint": ck(method), "test_set": "VOC2007/test",
+            "metric": "voc07-11point"})
+    build_report([root], tmp_path / "rep")
+    rows = {r["dataset"]: r for r in read_csv(tmp_path / "rep" / "classification.csv")}
+    assert set(rows) == {"cifar10", "cifar100"}
+    assert rows["cifar10"]["best top-1 err"] == "5.50 ± 0.71"
+    assert rows["cifar10"]["top-5 err @best"] == "2.50 ± 0.71"
+    assert rows["cifar10"]["last top-5 err"] == "8.00 ± 1.41"
+    assert rows["cifar100"]["best top-1 err"] == "25.00" and rows["cifar100"]["runs"] == "1"
+    det = {d["run folder"]: d["ΔAP50 vs none"]
+           for d in read_csv(tmp_path / "rep" / "detection_transfer.csv")}
+    assert det == {"none-s0": "-1.00", "none-s1": "+1.00", "cutmix": "+3.50"}
