@@ -103,6 +103,40 @@ def test_localization_hits_threshold_sweep() -> None:
     assert threshold_sweep(0.25) == [0.0, 0.25, 0.5, 0.75]
 
 
+
+def test_iou_of_exactly_one_half_is_a_hit_and_pixels_at_the_threshold_are_out() -> None:
+    """Loc counts IoU >= 0.5 (Zhou et al.; Choe et al.), and a region is the pixels strictly
+    above the CAM threshold."""
+    gt = torch.tensor([[[0.0, 0, 4, 4]]], dtype=torch.float64)
+    half = torch.zeros(1, 10, 10)
+    half[0, 0:2, 0:4] = 1.0  # box [0,0,4,2]: IoU 8/16 = 0.5 exactly
+    one = torch.ones(1, 1, dtype=torch.bool)
+    assert localization_hits(half, gt, one, [0.2], 0.5).tolist() == [[True]]
+    at = torch.zeros(1, 10, 10)
+    at[0, 0:4, 0:4] = 1.0
+    at[0, 4:10, :] = 0.5  # exactly at the threshold: not part of the region
+    assert localization_hits(at, gt, one, [0.5], 0.5).tolist() == [[True]]  # the square alone
+    # counted in, the region would be [0,0,10,10]: IoU 16/100
+    assert localization_hits(at, gt, one, [0.49], 0.5).tolist() == [[False]]
+
+
+def test_voc_class_is_the_largest_non_difficult_object_and_gt_is_all_its_boxes(tmp_path) -> None:
+    """The image's class: its largest non-difficult object (a larger difficult dog does not
+    decide); ground truth: every box of that class, the difficult one included (0-based)."""
+    from cam.boxes import _voc_image
+    from smix.voc import VOCRecord
+    objs = (VOCObject("dog", (1.0, 1.0, 60.0, 60.0), difficult=True),
+            VOCObject("cat", (11.0, 11.0, 20.0, 20.0)),
+            VOCObject("cat", (31.0, 31.0, 35.0, 35.0), difficult=True),
+            VOCObject("bird", (41.0, 41.0, 45.0, 45.0)))
+    g = _voc_image(VOCRecord("a", tmp_path / "a.jpg", 64, 64, objs))
+    assert g.class_name == "cat"
+    assert g.boxes == ((10.0, 10.0, 20.0, 20.0), (30.0, 30.0, 35.0, 35.0))
+    only_difficult = (VOCObject("dog", (1.0, 1.0, 60.0, 60.0), difficult=True),
+                      VOCObject("cat", (11.0, 11.0, 20.0, 20.0), difficult=True))
+    assert _voc_image(VOCRecord("b", tmp_path / "b.jpg", 64, 64, only_difficult)).class_name \
+        == "dog"  # all difficult: the largest of them
+
 # --- ground truth sources and the eval transform ---------------------------------------------
 
 def test_boxes_follow_the_eval_resize_and_crop(tmp_path) -> None:
@@ -288,6 +322,24 @@ def test_localize_on_hand_set_model_gives_hand_computed_numbers(hand_set_voc, tm
     saved = read_json(tmp_path / "run" / "metrics.json")
     assert saved["stage"] == "cam" and saved["kind"] == "localization"
     assert saved["results"]["models"][0]["checkpoint"]["sha256"]
+
+
+def test_top1_loc_needs_the_right_prediction(hand_set_voc, tmp_path) -> None:
+    """The hand-set model with a large bias for `other`: every image is misclassified, while
+    the CAM of the true class (fc weights x features, no bias) is unchanged: GT-known Loc
+    stays 75%, Top-1 Loc (localised and classified right) is 0%."""
+    root, _ = hand_set_voc
+    net = hand_set_model()
+    with torch.no_grad():
+        net.fc.bias[1] = 100.0
+    ckpt = tmp_path / "biased.safetensors"
+    save_checkpoint(ckpt, net, BackboneMeta(
+        arch="cifar_resnet18", num_classes=2, class_names=CLASSES, input_size=SIZE,
+        resize=SIZE, crop=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        method={"name": "handset"}))
+    m = localize(LocalizeConfig((ckpt,), tmp_path / "run", voc_root=root, batch_size=4,
+                                progress=False))["models"][0]
+    assert (m["top1_cls"], m["gt_known_loc"], m["top1_loc"]) == (0.0, 75.0, 0.0)
 
 
 def test_image_class_not_in_checkpoint_is_an_error(hand_set_voc, tmp_path) -> None:
