@@ -170,6 +170,18 @@ def test_mixer_properties(name):
         assert torch.equal(a.label_b, y[perm])
 
 
+def test_lambda_is_drawn_from_a_symmetric_beta():
+    """λ ~ Beta(α, α) (Mixup, CutMix, SaliencyMix's `--beta`): mean 1/2 and variance
+    1 / (4(2α + 1)), i.e. 1/12 for α = 1 (uniform) and 0.1389 for α = 0.4; 40,000 seeded
+    draws put both within a few standard errors."""
+    from pretrain.mixers.base import beta
+    for alpha in (1.0, 0.4):
+        draws = beta(torch.Generator().manual_seed(5), alpha, size=40_000)
+        assert draws.min() >= 0.0 and draws.max() <= 1.0
+        assert float(draws.mean()) == pytest.approx(0.5, abs=0.01)
+        assert float(draws.var()) == pytest.approx(1 / (4 * (2 * alpha + 1)), abs=0.004)
+
+
 def test_mixup_pixels_hand_values():
     """x = λ·x_a + (1-λ)·x_b, pixel by pixel, and the labels λ pairs with."""
     from pretrain.mixers import MixParams
