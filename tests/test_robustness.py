@@ -412,6 +412,16 @@ def test_mce_hand_computed():
     assert mean_corruption_error(half) == pytest.approx(1 - 0.5 / 15, abs=1e-9)
 
 
+def test_mean_error_averages_the_benchmark_corruptions_only():
+    """The unnormalised mean corruption error (CIFAR-C's headline): the mean over the 15
+    benchmark corruptions evaluated of their mean over severities; ImageNet-C's 4 extra
+    corruptions (spatter, ...) stay out unless nothing else was evaluated."""
+    errs = {"gaussian_noise": [0.5] * 5, "fog": [0.2, 0.4, 0.6, 0.8, 1.0], "spatter": [0.9] * 5}
+    assert corruption_mod.mean_error(errs) == pytest.approx((0.5 + 0.6) / 2, rel=1e-12)
+    assert corruption_mod.mean_error({"spatter": [0.9] * 5, "speckle_noise": [0.3] * 5}) \
+        == pytest.approx(0.6, rel=1e-12)
+
+
 def write_imagenet_c(root: Path, val: Path, corruptions=("gaussian_noise", "fog"), skip=None):
     """Noisy copies of the val images in the ImageNet-C layout (noise grows with severity)."""
     rng = np.random.default_rng(0)
