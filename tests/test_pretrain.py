@@ -210,6 +210,26 @@ def test_cutmix_lambda_is_the_pasted_fraction():
         assert torch.allclose(out.lam[moved], from_target[moved], atol=1e-6)
 
 
+def test_cutmix_box_side_is_s_sqrt_one_minus_lambda():
+    """CutMix's `rand_bbox`, written out: cut = int(S·sqrt(1 - λ)), box [c - cut//2, c + cut//2)
+    clipped, so an unclipped box is 2·(cut // 2) on a side, from the λ drawn (before the
+    correction to the clipped area)."""
+    import math
+    x, y = torch.zeros(8, 1, 40, 30), torch.arange(8)
+    mixer = get_mixer("cutmix")
+    unclipped = 0
+    for seed in range(150):
+        p = mixer.sample(x, y, torch.Generator().manual_seed(seed), CTX)
+        lam = p.info["lam_sampled"]
+        y0, x0, y1, x1 = p.boxes[0].tolist()
+        if y0 > 0 and x0 > 0 and y1 < 40 and x1 < 30:
+            unclipped += 1
+            assert y1 - y0 == 2 * (int(40 * math.sqrt(1 - lam)) // 2), seed
+            assert x1 - x0 == 2 * (int(30 * math.sqrt(1 - lam)) // 2), seed
+        assert float(p.lam[0]) == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 1200, abs=1e-6)
+    assert unclipped >= 10
+
+
 def test_cutmix_lambda_one_is_identity():
     x, y = torch.randn(4, 3, 8, 8), torch.arange(4)
     mixer = get_mixer("cutmix")
