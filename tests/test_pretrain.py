@@ -246,6 +246,25 @@ def test_cutout_hole_is_zero_and_sized():
     assert (holes <= 64).all() and (holes > 0).all() and out.label_b is None
 
 
+def test_cutout_hole_is_a_size_square_where_it_is_not_clipped():
+    """DeVries & Taylor's `Cutout`: a centre (y, x) anywhere, hole rows clip(y - L//2, 0, H) to
+    clip(y + L//2, 0, H) (the same for columns), so a hole away from the border is L x L and
+    every hole is one rectangle."""
+    x = torch.ones(64, 3, 32, 32)
+    out = get_mixer("cutout", size="8")(x, torch.arange(64), torch.Generator().manual_seed(2), CTX)
+    inner = 0
+    for hole in out.images[:, 0] == 0:
+        rows = torch.nonzero(hole.any(1)).flatten()
+        cols = torch.nonzero(hole.any(0)).flatten()
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        assert int(hole.sum()) == (y1 - y0) * (x1 - x0)  # one filled rectangle
+        assert y1 - y0 <= 8 and x1 - x0 <= 8
+        if y0 > 0 and x0 > 0 and y1 < 32 and x1 < 32:
+            inner += 1
+            assert (y1 - y0, x1 - x0) == (8, 8)
+    assert inner >= 20
+
+
 def test_train_end_to_end_and_files(shapes_root, tmp_path):
     result = engine.train(cfg(shapes_root, tmp_path / "run", epochs=2, method="cutmix"))
     run = tmp_path / "run"
