@@ -118,6 +118,15 @@ def test_average_precision_hand_values() -> None:
     assert average_precision(np.zeros(0), np.zeros(0), "voc07") == 0.0
 
 
+def test_area_ap_uses_the_precision_envelope() -> None:
+    """Precision that rises later lifts the earlier recall steps (the devkit's monotone
+    envelope): recall [.25 .25 .5 .75], precision [1 .5 2/3 .75] -> area .25·1 + .25·.75 +
+    .25·.75 = 0.625 (0.6042 without the envelope); 11-point (3·1 + 5·.75) / 11."""
+    rec_, prec = np.array([0.25, 0.25, 0.5, 0.75]), np.array([1.0, 0.5, 2 / 3, 0.75])
+    assert average_precision(rec_, prec, "area") == pytest.approx(0.625)
+    assert average_precision(rec_, prec, "voc07") == pytest.approx((3 + 5 * 0.75) / 11)
+
+
 def test_the_test_year_decides_the_metric_and_its_name() -> None:
     assert (year_metric("2007"), metric_label("2007")) == ("voc07", "voc07-11point")
     assert (year_metric("2012"), metric_label(2012)) == ("area", "voc12-area")
