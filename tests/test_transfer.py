@@ -8,6 +8,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from transfer.config import TransferConfig, get_preset, resolve
 from transfer.convert import check_detection_backbone, save_detectron2_weights, to_detectron2
 from transfer.data import load_splits, parse_sets
 from transfer.tv_backend import (build_from_checkpoint, load_state, lr_at, make_optimizer,
-                                 save_state, train)
+                                 predict, save_state, train)
 from transfer.tv_data import BatchPlan, VOCDetection
 
 # Tiny but real: 64px images, few proposals and RoIs so a CPU iteration takes well under a second.
@@ -251,6 +252,27 @@ def test_dataset_boxes_and_flip(shapes: Path) -> None:
     x0, y0, x1, y1 = obj.box0
     assert ftarget["boxes"].tolist() == [[64 - x1, y0, 64 - x0, y1]]
     torch.testing.assert_close(flipped, image.flip(-1))
+
+
+def test_predict_maps_torchvision_labels_to_class_indices() -> None:
+    """torchvision's detector numbers the classes 1..K (0 is the background): its label 1 is
+    the first class (index 0 for the evaluator), label K the last; boxes and scores pass as
+    they are (original image coordinates, 0-based)."""
+    class Stub(torch.nn.Module):
+        transform = SimpleNamespace()
+
+        def forward(self, images):
+            return [{"boxes": torch.tensor([[1.0, 2.0, 5.0, 6.0], [0.0, 0.0, 3.0, 3.0]]),
+                     "scores": torch.tensor([0.9, 0.4]),
+                     "labels": torch.tensor([1, len(SHAPE_CLASSES)])} for _ in images]
+
+    data = [(torch.zeros(3, 8, 8), {}, "a"), (torch.zeros(3, 8, 8), {}, "b")]
+    s = SimpleNamespace(min_size_test=8, max_size_test=8, workers=0)
+    dets = predict(Stub(), data, s, torch.device("cpu"), progress=False)
+    assert dets.image_ids == ("a", "a", "b", "b")
+    assert dets.labels.tolist() == [0, len(SHAPE_CLASSES) - 1] * 2
+    assert dets.scores.tolist() == pytest.approx([0.9, 0.4] * 2)
+    assert dets.boxes[0].tolist() == [1.0, 2.0, 5.0, 6.0] and not dets.one_based
 
 
 # --- training, resume, the run folder ----------------------------------------------------------
