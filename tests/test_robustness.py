@@ -88,6 +88,26 @@ def test_fgsm_equals_closed_form_on_linear_model(impl):
         assert torch.equal(adv, torch.clamp(x + e * direction, 0, 1))
 
 
+@pytest.mark.parametrize("step,steps,eps,moved", [(1, 2, 4, 2), (1, 10, 4, 4), (2, 3, 16, 6)])
+def test_pgd_equals_closed_form_on_linear_model(step, steps, eps, moved):
+    """The two-class linear model's input gradient has a constant sign d (see the FGSM test),
+    so PGD without random start walks `steps` steps of `step` along d, projected on the
+    ε-ball and on [0,1]: clip(x + min(steps·step, ε)·d, 0, 1), all in /255."""
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    with torch.no_grad():
+        lin[1].weight.copy_(torch.randn(2, 192, generator=g) * 0.01)
+        lin[1].bias.zero_()
+    model = Normalized(lin, (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)).eval()
+    x, y = images_labels(n=5, k=2, size=8)
+    w = lin[1].weight.detach().view(2, 3, 8, 8)
+    direction = torch.stack([torch.sign(w[1 - t] - w[t]) for t in y.tolist()])
+    params = AttackParams(step=step / 255, steps=steps, random_start=False)
+    adv = next(get_attack("pgd")[1](model, x, y, [eps / 255], params, 0).adversarial)
+    torch.testing.assert_close(adv, torch.clamp(x + moved / 255 * direction, 0, 1),
+                               atol=1e-6, rtol=0)
+
+
 def test_shared_grad_fgsm_equals_torchattacks_on_resnet():
     torch.manual_seed(0)
     model = Normalized(build_model("resnet18", 3), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)).eval()
