@@ -55,6 +55,16 @@ def test_batched_finish_equals_per_image_path_without_colour_ops(kind):
     assert torch.equal(finished, full)
 
 
+def test_imagenet_recipe_is_jitter_0_4_and_lighting_0_1():
+    """ImageNet's recipe as the CutMix / SaliencyMix code trains it: ColorJitter(0.4, 0.4, 0.4)
+    and AlexNet PCA lighting with standard deviation 0.1."""
+    ops = train_transform(TrainAug("imagenet", 224, MEAN, STD)).transforms
+    jitter = next(o for o in ops if type(o).__name__ == "ColorJitter")
+    assert (jitter.brightness, jitter.contrast, jitter.saturation) == ((0.6, 1.4),) * 3
+    assert jitter.hue is None
+    assert next(o for o in ops if type(o).__name__ == "Lighting").alphastd == 0.1
+
+
 def channel_means(x: torch.Tensor) -> np.ndarray:
     return x.double().mean((2, 3)).numpy()
 
