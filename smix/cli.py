@@ -39,7 +39,14 @@ TORCHRUN_ADVICE = {"transfer": "for several GPUs or machines run it once with --
 
 def torchrun_problem(command: str) -> str | None:
     """Why `command` cannot run in this process group (None: it can)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    raw = os.environ.get("WORLD_SIZE", "").strip()
+    try:
+        world = int(raw or 1)
+    except ValueError:
+        if command not in TORCHRUN_COMMANDS:
+            return None  # not torchrun's (it sets a count); these commands never read it
+        return (f"WORLD_SIZE={raw!r} is not a number of processes (torchrun sets it); unset "
+                "it or start the command with torchrun")
     if world <= 1 or command in TORCHRUN_COMMANDS:
         return None
     advice = TORCHRUN_ADVICE.get(command, "start it without torchrun")

@@ -36,3 +36,18 @@ def test_sharded_commands_and_one_process_are_let_through(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert run("report", ["--no-such-flag"]) == 2
     assert "torchrun" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["abc", "2x", "1.0"])
+def test_a_world_size_not_torchruns_is_one_line_or_ignored(value, tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE=abc (another tool's variable, not torchrun's count) ended `smix report`, which
+    never reads it, in a ValueError traceback; a command that joins the process group says so in
+    one line instead of a traceback from int()."""
+    monkeypatch.setenv("WORLD_SIZE", value)
+    assert run("report", [str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"smix report: error: {tmp_path / 'missing'}: no such run folder"]
+    assert run("pretrain", ["--resume", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"smix pretrain: error: WORLD_SIZE={value!r} is not a number of processes "
+                   "(torchrun sets it); unset it or start the command with torchrun"]
