@@ -266,4 +266,5 @@ def make_dali_loader(rt, train: bool, seed: int) -> DaliLoader:
                     threads=max(1, cfg.workers), device_id=(dist.device.index or 0) if gpu else None)
     samples = dataset_samples(dataset)
     return DaliLoader(spec, samples, train, seed, dist.rank, dist.world_size, dist.device,
-                      drop_last=train and len(samples) >= 2 * spec.batch)
+                      # this process's share decides, as the torch loader's (engine._data_loader)
+                      drop_last=train and len(samples) // dist.world_size >= 2 * spec.batch)

@@ -338,3 +338,35 @@ def test_jitter_draws_match_color_jitter_ranges():
     assert abs(float(factors.mean()) - 1.0) < 0.01
     assert (order.sort(1).values == torch.arange(3)).all()
     assert abs(float(alpha.std()) - 0.1) < 0.005
+
+
+@pytest.mark.parametrize("images,expected", [(12, [8, 4]), (13, [8, 5]), (24, [8, 8, 8])])
+def test_dali_keeps_a_short_last_batch_by_the_process_share_as_the_torch_loader(
+        monkeypatch, images, expected):
+    """12 training images at batch 8: one process trains 8 + 4, as the torch loader; on two
+    processes (4 a step each) DALI dropped each one's last 2 of 6 (the whole set's size chose
+    `drop_last`, not the process's share) and trained 8. No pipeline is built (runs without
+    DALI): the batch sizes follow from the shard and `drop_last`."""
+    import types
+    from smix.dist import DistInfo
+    from pretrain import dali
+
+    monkeypatch.setattr(dali, "_pipeline", lambda *a: object())
+    samples = [(f"{i}.png", 0) for i in range(images)]
+
+    def batches(rank: int, world: int) -> list[int]:
+        cfg = types.SimpleNamespace(batch_size=8, input_size=16, crop=16, resize=16,
+                                    train_aug="shapes", mean=(0.5,) * 3, std=(0.25,) * 3,
+                                    workers=1)
+        rt = types.SimpleNamespace(cfg=cfg, dist=DistInfo(rank, world, rank, CPU),
+                                   data=types.SimpleNamespace(train=types.SimpleNamespace(
+                                       samples=samples)))
+        loader = dali.make_dali_loader(rt, True, 0)
+        sizes = [min(loader.spec.batch, loader.per_shard - i * loader.spec.batch)
+                 for i in range(len(loader))]
+        return sizes if not loader.drop_last else [loader.spec.batch] * len(loader)
+    assert batches(0, 1) == expected
+    two = [batches(r, 2) for r in (0, 1)]
+    # an odd image is cut by epoch_files (equal shards), as DistributedSampler(drop_last=True)
+    assert sum(map(sum, two)) == images - images % 2
+    assert two[0] == two[1] and len(two[0]) == len(expected)
