@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from smix.amp import amp_dtype, autocast, grad_scaler
 from smix.arch import build_model
-from smix.checkpoint import BackboneMeta, export_state, save_checkpoint
+from smix.checkpoint import BackboneMeta, export_state, read_meta, save_checkpoint
 from smix.data import collate_skip
 from smix.dist import (DistInfo, all_gather_tensor, all_reduce_sum, any_rank, barrier,
                        init_distributed, micro_batches)
@@ -64,6 +64,8 @@ class Runtime:
     loader: str = "torch"  # resolved `cfg.loader`: torch | dali | nvjpeg
     # per split, the loader whose workers persist across epochs, and its sampler (make_loader)
     loaders: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the epoch whose model best.safetensors holds (rank 0; None: unknown), see `summarise`
+    best_held: int | None = None
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -484,14 +486,21 @@ def load_resume(rt: Runtime) -> tuple[int, list[dict[str, Any]]]:
     return int(state["epoch"]), list(state["history"])
 
 
-def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(history: list[dict[str, Any]], held: int | None = None) -> dict[str, Any]:
     """Best epoch by top-1 (what the papers report) and the last epoch. Of epochs tied on top-1
     the latest is the best, with its top-5, as the official ImageNet code keeps them
     (CutMix-PyTorch and SaliencyMix-ImageNet train.py: `is_best = err1 <= best_err1`, then
-    `best_err5 = err5`; its model_best is that epoch's model, as best.safetensors here)."""
+    `best_err5 = err5`; its model_best is that epoch's model, as best.safetensors here).
+
+    `held`: the epoch best.safetensors holds. A run written when the earliest of equals was the
+    best holds an earlier tied epoch whose later equal is gone (only the last epoch's model can
+    still be saved): that tied epoch stays the best, so that the file and metrics.json agree."""
     if not history:
         return {}
     best = max(history, key=lambda h: (h["top1"], h["epoch"]))
+    if held is not None and best is not history[-1]:
+        best = next((h for h in history if h["epoch"] == held and h["top1"] == best["top1"]),
+                    best)
     last = history[-1]
     pick = lambda h: {"epoch": h["epoch"], "top1": h["top1"], "top5": h["top5"],
                       "top1_err": 100 - h["top1"], "top5_err": 100 - h["top5"]}
@@ -508,11 +517,12 @@ def _write_epoch(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -> None
 def _write_artefacts(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -> None:
     """backbone.safetensors, best.safetensors (when `epoch` is the best one, as `summarise`
     picks it) and metrics.json of the model as it is after `epoch`."""
-    summary = summarise(history)
+    summary = summarise(history, rt.best_held)
     meta = backbone_meta(rt, epoch, summary)
     save_checkpoint(rt.run.file("backbone.safetensors"), rt.model, meta)
     if summary["best"]["epoch"] == epoch:
         save_checkpoint(rt.run.file("best.safetensors"), rt.model, meta)
+        rt.best_held = epoch
     results = {**summary, "arch": rt.cfg.arch, "dataset": rt.cfg.dataset,
                "method": rt.mixer.describe(), "seed": rt.cfg.seed, "epochs_done": epoch,
                "epochs": rt.cfg.epochs, "num_classes": len(rt.data.classes),
@@ -528,6 +538,10 @@ def _restore_artefacts(rt: Runtime, epoch: int, history: list[dict[str, Any]]) -
     epoch's kill is dropped), and the files derived from the committed state are rewritten
     from it (a kill between the commit and them left them one epoch behind, or missing)."""
     rt.run.write_log(history)
+    try:  # the epoch of the model in best.safetensors, written by this or an earlier version
+        rt.best_held = read_meta(rt.run.file("best.safetensors")).epochs
+    except UserError:  # missing or torn: the rule's best (rewritten if it is `epoch`)
+        rt.best_held = None
     if epoch > 0:
         _write_artefacts(rt, epoch, history)
 
@@ -575,7 +589,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         metrics["results"]["replicas_identical"] = identical
         from smix.io import write_json
         write_json(rt.run.file("metrics.json"), metrics)
-    return summarise(history)
+    return summarise(history, rt.best_held)
 
 
 def sync_bn_buffers(rt: Runtime) -> None:

@@ -182,6 +182,32 @@ def test_best_epoch_tie_summary_and_file_agree(shapes_root, tmp_path, monkeypatc
     assert read_meta(run / "backbone.safetensors").epochs == 2
 
 
+def test_resume_of_a_run_that_kept_the_earliest_tie_keeps_file_and_metrics_agreeing(
+        shapes_root, tmp_path, monkeypatch):
+    """A run written when the earliest of equals was the best: epochs 1 and 2 tie, its
+    best.safetensors holds epoch 1. Resumed, metrics.json named epoch 2 (with epoch 2's top-5)
+    while best.safetensors, which only the last epoch's model could still rewrite, held epoch 1."""
+    real = engine.evaluate
+    top1 = {0: 50.0, 1: 50.0, 2: 40.0, 3: 40.0}
+    monkeypatch.setattr(engine, "evaluate", lambda rt, e: {**real(rt, e), "top1": top1[e]})
+    run = tmp_path / "run"
+
+    def earliest(history, held=None):  # the rule of the earlier version
+        first = max(history, key=lambda h: (h["top1"], -h["epoch"]))
+        pick = lambda h: {"epoch": h["epoch"], "top1": h["top1"], "top5": h["top5"],
+                          "top1_err": 100 - h["top1"], "top5_err": 100 - h["top5"]}
+        return {"best": pick(first), "last": pick(history[-1])}
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "summarise", earliest)
+        engine.train(_short(shapes_root, run, epochs=3))
+    assert read_meta(run / "best.safetensors").epochs == 1
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "4"]) == 0
+    logged = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    best = json.loads((run / "metrics.json").read_text())["results"]["best"]
+    assert read_meta(run / "best.safetensors").epochs == best["epoch"] == 1
+    assert best["top5"] == logged[0]["top5"]
+
+
 def test_best_epoch_tie_reports_the_later_epochs_top5():
     # CutMix-PyTorch train.py (and SaliencyMix-ImageNet's copy of it): `is_best = err1 <=
     # best_err1; best_err1 = min(err1, best_err1); if is_best: best_err5 = err5`: on a top-1
