@@ -90,9 +90,12 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     per_rank = cfg.batch_size // dist.world_size
     if cfg.batch_size % dist.world_size:
         # DDP averages equal shares: the remainder would be dropped from every step, silently
+        # a resumed run cannot change its batch: the number of processes can
+        fits = [n for n in range(1, cfg.batch_size // 2 + 1) if cfg.batch_size % n == 0][:8]
         raise UserError(f"batch_size={cfg.batch_size} does not split evenly over "
                         f"{dist.world_size} processes ({per_rank} each would train steps of "
-                        f"{per_rank * dist.world_size}); use a multiple of {dist.world_size}")
+                        f"{per_rank * dist.world_size}); use a multiple of {dist.world_size} "
+                        f"or {', '.join(map(str, fits))} processes (--resume keeps the batch)")
     if per_rank < 2:
         raise UserError(f"batch_size={cfg.batch_size} over {dist.world_size} processes leaves "
                         f"{per_rank} image(s) per process and step; a step takes at least 2")

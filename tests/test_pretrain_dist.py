@@ -104,3 +104,22 @@ def test_every_process_keeps_a_short_last_batch_as_one_process_does(shapes_root,
                                  loaders={})
         n_two += sum(len(b[1]) for b in engine.make_loader(rt, train=True, epoch=0))
     assert n_one == n_two == expected
+
+
+def test_the_refusal_names_process_counts_a_resumed_run_can_take(shapes_root, tmp_path):
+    """--resume keeps batch_size, so `use a multiple of 3` alone (batch 8 of a run resumed on
+    3 processes) named a way out that --resume refuses: the counts that divide 8 (1, 2, 4,
+    each at least 2 images a process) are named, and each of them starts."""
+    cfg = build_config("shapes-resnet18", shapes_root, tmp_path / "run", "none", FAST)
+    with pytest.raises(UserError) as e:
+        engine.build_runtime(cfg, DistInfo(0, 3, 0, torch.device("cpu")))
+    assert str(e.value).endswith("use a multiple of 3 or 1, 2, 4 processes "
+                                 "(--resume keeps the batch)")
+    import torch.distributed as dist  # DDP wraps the model of a world over 1: a group of one
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        for world in (1, 2, 4):
+            engine.build_runtime(cfg, DistInfo(0, world, 0, torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()
