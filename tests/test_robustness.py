@@ -67,10 +67,9 @@ def images_labels(seed: int = 0, n: int = 6, k: int = 3, size: int = 16):
 
 # --- attacks ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", ["shared-grad", "torchattacks"])
-def test_fgsm_equals_closed_form_on_linear_model(impl):
-    """Two-class linear model: d(CE)/dx has the sign of (W_other - W_true) / std, so the FGSM image
-    is clip(x + eps * sign(W_other - W_true), 0, 1) whatever x is."""
+def linear_two_class():
+    """A two-class linear model behind the normalisation, 5 images and their labels, and the
+    sign of d(CE)/dx per image: that of (W_other - W_true) / std, whatever x is."""
     g = torch.Generator().manual_seed(3)
     lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
     with torch.no_grad():
@@ -80,6 +79,14 @@ def test_fgsm_equals_closed_form_on_linear_model(impl):
     x, y = images_labels(n=5, k=2, size=8)
     w = lin[1].weight.detach().view(2, 3, 8, 8)
     direction = torch.stack([torch.sign(w[1 - t] - w[t]) for t in y.tolist()])
+    return model, x, y, direction
+
+
+@pytest.mark.parametrize("impl", ["shared-grad", "torchattacks"])
+def test_fgsm_equals_closed_form_on_linear_model(impl):
+    """Two-class linear model: d(CE)/dx has the sign of (W_other - W_true) / std, so the FGSM image
+    is clip(x + eps * sign(W_other - W_true), 0, 1) whatever x is."""
+    model, x, y, direction = linear_two_class()
     assert (direction != 0).all()
     eps = [1 / 255, 8 / 255, 0.5]
     _, attack = get_attack("fgsm", impl)
@@ -93,15 +100,7 @@ def test_pgd_equals_closed_form_on_linear_model(step, steps, eps, moved):
     """The two-class linear model's input gradient has a constant sign d (see the FGSM test),
     so PGD without random start walks `steps` steps of `step` along d, projected on the
     ε-ball and on [0,1]: clip(x + min(steps·step, ε)·d, 0, 1), all in /255."""
-    g = torch.Generator().manual_seed(3)
-    lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
-    with torch.no_grad():
-        lin[1].weight.copy_(torch.randn(2, 192, generator=g) * 0.01)
-        lin[1].bias.zero_()
-    model = Normalized(lin, (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)).eval()
-    x, y = images_labels(n=5, k=2, size=8)
-    w = lin[1].weight.detach().view(2, 3, 8, 8)
-    direction = torch.stack([torch.sign(w[1 - t] - w[t]) for t in y.tolist()])
+    model, x, y, direction = linear_two_class()
     params = AttackParams(step=step / 255, steps=steps, random_start=False)
     adv = next(get_attack("pgd")[1](model, x, y, [eps / 255], params, 0).adversarial)
     torch.testing.assert_close(adv, torch.clamp(x + moved / 255 * direction, 0, 1),
