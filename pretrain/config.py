@@ -14,7 +14,6 @@ from smix.data import CIFAR10_MEAN, CIFAR10_STD
 from smix.errors import UserError
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     preset: str

@@ -89,8 +89,8 @@ def build_runtime(cfg: TrainConfig, dist: DistInfo, data: RunData | None = None)
     torch.manual_seed(cfg.seed)
     per_rank = cfg.batch_size // dist.world_size
     if cfg.batch_size % dist.world_size:
-        # DDP averages equal shares: the remainder would be dropped from every step, silently
-        # a resumed run cannot change its batch: the number of processes can
+        # DDP averages equal shares: the remainder would be dropped from every step, silently.
+        # A resumed run keeps its batch, so the advice names process counts that divide it too.
         fits = [n for n in range(1, cfg.batch_size // 2 + 1) if cfg.batch_size % n == 0][:8]
         raise UserError(f"batch_size={cfg.batch_size} does not split evenly over "
                         f"{dist.world_size} processes ({per_rank} each would train steps of "
