@@ -95,7 +95,7 @@ def _launch(kernel, d: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     n = d.shape[0]
     perm = torch.empty(n, dtype=torch.long, device=d.device)
     with on_device_of(d):
-        kernel[(1,)](d, start, perm, n, BLOCK=1 << (n - 1).bit_length())
+        kernel[(1,)](d, start, perm, n, BLOCK=1 << (n - 1).bit_length(), enable_fp_fusion=False)
     return perm
 
 

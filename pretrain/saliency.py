@@ -558,7 +558,7 @@ def _gray_blurred(kernels, rgb: torch.Tensor, ws: _Workspace,
                             NORMALIZED=normalization is not None, BLOCK=_KERNEL_BLOCK,
                             enable_fp_fusion=False)
         kernels.blur3[grid](once, twice, affine, total, h, w, h * w, 0, w, 1, FROM_RGB=False,
-                            NORMALIZED=False, BLOCK=_KERNEL_BLOCK)  # integers only
+                            NORMALIZED=False, BLOCK=_KERNEL_BLOCK, enable_fp_fusion=False)
     return twice
 
 
@@ -576,10 +576,12 @@ def _on_off_and_mix(kernels, gray: torch.Tensor, ws: _Workspace, saturate: bool,
     grid = (-(-total // _KERNEL_BLOCK),)
     with on_device_of(gray):
         kernels.on_off_sums[grid](gray, integral, ws.area, scales, sums, total, sums.stride(0),
-                                  h, w, N_SCALES=len(ws.scales), BLOCK=_KERNEL_BLOCK)
+                                  h, w, N_SCALES=len(ws.scales), BLOCK=_KERNEL_BLOCK,
+                                  enable_fp_fusion=False)
         peaks = sums.amax((-2, -1)).clamp_(min=1.0)  # [2,b]: on and off maxima per image
         kernels.scale_and_mix[grid](sums, peaks, out, total, sums.stride(0), h * w,
-                                    SATURATE=saturate, BLOCK=_KERNEL_BLOCK)
+                                    SATURATE=saturate, BLOCK=_KERNEL_BLOCK,
+                                    enable_fp_fusion=False)
 
 
 def _exact_dtype(height: int, width: int) -> torch.dtype:

@@ -22,9 +22,9 @@ Spectral residual (Guided-SR's):
 All do the tensor ops' float32 arithmetic in the same order: integer values below 2^24 (exact
 in float32, whatever the order or fusion of adds and multiplies), IEEE-rounded divisions
 (`tl.div_rn`: Triton's `/` is an approximate division), and the de-normalisation's multiply
-and add rounded one by one (the kernels that read pixels are launched with FMA contraction
-off). Under TRITON_INTERPRET=1 (set before Triton is imported) Triton's interpreter runs them
-on CPU tensors, which is how the CPU tests check them.
+and add rounded one by one (every launch turns FMA contraction off). Under TRITON_INTERPRET=1
+(set before Triton is imported) Triton's interpreter runs them on CPU tensors, which is how
+the CPU tests check them.
 """
 
 from __future__ import annotations

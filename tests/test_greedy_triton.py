@@ -98,7 +98,7 @@ def test_a_kernel_that_walks_wrong_is_caught_before_its_first_use(monkeypatch):
 
     class OtherCycle:
         def __getitem__(self, grid):
-            def launch(d, start, perm, n, BLOCK):
+            def launch(d, start, perm, n, BLOCK, **options):
                 perm.copy_(torch.arange(1, n + 1) % n)  # 0 -> 1 -> ... -> n-1 -> 0
             return launch
 

@@ -192,32 +192,6 @@ def test_the_launch_turns_fma_contraction_off(monkeypatch):
         assert launches[-1]["enable_fp_fusion"] is False and launches[-1]["KIND"] == kind
 
 
-def test_the_kernel_compiles_for_sm90_with_ieee_division_and_no_fma():
-    """The PTX for an H100/H200 (compiled here, no GPU needed): IEEE division (`tl.div_rn`;
-    Triton's float32 `/` is the approximate div.full.f32) and, with the launch's
-    enable_fp_fusion=False, no fused multiply-add in any dtype."""
-    import inspect
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    import triton
-    from pretrain.mixers import guided_triton
-    fn = guided_triton.mask_and_blend
-    names = list(inspect.signature(fn.fn).parameters)
-    for kind, ty in ((0, "fp32"), (1, "fp16"), (2, "bf16")):
-        sig = {n: ("*fp32" if n in ("maps_ptr", "mask_ptr") else "*i64" if n == "perm_ptr"
-                   else f"*{ty}" if n.endswith("_ptr") else "fp32" if n == "tiny"
-                   else "constexpr" if n.isupper() else "i32") for n in names}
-        try:
-            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index("KIND"),): kind,
-                                                              (names.index("BLOCK"),): 512})
-            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                 options={"enable_fp_fusion": False}).asm["ptx"]
-        except (TypeError, KeyError) as e:  # another Triton's compile API
-            pytest.skip(f"this Triton ({triton.__version__}) compiles differently: {e}")
-        assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx, ty
-        assert "fma." not in ptx, ty
-
-
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -73,7 +73,7 @@ def _boxes_at_points_kernel(kernels, src_idx, dst_idx, sides, height, width):
     with on_device_of(src_idx):
         kernels.point_boxes[(-(-n // _POINT_BLOCK),)](
             src_idx, idx, sides, sides.stride(0), src, dst, lam, n, height, width,
-            HAS_DST=dst_idx is not None, BLOCK=_POINT_BLOCK)
+            HAS_DST=dst_idx is not None, BLOCK=_POINT_BLOCK, enable_fp_fusion=False)
     return src, dst, lam
 
 
@@ -184,7 +184,8 @@ def _paste_kernel(kernels, images, perm, src_boxes, dst_boxes):
         kernels.paste[(-(-total // _PASTE_BLOCK),)](
             images, out, upload(perm, images.device).long(), boxes[0], boxes[1],
             boxes[0].stride(0), total, channels, height, width, *images.stride(),
-            CHANNELS_LAST=_paste_layout(images), HAS_DST=has_dst, BLOCK=_PASTE_BLOCK)
+            CHANNELS_LAST=_paste_layout(images), HAS_DST=has_dst, BLOCK=_PASTE_BLOCK,
+            enable_fp_fusion=False)
     return out
 
 
