@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from smix.cli import ArgParser, parse_overrides
+from smix.cli import ArgParser, parse_overrides, workers_arg
 from smix.errors import UserError
 from smix.io import distinct_names
 from cam.methods import list_cam_methods
@@ -74,7 +74,9 @@ def _parser() -> ArgParser:
 
 def _loader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=workers_arg, default="auto",
+                   help="DataLoader worker processes, or auto: this process's share of the CPUs "
+                        "less one (default)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (named on stderr, counted) instead of failing")
     p.add_argument("--no-progress", action="store_true")

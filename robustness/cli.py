@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from smix.cli import ArgParser
+from smix.cli import ArgParser, workers_arg
 from smix.errors import UserError
 from smix.io import distinct_names
 from smix.report import incomplete_note
@@ -56,7 +56,9 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
                         "metrics and plot (--resume continues it instead)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate N evenly spaced images (per split) instead of all")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes")
+    p.add_argument("--workers", type=workers_arg, default="auto",
+                   help="data loader processes, or auto: this process's share of the CPUs less "
+                        "one (default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dataset", default="", help="dataset name for metrics.json")
     p.add_argument("--resume", action="store_true",

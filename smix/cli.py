@@ -78,6 +78,21 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def workers_arg(text: str) -> int:
+    """A `--workers` value: a count of loader processes >= 0, or `auto`, this process's share
+    of the machine's CPUs less one (`smix.cpus.auto_workers`, as pretraining's `workers=auto`)."""
+    if text.strip().lower() == "auto":
+        from smix.cpus import auto_workers
+        return auto_workers()
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"wants a count >= 0 or 'auto', got {text!r}")
+    return count
+
+
 def _clean_message(exc: BaseException) -> str:
     msg = str(exc)
     # A UserError raised in a DataLoader worker is re-raised with the worker traceback attached.

@@ -626,3 +626,27 @@ def test_distinct_names_are_the_shortest_telling_suffixes():
     # one depth for all (the lines stay comparable); a shorter path is shown whole
     assert distinct_names(["a/x/b.st", "c/x/b.st", "d.st"]) == ["a/x/b.st", "c/x/b.st", "d.st"]
     assert distinct_names(["p/a.st", "q/b.st"]) == ["a.st", "b.st"]
+
+
+def test_evaluation_commands_start_this_process_share_of_loader_workers(monkeypatch, capsys):
+    """`smix robustness` and `smix cam` take `--workers auto` by default, the count pretraining's
+    `workers=auto` takes (robustness started a fixed 4: torch warned of oversubscription on a
+    2-CPU machine, and 4 starve a 16-CPU GPU machine); a count is kept, a bad value is one line."""
+    from smix import cpus
+    from cam.cli import _parser as cam_parser
+    from robustness.cli import build_parser as robustness_parser
+    monkeypatch.setattr(cpus, "auto_workers", lambda: 7)
+    fgsm = ["fgsm", "--ckpt", "a", "--data", "d", "--out", "o"]
+    corruption = ["corruption", "--ckpt", "a", "--data", "d", "--out", "o"]
+    localize = ["localize", "--ckpt", "a", "--voc-root", "v", "--out", "o"]
+    export = ["export", "--ckpt", "a", "--images", "i", "--out", "o"]
+    for parser, argv in ((robustness_parser, fgsm), (robustness_parser, corruption),
+                         (cam_parser, localize), (cam_parser, export)):
+        assert parser().parse_args(argv).workers == 7
+        assert parser().parse_args(argv + ["--workers", "AUTO"]).workers == 7
+        assert parser().parse_args(argv + ["--workers", "0"]).workers == 0
+    for bad in ("-1", "many"):
+        assert smix(["robustness", *fgsm, "--workers", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"smix robustness fgsm: error: argument --workers: wants a count >= 0 "
+                       f"or 'auto', got '{bad}'")
