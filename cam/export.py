@@ -26,7 +26,7 @@ from smix.dist import (DistInfo, agree, barrier, distributed, gather_lists,
                            shard_indices)
 from smix.errors import UserError
 from smix.io import RunDir, read_json
-from cam.images import file_stem, image_loader, list_images, resolve_targets
+from cam.images import file_stem, image_loader, list_images, resolve_targets, say_skipped
 from cam.models import CamModel, load_models
 from cam.render import overlay, read_png, save_grid, save_npy, save_png
 
@@ -112,9 +112,10 @@ def _export_shard(cfg: ExportConfig, paths: list[Path], shard: list[int],
     for k, m in enumerate(models):
         loader = image_loader(paths, shard, eval_transform(m.meta, normalize=False),
                               cfg.batch_size, cfg.workers, cfg.skip_bad_images)
-        for pixels, idx, skipped in loader:
+        for pixels, idx, skipped, errors in loader:
             bar.update()
             bad.update(skipped)
+            say_skipped(errors)
             if pixels is None:
                 continue
             wanted = None if targets[k] is None else targets[k][idx]

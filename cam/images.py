@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from smix.checkpoint import BackboneMeta
 from smix.data import image_files, load_rgb
@@ -76,21 +77,34 @@ def resolve_targets(spec: str, paths: Sequence[Path], meta: BackboneMeta, ckpt: 
 _ANNOUNCED: set[str] = set()
 
 
+class Unreadable(str):
+    """What a dataset gives for an image `--skip-bad-images` skips: its one-line error, said by
+    the loop that receives it (`say_skipped`, in the main process). A worker's own print was
+    repeated by every worker and every loader (one per checkpoint), and goes wherever its
+    process's stderr went (under the forkserver start method, Python 3.14's default: not to
+    this command's stderr)."""
+
+
 def read_or_skip(path: Path, skip: bool) -> Any:
-    """The RGB image, or None for an unreadable file when skipping (named once on stderr)."""
+    """The RGB image, or for an unreadable file when skipping, its error (`Unreadable`)."""
     try:
         return load_rgb(path)
     except UserError as e:
         if not skip:
             raise
-        if str(path) not in _ANNOUNCED:
-            _ANNOUNCED.add(str(path))
-            print(f"warning: skipping unreadable image: {e}", file=sys.stderr)
-        return None
+        return Unreadable(str(e))
+
+
+def say_skipped(errors: Sequence[str]) -> None:
+    """Name each skipped image on stderr, once (above the progress bar, which stays whole)."""
+    for error in errors:
+        if error not in _ANNOUNCED:
+            _ANNOUNCED.add(error)
+            tqdm.write(f"warning: skipping unreadable image: {error}", file=sys.stderr)
 
 
 class ImageFiles(Dataset):
-    """(transformed image, index) per path, or (None, index) for an unreadable skipped file."""
+    """(transformed image, index) per path, or (its error, index) for a skipped unreadable one."""
 
     def __init__(self, paths: Sequence[Path], indices: Sequence[int], transform: Callable,
                  skip_bad_images: bool = False):
@@ -103,21 +117,22 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int]:
         index = self.indices[i]
         img = read_or_skip(self.paths[index], self.skip)
-        return (None if img is None else self.transform(img)), index
+        return (img if isinstance(img, Unreadable) else self.transform(img)), index
 
 
-def collate_indexed(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor | None, list[int], list[int]]:
-    """Stack the readable images; return (images or None, their indices, skipped indices)."""
-    kept = [(x, i) for x, i in batch if x is not None]
-    bad = [i for x, i in batch if x is None]
-    if not kept:
-        return None, [], bad
-    return torch.stack([x for x, _ in kept]), [i for _, i in kept], bad
+def collate_indexed(batch: list[tuple[Any, int]]
+                    ) -> tuple[torch.Tensor | None, list[int], list[int], list[str]]:
+    """Stack the readable images; return (images or None, their indices, skipped indices,
+    their errors)."""
+    kept = [(x, i) for x, i in batch if not isinstance(x, Unreadable)]
+    bad = [(i, str(x)) for x, i in batch if isinstance(x, Unreadable)]
+    images = torch.stack([x for x, _ in kept]) if kept else None
+    return images, [i for _, i in kept], [i for i, _ in bad], [e for _, e in bad]
 
 
 def image_loader(paths: Sequence[Path], indices: Sequence[int], transform: Callable,
                  batch_size: int, workers: int, skip_bad_images: bool) -> DataLoader:
-    """Batches of (images, indices, skipped indices) in index order."""
+    """Batches of (images, indices, skipped indices, their errors) in index order."""
     return DataLoader(ImageFiles(paths, indices, transform, skip_bad_images),
                       batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate_indexed)

@@ -38,7 +38,7 @@ from smix.dist import DistInfo, agree, all_reduce_sum, distributed, shard_indice
 from smix.errors import UserError
 from smix.io import RunDir
 from cam.boxes import GTImage, from_boxes_file, from_voc
-from cam.images import class_index, read_or_skip
+from cam.images import Unreadable, class_index, read_or_skip, say_skipped
 from cam.models import CamModel, load_models
 
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -173,12 +173,12 @@ class GTDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Any, ...] | None:
+    def __getitem__(self, i: int) -> tuple[Any, ...] | Unreadable:
         index = self.indices[i]
         item = self.items[index]
         img = read_or_skip(item.image, self.skip)
-        if img is None:
-            return None
+        if isinstance(img, Unreadable):
+            return img
         w, h = img.size
         raw = torch.tensor(item.boxes, dtype=torch.float64)
         if bool((raw[:, 2] > w + 1).any() or (raw[:, 3] > h + 1).any()):
@@ -191,8 +191,8 @@ class GTDataset(Dataset):
 
 
 def _collate(batch: list) -> tuple[Any, ...]:
-    kept = [b for b in batch if b is not None]
-    skipped = len(batch) - len(kept)
+    kept = [b for b in batch if not isinstance(b, Unreadable)]
+    skipped = [str(b) for b in batch if isinstance(b, Unreadable)]  # their errors
     if not kept:
         return None, None, None, None, skipped
     m = max(len(b[2]) for b in kept)
@@ -256,7 +256,8 @@ def _count(cfg: LocalizeConfig, m: CamModel, items: Sequence[GTImage], shard: Se
     thresholds = [*sweep, cfg.cam_threshold]
     for x, y, gt, valid, skipped in tqdm(loader, desc=f"localize {m.tag}", unit="batch",
                                          disable=not (cfg.progress and info.is_main)):
-        counts[5] += skipped
+        counts[5] += len(skipped)
+        say_skipped(skipped)
         if x is None:
             continue
         keep = valid.any(1)  # the centre crop can cut every GT box away: not evaluable

@@ -342,6 +342,27 @@ def test_top1_loc_needs_the_right_prediction(hand_set_voc, tmp_path) -> None:
     assert (m["top1_cls"], m["gt_known_loc"], m["top1_loc"]) == (0.0, 75.0, 0.0)
 
 
+def test_an_unreadable_image_is_fatal_or_skipped_and_named_once(hand_set_voc, tmp_path,
+                                                               capsys) -> None:
+    """With --skip-bad-images it is counted for each checkpoint and named once on stderr, by
+    this process (not by each worker of each checkpoint's loader); without, one line."""
+    import shutil
+    root = tmp_path / "voc"
+    shutil.copytree(hand_set_voc[0], root)
+    broken = root / "VOC2007" / "JPEGImages" / "im1.png"
+    broken.write_bytes(b"not a png")
+    ckpts = (hand_set_voc[1], hand_set_voc[1])
+    with pytest.raises(UserError, match="im1.png: cannot read image"):
+        localize(LocalizeConfig(ckpts, tmp_path / "a", voc_root=root, progress=False))
+    capsys.readouterr()
+    r = localize(LocalizeConfig(ckpts, tmp_path / "b", voc_root=root, batch_size=2, workers=2,
+                                skip_bad_images=True, progress=False))
+    assert [(m["n_evaluated"], m["n_skipped"]) for m in r["models"]] == [(3, 1), (3, 1)]
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: skipping unreadable image: {broken}: cannot read image")
+    assert err.count("\n") == 1, err  # one line
+
+
 def test_image_class_not_in_checkpoint_is_an_error(hand_set_voc, tmp_path) -> None:
     root, ckpt = hand_set_voc
     boxes = _write_boxes(tmp_path, [(str(root / "VOC2007/JPEGImages/im0.png"), "cat",
