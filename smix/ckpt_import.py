@@ -62,8 +62,10 @@ def numpy_globals() -> list[Any]:
     builds numpy data from bytes; an object array's items still go through torch's restricted
     unpickler, so nothing else becomes loadable."""
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
-    module = getattr(np, "dtypes", None)  # numpy >= 1.25
-    dtypes = [getattr(module, n) for n in dir(module) if n.endswith("DType")] if module else []
+    module = getattr(np, "dtypes", None)  # numpy >= 1.25; before it, the same classes are
+    # reached only as the type of each dtype (np.dtype("f8") is a numpy.dtype[float64])
+    dtypes = ([getattr(module, n) for n in dir(module) if n.endswith("DType")] if module
+              else list({type(np.dtype(t)) for t in np.sctypeDict.values()}))
     rebuilders = [core.multiarray.scalar, core.multiarray._reconstruct]
     # files pickled under numpy 1 (the official SaliencyMix / CutMix ones) name them
     # numpy.core.multiarray.*; under numpy 2 the same functions live in numpy._core

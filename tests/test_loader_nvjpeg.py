@@ -160,7 +160,10 @@ def test_unreadable_files_are_named_or_skipped(tmp_path):
     noise = tmp_path / "noise.jpg"
     noise.write_bytes(bytes(range(256)) * 4)  # no image header at all
     body = tmp_path / "body.jpg"  # a valid header, then zeros: only decoding finds out
-    body.write_bytes(good.read_bytes()[:600] + bytes(400))
+    raw = good.read_bytes()
+    sos = raw.index(b"\xff\xda")  # the header ends with the start-of-scan segment: keep it
+    # whole (Pillow before 13 cannot identify a JPEG cut before it, and Python 3.10 has no 13)
+    body.write_bytes(raw[:sos + 2 + int.from_bytes(raw[sos + 2:sos + 4], "big") + 100] + bytes(400))
     geometry = Geometry(False, 32, 32)
     import pretrain.nvjpeg as nv
 
