@@ -125,9 +125,9 @@ def collate_indexed(batch: list[tuple[Any, int]]
     """Stack the readable images; return (images or None, their indices, skipped indices,
     their errors)."""
     kept = [(x, i) for x, i in batch if not isinstance(x, Unreadable)]
-    bad = [(i, str(x)) for x, i in batch if isinstance(x, Unreadable)]
+    bad = [(x, i) for x, i in batch if isinstance(x, Unreadable)]
     images = torch.stack([x for x, _ in kept]) if kept else None
-    return images, [i for _, i in kept], [i for i, _ in bad], [e for _, e in bad]
+    return images, [i for _, i in kept], [i for _, i in bad], [str(x) for x, _ in bad]
 
 
 def image_loader(paths: Sequence[Path], indices: Sequence[int], transform: Callable,

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, NoReturn, Sequence
 
+from smix import cpus
 from smix.errors import UserError, one_line
 
 COMMANDS = {
@@ -82,8 +83,7 @@ def workers_arg(text: str) -> int:
     """A `--workers` value: a count of loader processes >= 0, or `auto`, this process's share
     of the machine's CPUs less one (`smix.cpus.auto_workers`, as pretraining's `workers=auto`)."""
     if text.strip().lower() == "auto":
-        from smix.cpus import auto_workers
-        return auto_workers()
+        return cpus.auto_workers()
     try:
         count = int(text)
     except ValueError:
