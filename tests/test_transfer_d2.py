@@ -313,3 +313,19 @@ def test_detectron2_logger_prints_each_line_once_across_runs(tmp_path, capsys):
     assert out.count("hello once") == 1
     assert "hello once" in (tmp_path / "c" / "log.txt").read_text()
     assert "hello once" not in (tmp_path / "a" / "log.txt").read_text()
+
+
+def test_upstream_deprecations_are_not_printed() -> None:
+    """fvcore's `torch.jit.script` at import (torch >= 2.14) and detectron2's `torch.meshgrid`
+    without `indexing` are upstream's to fix: `smix transfer` does not print them. A fresh
+    process, since each warning is printed once per process."""
+    import subprocess
+    import sys
+
+    code = ("import torch, transfer.d2_backend\n"
+            "from detectron2.modeling.anchor_generator import DefaultAnchorGenerator\n"
+            "gen = DefaultAnchorGenerator(sizes=[[32]], aspect_ratios=[[1.0]], strides=[16])\n"
+            "gen([torch.zeros(1, 4, 3, 3)])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], check=True)
+    assert "Warning" not in done.stderr, done.stderr
