@@ -402,7 +402,10 @@ def build_report(paths: list[Path], out: Path) -> dict[str, Any]:
     runs = find_runs(paths)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror or e})") from e
     audit_tabs, audit_plots = audit_section(runs, out)
     tables = audit_tabs + [t for t in (classification_table(runs), detection_table(runs),
                                        attack_table(runs, "fgsm"), attack_table(runs, "pgd"),

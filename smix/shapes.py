@@ -120,7 +120,10 @@ def generate_shapes(cfg: ShapesConfig, progress: bool = True) -> dict:
     rng = np.random.default_rng(cfg.seed)
     voc = out / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (voc / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            (voc / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {voc / sub}: {e.strerror or e}") from e
     splits: dict[str, list[str]] = {"train": [], "val": []}
     jobs = [(split, c, i) for c in range(cfg.classes)
             for split, n in (("train", cfg.per_class), ("val", n_val)) for i in range(n)]

@@ -650,3 +650,22 @@ def test_evaluation_commands_start_this_process_share_of_loader_workers(monkeypa
         err = capsys.readouterr().err.strip()
         assert err == (f"smix robustness fgsm: error: argument --workers: wants a count >= 0 "
                        f"or 'auto', got '{bad}'")
+
+
+@pytest.mark.parametrize("argv", [
+    ["data", "shapes", "{out}", "--per-class", "1", "--size", "16"],
+    ["demo", "--quick", "--out", "{out}"],
+    ["report", "{runs}", "--out", "{out}"],
+])
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, argv):
+    """A file where the output folder should go (a read-only or missing mount reads the same):
+    one line naming the path and exit 2, not an OSError traceback."""
+    from smix.io import RunDir
+
+    (tmp_path / "file").write_text("x")
+    RunDir(tmp_path / "runs" / "r").write_metrics(stage="audit", kind="audit", results={})
+    out = str(tmp_path / "file" / "out")
+    assert smix([a.format(out=out, runs=tmp_path / "runs") for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "file/out" in err[0] and "Not a directory" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "runs"]
