@@ -669,3 +669,21 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, argv
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "file/out" in err[0] and "Not a directory" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "runs"]
+
+
+@pytest.mark.parametrize("batch", [{"labels": [1, 2]}, [1, 2],
+                                   {"data": np.zeros((2, 100), np.uint8), "labels": [1, 2]},
+                                   {"data": np.zeros((3, 3072), np.uint8), "labels": [1, 2]}],
+                         ids=["no-data", "a-list", "not-32x32", "labels-short"])
+def test_a_cifar_pickle_of_something_else_is_one_line(tmp_path, batch):
+    """A pickle that loads but is no CIFAR batch (another dataset's, a damaged conversion) is a
+    UserError naming the file, not a KeyError or a reshape's ValueError."""
+    write_cifar10(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(UserError, match="data_batch_3: not a CIFAR python pickle"):
+        read_cifar(tmp_path, train=True)
+    with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({"fine_label_names": ["a"]}, f)
+    with pytest.raises(UserError, match=r"batches.meta: not a CIFAR python pickle \(no 'label_names'"):
+        read_cifar(tmp_path, train=False)
