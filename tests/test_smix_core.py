@@ -687,3 +687,14 @@ def test_a_cifar_pickle_of_something_else_is_one_line(tmp_path, batch):
         pickle.dump({"fine_label_names": ["a"]}, f)
     with pytest.raises(UserError, match=r"batches.meta: not a CIFAR python pickle \(no 'label_names'"):
         read_cifar(tmp_path, train=False)
+
+
+def test_an_annotation_path_that_is_a_folder_is_one_line(tmp_path):
+    """VOC: a folder where an image's XML should be (a botched copy) is a UserError naming it,
+    not an IsADirectoryError traceback."""
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (tmp_path / "VOC2007" / sub).mkdir(parents=True)
+    (tmp_path / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    (tmp_path / "VOC2007" / "Annotations" / "000001.xml").mkdir()
+    with pytest.raises(UserError, match=r"000001.xml: cannot read annotation \(Is a directory\)"):
+        load_voc(tmp_path / "VOC2007", "test")
