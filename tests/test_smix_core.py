@@ -698,3 +698,16 @@ def test_an_annotation_path_that_is_a_folder_is_one_line(tmp_path):
     (tmp_path / "VOC2007" / "Annotations" / "000001.xml").mkdir()
     with pytest.raises(UserError, match=r"000001.xml: cannot read annotation \(Is a directory\)"):
         load_voc(tmp_path / "VOC2007", "test")
+
+
+def test_import_errors_name_the_source_file(tmp_path):
+    """A wrong --arch or class list is a fault of SRC (or the list), not of DST, which is never
+    written: the one line names SRC and the first bad key, as a load names the file."""
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r18.pth")
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    dst = tmp_path / "out.safetensors"
+    with pytest.raises(UserError, match=r"r18.pth: tensor 'layer1.0.conv1.weight' has shape"):
+        import_checkpoint(tmp_path / "r18.pth", dst, arch="resnet50")
+    with pytest.raises(UserError, match=r"r18.pth: its fc.weight has 3 classes, the class list 2"):
+        import_checkpoint(tmp_path / "r18.pth", dst, class_names=("a", "b"))
+    assert not dst.exists()
