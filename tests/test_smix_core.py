@@ -711,3 +711,11 @@ def test_import_errors_name_the_source_file(tmp_path):
     with pytest.raises(UserError, match=r"r18.pth: its fc.weight has 3 classes, the class list 2"):
         import_checkpoint(tmp_path / "r18.pth", dst, class_names=("a", "b"))
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("texture", ["nan", "inf"])
+def test_shapes_refuses_a_texture_that_is_no_amplitude(tmp_path, capsys, texture):
+    """`--texture nan` passed the `< 0` check and wrote every background as NaN cast to uint8."""
+    assert smix(["data", "shapes", str(tmp_path / "s"), "--texture", texture]) == 2
+    assert "--texture >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
