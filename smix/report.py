@@ -418,7 +418,10 @@ def build_report(paths: list[Path], out: Path) -> dict[str, Any]:
     written = []
     for t in tables:
         md.append(t.markdown())
-        name = re.sub(r"[^a-z0-9_]+", "_", t.title.split(" (")[0].lower()).strip("_") + ".csv"
+        # the title less its parenthesised units: an audit's run tag follows them
+        # ("Audit: saliency detectors (%) — audA"), and two audits must not share a CSV
+        title = re.sub(r"\s*\([^)]*\)", "", t.title)
+        name = re.sub(r"[^a-z0-9_]+", "_", title.lower()).strip("_") + ".csv"
         atomic_write(out / name, t.csv())
         written.append(str(out / name))
     md += [f"![{p.stem}]({Path(os.path.relpath(p, out)).as_posix()})\n" for p in plots]
