@@ -719,3 +719,17 @@ def test_shapes_refuses_a_texture_that_is_no_amplitude(tmp_path, capsys, texture
     assert smix(["data", "shapes", str(tmp_path / "s"), "--texture", texture]) == 2
     assert "--texture >= 0" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_shapes_into_a_folder_of_another_configuration_is_refused(tmp_path, capsys):
+    """Regenerating with fewer classes or images left the old ones in the class folders (4 class
+    folders under a shapes.json of 2: training read all 4); the same configuration may rerun."""
+    out = tmp_path / "s"
+    args = ["data", "shapes", str(out), "--per-class", "1", "--size", "16"]
+    assert smix(args + ["--classes", "3"]) == 0
+    assert smix(args + ["--classes", "3"]) == 0  # (a killed or repeated run: same files)
+    capsys.readouterr()
+    assert smix(args + ["--classes", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "another configuration (classes differs)" in err
+    assert ClassFolder(out / "train").classes == ["circle", "square", "triangle"]
