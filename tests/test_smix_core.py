@@ -733,3 +733,19 @@ def test_shapes_into_a_folder_of_another_configuration_is_refused(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "another configuration (classes differs)" in err
     assert ClassFolder(out / "train").classes == ["circle", "square", "triangle"]
+
+
+def test_tiny_imagenet_annotations_are_read_as_user_text(tmp_path):
+    """val_annotations.txt saved with a byte-order mark (Notepad, Excel) gave its first image
+    the path '\\ufeffval_0.JPEG', unreadable later; a non-UTF-8 one was a traceback."""
+    (tmp_path / "images").mkdir()
+    for name in ("val_0.JPEG", "val_1.JPEG"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
+    notes = tmp_path / "val_annotations.txt"
+    notes.write_bytes("\ufeffval_0.JPEG\tn01\t0\t0\t8\t8\nval_1.JPEG\tn02\t0\t0\t8\t8\n".encode())
+    ds = ClassFolder(tmp_path, classes=["n01", "n02"])
+    assert [(Path(p).name, t) for p, t in ds.samples] == [("val_0.JPEG", 0), ("val_1.JPEG", 1)]
+    assert ds[0][0].size == (8, 8)
+    notes.write_bytes(b"val_0.JPEG\tn01\xe9\t0\t0\t8\t8\n")
+    with pytest.raises(UserError, match="val_annotations.txt: annotation list is not UTF-8"):
+        ClassFolder(tmp_path, classes=["n01", "n02"])
