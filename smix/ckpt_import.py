@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from smix.arch import arch_spec, build_model, list_archs
-from smix.checkpoint import BackboneMeta, save_checkpoint, strip_prefixes
+from smix.checkpoint import BackboneMeta, save_checkpoint, strip_prefixes, validate_state
 from smix.errors import UserError
 from smix.io import provenance
 
@@ -207,6 +207,9 @@ def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
     num_classes = int(fc.shape[0])
     if class_names is None:
         class_names = tuple(f"class_{i}" for i in range(num_classes))
+    elif len(class_names) != num_classes:
+        raise UserError(f"{src}: its {spec.classifier}.weight has {num_classes} classes, the "
+                        f"class list {len(class_names)} names")
     reference = build_model(arch, num_classes).state_dict()
     for key, ref in reference.items():  # torchvision's BN counters may be absent in old files
         if key.endswith("num_batches_tracked") and key not in state:
@@ -222,6 +225,9 @@ def import_checkpoint(src: Path, dst: Path, arch: str | None = None,
     if size == 32:
         from smix.data import CIFAR10_MEAN, CIFAR10_STD
         meta = dataclasses.replace(meta, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    # a mismatch names the file that holds the bad tensor (save_checkpoint would name `dst`)
+    validate_state({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                   meta, source=str(src))
     save_checkpoint(dst, state, meta)
     return meta
 

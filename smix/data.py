@@ -27,6 +27,7 @@ from torchvision.transforms import v2 as T
 
 from smix.devices import channel_constant, constant, upload
 from smix.errors import UserError
+from smix.io import read_user_text
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; `decode_jpeg` is
 # unchanged there (this module and pretrain.nvjpeg use it)
@@ -158,7 +159,7 @@ def tiny_imagenet_val(root: Path, classes: list[str]) -> tuple[list[str], list[t
     """Tiny-ImageNet's published val split: `val/images/*.JPEG` + `val_annotations.txt`."""
     index = {c: i for i, c in enumerate(classes)}
     samples = []
-    for line in (root / "val_annotations.txt").read_text().splitlines():
+    for line in read_user_text(root / "val_annotations.txt", "annotation list").splitlines():
         parts = line.split("\t")
         if len(parts) < 2:
             continue
@@ -252,24 +253,46 @@ def _unpickle(path: Path) -> dict:
         raise UserError(f"{path}: unreadable CIFAR pickle ({e})") from None
 
 
+def _cifar_field(path: Path, key: str) -> Any:
+    """`key` of a CIFAR pickle; a pickle of something else is a `UserError` naming the file."""
+    d = _unpickle(path)
+    if not isinstance(d, dict) or key not in d:
+        raise UserError(f"{path}: not a CIFAR python pickle (no {key!r} in it)")
+    return d[key]
+
+
+def _cifar_batch(path: Path, key: str) -> tuple[np.ndarray, list[int]]:
+    """One batch's images uint8 [N,3,32,32] and its N labels (`key`: labels | fine_labels)."""
+    d = _unpickle(path)
+    try:
+        labels = [int(v) for v in d[key]]
+        images = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    except (KeyError, IndexError, TypeError, ValueError):
+        labels, images = [], None
+    if images is None or len(images) != len(labels):
+        raise UserError(f"{path}: not a CIFAR python pickle (expected {key!r} and 'data', one "
+                        "label per image of 3x32x32 bytes)")
+    return images, labels
+
+
 def read_cifar(root: str | os.PathLike, train: bool, kind: str | None = None
                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images uint8 [N,32,32,3] RGB, labels int64 [N], class names (`kind`: `find_cifar`)."""
     folder, kind = find_cifar(root, kind)
     if kind == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        names = _unpickle(folder / "batches.meta")["label_names"] \
+        names = _cifar_field(folder / "batches.meta", "label_names") \
             if (folder / "batches.meta").is_file() else [f"class_{i}" for i in range(10)]
         key = "labels"
     else:
         files = ["train" if train else "test"]
-        names = _unpickle(folder / "meta")["fine_label_names"]
+        names = _cifar_field(folder / "meta", "fine_label_names")
         key = "fine_labels"
     data, labels = [], []
     for name in files:
-        d = _unpickle(folder / name)
-        data.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(d[key])
+        images, batch_labels = _cifar_batch(folder / name, key)
+        data.append(images)
+        labels.extend(batch_labels)
     images = np.concatenate(data).transpose(0, 2, 3, 1).copy()
     return images, np.asarray(labels, dtype=np.int64), list(names)
 

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         lo, hi = (float(v) for v in a.radius.split(","))
     except ValueError:
         raise UserError(f"--radius: expected two numbers LO,HI, got {a.radius!r}") from None
-    if not 0 < lo <= hi < 0.5 or a.texture < 0:
+    if not 0 < lo <= hi < 0.5 or not 0 <= a.texture < float("inf"):  # (nan, inf: no image)
         raise UserError("--radius needs 0 < LO <= HI < 0.5 and --texture >= 0")
     summary = generate_shapes(ShapesConfig(a.out, a.classes, a.per_class, a.size, a.seed,
                                            radius=(lo, hi), texture=a.texture,

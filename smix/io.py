@@ -87,10 +87,10 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write bytes or text to `path` atomically."""
+    """Write bytes or text to `path` atomically; a folder that cannot be written (missing,
+    read-only, a file on the way, a full disk) is a `UserError`, as in `atomic_save`."""
     payload = data.encode() if isinstance(data, str) else data
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(payload)
+    atomic_save(path, lambda tmp: tmp.write_bytes(payload))
 
 
 def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:

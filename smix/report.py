@@ -402,7 +402,10 @@ def build_report(paths: list[Path], out: Path) -> dict[str, Any]:
     runs = find_runs(paths)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror or e})") from e
     audit_tabs, audit_plots = audit_section(runs, out)
     tables = audit_tabs + [t for t in (classification_table(runs), detection_table(runs),
                                        attack_table(runs, "fgsm"), attack_table(runs, "pgd"),
@@ -415,7 +418,10 @@ def build_report(paths: list[Path], out: Path) -> dict[str, Any]:
     written = []
     for t in tables:
         md.append(t.markdown())
-        name = re.sub(r"[^a-z0-9_]+", "_", t.title.split(" (")[0].lower()).strip("_") + ".csv"
+        # the title less its parenthesised units: an audit's run tag follows them
+        # ("Audit: saliency detectors (%) — audA"), and two audits must not share a CSV
+        title = re.sub(r"\s*\([^)]*\)", "", t.title)
+        name = re.sub(r"[^a-z0-9_]+", "_", title.lower()).strip("_") + ".csv"
         atomic_write(out / name, t.csv())
         written.append(str(out / name))
     md += [f"![{p.stem}]({Path(os.path.relpath(p, out)).as_posix()})\n" for p in plots]

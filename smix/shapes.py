@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from smix.errors import UserError
-from smix.io import atomic_write, write_json
+from smix.io import atomic_write, read_json, write_json
 from smix.voc import VOCObject, write_annotation
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
@@ -108,6 +108,23 @@ def make_image(rng: np.random.Generator, kind: str, size: int,
     return img, box
 
 
+def _check_no_other_dataset(out: Path, cfg: ShapesConfig, names: list[str], n_val: int) -> None:
+    """Refuse to write into a folder holding a shapes dataset of another configuration: files
+    are only added or replaced, so its other classes and surplus images would stay in the
+    class folders beside the new ones (the same configuration rewrites the same files)."""
+    if not (out / "shapes.json").is_file():
+        return
+    old = read_json(out / "shapes.json")
+    new = {"classes": names, "train": cfg.per_class * len(names), "val": n_val * len(names),
+           "size": cfg.size, "seed": cfg.seed, "radius": list(cfg.radius),
+           "texture": cfg.texture, "class_colours": cfg.class_colours}
+    differ = [k for k in new if not isinstance(old, dict) or old.get(k) != new[k]]
+    if differ:
+        raise UserError(f"{out} holds a shapes dataset of another configuration ({differ[0]} "
+                        "differs); its files would stay beside the new ones: choose another "
+                        "OUT, or delete that folder first")
+
+
 def generate_shapes(cfg: ShapesConfig, progress: bool = True) -> dict:
     """Write the class-folder split and the VOC copy; return a summary (also saved as JSON)."""
     if not 1 <= cfg.classes <= len(SHAPES):
@@ -117,10 +134,14 @@ def generate_shapes(cfg: ShapesConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     names = SHAPES[: cfg.classes]
     n_val = max(4, int(round(cfg.per_class * cfg.val_fraction)))
+    _check_no_other_dataset(out, cfg, list(names), n_val)
     rng = np.random.default_rng(cfg.seed)
     voc = out / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (voc / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            (voc / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {voc / sub}: {e.strerror or e}") from e
     splits: dict[str, list[str]] = {"train": [], "val": []}
     jobs = [(split, c, i) for c in range(cfg.classes)
             for split, n in (("train", cfg.per_class), ("val", n_val)) for i in range(n)]

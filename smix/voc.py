@@ -65,6 +65,8 @@ def parse_annotation(xml: Path, image_dir: Path) -> VOCRecord:
         root = ET.parse(xml).getroot()
     except FileNotFoundError:
         raise UserError(f"{xml}: annotation file missing") from None
+    except OSError as e:  # a folder of that name, a file it may not read
+        raise UserError(f"{xml}: cannot read annotation ({e.strerror or e})") from None
     except ET.ParseError as e:
         raise UserError(f"{xml}: not valid XML ({e})") from None
     size = root.find("size")

@@ -223,3 +223,19 @@ def test_groups_by_dataset_top5_is_the_best_epochs_and_delta_is_against_the_seed
     det = {d["run folder"]: d["ΔAP50 vs none"]
            for d in read_csv(tmp_path / "rep" / "detection_transfer.csv")}
     assert det == {"none-s0": "-1.00", "none-s1": "+1.00", "cutmix": "+3.50"}
+
+
+def test_two_audits_keep_a_csv_each(tmp_path):
+    """Each audit's detector table is its own CSV: the name was cut at the title's "(%)", before
+    the run tag, so the second audit's overwrote the first's (and report.json listed it twice)."""
+    root = tmp_path / "runs"
+    for name, rate in (("audA", 0.25), ("audB", 0.75)):
+        RunDir(root / name).write_metrics(stage="audit", kind="audit", results={
+            "dataset": "VOC2007 test", "images": 4, "methods": [], "detectors": {
+                "spectral_residual": {"hit_rate": rate, "chance": 0.5, "energy_in_box": 0.5,
+                                      "images": 4}}})
+    summary = build_report([root], tmp_path / "rep")
+    assert len(summary["tables"]) == len(set(summary["tables"])) == 2
+    hits = {Path(p).name: read_csv(Path(p))[0]["hit rate"] for p in summary["tables"]}
+    assert hits == {"audit_saliency_detectors_auda.csv": "25.0",
+                    "audit_saliency_detectors_audb.csv": "75.0"}

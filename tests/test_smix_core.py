@@ -650,3 +650,102 @@ def test_evaluation_commands_start_this_process_share_of_loader_workers(monkeypa
         err = capsys.readouterr().err.strip()
         assert err == (f"smix robustness fgsm: error: argument --workers: wants a count >= 0 "
                        f"or 'auto', got '{bad}'")
+
+
+@pytest.mark.parametrize("argv", [
+    ["data", "shapes", "{out}", "--per-class", "1", "--size", "16"],
+    ["demo", "--quick", "--out", "{out}"],
+    ["report", "{runs}", "--out", "{out}"],
+])
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, argv):
+    """A file where the output folder should go (a read-only or missing mount reads the same):
+    one line naming the path and exit 2, not an OSError traceback."""
+    from smix.io import RunDir
+
+    (tmp_path / "file").write_text("x")
+    RunDir(tmp_path / "runs" / "r").write_metrics(stage="audit", kind="audit", results={})
+    out = str(tmp_path / "file" / "out")
+    assert smix([a.format(out=out, runs=tmp_path / "runs") for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "file/out" in err[0] and "Not a directory" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "runs"]
+
+
+@pytest.mark.parametrize("batch", [{"labels": [1, 2]}, [1, 2],
+                                   {"data": np.zeros((2, 100), np.uint8), "labels": [1, 2]},
+                                   {"data": np.zeros((3, 3072), np.uint8), "labels": [1, 2]}],
+                         ids=["no-data", "a-list", "not-32x32", "labels-short"])
+def test_a_cifar_pickle_of_something_else_is_one_line(tmp_path, batch):
+    """A pickle that loads but is no CIFAR batch (another dataset's, a damaged conversion) is a
+    UserError naming the file, not a KeyError or a reshape's ValueError."""
+    write_cifar10(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(UserError, match="data_batch_3: not a CIFAR python pickle"):
+        read_cifar(tmp_path, train=True)
+    with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({"fine_label_names": ["a"]}, f)
+    with pytest.raises(UserError, match=r"batches.meta: not a CIFAR python pickle \(no 'label_names'"):
+        read_cifar(tmp_path, train=False)
+
+
+def test_an_annotation_path_that_is_a_folder_is_one_line(tmp_path):
+    """VOC: a folder where an image's XML should be (a botched copy) is a UserError naming it,
+    not an IsADirectoryError traceback."""
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (tmp_path / "VOC2007" / sub).mkdir(parents=True)
+    (tmp_path / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    (tmp_path / "VOC2007" / "Annotations" / "000001.xml").mkdir()
+    with pytest.raises(UserError, match=r"000001.xml: cannot read annotation \(Is a directory\)"):
+        load_voc(tmp_path / "VOC2007", "test")
+
+
+def test_import_errors_name_the_source_file(tmp_path):
+    """A wrong --arch or class list is a fault of SRC (or the list), not of DST, which is never
+    written: the one line names SRC and the first bad key, as a load names the file."""
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r18.pth")
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    dst = tmp_path / "out.safetensors"
+    with pytest.raises(UserError, match=r"r18.pth: tensor 'layer1.0.conv1.weight' has shape"):
+        import_checkpoint(tmp_path / "r18.pth", dst, arch="resnet50")
+    with pytest.raises(UserError, match=r"r18.pth: its fc.weight has 3 classes, the class list 2"):
+        import_checkpoint(tmp_path / "r18.pth", dst, class_names=("a", "b"))
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("texture", ["nan", "inf"])
+def test_shapes_refuses_a_texture_that_is_no_amplitude(tmp_path, capsys, texture):
+    """`--texture nan` passed the `< 0` check and wrote every background as NaN cast to uint8."""
+    assert smix(["data", "shapes", str(tmp_path / "s"), "--texture", texture]) == 2
+    assert "--texture >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_shapes_into_a_folder_of_another_configuration_is_refused(tmp_path, capsys):
+    """Regenerating with fewer classes or images left the old ones in the class folders (4 class
+    folders under a shapes.json of 2: training read all 4); the same configuration may rerun."""
+    out = tmp_path / "s"
+    args = ["data", "shapes", str(out), "--per-class", "1", "--size", "16"]
+    assert smix(args + ["--classes", "3"]) == 0
+    assert smix(args + ["--classes", "3"]) == 0  # (a killed or repeated run: same files)
+    capsys.readouterr()
+    assert smix(args + ["--classes", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "another configuration (classes differs)" in err
+    assert ClassFolder(out / "train").classes == ["circle", "square", "triangle"]
+
+
+def test_tiny_imagenet_annotations_are_read_as_user_text(tmp_path):
+    """val_annotations.txt saved with a byte-order mark (Notepad, Excel) gave its first image
+    the path '\\ufeffval_0.JPEG', unreadable later; a non-UTF-8 one was a traceback."""
+    (tmp_path / "images").mkdir()
+    for name in ("val_0.JPEG", "val_1.JPEG"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
+    notes = tmp_path / "val_annotations.txt"
+    notes.write_bytes("\ufeffval_0.JPEG\tn01\t0\t0\t8\t8\nval_1.JPEG\tn02\t0\t0\t8\t8\n".encode())
+    ds = ClassFolder(tmp_path, classes=["n01", "n02"])
+    assert [(Path(p).name, t) for p, t in ds.samples] == [("val_0.JPEG", 0), ("val_1.JPEG", 1)]
+    assert ds[0][0].size == (8, 8)
+    notes.write_bytes(b"val_0.JPEG\tn01\xe9\t0\t0\t8\t8\n")
+    with pytest.raises(UserError, match="val_annotations.txt: annotation list is not UTF-8"):
+        ClassFolder(tmp_path, classes=["n01", "n02"])
