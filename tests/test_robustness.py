@@ -736,6 +736,18 @@ def test_cli_bad_data_and_checkpoints(world, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("kind", ["fgsm", "corruption"])
+def test_cli_device_cuda_without_cuda_is_one_line(world, tmp_path, capsys, kind):
+    root = tmp_path / "ic"
+    write_imagenet_c(root, world["val"], corruptions=("snow",))
+    data = world["val"] if kind == "fgsm" else root
+    code, err = cli([kind, "--ckpt", str(world["a"]), "--data", str(data), "--out",
+                     str(tmp_path / "o"), "--workers", "0", "--device", "cuda"], capsys)
+    assert code == 2 and "\n" not in err and "CUDA is not available" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_corruption_missing_severity(world, tmp_path, capsys):
     root = tmp_path / "ic"
     write_imagenet_c(root, world["val"], corruptions=("snow",), skip=("snow", 3))
