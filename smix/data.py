@@ -27,6 +27,7 @@ from torchvision.transforms import v2 as T
 
 from smix.devices import channel_constant, constant, upload
 from smix.errors import UserError
+from smix.io import read_user_text
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; `decode_jpeg` is
 # unchanged there (this module and pretrain.nvjpeg use it)
@@ -158,7 +159,7 @@ def tiny_imagenet_val(root: Path, classes: list[str]) -> tuple[list[str], list[t
     """Tiny-ImageNet's published val split: `val/images/*.JPEG` + `val_annotations.txt`."""
     index = {c: i for i, c in enumerate(classes)}
     samples = []
-    for line in (root / "val_annotations.txt").read_text().splitlines():
+    for line in read_user_text(root / "val_annotations.txt", "annotations list").splitlines():
         parts = line.split("\t")
         if len(parts) < 2:
             continue

@@ -710,6 +710,27 @@ def test_tiny_imagenet_val_layout_is_read_as_pretrain_reads_it(world, tmp_path, 
     assert code == 2 and "class 'triangle' is not a" in err and not (tmp_path / "o").exists()
 
 
+def test_tiny_imagenet_annotations_with_a_bom_or_not_utf8(world, tmp_path, capsys):
+    """val_annotations.txt is a list: UTF-8 with or without the byte-order mark an editor
+    adds (before, the BOM became part of the first file name, which then could not be read);
+    a file in another encoding is one line (before, a UnicodeDecodeError traceback)."""
+    tiny = write_tiny_val(world["val"], tmp_path / "tiny" / "val")
+    notes = tiny / "val_annotations.txt"
+    notes.write_bytes(b"\xef\xbb\xbf" + notes.read_bytes())
+    code = cli_run("robustness", ["fgsm", "--ckpt", str(world["a"]), "--data", str(tiny),
+                                  "--out", str(tmp_path / "f"), "--eps", "8", "--workers", "0",
+                                  "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    res = json.loads((tmp_path / "f" / "metrics.json").read_text())["results"]
+    assert res["n_images"] == 12
+    assert res["models"][0]["clean_acc"] == pytest.approx(direct_clean_top1(world["a"], world["val"]))
+    notes.write_bytes(notes.read_bytes() + "x.JPEG\tcircl\xe9\n".encode("latin-1"))
+    code, err = cli(["fgsm", "--ckpt", str(world["a"]), "--data", str(tiny), "--out",
+                     str(tmp_path / "o"), "--workers", "0"], capsys)
+    assert code == 2 and "\n" not in err and "not UTF-8" in err, err
+
+
 def test_cli_bad_data_and_checkpoints(world, tmp_path, capsys):
     base = ["fgsm", "--ckpt", str(world["a"]), "--out", str(tmp_path / "o"), "--workers", "0"]
     code, err = cli(base + ["--data", str(tmp_path / "missing")], capsys)
