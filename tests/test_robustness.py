@@ -769,6 +769,29 @@ def test_cli_device_cuda_without_cuda_is_one_line(world, tmp_path, capsys, kind)
     assert not (tmp_path / "o").exists()
 
 
+def test_a_batch_out_of_device_memory_is_one_line_naming_the_batch_size(world, tmp_path,
+                                                                        monkeypatch, capsys):
+    """As pretrain and transfer: a --batch-size the GPU cannot hold (PGD keeps a graph per
+    step) ends in one line that says what to change, not a torch.OutOfMemoryError traceback."""
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(adversarial_mod, "attack_counts", oom)
+    code, err = cli(["pgd", "--ckpt", str(world["a"]), "--data", str(world["val"]), "--out",
+                     str(tmp_path / "p"), "--workers", "0", "--batch-size", "4"], capsys)
+    assert code == 2 and "Traceback" not in err and "OutOfMemoryError" not in err, err
+    assert err.splitlines()[-1].startswith("smix robustness: error: out of device memory at "
+                                           "--batch-size 4; rerun with a smaller")
+    monkeypatch.setattr(corruption_mod, "correct_counts", oom)
+    root = tmp_path / "ic"
+    write_imagenet_c(root, world["val"], corruptions=("snow",))
+    code, err = cli(["corruption", "--ckpt", str(world["a"]), "--data", str(root), "--out",
+                     str(tmp_path / "c"), "--workers", "0", "--batch-size", "8"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("smix robustness: error: out of device memory at "
+                                           "--batch-size 8; continue with --resume")
+
+
 def test_cli_corruption_missing_severity(world, tmp_path, capsys):
     root = tmp_path / "ic"
     write_imagenet_c(root, world["val"], corruptions=("snow",), skip=("snow", 3))
