@@ -29,14 +29,17 @@ from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object, shard_i
 from smix.errors import UserError
 from robustness.attacks import AttackParams, BatchAttack, attack_info, get_attack
 from robustness.common import (PROGRESS_FILE, Loaded, checkpoint_hashes, commit_progress,
-                               correct_counts, dist_session, fresh_run, group_by_transform,
-                               label_map, load_all, load_progress, open_images, percent,
-                               progress, read_metas, resumed_run)
+                               correct_counts, dist_session, fits_on_device, fresh_run,
+                               group_by_transform, label_map, load_all, load_progress,
+                               open_images, percent, progress, read_metas, resumed_run)
 from robustness.data import index_batches, subset_indices
 from robustness.plot import plot_accuracy_vs_eps
 
 MAX_EPS = 255.0  # /255 units: epsilon is at most the whole pixel range
 COMMITS = 20  # progress commits per pass: a killed run loses at most about 1/20 of a pass
+# the batch size decides each batch's images and seed, so --resume keeps it: a smaller one is a
+# new run
+OOM_ADVICE = "rerun with a smaller --batch-size, without --resume (a run keeps its batch size)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,9 +178,10 @@ def _attack_pass(cfg: AttackConfig, group: list[Loaded], info: DistInfo, attack:
             for b in part:
                 images, labels = next(batches)
                 images, labels = images.to(info.device), labels.to(info.device)
-                for j, loaded in enumerate(group):
-                    new[j] += attack_counts(loaded.model, attack, images, maps[j][labels], eps01,
-                                            params, batch_seed(cfg.seed, b))
+                with fits_on_device(bs, OOM_ADVICE):
+                    for j, loaded in enumerate(group):
+                        new[j] += attack_counts(loaded.model, attack, images, maps[j][labels],
+                                                eps01, params, batch_seed(cfg.seed, b))
                 bar.update(len(labels))
             counts += all_reduce_sum(new)  # int64: the totals over processes are exact
             commit(chunk.stop, counts)

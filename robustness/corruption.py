@@ -28,9 +28,9 @@ from smix.data import read_cifar
 from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object
 from smix.errors import UserError
 from robustness.common import (Loaded, checkpoint_hashes, commit_progress,
-                               correct_counts, dist_session, fresh_run, group_by_transform,
-                               label_map, load_all, load_progress, open_images, progress,
-                               read_metas, resumed_run)
+                               correct_counts, dist_session, fits_on_device, fresh_run,
+                               group_by_transform, label_map, load_all, load_progress,
+                               open_images, progress, read_metas, resumed_run)
 from robustness.corruption_data import (CORRUPTIONS, Split, detect_layout, load_npy, scan_cifar_c,
                                         scan_imagenet_c, split_transform, warn_ignored)
 from robustness.data import array_batches, dataset_batches, shard_batches, subset_indices
@@ -51,6 +51,8 @@ ALEXNET_ERR: dict[str, float] = {
 # rounds it to 43.5.
 ALEXNET_CLEAN_ERR = 0.43478
 MCE_REFERENCE = "AlexNet errors of Hendrycks & Dietterich (ICLR 2019)"
+# finished splits are kept, and the batch size is not part of a run's identity
+OOM_ADVICE = "continue with --resume and a smaller --batch-size"
 
 
 def mean_corruption_error(errors: Mapping[str, Sequence[float]],
@@ -199,7 +201,7 @@ def _corruption_pass(cfg: CorruptionConfig, splits: Sequence[Split], group: list
             maps = [m.to(info.device) for m in data.maps]
             for images, labels in batches:
                 images, labels = images.to(info.device), labels.to(info.device)
-                with torch.no_grad():
+                with torch.no_grad(), fits_on_device(cfg.batch_size, OOM_ADVICE):
                     for j, loaded in enumerate(group):
                         correct[j, k] += correct_counts(loaded.model(images), maps[j][labels])[0]
                 totals[k] += len(labels)

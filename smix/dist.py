@@ -37,11 +37,18 @@ class DistInfo:
 
 
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device a `--device` / `device=` value names; one it cannot be (`foo`, `cuda` on a
+    machine without CUDA) is a `UserError`, not a traceback from the first tensor moved there."""
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(preference)
+    try:
+        dev = torch.device("cuda", local_rank) if preference == "cuda" else torch.device(preference)
+    except (RuntimeError, ValueError):
+        raise UserError(f"device {preference!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {preference!r}: CUDA is not available on this machine; "
+                        "use cpu or auto")
+    return dev
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

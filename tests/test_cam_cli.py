@@ -128,6 +128,9 @@ def test_unreadable_image_is_fatal_or_skipped_by_flag(data, tmp_path, capsys) ->
     (["--layer", "layer7"], "unknown layer 'layer7' for resnet18"),
     (["--method", "cam", "--layer", "layer2"], "method 'cam' needs the layer that feeds"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--device", "foo"], "device 'foo'; valid: auto, cpu, cuda, cuda:N"),
+    pytest.param(["--device", "cuda"], "device 'cuda': CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
 ])
 def test_export_user_errors_are_one_line(data, tmp_path, capsys, args, message) -> None:
     rc, err = _smix(_export(data, tmp_path / "x", *args), capsys)

@@ -710,6 +710,27 @@ def test_tiny_imagenet_val_layout_is_read_as_pretrain_reads_it(world, tmp_path, 
     assert code == 2 and "class 'triangle' is not a" in err and not (tmp_path / "o").exists()
 
 
+def test_tiny_imagenet_annotations_with_a_bom_or_not_utf8(world, tmp_path, capsys):
+    """val_annotations.txt is a list: UTF-8 with or without the byte-order mark an editor
+    adds (before, the BOM became part of the first file name, which then could not be read);
+    a file in another encoding is one line (before, a UnicodeDecodeError traceback)."""
+    tiny = write_tiny_val(world["val"], tmp_path / "tiny" / "val")
+    notes = tiny / "val_annotations.txt"
+    notes.write_bytes(b"\xef\xbb\xbf" + notes.read_bytes())
+    code = cli_run("robustness", ["fgsm", "--ckpt", str(world["a"]), "--data", str(tiny),
+                                  "--out", str(tmp_path / "f"), "--eps", "8", "--workers", "0",
+                                  "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    res = json.loads((tmp_path / "f" / "metrics.json").read_text())["results"]
+    assert res["n_images"] == 12
+    assert res["models"][0]["clean_acc"] == pytest.approx(direct_clean_top1(world["a"], world["val"]))
+    notes.write_bytes(notes.read_bytes() + "x.JPEG\tcircl\xe9\n".encode("latin-1"))
+    code, err = cli(["fgsm", "--ckpt", str(world["a"]), "--data", str(tiny), "--out",
+                     str(tmp_path / "o"), "--workers", "0"], capsys)
+    assert code == 2 and "\n" not in err and "not UTF-8" in err, err
+
+
 def test_cli_bad_data_and_checkpoints(world, tmp_path, capsys):
     base = ["fgsm", "--ckpt", str(world["a"]), "--out", str(tmp_path / "o"), "--workers", "0"]
     code, err = cli(base + ["--data", str(tmp_path / "missing")], capsys)
@@ -734,6 +755,41 @@ def test_cli_bad_data_and_checkpoints(world, tmp_path, capsys):
     code, err = cli(base + ["--data", str(world["val"]), "--impl", "nope"], capsys)
     assert code == 2 and "invalid choice" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("kind", ["fgsm", "corruption"])
+def test_cli_device_cuda_without_cuda_is_one_line(world, tmp_path, capsys, kind):
+    root = tmp_path / "ic"
+    write_imagenet_c(root, world["val"], corruptions=("snow",))
+    data = world["val"] if kind == "fgsm" else root
+    code, err = cli([kind, "--ckpt", str(world["a"]), "--data", str(data), "--out",
+                     str(tmp_path / "o"), "--workers", "0", "--device", "cuda"], capsys)
+    assert code == 2 and "\n" not in err and "CUDA is not available" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_batch_out_of_device_memory_is_one_line_naming_the_batch_size(world, tmp_path,
+                                                                        monkeypatch, capsys):
+    """As pretrain and transfer: a --batch-size the GPU cannot hold (PGD keeps a graph per
+    step) ends in one line that says what to change, not a torch.OutOfMemoryError traceback."""
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(adversarial_mod, "attack_counts", oom)
+    code, err = cli(["pgd", "--ckpt", str(world["a"]), "--data", str(world["val"]), "--out",
+                     str(tmp_path / "p"), "--workers", "0", "--batch-size", "4"], capsys)
+    assert code == 2 and "Traceback" not in err and "OutOfMemoryError" not in err, err
+    assert err.splitlines()[-1].startswith("smix robustness: error: out of device memory at "
+                                           "--batch-size 4; rerun with a smaller")
+    monkeypatch.setattr(corruption_mod, "correct_counts", oom)
+    root = tmp_path / "ic"
+    write_imagenet_c(root, world["val"], corruptions=("snow",))
+    code, err = cli(["corruption", "--ckpt", str(world["a"]), "--data", str(root), "--out",
+                     str(tmp_path / "c"), "--workers", "0", "--batch-size", "8"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("smix robustness: error: out of device memory at "
+                                           "--batch-size 8; continue with --resume")
 
 
 def test_cli_corruption_missing_severity(world, tmp_path, capsys):
