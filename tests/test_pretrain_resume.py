@@ -347,6 +347,19 @@ def test_resume_refuses_switching_between_no_workers_and_workers(shapes_root, tm
     assert "\n" not in err and "cannot switch workers=0 to workers=2" in err
 
 
+@pytest.mark.parametrize("saved", [
+    {"ckpt": "r50.safetensors", "voc_root": "voc", "preset": "paper", "arch": "c4"},  # transfer's
+    [1, 2]])
+def test_resume_of_a_folder_that_is_not_a_pretraining_run_is_one_line(tmp_path, capsys, saved):
+    """Another stage's run folder (its config.json has no method) ended in a KeyError."""
+    run = tmp_path / "voc-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(saved))
+    assert smix(["pretrain", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{run}: not a pretraining run" in err
+
+
 def test_resume_removes_temporaries_of_killed_writes_and_logs_each_epochs_lr(shapes_root,
                                                                             tmp_path):
     run = tmp_path / "run"
