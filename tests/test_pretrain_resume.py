@@ -347,6 +347,21 @@ def test_resume_refuses_switching_between_no_workers_and_workers(shapes_root, tm
     assert "\n" not in err and "cannot switch workers=0 to workers=2" in err
 
 
+def test_resume_cannot_shrink_epochs_below_those_trained(shapes_root, tmp_path, capsys):
+    """`--epochs` fewer than the epochs done rewrote config.json and metrics.json to say 1 epoch
+    of a run that trained 2 ("all 1 epochs done"): refused before anything is written."""
+    run = tmp_path / "run"
+    assert smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root),
+                 "--out", str(run), "--epochs", "2", *TINY]) == 0
+    before = {n: (run / n).read_bytes() for n in ("config.json", "metrics.json", "log.jsonl")}
+    capsys.readouterr()
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "2 epochs are trained" in err and "--epochs 1" in err
+    assert {n: (run / n).read_bytes() for n in before} == before
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0  # done: repaired only
+
+
 @pytest.mark.parametrize("saved", [
     {"ckpt": "r50.safetensors", "voc_root": "voc", "preset": "paper", "arch": "c4"},  # transfer's
     [1, 2]])
