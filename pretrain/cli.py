@@ -41,6 +41,8 @@ def _parser() -> ArgParser:
 # BatchNorm's per-pass statistics change from then on, as with another number of GPUs.
 RESUME_SETTABLE = ("workers", "persistent_workers", "progress", "device", "cudnn_benchmark",
                    "micro_batch")
+# What every pretraining run's config.json holds (the settings without a default, the mixer).
+RUN_KEYS = ("preset", "arch", "dataset", "data", "method", "method_params")
 
 
 def config_from_args(a) -> tuple[TrainConfig, bool]:
@@ -71,6 +73,10 @@ def _resume_config(a) -> TrainConfig:
                         f"{', '.join(refused)} (allowed: --epochs, --data, "
                         f"{', '.join(RESUME_SETTABLE)}; or start a new run with --out)")
     saved = read_json(a.resume / "config.json")
+    missing = next((k for k in RUN_KEYS if not isinstance(saved, dict) or k not in saved), None)
+    if missing is not None:  # another stage's run folder, say: one line, not a KeyError
+        raise UserError(f"{a.resume}: not a pretraining run (its config.json has no "
+                        f"{missing!r}); --resume takes a folder `smix pretrain --out` wrote")
     hints = typing.get_type_hints(TrainConfig)
     changes = {k: convert_setting(v, hints[k], k) for k, v in overrides.items()}
     if "workers" in changes:  # `auto`: this machine's count; a stale note goes either way

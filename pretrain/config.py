@@ -4,6 +4,7 @@ and `key=value` overrides converted to the field types."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,14 @@ def config_problem(cfg: TrainConfig) -> str | None:
     if cfg.batch_size < 2:
         return (f"batch_size={cfg.batch_size}: a training step takes at least 2 images (a pair "
                 "to mix, BatchNorm's batch statistics; the engine skips smaller batches)")
+    # NaN and inf pass the comparisons below (and the checkpoint's metadata check only
+    # refuses them after the first epoch)
+    for key in ("lr", "momentum", "weight_decay", "gamma"):
+        if not math.isfinite(getattr(cfg, key)):
+            return f"{key}={getattr(cfg, key):g} must be a finite number"
+    for key in ("mean", "std"):
+        if not all(math.isfinite(v) for v in getattr(cfg, key)):
+            return f"{key}={_csv(getattr(cfg, key))} must be finite numbers"
     if not (cfg.lr > 0 and 0 <= cfg.momentum < 1 and cfg.weight_decay >= 0 and cfg.gamma > 0):
         return (f"lr={cfg.lr:g} must be > 0, momentum={cfg.momentum:g} in [0, 1), "
                 f"weight_decay={cfg.weight_decay:g} >= 0, gamma={cfg.gamma:g} > 0")

@@ -554,6 +554,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     dist = init_distributed(cfg.device)
     rt = build_runtime(cfg, dist)
     start, history = load_resume(rt) if resume else (0, [])
+    if start > cfg.epochs:  # config.json and metrics.json would then misstate the run
+        raise UserError(f"{rt.run.path}: {start} epochs are trained; --epochs {cfg.epochs} "
+                        f"cannot undo them (give {start} or more)")
     if not resume and rt.run.file(RESUME_FILE).exists():
         raise UserError(f"{rt.run.path} already holds a run; use --resume to continue it "
                         "or choose another --out")

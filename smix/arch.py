@@ -65,7 +65,7 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     merged = {**spec.default_kwargs, **kwargs}
     try:
         return spec.builder(num_classes=num_classes, **merged)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown keyword; a value torch refuses
         raise UserError(f"bad arch_kwargs for {name}: {e}") from None
 
 

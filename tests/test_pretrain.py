@@ -152,6 +152,17 @@ def test_unknown_method_lists_valid():
         get_mixer("cutmix", beta="1")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("name,key", [("mixup", "alpha"), ("cutmix", "alpha"),
+                                      ("saliencymix", "alpha"), ("guidedmixup", "sigma")])
+def test_non_finite_mixer_parameters_are_refused(name, key, value):
+    """NaN passes `alpha <= 0`: CutMix then ended in a ValueError traceback, SaliencyMix never
+    mixed (Beta(nan, nan) is NaN: zero-sided boxes, λ = 1), Mixup's images became NaN and
+    GuidedMixup's maps uniform (every λ 1/2)."""
+    with pytest.raises(UserError, match=f"{name}: .*{key}"):
+        get_mixer(name, **{key: value})
+
+
 @pytest.mark.parametrize("name", ["none", "cutout", "mixup", "cutmix"])
 def test_mixer_properties(name):
     torch.manual_seed(0)
@@ -330,6 +341,9 @@ def test_nan_loss_stops_and_keeps_last_good(shapes_root, tmp_path, monkeypatch, 
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--preset", "shapes-resnet18", "--method", "foo"], "unknown method 'foo'"),
     (["--preset", "shapes-resnet18", "arch=resnet5"], "unknown architecture 'resnet5'"),
+    # nn.Dropout's ValueError was a traceback
+    (["--preset", "shapes-resnet18", "arch=preact_resnet18", "arch.dropout=1.5"],
+     "bad arch_kwargs for preact_resnet18: dropout probability has to be between 0 and 1"),
     # values torch would reject deep inside, or silently misread
     (["--preset", "shapes-resnet18", "device=foo"], "bad setting: device='foo'; valid: auto"),
     (["--preset", "shapes-resnet18", "mean=0.5,0.5"], "bad setting: mean=0.5,0.5 and std="),
@@ -354,6 +368,13 @@ def test_pretrain_bad_options(shapes_root, tmp_path, capsys, argv, message):
     ("workers", "-1", "workers=-1 must not be negative"),
     ("batch_size", "1", "batch_size=1: a training step takes at least 2 images"),
     ("batch_size", "-8", "batch_size=-8 must be at least 1"),
+    # non-finite numbers pass `> 0`-style checks: they trained, then diverged or failed the
+    # checkpoint's metadata check after the first epoch
+    ("lr", "inf", "lr=inf must be a finite number"),
+    ("gamma", "inf", "gamma=inf must be a finite number"),
+    ("weight_decay", "inf", "weight_decay=inf must be a finite number"),
+    ("std", "inf,0.2,0.2", "std=inf,0.2,0.2 must be finite numbers"),
+    ("mean", "nan,0.5,0.5", "mean=nan,0.5,0.5 must be finite numbers"),
 ])
 def test_bad_numbers_in_fast_settings(shapes_root, tmp_path, capsys, key, value, message):
     settings = {**FAST, key: value}

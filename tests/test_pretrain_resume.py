@@ -347,6 +347,34 @@ def test_resume_refuses_switching_between_no_workers_and_workers(shapes_root, tm
     assert "\n" not in err and "cannot switch workers=0 to workers=2" in err
 
 
+def test_resume_cannot_shrink_epochs_below_those_trained(shapes_root, tmp_path, capsys):
+    """`--epochs` fewer than the epochs done rewrote config.json and metrics.json to say 1 epoch
+    of a run that trained 2 ("all 1 epochs done"): refused before anything is written."""
+    run = tmp_path / "run"
+    assert smix(["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root),
+                 "--out", str(run), "--epochs", "2", *TINY]) == 0
+    before = {n: (run / n).read_bytes() for n in ("config.json", "metrics.json", "log.jsonl")}
+    capsys.readouterr()
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "2 epochs are trained" in err and "--epochs 1" in err
+    assert {n: (run / n).read_bytes() for n in before} == before
+    assert smix(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0  # done: repaired only
+
+
+@pytest.mark.parametrize("saved", [
+    {"ckpt": "r50.safetensors", "voc_root": "voc", "preset": "paper", "arch": "c4"},  # transfer's
+    [1, 2]])
+def test_resume_of_a_folder_that_is_not_a_pretraining_run_is_one_line(tmp_path, capsys, saved):
+    """Another stage's run folder (its config.json has no method) ended in a KeyError."""
+    run = tmp_path / "voc-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(saved))
+    assert smix(["pretrain", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{run}: not a pretraining run" in err
+
+
 def test_resume_removes_temporaries_of_killed_writes_and_logs_each_epochs_lr(shapes_root,
                                                                             tmp_path):
     run = tmp_path / "run"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -82,8 +83,8 @@ class PairMixer(Mixer):
 
     def validate(self) -> None:
         get_pairing(self.pairing)
-        if self.alpha <= 0 or not 0 <= self.prob <= 1:
-            raise UserError(f"{self.name}: alpha must be > 0 and prob in [0, 1]")
+        if not 0 < self.alpha < math.inf or not 0 <= self.prob <= 1:  # NaN too
+            raise UserError(f"{self.name}: alpha must be a finite number > 0 and prob in [0, 1]")
 
     def draw(self, images, labels, generator, ctx) -> tuple[bool, float, torch.Tensor]:
         """The coin flip, λ and the pairing, always in this order from the generator."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Any
 
 import torch
@@ -219,9 +220,10 @@ class GuidedMixup(Mixer):
             raise UserError(f"guidedmixup: unknown saliency {self.saliency!r}; valid: "
                             f"{', '.join(SALIENCY)}")
         get_pairing(self.pairing)
-        if not 0 <= self.prob <= 1 or self.blur < 1 or self.blur % 2 == 0 or self.sigma <= 0:
+        if (not 0 <= self.prob <= 1 or self.blur < 1 or self.blur % 2 == 0
+                or not 0 < self.sigma < math.inf):  # NaN too
             raise UserError("guidedmixup: prob must be in [0, 1], blur an odd size >= 1, "
-                            "sigma > 0")
+                            "sigma a finite number > 0")
 
     def saliency_maps(self, images: torch.Tensor, labels: torch.Tensor,
                       ctx: MixContext) -> torch.Tensor:

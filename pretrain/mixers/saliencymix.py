@@ -26,6 +26,7 @@ source patch is pasted and λ = 1 - area / (H·W) is the actual mixed fraction.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -187,8 +188,8 @@ class SaliencyMix(Mixer):
             raise UserError(f"saliencymix: detector {self.detector!r} needs the model; use an "
                             "image detector (fine_grained, spectral_residual, frequency_tuned)")
         get_pairing(self.pairing)
-        if self.alpha <= 0 or not 0 <= self.prob <= 1:
-            raise UserError("saliencymix: alpha must be > 0 and prob in [0, 1]")
+        if not 0 < self.alpha < math.inf or not 0 <= self.prob <= 1:  # NaN too
+            raise UserError("saliencymix: alpha must be a finite number > 0 and prob in [0, 1]")
         if self.mode == "official":
             opencv_saliency()  # now, not as a traceback on the first step
         default = SaliencyMix()
