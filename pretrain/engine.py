@@ -461,7 +461,8 @@ def load_resume(rt: Runtime) -> tuple[int, list[dict[str, Any]]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"{rt.run.path}: nothing to resume (no {RESUME_FILE})") from None
+        raise UserError(f"{rt.run.path}: nothing to resume (no {RESUME_FILE}: no epoch was "
+                        "finished); run the command again without --resume") from None
     except Exception as e:  # a torn or foreign file
         raise UserError(f"{path}: unreadable resume state ({type(e).__name__})") from None
     saved = state["config"]

@@ -537,3 +537,19 @@ def test_lr_schedule_by_hand_with_warmup_and_milestones():
                 160: 0.008, 199: 0.008}
     for epoch, want in expected.items():
         assert factor(epoch) == pytest.approx(want, rel=1e-12), epoch
+
+
+def test_resume_of_a_run_killed_in_its_first_epoch_says_to_start_again(shapes_root, tmp_path,
+                                                                      capsys):
+    """A kill before the first commit leaves config.json and no resume.pt: the one line says
+    what to run, and that command (the first one again) works."""
+    run = tmp_path / "run"
+    first = ["pretrain", "--preset", "shapes-resnet18", "--data", str(shapes_root),
+             "--out", str(run), "--epochs", "1", *TINY]
+    assert smix(first) == 0
+    (run / engine.RESUME_FILE).unlink()  # as a kill in epoch 1 leaves the folder
+    capsys.readouterr()
+    assert smix(["pretrain", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no epoch was finished" in err and "without --resume" in err
+    assert smix(first) == 0
