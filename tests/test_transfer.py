@@ -328,6 +328,37 @@ def test_resume_continues_bit_for_bit(ckpt18: Path, shapes: Path, tmp_path: Path
     assert torch.load(tmp_path / "c.pt", weights_only=True)["iteration"] == 7
 
 
+def test_a_killed_run_resumes_with_one_log_line_per_iteration_and_no_temporaries(
+        ckpt18: Path, shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Killed in iteration 4 (state saved after 2, iterations 1-3 logged) and mid-write: the
+    resumed run's log.jsonl lists iterations 1..4 once each, and the torn temporary is gone."""
+    import transfer.tv_backend as tvb
+
+    out = tmp_path / "run"
+    argv = ["--backend", "torchvision", "--ckpt", str(ckpt18), "--voc-root", str(shapes),
+            "--out", str(out), "--arch", "fpn", "--classes", "auto", "--iters", "4",
+            "--no-progress", *FAST]
+    step = tvb._step
+
+    def killed(model, opt, st, images, targets, seed, it):
+        if it == 3:
+            raise KeyboardInterrupt
+        return step(model, opt, st, images, targets, seed, it)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(tvb, "_step", killed)
+        assert cli(argv, capsys)[0] == 130
+    assert torch.load(out / "resume.pt", weights_only=True)["iteration"] == 2
+    assert [x["iter"] for x in RunDir(out).read_log() if "iter" in x] == [1, 2, 3]
+    (out / ".resume.pt.x1y2z3.tmp").write_bytes(b"torn")
+    code, _, err = cli([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["results"]["start_iter"] == 2
+    assert [x["iter"] for x in RunDir(out).read_log() if "iter" in x] == [1, 2, 3, 4]
+    assert not list(out.glob(".*.tmp"))
+
+
 def test_cli_torchvision_end_to_end(ckpt18: Path, shapes: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"

@@ -168,6 +168,9 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any] | None:
     config = {"request": cfg, "identity": identity, "settings": s, "data": _data_summary(splits)}
     if cfg.machine_rank == 0:
         _guard_run_folder(run, cfg.resume, identity, _data_identity(config["data"]), s)
+        if cfg.resume:  # what a kill left of an atomic write (a resume state is ~300 MB)
+            for folder in (run, RunDir(run.file("detectron2"), create=False)):
+                folder.remove_stale_temporaries()
         run.write_config(config)
         run.log({"event": "start", "backend": backend, "preset": s.preset, "arch": cfg.arch,
                  "iters": s.max_iter, "resume": cfg.resume})

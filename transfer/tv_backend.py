@@ -253,6 +253,8 @@ def run_torchvision(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: Ru
     state = run.file(STATE_FILE)
     start = (load_state(state, model, opt, fingerprint, st.scaler)
              if cfg.resume and state.is_file() else 0)
+    if cfg.resume:  # the log holds the iterations of the state resumed from, each once
+        run.write_log([r for r in run.read_log() if r.get("iter", 0) <= start])
     choice = MicroChoice(s.batch, s.batch, "none: nothing left to train")
     if start < s.max_iter:
         choice = choose(s.micro_batch, s.batch, device, *probe_step(model, s, st))
