@@ -494,6 +494,9 @@ def _bad_args(tmp_path: Path, shapes: Path, ckpt18: Path) -> dict[str, tuple[lis
                       "micro_batch=5 exceeds the 4 images each process trains on per iteration"),
         "micro_zero": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "micro_batch=0"],
                        "override micro_batch='0': not a valid value"),
+        "two_test_sets": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "--classes", "auto",
+                           "--iters", "0", *FAST, "test_set=2007:test,2007:trainval"],
+                          "test_set=2007:test,2007:trainval: one VOC set is evaluated"),
         "bad_device": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "--classes", "auto",
                         "--device", "gpu0"],
                        "device 'gpu0'; valid: auto, cpu, cuda"),
@@ -506,7 +509,7 @@ def _bad_args(tmp_path: Path, shapes: Path, ckpt18: Path) -> dict[str, tuple[lis
 @pytest.mark.parametrize("case", ["no_root", "not_resnet", "c4_r18", "voc_classes", "file_classes",
                                   "no_class_file", "no_ckpt", "override", "multi_gpu", "bad_arch",
                                   "amp_cpu", "amp_value", "micro_big", "micro_zero",
-                                  "bad_device", "no_cuda"])
+                                  "two_test_sets", "bad_device", "no_cuda"])
 def test_bad_arguments(case: str, shapes: Path, ckpt18: Path, tmp_path: Path,
                        capsys: pytest.CaptureFixture) -> None:
     if case == "no_cuda" and torch.cuda.is_available():

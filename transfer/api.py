@@ -150,8 +150,10 @@ def prepare(cfg: TransferConfig) -> tuple[str, Settings, VOCSplits]:
         raise UserError("a multi-machine job needs --dist-url tcp://HOST:PORT (the same on all)")
     meta = read_meta(cfg.ckpt)
     check_detection_backbone(meta, cfg.arch)
-    splits = load_splits(cfg.voc_root, cfg.classes, parse_sets(s.train_sets),
-                         parse_sets(s.test_set)[0])
+    test_sets = parse_sets(s.test_set)
+    if len(test_sets) != 1:  # (the first alone was evaluated, silently)
+        raise UserError(f"test_set={s.test_set}: one VOC set is evaluated, e.g. test_set=2007:test")
+    splits = load_splits(cfg.voc_root, cfg.classes, parse_sets(s.train_sets), test_sets[0])
     return backend, s, splits
 
 
