@@ -159,6 +159,10 @@ def test_lr_schedule_warmup_and_steps(tmp_path: Path) -> None:
     assert lr_at(50, s) == pytest.approx(0.02 * (1e-3 * 0.5 + 0.5))
     assert lr_at(100, s) == lr_at(11999, s) == pytest.approx(0.02)
     assert lr_at(12000, s) == pytest.approx(0.002) and lr_at(16000, s) == pytest.approx(2e-4)
+    # a warmup set longer than the schedule ramps over the schedule, as detectron2 caps it
+    s = resolve(TransferConfig(tmp_path, tmp_path, tmp_path, iters=10, overrides=(
+        ("warmup", "20"), ("steps", ""))))
+    assert s.warmup_iters == 20 and lr_at(5, s) == pytest.approx(0.02 * (1e-3 * 0.5 + 0.5))
 
 
 # --- conversion to detectron2 names -----------------------------------------------------------
