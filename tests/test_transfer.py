@@ -127,10 +127,30 @@ def test_a_batch_override_rescales_the_schedule_as_detectron2_does(tmp_path: Pat
     (("batch", "two"), "not a valid value"),
     (("batch", "0"), "batch must be >= 1"),
     (("steps", "5,3"), "steps must be increasing"),
+    # each of these ended in a traceback: SGD's ValueError, numpy's SeedSequence, torch.topk,
+    # detectron2's MultiStepParamScheduler (milestones 0 or repeated)
+    (("momentum", "-0.9"), "momentum must be >= 0, got -0.9"),
+    (("weight_decay", "-1e-4"), "weight_decay must be >= 0"),
+    (("seed", "-1"), "seed must be >= 0, got -1"),
+    (("warmup", "-1"), "warmup_iters must be >= 0"),
+    (("rpn_pre_nms_train", "-1"), "rpn_pre_nms_train must be > 0"),
+    (("rpn_post_nms_test", "0"), "rpn_post_nms_test must be > 0"),
+    (("steps", "3,3"), "steps must be increasing positive iterations, got \\(3, 3\\)"),
+    (("steps", "0,4"), "steps must be increasing positive iterations"),
 ])
 def test_bad_overrides_are_one_line_errors(tmp_path: Path, kv, match) -> None:
     with pytest.raises(UserError, match=match):
-        resolve(TransferConfig(tmp_path, tmp_path, tmp_path, overrides=(kv,)))
+        resolve(TransferConfig(tmp_path, tmp_path, tmp_path, iters=8, overrides=(kv,)))
+
+
+def test_fpn_needs_five_anchor_sizes_for_both_backends(tmp_path: Path) -> None:
+    """detectron2 asserted (a traceback) on another count; the torchvision backend said it only
+    after the run folder was written."""
+    four = (("anchor_sizes", "32,64,128,256"),)
+    with pytest.raises(UserError, match="--arch fpn needs five anchor sizes"):
+        resolve(TransferConfig(tmp_path, tmp_path, tmp_path, arch="fpn", overrides=four))
+    assert resolve(TransferConfig(tmp_path, tmp_path, tmp_path, arch="c4",
+                                  overrides=four)).anchor_sizes == (32, 64, 128, 256)
 
 
 def test_lr_schedule_warmup_and_steps(tmp_path: Path) -> None:
@@ -139,6 +159,10 @@ def test_lr_schedule_warmup_and_steps(tmp_path: Path) -> None:
     assert lr_at(50, s) == pytest.approx(0.02 * (1e-3 * 0.5 + 0.5))
     assert lr_at(100, s) == lr_at(11999, s) == pytest.approx(0.02)
     assert lr_at(12000, s) == pytest.approx(0.002) and lr_at(16000, s) == pytest.approx(2e-4)
+    # a warmup set longer than the schedule ramps over the schedule, as detectron2 caps it
+    s = resolve(TransferConfig(tmp_path, tmp_path, tmp_path, iters=10, overrides=(
+        ("warmup", "20"), ("steps", ""))))
+    assert s.warmup_iters == 20 and lr_at(5, s) == pytest.approx(0.02 * (1e-3 * 0.5 + 0.5))
 
 
 # --- conversion to detectron2 names -----------------------------------------------------------
@@ -308,6 +332,37 @@ def test_resume_continues_bit_for_bit(ckpt18: Path, shapes: Path, tmp_path: Path
     assert torch.load(tmp_path / "c.pt", weights_only=True)["iteration"] == 7
 
 
+def test_a_killed_run_resumes_with_one_log_line_per_iteration_and_no_temporaries(
+        ckpt18: Path, shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Killed in iteration 4 (state saved after 2, iterations 1-3 logged) and mid-write: the
+    resumed run's log.jsonl lists iterations 1..4 once each, and the torn temporary is gone."""
+    import transfer.tv_backend as tvb
+
+    out = tmp_path / "run"
+    argv = ["--backend", "torchvision", "--ckpt", str(ckpt18), "--voc-root", str(shapes),
+            "--out", str(out), "--arch", "fpn", "--classes", "auto", "--iters", "4",
+            "--no-progress", *FAST]
+    step = tvb._step
+
+    def killed(model, opt, st, images, targets, seed, it):
+        if it == 3:
+            raise KeyboardInterrupt
+        return step(model, opt, st, images, targets, seed, it)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(tvb, "_step", killed)
+        assert cli(argv, capsys)[0] == 130
+    assert torch.load(out / "resume.pt", weights_only=True)["iteration"] == 2
+    assert [x["iter"] for x in RunDir(out).read_log() if "iter" in x] == [1, 2, 3]
+    (out / ".resume.pt.x1y2z3.tmp").write_bytes(b"torn")
+    code, _, err = cli([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["results"]["start_iter"] == 2
+    assert [x["iter"] for x in RunDir(out).read_log() if "iter" in x] == [1, 2, 3, 4]
+    assert not list(out.glob(".*.tmp"))
+
+
 def test_cli_torchvision_end_to_end(ckpt18: Path, shapes: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
@@ -384,6 +439,9 @@ def _corrupt_copy(shapes: Path, tmp_path: Path, how: str) -> Path:
         (voc / "JPEGImages" / f"{first}.jpg").unlink()
     elif how == "no_voc2007":
         shutil.rmtree(voc)
+    elif how == "xml_folder":  # unreadable annotation (IsADirectoryError / PermissionError)
+        xml.unlink()
+        xml.mkdir()
     return root
 
 
@@ -394,6 +452,7 @@ def _corrupt_copy(shapes: Path, tmp_path: Path, how: str) -> Path:
     ("no_image", "image missing"),
     ("size", "is 64x64 but its annotation"),
     ("no_voc2007", "no VOC2007/ folder"),
+    ("xml_folder", ".xml: cannot read annotation"),
 ])
 def test_bad_voc_data(how: str, match: str, shapes: Path, ckpt18: Path, tmp_path: Path,
                       capsys: pytest.CaptureFixture) -> None:
@@ -439,14 +498,26 @@ def _bad_args(tmp_path: Path, shapes: Path, ckpt18: Path) -> dict[str, tuple[lis
                       "micro_batch=5 exceeds the 4 images each process trains on per iteration"),
         "micro_zero": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "micro_batch=0"],
                        "override micro_batch='0': not a valid value"),
+        "two_test_sets": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "--classes", "auto",
+                           "--iters", "0", *FAST, "test_set=2007:test,2007:trainval"],
+                          "test_set=2007:test,2007:trainval: one VOC set is evaluated"),
+        "bad_device": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "--classes", "auto",
+                        "--device", "gpu0"],
+                       "device 'gpu0'; valid: auto, cpu, cuda"),
+        "no_cuda": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "--classes", "auto",
+                     "--device", "cuda"],
+                    "device 'cuda': CUDA is not available on this machine"),
     }
 
 
 @pytest.mark.parametrize("case", ["no_root", "not_resnet", "c4_r18", "voc_classes", "file_classes",
                                   "no_class_file", "no_ckpt", "override", "multi_gpu", "bad_arch",
-                                  "amp_cpu", "amp_value", "micro_big", "micro_zero"])
+                                  "amp_cpu", "amp_value", "micro_big", "micro_zero",
+                                  "two_test_sets", "bad_device", "no_cuda"])
 def test_bad_arguments(case: str, shapes: Path, ckpt18: Path, tmp_path: Path,
                        capsys: pytest.CaptureFixture) -> None:
+    if case == "no_cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
     argv, match = _bad_args(tmp_path, shapes, ckpt18)[case]
     code, _, err = cli(argv, capsys)
     assert code == 2 and match in err, err

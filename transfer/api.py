@@ -150,8 +150,10 @@ def prepare(cfg: TransferConfig) -> tuple[str, Settings, VOCSplits]:
         raise UserError("a multi-machine job needs --dist-url tcp://HOST:PORT (the same on all)")
     meta = read_meta(cfg.ckpt)
     check_detection_backbone(meta, cfg.arch)
-    splits = load_splits(cfg.voc_root, cfg.classes, parse_sets(s.train_sets),
-                         parse_sets(s.test_set)[0])
+    test_sets = parse_sets(s.test_set)
+    if len(test_sets) != 1:  # (the first alone was evaluated, silently)
+        raise UserError(f"test_set={s.test_set}: one VOC set is evaluated, e.g. test_set=2007:test")
+    splits = load_splits(cfg.voc_root, cfg.classes, parse_sets(s.train_sets), test_sets[0])
     return backend, s, splits
 
 
@@ -168,6 +170,9 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any] | None:
     config = {"request": cfg, "identity": identity, "settings": s, "data": _data_summary(splits)}
     if cfg.machine_rank == 0:
         _guard_run_folder(run, cfg.resume, identity, _data_identity(config["data"]), s)
+        if cfg.resume:  # what a kill left of an atomic write (a resume state is ~300 MB)
+            for folder in (run, RunDir(run.file("detectron2"), create=False)):
+                folder.remove_stale_temporaries()
         run.write_config(config)
         run.log({"event": "start", "backend": backend, "preset": s.preset, "arch": cfg.arch,
                  "iters": s.max_iter, "resume": cfg.resume})

@@ -31,7 +31,7 @@ def build_parser() -> ArgParser:
                    help="voc (the 20 classes), auto (sorted names in the annotations) or a file")
     p.add_argument("--iters", type=int, default=None, help="iterations (steps rescaled)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (torchvision backend)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (detectron2)")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)

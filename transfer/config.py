@@ -275,20 +275,29 @@ def resolve(cfg: TransferConfig) -> Settings:
     merged["steps"] = tuple(x for x in merged["steps"] if x < max_iter)
     settings = Settings(**merged, d2_options=tuple(d2))
     _check(settings)
+    if cfg.arch == "fpn" and len(settings.anchor_sizes) != 5:
+        raise UserError(f"--arch fpn needs five anchor sizes (P2..P6), got {settings.anchor_sizes}")
     return settings
 
 
 def _check(s: Settings) -> None:
     positive = ("lr", "min_size_test", "max_size_train", "max_size_test", "checkpoint_period",
-                "rpn_batch", "roi_batch", "detections_per_image", "log_period")
+                "rpn_batch", "roi_batch", "rpn_pre_nms_train", "rpn_post_nms_train",
+                "rpn_pre_nms_test", "rpn_post_nms_test", "detections_per_image", "log_period")
     for name in positive:
         if getattr(s, name) <= 0:
             raise UserError(f"{name} must be > 0, got {getattr(s, name)}")
+    # SGD refuses negative momentum / weight decay, numpy's SeedSequence a negative seed, and
+    # detectron2's warmup a negative length: said here, before any training, in one line
+    for name in ("momentum", "weight_decay", "warmup_iters", "seed"):
+        if getattr(s, name) < 0:
+            raise UserError(f"{name} must be >= 0, got {getattr(s, name)}")
     if not s.min_size_train or min(s.min_size_train) <= 0:
         raise UserError("min_size must list positive sizes")
     if not s.anchor_sizes or min(s.anchor_sizes) <= 0:
         raise UserError("anchor_sizes must list positive sizes")
-    if list(s.steps) != sorted(s.steps):
-        raise UserError(f"steps must be increasing, got {s.steps}")
+    # detectron2's MultiStepParamScheduler takes milestones > 0, strictly increasing
+    if list(s.steps) != sorted(set(s.steps)) or (s.steps and s.steps[0] < 1):
+        raise UserError(f"steps must be increasing positive iterations, got {s.steps}")
     if s.workers < 0:
         raise UserError("workers must be >= 0")

@@ -400,6 +400,8 @@ def worker(job: D2Job) -> None:
     trainer = Trainer(job.cfg, run, job.log_period, job.micro_batch, job.amp)
     trainer.resume_or_load(job.resume)
     start = trainer.start_iter
+    if job.resume and comm.is_main_process():  # drop what a killed run logged after the checkpoint
+        run.write_log([r for r in run.read_log() if r.get("iter", 0) <= start])
     trainer.train(start, trainer.max_iter)
     if comm.is_main_process() and not (out / "model_final.pth").exists():
         trainer.checkpointer.save("model_final")  # e.g. --iters 0: the untrained detector

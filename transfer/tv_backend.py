@@ -44,16 +44,18 @@ DETECTOR_FORMAT = "smix.detector/1"
 
 def lr_at(it: int, s: Settings) -> float:
     """detectron2's WarmupMultiStepLR: x gamma at each step (steps beyond max_iter ignored);
-    during warmup a linear ramp from `warmup_factor` to the value warmup ends at."""
+    during warmup (at most the whole schedule, as detectron2 caps it) a linear ramp from
+    `warmup_factor` to the value warmup ends at."""
     steps = [x for x in s.steps if x <= s.max_iter]
+    warmup = min(s.warmup_iters, s.max_iter)
 
     def multiplier(i: int) -> float:
         return s.gamma ** bisect.bisect_right(steps, i)
 
-    if it < s.warmup_iters:
-        alpha = it / s.warmup_iters
+    if it < warmup:
+        alpha = it / warmup
         start = s.warmup_factor * multiplier(0)
-        return s.lr * (start * (1.0 - alpha) + multiplier(s.warmup_iters) * alpha)
+        return s.lr * (start * (1.0 - alpha) + multiplier(warmup) * alpha)
     return s.lr * multiplier(it)
 
 
@@ -253,6 +255,8 @@ def run_torchvision(cfg: TransferConfig, s: Settings, splits: VOCSplits, run: Ru
     state = run.file(STATE_FILE)
     start = (load_state(state, model, opt, fingerprint, st.scaler)
              if cfg.resume and state.is_file() else 0)
+    if cfg.resume:  # the log holds the iterations of the state resumed from, each once
+        run.write_log([r for r in run.read_log() if r.get("iter", 0) <= start])
     choice = MicroChoice(s.batch, s.batch, "none: nothing left to train")
     if start < s.max_iter:
         choice = choose(s.micro_batch, s.batch, device, *probe_step(model, s, st))
