@@ -124,6 +124,9 @@ def load_splits(root: Path, classes: str,
                         "no class")
     if not any(r.objects for r in train):
         raise UserError(f"{root}: the training splits have no annotated object")
+    if not any(not o.difficult for r in test for o in r.objects if o.name in names):
+        raise UserError(f"{test_dir}: the test split {test_set[1]} has no object that is not "
+                        "difficult, so it has no AP to measure (VOC ignores difficult ones)")
     for rec in (*train, *test):
         if not rec.image_path.is_file():
             raise UserError(f"{rec.image_path}: image missing (listed by its annotation "
