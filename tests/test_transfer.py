@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from smix.arch import build_model
 from smix.checkpoint import BackboneMeta, read_checkpoint, save_checkpoint
@@ -439,6 +440,11 @@ def _corrupt_copy(shapes: Path, tmp_path: Path, how: str) -> Path:
         (voc / "JPEGImages" / f"{first}.jpg").unlink()
     elif how == "no_voc2007":
         shutil.rmtree(voc)
+    elif how == "all_difficult":  # every test object difficult: AP would be NaN after training
+        for name in (voc / "ImageSets/Main/test.txt").read_text().split():
+            test_xml = voc / "Annotations" / f"{name}.xml"
+            test_xml.write_text(test_xml.read_text().replace("<difficult>0</difficult>",
+                                                             "<difficult>1</difficult>"))
     elif how == "xml_folder":  # unreadable annotation (IsADirectoryError / PermissionError)
         xml.unlink()
         xml.mkdir()
@@ -453,6 +459,7 @@ def _corrupt_copy(shapes: Path, tmp_path: Path, how: str) -> Path:
     ("size", "is 64x64 but its annotation"),
     ("no_voc2007", "no VOC2007/ folder"),
     ("xml_folder", ".xml: cannot read annotation"),
+    ("all_difficult", "the test split test has no object that is not difficult"),
 ])
 def test_bad_voc_data(how: str, match: str, shapes: Path, ckpt18: Path, tmp_path: Path,
                       capsys: pytest.CaptureFixture) -> None:
@@ -470,6 +477,10 @@ def _bad_args(tmp_path: Path, shapes: Path, ckpt18: Path) -> dict[str, tuple[lis
     names = tmp_path / "names.txt"
     names.write_text("circle\nsquare\n")
     base = ["--voc-root", str(shapes), "--out", str(tmp_path / "run"), "--backend", "torchvision"]
+    with safe_open(str(ckpt18), framework="pt") as f:  # a NaN slipped past save_checkpoint
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=header)
     return {
         "no_root": (["--ckpt", str(ckpt18), "--voc-root", str(tmp_path / "nope"),
                      "--out", str(tmp_path / "run"), "--backend", "torchvision", "--arch", "fpn"],
@@ -507,13 +518,15 @@ def _bad_args(tmp_path: Path, shapes: Path, ckpt18: Path) -> dict[str, tuple[lis
         "no_cuda": (["--ckpt", str(ckpt18), *base, "--arch", "fpn", "--classes", "auto",
                      "--device", "cuda"],
                     "device 'cuda': CUDA is not available on this machine"),
+        "nan_ckpt": (["--ckpt", str(tmp_path / "nan.safetensors"), *base, "--arch", "fpn",
+                      "--classes", "auto"], "layer1.0.conv1.weight"),
     }
 
 
 @pytest.mark.parametrize("case", ["no_root", "not_resnet", "c4_r18", "voc_classes", "file_classes",
                                   "no_class_file", "no_ckpt", "override", "multi_gpu", "bad_arch",
                                   "amp_cpu", "amp_value", "micro_big", "micro_zero",
-                                  "two_test_sets", "bad_device", "no_cuda"])
+                                  "two_test_sets", "bad_device", "no_cuda", "nan_ckpt"])
 def test_bad_arguments(case: str, shapes: Path, ckpt18: Path, tmp_path: Path,
                        capsys: pytest.CaptureFixture) -> None:
     if case == "no_cuda" and torch.cuda.is_available():

@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable
 
 from smix.amp import amp_dtype
-from smix.checkpoint import checkpoint_ref, read_meta
+from smix.checkpoint import checkpoint_ref, read_checkpoint, read_meta
 from smix.dist import pick_device
 from smix.errors import UserError
 from smix.io import RunDir, file_sha256, read_json
@@ -148,7 +148,7 @@ def prepare(cfg: TransferConfig) -> tuple[str, Settings, VOCSplits]:
     amp_dtype(s.amp, pick_device(cfg.device), allow_cpu=False)  # one line if it cannot run here
     if cfg.num_machines > 1 and cfg.dist_url == "auto":
         raise UserError("a multi-machine job needs --dist-url tcp://HOST:PORT (the same on all)")
-    meta = read_meta(cfg.ckpt)
+    _, meta = read_checkpoint(cfg.ckpt)  # whole: a NaN or a bad tensor before anything is written
     check_detection_backbone(meta, cfg.arch)
     test_sets = parse_sets(s.test_set)
     if len(test_sets) != 1:  # (the first alone was evaluated, silently)
