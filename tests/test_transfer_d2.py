@@ -162,7 +162,8 @@ def test_end_to_end_and_resume(shapes: Path, tmp_path: Path, capsys: pytest.Capt
     out = tmp_path / "run"
     argv = _argv(ckpt, shapes, out, "--iters", "4")
     assert smix_run("transfer", argv) == 0
-    err = capsys.readouterr().err
+    stdout, err = capsys.readouterr()
+    assert json.loads(stdout)["backend"] == "detectron2"  # stdout is the result's JSON line
     assert "backend detectron2 (detectron2 is importable)" in err and "fc.bias, fc.weight" in err
     r = json.loads((out / "metrics.json").read_text())["results"]
     assert (r["backend"], r["arch"], r["iters"], r["start_iter"]) == ("detectron2", "fpn", 4, 0)
@@ -313,8 +314,8 @@ def test_detectron2_logger_prints_each_line_once_across_runs(tmp_path, capsys):
         (tmp_path / run).mkdir()
         fresh_d2_logger(tmp_path / run / "log.txt")
     logging.getLogger("detectron2").info("hello once")
-    out = capsys.readouterr().out
-    assert out.count("hello once") == 1
+    out = capsys.readouterr()
+    assert out.err.count("hello once") == 1 and "hello once" not in out.out  # stdout: results
     assert "hello once" in (tmp_path / "c" / "log.txt").read_text()
     assert "hello once" not in (tmp_path / "a" / "log.txt").read_text()
 

@@ -384,6 +384,9 @@ def fresh_d2_logger(log_file: Path) -> None:
         logger.removeHandler(handler)
     setup_logger.cache_clear()
     setup_logger(str(log_file), distributed_rank=comm.get_rank(), name="detectron2")
+    for handler in logger.handlers:  # its console lines are progress: stderr, as every stage's;
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)  # stdout carries the result's JSON line alone
 
 
 def worker(job: D2Job) -> None:
