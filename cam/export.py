@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from smix.checkpoint import checkpoint_ref
 from smix.data import eval_transform, normalize
+from smix.devices import fits_on_device
 from smix.dist import (DistInfo, agree, barrier, distributed, gather_lists,
                            shard_indices)
 from smix.errors import UserError
@@ -119,7 +120,8 @@ def _export_shard(cfg: ExportConfig, paths: list[Path], shard: list[int],
             if pixels is None:
                 continue
             wanted = None if targets[k] is None else targets[k][idx]
-            res = m.cam(normalize(pixels, m.meta.mean, m.meta.std), wanted)
+            with fits_on_device(cfg.batch_size, "rerun with a smaller --batch-size"):
+                res = m.cam(normalize(pixels, m.meta.mean, m.meta.std), wanted)
             records.extend(_write_batch(run, m, k, paths, idx, pixels, res))
     bar.close()
     return records, sorted(bad)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from smix.checkpoint import checkpoint_ref
 from smix.data import eval_transform
+from smix.devices import fits_on_device
 from smix.dist import DistInfo, agree, all_reduce_sum, distributed, shard_indices
 from smix.errors import UserError
 from smix.io import RunDir
@@ -265,7 +266,8 @@ def _count(cfg: LocalizeConfig, m: CamModel, items: Sequence[GTImage], shard: Se
         if not bool(keep.any()):
             continue
         x, y, gt, valid = x[keep], y[keep], gt[keep], valid[keep]
-        res = m.cam(x, y)
+        with fits_on_device(cfg.batch_size, "rerun with a smaller --batch-size"):
+            res = m.cam(x, y)
         correct = res.logits.argmax(1) == y
         hits = localization_hits(res.maps, gt, valid, thresholds, cfg.iou_threshold)
         energy = energy_in_boxes(res.maps, box_masks(gt, valid, *res.maps.shape[-2:]))

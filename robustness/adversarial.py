@@ -25,13 +25,14 @@ import torch
 
 from smix.checkpoint import checkpoint_ref
 from smix.data import ClassFolder, eval_transform
+from smix.devices import fits_on_device
 from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object, shard_indices
 from smix.errors import UserError
 from robustness.attacks import AttackParams, BatchAttack, attack_info, get_attack
 from robustness.common import (PROGRESS_FILE, Loaded, checkpoint_hashes, commit_progress,
-                               correct_counts, dist_session, fits_on_device, fresh_run,
-                               group_by_transform, label_map, load_all, load_progress,
-                               open_images, percent, progress, read_metas, resumed_run)
+                               correct_counts, dist_session, fresh_run, group_by_transform,
+                               label_map, load_all, load_progress, open_images, percent,
+                               progress, read_metas, resumed_run)
 from robustness.data import index_batches, subset_indices
 from robustness.plot import plot_accuracy_vs_eps
 

@@ -131,16 +131,6 @@ def commit_progress(out: Path, kind: str, identity: dict[str, Any], done: dict[s
     write_json(Path(out) / PROGRESS_FILE, {"kind": kind, "identity": identity, "done": done})
 
 
-@contextlib.contextmanager
-def fits_on_device(batch_size: int, advice: str) -> Iterator[None]:
-    """A batch the device cannot hold ends in one line naming `--batch-size` and `advice`
-    (what to run next), as pretrain's and transfer's steps do, not in a traceback."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"out of device memory at --batch-size {batch_size}; {advice}") from None
-
-
 def correct_counts(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
     """int64 [2]: how many are right at top-1 and at top-k (k capped at the class count)."""
     k = min(k, logits.shape[1])

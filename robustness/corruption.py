@@ -25,12 +25,13 @@ import torch
 
 from smix.checkpoint import BackboneMeta, checkpoint_ref
 from smix.data import read_cifar
+from smix.devices import fits_on_device
 from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object
 from smix.errors import UserError
 from robustness.common import (Loaded, checkpoint_hashes, commit_progress,
-                               correct_counts, dist_session, fits_on_device, fresh_run,
-                               group_by_transform, label_map, load_all, load_progress,
-                               open_images, progress, read_metas, resumed_run)
+                               correct_counts, dist_session, fresh_run, group_by_transform,
+                               label_map, load_all, load_progress, open_images, progress,
+                               read_metas, resumed_run)
 from robustness.corruption_data import (CORRUPTIONS, Split, detect_layout, load_npy, scan_cifar_c,
                                         scan_imagenet_c, split_transform, warn_ignored)
 from robustness.data import array_batches, dataset_batches, shard_batches, subset_indices

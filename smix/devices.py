@@ -22,6 +22,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
+from smix.errors import UserError
+
 T = TypeVar("T")
 
 def upload(t: torch.Tensor, device: torch.device | str,
@@ -303,3 +305,14 @@ class CheckedKernels:
 def on_device_of(t: torch.Tensor):
     """A context making `t`'s CUDA device current (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def fits_on_device(batch_size: int, advice: str) -> Iterator[None]:
+    """A batch the device cannot hold ends in one line naming `--batch-size` and `advice`
+    (what to run next), not in a torch.OutOfMemoryError traceback (evaluation stages; the
+    training steps of pretrain and transfer fit micro-batches instead)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of device memory at --batch-size {batch_size}; {advice}") from None

@@ -285,3 +285,21 @@ def test_no_readable_image_at_all_is_an_error(data, tmp_path, capsys) -> None:
                      "--out", str(tmp_path / "o"), "--skip-bad-images", "--no-progress"], capsys)
     assert rc == 2 and "no readable image among the 1 given" in err
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_a_batch_out_of_device_memory_is_one_line(data, tmp_path, capsys, monkeypatch) -> None:
+    """As robustness: a --batch-size the GPU cannot hold (Grad-CAM keeps a backward graph) ends
+    in one line naming it, not a torch.OutOfMemoryError traceback (simulated here)."""
+    from cam.methods import CamMethod
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(CamMethod, "__call__", oom)
+    for args in (_export(data, tmp_path / "e", "--batch-size", "4"),
+                 ["localize", "--ckpt", str(data["cutmix"]), "--voc-root", str(data["shapes"]),
+                  "--out", str(tmp_path / "l"), "--no-progress", "--batch-size", "4"]):
+        rc, err = _smix(args, capsys)
+        assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
+        assert ("error: out of device memory at --batch-size 4; rerun with a smaller "
+                "--batch-size") in err
