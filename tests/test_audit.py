@@ -217,3 +217,18 @@ def test_method_values_may_hold_colons():
                                                     "mode": "sample"}))
     with pytest.raises(UserError, match="expected name:key=value"):
         parse_methods("saliencymix:sample", {})
+
+
+@pytest.mark.parametrize("box", [(100, 100, 130, 130), (2, 2, 30, 9)])
+def test_a_box_outside_its_image_is_a_user_error(tmp_path, capsys, box):
+    """A boxes file made for other images (or a VOC image smaller than its annotation): the
+    box lies past the image, and its object mask used to be one edge pixel, silently."""
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,class,x0,y0,x1,y1\na.png,sq,2,2,9,9\n"
+                     f"a.png,sq,{','.join(str(v) for v in box)}\n")
+    assert smix(["audit", "--boxes", str(boxes), "--out", str(tmp_path / "o"), "--methods",
+                 "mixup", "--detectors", "frequency_tuned", "--size", "16", "--pairs", "2",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a.png" in err[0] and "outside the 20x20 image" in err[0]
