@@ -513,10 +513,10 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
 def _run(cfg: AuditConfig) -> dict[str, Any]:
     mixers, detectors = resolve_methods(cfg), resolve_detectors(cfg)
     images, source = load_images(cfg)
+    batches = _pair_indices(len(images), cfg)  # refuses bad --pairs before the folder is touched
     run = RunDir(cfg.out)
     run.write_config(dataclasses.asdict(cfg))
     t0 = time.perf_counter()
-    batches = _pair_indices(len(images), cfg)
     keep = {int(i) for b in batches for i in b}
     det_stats, kept = scan_images(images, detectors, keep, cfg.size, cfg.progress)
     results: dict[str, Any] = {

@@ -232,3 +232,16 @@ def test_a_box_outside_its_image_is_a_user_error(tmp_path, capsys, box):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a.png" in err[0] and "outside the 20x20 image" in err[0]
+
+
+def test_a_refused_rerun_leaves_the_earlier_run_folder_alone(tmp_path, capsys):
+    """--pairs 1 was refused after config.json was written: the folder's config then said
+    pairs=1 beside the earlier run's metrics.json of pairs=4."""
+    voc = _voc(tmp_path / "voc", [(20, 20)], [[(2, 2, 9, 9)]])
+    argv = ["audit", "--data", str(voc), "--out", str(tmp_path / "o"), "--methods", "mixup",
+            "--detectors", "frequency_tuned", "--size", "16", "--no-progress", "--pairs"]
+    assert smix(argv + ["4"]) == 0
+    before = (tmp_path / "o" / "config.json").read_text()
+    assert smix(argv + ["1"]) == 2
+    assert "--pairs and --batch-size must be at least 2" in capsys.readouterr().err
+    assert (tmp_path / "o" / "config.json").read_text() == before
