@@ -215,6 +215,9 @@ def scan_images(images: list[AuditImage], detectors: Sequence[str], keep: set[in
         arr = _read(im.path)
         hw = arr.shape[:2]
         _check_boxes(im, hw)
+        if fns and min(hw) < 3:  # the detectors' least size (`pretrain.saliency`)
+            raise UserError(f"{im.path}: the image is {hw[1]}x{hw[0]}; the saliency "
+                            "detectors need at least 3x3")
         buckets.setdefault(hw, []).append((arr, object_mask(im.boxes, hw, hw)))
         if len(buckets[hw]) >= 16:
             flush(hw)

@@ -245,3 +245,17 @@ def test_a_refused_rerun_leaves_the_earlier_run_folder_alone(tmp_path, capsys):
     assert smix(argv + ["1"]) == 2
     assert "--pairs and --batch-size must be at least 2" in capsys.readouterr().err
     assert (tmp_path / "o" / "config.json").read_text() == before
+
+
+def test_an_image_too_small_for_the_detectors_is_a_user_error(tmp_path, capsys):
+    """The detectors refuse images under 3x3 with a ValueError, which ended the audit in a
+    traceback; the user's data is at fault, so it is one line naming the image."""
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((2, 2, 3), 90, np.uint8)).save(tmp_path / "tiny.png")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,class,x0,y0,x1,y1\na.png,sq,2,2,9,9\ntiny.png,sq,0,0,1,1\n")
+    assert smix(["audit", "--boxes", str(boxes), "--out", str(tmp_path / "o"), "--methods",
+                 "mixup", "--detectors", "frequency_tuned", "--size", "16", "--pairs", "2",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tiny.png" in err[0] and "3x3" in err[0]
