@@ -368,20 +368,29 @@ def _examples(mixed: torch.Tensor, idx: torch.Tensor, params: Any, m: torch.Tens
 # -------------------------------------------------------------------------------- outputs
 
 
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}"
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _num(v: float | None, spec: str) -> str:
+    """`v` formatted, or "–" where the record lacks it (the report's policy)."""
+    return "–" if v is None else format(v, spec)
 
 
 def audit_tables(results: dict[str, Any], source: str = "") -> list[Table]:
     """The detector and mixer tables of one audit's results (used by `smix report` too)."""
     where = f" — {source}" if source else ""
-    det_rows = [[name, str(d["images"]), _pct(d["hit_rate"]), _pct(d["chance"]),
-                 f"{100 * (d['hit_rate'] - d['chance']):+.1f}", _pct(d["energy_in_box"])]
+    det_rows = [[name, _num(d.get("images"), ""), _pct(d.get("hit_rate")),
+                 _pct(d.get("chance")),
+                 _num(None if d.get("hit_rate") is None or d.get("chance") is None
+                      else 100 * (d["hit_rate"] - d["chance"]), "+.1f"),
+                 _pct(d.get("energy_in_box"))]
                 for name, d in results.get("detectors", {}).items()]
-    mix_rows = [[m["title"], str(m["pairs"]), f"{m['mean_lambda']:.3f}",
-                 _pct(m["target_object_visible"]), _pct(m["source_object_visible"]),
-                 f"{m['label_evidence_gap']:.3f}", _pct(m["empty_source_rate"]),
-                 _pct(m["erased_target_rate"])] for m in results.get("methods", [])]
+    mix_rows = [[_num(m.get("title"), ""), _num(m.get("pairs"), ""),
+                 _num(m.get("mean_lambda"), ".3f"), _pct(m.get("target_object_visible")),
+                 _pct(m.get("source_object_visible")), _num(m.get("label_evidence_gap"), ".3f"),
+                 _pct(m.get("empty_source_rate")), _pct(m.get("erased_target_rate"))]
+                for m in results.get("methods", [])]
     data = f"{results.get('dataset', '?')}, {results.get('images', '?')} images"
     tables = []
     if det_rows:
@@ -416,16 +425,16 @@ def plot_summary(results: dict[str, Any], path: Path) -> Path | None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 2]})
     names = list(dets)
     xs = np.arange(len(names))
-    a1.bar(xs - 0.2, [100 * dets[n]["hit_rate"] for n in names], 0.4, label="hit rate")
-    a1.bar(xs + 0.2, [100 * dets[n]["chance"] for n in names], 0.4, label="chance")
+    a1.bar(xs - 0.2, [_bar(dets[n], "hit_rate") for n in names], 0.4, label="hit rate")
+    a1.bar(xs + 0.2, [_bar(dets[n], "chance") for n in names], 0.4, label="chance")
     a1.set_xticks(xs, names, rotation=20, fontsize=8)
     a1.set(ylabel="%", title="Detectors: argmax inside a box")
-    titles = [m["title"] for m in methods]
+    titles = [_num(m.get("title"), "") for m in methods]
     xs = np.arange(len(titles))
     for k, (key, label) in enumerate((("target_object_visible", "O_a target visible"),
                                       ("source_object_visible", "O_b source visible"),
                                       ("label_evidence_gap", "label-evidence gap"))):
-        a2.bar(xs + (k - 1) * 0.27, [100 * m[key] for m in methods], 0.27, label=label + " (%)")
+        a2.bar(xs + (k - 1) * 0.27, [_bar(m, key) for m in methods], 0.27, label=label + " (%)")
     a2.set_xticks(xs, titles, rotation=20, fontsize=7, ha="right")
     a2.set(title="Mixers: object evidence vs label")
     for a in (a1, a2):
@@ -434,6 +443,12 @@ def plot_summary(results: dict[str, Any], path: Path) -> Path | None:
     _save_png(fig, path)
     plt.close(fig)
     return path
+
+
+def _bar(record: dict[str, Any], key: str) -> float:
+    """A bar's height in %; NaN (no bar) where the record lacks the value."""
+    v = record.get(key)
+    return math.nan if v is None else 100 * v
 
 
 def plot_examples(title: str, examples: list[Example], path: Path) -> Path:
