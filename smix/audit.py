@@ -494,11 +494,16 @@ def plot_examples(title: str, examples: list[Example], path: Path) -> Path:
 
 def resolve_methods(cfg: AuditConfig) -> list[Any]:
     """The mixers to audit, built through the registry (unknown names and parameters are
-    user errors listing the valid ones)."""
+    user errors listing the valid ones); one whose `sample` needs a model is refused."""
     from pretrain.mixers import get_mixer, list_mixers
 
     specs = cfg.methods or tuple((name, {}) for name in list_mixers())
-    return [get_mixer(name, **params) for name, params in specs]
+    mixers = [get_mixer(name, **params) for name, params in specs]
+    for mixer in mixers:
+        if getattr(mixer, "needs_model", False):
+            raise UserError(f"method {mixer.describe()['title']} needs the model being trained; "
+                            "the audit runs without one")
+    return mixers
 
 
 def resolve_detectors(cfg: AuditConfig) -> list[str]:

@@ -259,3 +259,15 @@ def test_an_image_too_small_for_the_detectors_is_a_user_error(tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tiny.png" in err[0] and "3x3" in err[0]
+
+
+def test_a_method_that_needs_the_model_is_refused_before_any_work(tmp_path, capsys):
+    """Guided-AP's saliency is a gradient of the model being trained, which the audit has not:
+    it was refused only at its first batch, after every image was read and scanned and the
+    run folder's config.json written."""
+    voc = _voc(tmp_path / "voc", [(20, 20)], [[(2, 2, 9, 9)]])
+    assert smix(["audit", "--data", str(voc), "--out", str(tmp_path / "o"), "--methods",
+                 "mixup,guidedmixup:saliency=ap", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "guidedmixup(saliency=ap)" in err[0] and "model" in err[0]
+    assert not (tmp_path / "o").exists()
