@@ -172,7 +172,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=auto_workers(),
                    help="loader workers (default: workers=auto, smix.cpus)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per method")
-    p.add_argument("--methods", default="none,saliencymix")
+    p.add_argument("--methods", default="none,saliencymix",
+                   help="methods whose step is timed; none (the baseline) always is")
     p.add_argument("--data", type=Path, default=None, help="reuse/keep the JPEG tree here")
     a = p.parse_args()
     n_images = a.images or max(2560, 4 * a.batch * max(a.workers, 1))
@@ -188,7 +189,8 @@ def main() -> None:
     rt = engine.build_runtime(cfg, init_distributed(a.device))  # the step baseline's
     batch = next(iter(engine.make_loader(rt, True, 3)))
     images, labels, _ = engine.train_batch(rt, batch, engine.colour_generator(rt, 3))
-    steps = {m: step_rate(rt, images, labels, m, a.steps) for m in a.methods.split(",")}
+    methods = ["none"] + [m for m in a.methods.split(",") if m != "none"]  # none: the baseline
+    steps = {m: step_rate(rt, images, labels, m, a.steps) for m in methods}
     del rt, images, labels, batch
     for loader in a.loader.split(","):
         print(json.dumps(loader_line(cfg, a.device, loader, steps, a.size, n_images)),

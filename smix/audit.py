@@ -214,6 +214,10 @@ def scan_images(images: list[AuditImage], detectors: Sequence[str], keep: set[in
     for i, im in enumerate(tqdm(images, desc="audit: images", unit="img", disable=not progress)):
         arr = _read(im.path)
         hw = arr.shape[:2]
+        _check_boxes(im, hw)
+        if fns and min(hw) < 3:  # the detectors' least size (`pretrain.saliency`)
+            raise UserError(f"{im.path}: the image is {hw[1]}x{hw[0]}; the saliency "
+                            "detectors need at least 3x3")
         buckets.setdefault(hw, []).append((arr, object_mask(im.boxes, hw, hw)))
         if len(buckets[hw]) >= 16:
             flush(hw)
@@ -225,6 +229,16 @@ def scan_images(images: list[AuditImage], detectors: Sequence[str], keep: set[in
     stats = {d: {"hit_rate": float(s[0] / n), "chance": float(s[1] / n),
                  "energy_in_box": float(s[2] / n), "images": n} for d, s in sums.items()}
     return stats, kept
+
+
+def _check_boxes(im: AuditImage, hw: tuple[int, int]) -> None:
+    """A box past its image (a boxes file made for other images, a picture smaller than its
+    annotation) is refused, as `cam localize` refuses it: its object mask would be an edge
+    pixel. A pixel of slack, as there, for boxes written with inclusive ends."""
+    h, w = hw
+    for x0, y0, x1, y1 in im.boxes:
+        if x0 >= w or y0 >= h or x1 > w + 1 or y1 > h + 1:
+            raise UserError(f"{im.path}: box {[x0, y0, x1, y1]} lies outside the {w}x{h} image")
 
 
 def _resize(arr: np.ndarray, boxes: Sequence[Box], size: int) -> Resized:
@@ -354,20 +368,29 @@ def _examples(mixed: torch.Tensor, idx: torch.Tensor, params: Any, m: torch.Tens
 # -------------------------------------------------------------------------------- outputs
 
 
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}"
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _num(v: float | None, spec: str) -> str:
+    """`v` formatted, or "–" where the record lacks it (the report's policy)."""
+    return "–" if v is None else format(v, spec)
 
 
 def audit_tables(results: dict[str, Any], source: str = "") -> list[Table]:
     """The detector and mixer tables of one audit's results (used by `smix report` too)."""
     where = f" — {source}" if source else ""
-    det_rows = [[name, str(d["images"]), _pct(d["hit_rate"]), _pct(d["chance"]),
-                 f"{100 * (d['hit_rate'] - d['chance']):+.1f}", _pct(d["energy_in_box"])]
+    det_rows = [[name, _num(d.get("images"), ""), _pct(d.get("hit_rate")),
+                 _pct(d.get("chance")),
+                 _num(None if d.get("hit_rate") is None or d.get("chance") is None
+                      else 100 * (d["hit_rate"] - d["chance"]), "+.1f"),
+                 _pct(d.get("energy_in_box"))]
                 for name, d in results.get("detectors", {}).items()]
-    mix_rows = [[m["title"], str(m["pairs"]), f"{m['mean_lambda']:.3f}",
-                 _pct(m["target_object_visible"]), _pct(m["source_object_visible"]),
-                 f"{m['label_evidence_gap']:.3f}", _pct(m["empty_source_rate"]),
-                 _pct(m["erased_target_rate"])] for m in results.get("methods", [])]
+    mix_rows = [[_num(m.get("title"), ""), _num(m.get("pairs"), ""),
+                 _num(m.get("mean_lambda"), ".3f"), _pct(m.get("target_object_visible")),
+                 _pct(m.get("source_object_visible")), _num(m.get("label_evidence_gap"), ".3f"),
+                 _pct(m.get("empty_source_rate")), _pct(m.get("erased_target_rate"))]
+                for m in results.get("methods", [])]
     data = f"{results.get('dataset', '?')}, {results.get('images', '?')} images"
     tables = []
     if det_rows:
@@ -402,16 +425,16 @@ def plot_summary(results: dict[str, Any], path: Path) -> Path | None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 2]})
     names = list(dets)
     xs = np.arange(len(names))
-    a1.bar(xs - 0.2, [100 * dets[n]["hit_rate"] for n in names], 0.4, label="hit rate")
-    a1.bar(xs + 0.2, [100 * dets[n]["chance"] for n in names], 0.4, label="chance")
+    a1.bar(xs - 0.2, [_bar(dets[n], "hit_rate") for n in names], 0.4, label="hit rate")
+    a1.bar(xs + 0.2, [_bar(dets[n], "chance") for n in names], 0.4, label="chance")
     a1.set_xticks(xs, names, rotation=20, fontsize=8)
     a1.set(ylabel="%", title="Detectors: argmax inside a box")
-    titles = [m["title"] for m in methods]
+    titles = [_num(m.get("title"), "") for m in methods]
     xs = np.arange(len(titles))
     for k, (key, label) in enumerate((("target_object_visible", "O_a target visible"),
                                       ("source_object_visible", "O_b source visible"),
                                       ("label_evidence_gap", "label-evidence gap"))):
-        a2.bar(xs + (k - 1) * 0.27, [100 * m[key] for m in methods], 0.27, label=label + " (%)")
+        a2.bar(xs + (k - 1) * 0.27, [_bar(m, key) for m in methods], 0.27, label=label + " (%)")
     a2.set_xticks(xs, titles, rotation=20, fontsize=7, ha="right")
     a2.set(title="Mixers: object evidence vs label")
     for a in (a1, a2):
@@ -420,6 +443,12 @@ def plot_summary(results: dict[str, Any], path: Path) -> Path | None:
     _save_png(fig, path)
     plt.close(fig)
     return path
+
+
+def _bar(record: dict[str, Any], key: str) -> float:
+    """A bar's height in %; NaN (no bar) where the record lacks the value."""
+    v = record.get(key)
+    return math.nan if v is None else 100 * v
 
 
 def plot_examples(title: str, examples: list[Example], path: Path) -> Path:
@@ -465,11 +494,16 @@ def plot_examples(title: str, examples: list[Example], path: Path) -> Path:
 
 def resolve_methods(cfg: AuditConfig) -> list[Any]:
     """The mixers to audit, built through the registry (unknown names and parameters are
-    user errors listing the valid ones)."""
+    user errors listing the valid ones); one whose `sample` needs a model is refused."""
     from pretrain.mixers import get_mixer, list_mixers
 
     specs = cfg.methods or tuple((name, {}) for name in list_mixers())
-    return [get_mixer(name, **params) for name, params in specs]
+    mixers = [get_mixer(name, **params) for name, params in specs]
+    for mixer in mixers:
+        if getattr(mixer, "needs_model", False):
+            raise UserError(f"method {mixer.describe()['title']} needs the model being trained; "
+                            "the audit runs without one")
+    return mixers
 
 
 def resolve_detectors(cfg: AuditConfig) -> list[str]:
@@ -502,10 +536,10 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
 def _run(cfg: AuditConfig) -> dict[str, Any]:
     mixers, detectors = resolve_methods(cfg), resolve_detectors(cfg)
     images, source = load_images(cfg)
+    batches = _pair_indices(len(images), cfg)  # refuses bad --pairs before the folder is touched
     run = RunDir(cfg.out)
     run.write_config(dataclasses.asdict(cfg))
     t0 = time.perf_counter()
-    batches = _pair_indices(len(images), cfg)
     keep = {int(i) for b in batches for i in b}
     det_stats, kept = scan_images(images, detectors, keep, cfg.size, cfg.progress)
     results: dict[str, Any] = {

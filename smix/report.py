@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from smix.errors import UserError
-from smix.io import METRICS_FORMAT, RunDir, atomic_save, atomic_write, read_json, write_json
+from smix.io import (METRICS_FORMAT, RunDir, atomic_save, atomic_write, distinct_names,
+                      read_json, write_json)
 
 KEY_PARAMS = ("mode", "scheme", "pairing", "saliency", "detector")
 
@@ -387,10 +388,12 @@ def audit_section(runs: list[Run], out: Path) -> tuple[list[Table], list[Path]]:
 
     tables, plots = [], []
     audits = [r for r in runs if r.kind == "audit/audit"]
-    for r in audits:
-        tag = r.path.name if len(audits) > 1 else ""
+    # runs/a/audit and runs/b/audit: the folder name alone would give both the same files
+    tags = distinct_names([r.path for r in audits]) if len(audits) > 1 else [""]
+    for r, tag in zip(audits, tags):
         tables += audit_tables(r.results, tag)
-        plot = plot_summary(r.results, out / f"audit_summary{'_' + tag if tag else ''}.png")
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "_", tag)
+        plot = plot_summary(r.results, out / f"audit_summary{'_' + slug if slug else ''}.png")
         plots += [plot] if plot is not None else []
         plots += [r.path / m["figure"] for m in r.results.get("methods", [])
                   if (r.path / m.get("figure", "")).is_file()]

@@ -217,3 +217,57 @@ def test_method_values_may_hold_colons():
                                                     "mode": "sample"}))
     with pytest.raises(UserError, match="expected name:key=value"):
         parse_methods("saliencymix:sample", {})
+
+
+@pytest.mark.parametrize("box", [(100, 100, 130, 130), (2, 2, 30, 9)])
+def test_a_box_outside_its_image_is_a_user_error(tmp_path, capsys, box):
+    """A boxes file made for other images (or a VOC image smaller than its annotation): the
+    box lies past the image, and its object mask used to be one edge pixel, silently."""
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,class,x0,y0,x1,y1\na.png,sq,2,2,9,9\n"
+                     f"a.png,sq,{','.join(str(v) for v in box)}\n")
+    assert smix(["audit", "--boxes", str(boxes), "--out", str(tmp_path / "o"), "--methods",
+                 "mixup", "--detectors", "frequency_tuned", "--size", "16", "--pairs", "2",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a.png" in err[0] and "outside the 20x20 image" in err[0]
+
+
+def test_a_refused_rerun_leaves_the_earlier_run_folder_alone(tmp_path, capsys):
+    """--pairs 1 was refused after config.json was written: the folder's config then said
+    pairs=1 beside the earlier run's metrics.json of pairs=4."""
+    voc = _voc(tmp_path / "voc", [(20, 20)], [[(2, 2, 9, 9)]])
+    argv = ["audit", "--data", str(voc), "--out", str(tmp_path / "o"), "--methods", "mixup",
+            "--detectors", "frequency_tuned", "--size", "16", "--no-progress", "--pairs"]
+    assert smix(argv + ["4"]) == 0
+    before = (tmp_path / "o" / "config.json").read_text()
+    assert smix(argv + ["1"]) == 2
+    assert "--pairs and --batch-size must be at least 2" in capsys.readouterr().err
+    assert (tmp_path / "o" / "config.json").read_text() == before
+
+
+def test_an_image_too_small_for_the_detectors_is_a_user_error(tmp_path, capsys):
+    """The detectors refuse images under 3x3 with a ValueError, which ended the audit in a
+    traceback; the user's data is at fault, so it is one line naming the image."""
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((2, 2, 3), 90, np.uint8)).save(tmp_path / "tiny.png")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,class,x0,y0,x1,y1\na.png,sq,2,2,9,9\ntiny.png,sq,0,0,1,1\n")
+    assert smix(["audit", "--boxes", str(boxes), "--out", str(tmp_path / "o"), "--methods",
+                 "mixup", "--detectors", "frequency_tuned", "--size", "16", "--pairs", "2",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tiny.png" in err[0] and "3x3" in err[0]
+
+
+def test_a_method_that_needs_the_model_is_refused_before_any_work(tmp_path, capsys):
+    """Guided-AP's saliency is a gradient of the model being trained, which the audit has not:
+    it was refused only at its first batch, after every image was read and scanned and the
+    run folder's config.json written."""
+    voc = _voc(tmp_path / "voc", [(20, 20)], [[(2, 2, 9, 9)]])
+    assert smix(["audit", "--data", str(voc), "--out", str(tmp_path / "o"), "--methods",
+                 "mixup,guidedmixup:saliency=ap", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "guidedmixup(saliency=ap)" in err[0] and "model" in err[0]
+    assert not (tmp_path / "o").exists()

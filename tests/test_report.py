@@ -239,3 +239,42 @@ def test_two_audits_keep_a_csv_each(tmp_path):
     hits = {Path(p).name: read_csv(Path(p))[0]["hit rate"] for p in summary["tables"]}
     assert hits == {"audit_saliency_detectors_auda.csv": "25.0",
                     "audit_saliency_detectors_audb.csv": "75.0"}
+
+
+def test_two_audits_in_folders_of_one_name_keep_their_own_files(tmp_path):
+    """runs/a/audit and runs/b/audit: tagged by their folder name alone, both wrote the same
+    CSVs and summary plot, so the report showed the second audit's plot twice."""
+    root = tmp_path / "runs"
+    for name, rate in (("a", 0.25), ("b", 0.75)):
+        RunDir(root / name / "audit").write_metrics(stage="audit", kind="audit", results={
+            "dataset": "VOC2007 test", "images": 4, "detectors": {
+                "spectral_residual": {"hit_rate": rate, "chance": 0.5, "energy_in_box": 0.5,
+                                      "images": 4}},
+            "methods": [{"title": "mixup", "pairs": 4, "mean_lambda": 0.5,
+                         "target_object_visible": rate, "source_object_visible": 0.5,
+                         "label_evidence_gap": 0.0, "empty_source_rate": 0.0,
+                         "erased_target_rate": 0.0}]})
+    summary = build_report([root], tmp_path / "rep")
+    assert len(summary["tables"]) == len(set(summary["tables"])) == 4
+    assert len(summary["plots"]) == len(set(summary["plots"])) == 2
+    assert all(Path(p).is_file() for p in summary["tables"] + summary["plots"])
+    hits = sorted(read_csv(Path(p))[0]["hit rate"] for p in summary["tables"]
+                  if "detectors" in Path(p).name)
+    assert hits == ["25.0", "75.0"]
+
+
+def test_an_audit_record_lacking_values_shows_dashes(tmp_path):
+    """The report's policy for a well-formed record lacking a value ("–" in its cell) holds
+    for audits too: their tables and summary plot indexed every value and raised KeyError."""
+    root = tmp_path / "runs"
+    RunDir(root / "aud").write_metrics(stage="audit", kind="audit", results={
+        "dataset": "VOC2007 test", "images": 4, "methods": [{"title": "mixup", "pairs": 4}],
+        "detectors": {"spectral_residual": {"hit_rate": 0.5, "images": 4}}})
+    summary = build_report([root], tmp_path / "rep")
+    det = read_csv(tmp_path / "rep" / "audit_saliency_detectors.csv")[0]
+    assert (det["hit rate"], det["chance"], det["hit − chance (pp)"]) == ("50.0", "–", "–")
+    mix = read_csv(tmp_path / "rep" / "audit_mixing_methods.csv")[0]
+    assert (mix["method"], mix["pairs"], mix["mean λ"], mix["label-evidence gap"]) == \
+        ("mixup", "4", "–", "–")
+    assert (tmp_path / "rep" / "audit_summary.png").is_file()
+    assert len(summary["tables"]) == 2

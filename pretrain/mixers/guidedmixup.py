@@ -225,6 +225,11 @@ class GuidedMixup(Mixer):
             raise UserError("guidedmixup: prob must be in [0, 1], blur an odd size >= 1, "
                             "sigma a finite number > 0")
 
+    @property
+    def needs_model(self) -> bool:
+        """Whether `sample` needs the model being trained (`MixContext.model`): Guided-AP."""
+        return self.saliency == "ap"
+
     def saliency_maps(self, images: torch.Tensor, labels: torch.Tensor,
                       ctx: MixContext) -> torch.Tensor:
         """Prepared maps [B,H,W] (blurred, each summing to one)."""
