@@ -59,6 +59,7 @@ def export_cams(cfg: ExportConfig) -> dict[str, Any]:
     with distributed(cfg.device) as info:
         models = load_models(cfg.ckpts, cfg.method, cfg.layer, info.device)
         targets = [resolve_targets(cfg.target, paths, m.meta, m.path) for m in models]
+        agree(RunDir(cfg.out, create=False).claim, "cam", "export")  # (on every rank)
         run = RunDir(cfg.out)
         previous = recorded_files(run) if info.is_main else set()
         shard = list(shard_indices(len(paths), info.rank, info.world_size))

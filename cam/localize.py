@@ -221,6 +221,7 @@ def localize(cfg: LocalizeConfig) -> dict[str, Any]:
         models = load_models(cfg.ckpts, cfg.method, cfg.layer, info.device)
         labels = [[class_index(m.meta, g.class_name, f"class of {g.image}, for {m.path}")
                    for g in items] for m in models]
+        agree(RunDir(cfg.out, create=False).claim, "cam", "localization")
         run = RunDir(cfg.out) if info.is_main else None
         shard = list(shard_indices(len(items), info.rank, info.world_size))
         entries = []

@@ -164,7 +164,7 @@ def mixed_cams(cfg: MixedConfig) -> dict[str, Any]:
     mixers = build_mixers(cfg)
     images = [load_rgb(p) for p in cfg.pair]
     models = load_models(cfg.ckpts, cfg.cam_method, cfg.layer, pick_device(cfg.device))
-    run = RunDir(cfg.out)
+    run = RunDir(cfg.out).claim("cam", "mixed")
     per_model = [(m, *_columns(cfg, m, images, mixers)) for m in models]
     entries = [_write_model(run, m, cols, labels) for m, cols, labels in per_model]
     _write_figure(run, per_model)

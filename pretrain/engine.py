@@ -561,6 +561,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if not resume and rt.run.file(RESUME_FILE).exists():
         raise UserError(f"{rt.run.path} already holds a run; use --resume to continue it "
                         "or choose another --out")
+    rt.run.claim("pretrain", "classification")
     if dist.is_main:
         # a resumed run's set-up notes (milestones rescaled for the first --epochs, ...) are in
         # its config.json; only what this command changed (workers=auto) is news

@@ -28,6 +28,7 @@ from smix.data import ClassFolder, eval_transform
 from smix.devices import fits_on_device
 from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object, shard_indices
 from smix.errors import UserError
+from smix.io import RunDir
 from robustness.attacks import AttackParams, BatchAttack, attack_info, get_attack
 from robustness.common import (PROGRESS_FILE, Loaded, checkpoint_hashes, commit_progress,
                                correct_counts, dist_session, fresh_run, group_by_transform,
@@ -217,6 +218,7 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
         label_map(images.classes, meta, path)
     identity = run_identity(cfg, impl, images)
     with dist_session(cfg.device) as info:
+        agree(RunDir(cfg.out, create=False).claim, "robustness", cfg.attack)
         # rank 0's record (its error, on every rank): every rank continues from the same batch
         done: dict[str, Any] = broadcast_object(agree(
             lambda: load_progress(cfg.out, identity, cfg.attack)

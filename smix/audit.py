@@ -537,7 +537,7 @@ def _run(cfg: AuditConfig) -> dict[str, Any]:
     mixers, detectors = resolve_methods(cfg), resolve_detectors(cfg)
     images, source = load_images(cfg)
     batches = _pair_indices(len(images), cfg)  # refuses bad --pairs before the folder is touched
-    run = RunDir(cfg.out)
+    run = RunDir(cfg.out).claim("audit", "audit")
     run.write_config(dataclasses.asdict(cfg))
     t0 = time.perf_counter()
     keep = {int(i) for b in batches for i in b}

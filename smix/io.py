@@ -234,6 +234,21 @@ class RunDir:
             p.unlink(missing_ok=True)
         return stale
 
+    def claim(self, stage: str, kind: str) -> "RunDir":
+        """Refuse a folder that holds another stage's (or kind's) run: a stage replaces or
+        resumes its own runs there, so it would overwrite or delete another's record (an
+        attack pointed at a pretraining run's folder deleted its metrics.json)."""
+        try:
+            old = json.loads(self.file("metrics.json").read_text())
+        except (OSError, ValueError):  # none (or no record this toolkit wrote)
+            return self
+        if not isinstance(old, dict) or old.get("format") != METRICS_FORMAT:
+            return self
+        if (old.get("stage"), old.get("kind")) != (stage, kind):
+            raise UserError(f"{self.path} holds a {old.get('stage')} run ({old.get('kind')}; "
+                            "metrics.json): choose another --out")
+        return self
+
     def write_config(self, config: Any) -> None:
         write_json(self.file("config.json"), config)
 

@@ -392,6 +392,9 @@ def test_a_killed_pgd_run_resumes_from_its_last_commit(world, tmp_path, monkeypa
     assert "nothing to resume (no progress.json)" in capsys.readouterr().err
     fgsm = ["fgsm"] + args[1:args.index("--steps")] + args[args.index("--batch-size"):]
     assert cli_run("robustness", fgsm + ["--out", str(out), "--resume"]) == 2
+    assert "killed holds a robustness run (pgd; metrics.json)" in capsys.readouterr().err
+    (out / "metrics.json").unlink()  # a pgd run killed before its end
+    assert cli_run("robustness", fgsm + ["--out", str(out), "--resume"]) == 2
     assert "progress.json: not a fgsm run's progress record" in capsys.readouterr().err
 
 
@@ -906,3 +909,18 @@ def test_a_killed_run_resumes_under_torchrun_with_the_same_numbers(world, tmp_pa
     log = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
     assert log["world_size"] == 2 and log["resumed_at_batch"] == 2
     assert _numbers(tmp_path / "two" / "metrics.json") == _numbers(tmp_path / "one" / "metrics.json")
+
+
+def test_an_attack_into_another_stages_run_folder_is_refused(world, tmp_path, capsys):
+    """--out at a pretraining run's folder: the attack's fresh start deleted that run's
+    metrics.json and emptied its log."""
+    from smix.io import RunDir
+
+    run = RunDir(tmp_path / "pre")
+    run.write_metrics(stage="pretrain", kind="classification", results={"best": {"top1": 90}})
+    run.log({"epoch": 1, "top1": 90})
+    before = {p.name: p.read_bytes() for p in run.path.iterdir()}
+    code, err = cli(["fgsm", "--ckpt", str(world["a"]), "--data", str(world["val"]), "--out",
+                     str(run.path), "--workers", "0"], capsys)
+    assert code == 2 and "\n" not in err and "holds a pretrain run (classification" in err, err
+    assert {p.name: p.read_bytes() for p in run.path.iterdir()} == before

@@ -749,3 +749,21 @@ def test_tiny_imagenet_annotations_are_read_as_user_text(tmp_path):
     notes.write_bytes(b"val_0.JPEG\tn01\xe9\t0\t0\t8\t8\n")
     with pytest.raises(UserError, match="val_annotations.txt: annotation list is not UTF-8"):
         ClassFolder(tmp_path, classes=["n01", "n02"])
+
+
+def test_a_run_folder_is_claimed_by_its_stage_and_kind(tmp_path) -> None:
+    """A stage replaces or resumes its own runs in --out; another stage's (or kind's) record
+    there is refused, since the stage would overwrite or delete it; a metrics.json this toolkit
+    did not write is no run of its."""
+    from smix.io import RunDir
+
+    run = RunDir(tmp_path / "r")
+    assert RunDir(tmp_path / "none", create=False).claim("cam", "export")  # nothing there yet
+    run.write_metrics(stage="pretrain", kind="classification", results={})
+    assert run.claim("pretrain", "classification") is run
+    for stage, kind in (("robustness", "fgsm"), ("pretrain", "audit")):
+        with pytest.raises(UserError, match=r"r holds a pretrain run \(classification; "
+                                            r"metrics.json\): choose another --out"):
+            run.claim(stage, kind)
+    run.file("metrics.json").write_text('{"stage": "pretrain", "kind": "x"}')  # not smix's
+    assert run.claim("robustness", "fgsm") is run

@@ -169,6 +169,7 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any] | None:
                 "checkpoint_sha256": sha}
     config = {"request": cfg, "identity": identity, "settings": s, "data": _data_summary(splits)}
     if cfg.machine_rank == 0:
+        run.claim("transfer", "detection")
         _guard_run_folder(run, cfg.resume, identity, _data_identity(config["data"]), s)
         if cfg.resume:  # what a kill left of an atomic write (a resume state is ~300 MB)
             for folder in (run, RunDir(run.file("detectron2"), create=False)):
