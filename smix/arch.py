@@ -143,6 +143,8 @@ class PreActNet(nn.Module):
     def __init__(self, widths: list[int], blocks: list[int], strides: list[int],
                  num_classes: int, stem_width: int, dropout: float = 0.0):
         super().__init__()
+        if not 0 <= dropout <= 1:  # nan or < 0 turned dropout off, silently
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout}")
         self.conv1 = nn.Conv2d(3, stem_width, 3, 1, 1, bias=False)
         in_planes = stem_width
         for i, (w, n, s) in enumerate(zip(widths, blocks, strides), start=1):

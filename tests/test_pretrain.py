@@ -344,6 +344,10 @@ def test_nan_loss_stops_and_keeps_last_good(shapes_root, tmp_path, monkeypatch, 
     # nn.Dropout's ValueError was a traceback
     (["--preset", "shapes-resnet18", "arch=preact_resnet18", "arch.dropout=1.5"],
      "bad arch_kwargs for preact_resnet18: dropout probability has to be between 0 and 1"),
+    (["--preset", "shapes-resnet18", "arch=preact_resnet18", "arch.dropout=nan"],  # (was off)
+     "bad arch_kwargs for preact_resnet18: dropout probability has to be between 0 and 1"),
+    (["--preset", "shapes-resnet18", "arch=preact_resnet18", "arch.dropout=-0.1"],
+     "bad arch_kwargs for preact_resnet18: dropout probability has to be between 0 and 1"),
     # values torch would reject deep inside, or silently misread
     (["--preset", "shapes-resnet18", "device=foo"], "bad setting: device='foo'; valid: auto"),
     (["--preset", "shapes-resnet18", "mean=0.5,0.5"], "bad setting: mean=0.5,0.5 and std="),
