@@ -199,6 +199,7 @@ def test_audit_cli_with_class_folders_and_a_boxes_file(shapes_root, tmp_path, ca
     (["--data", "{voc}", "--methods", "mixup", "--detectors", "gradient"], "needs a model"),
     (["--data", "{voc}", "--methods", "mixup", "cutmix.alpha=1"], "expected METHOD.param=value"),
     (["--data", "{voc}", "--methods", "cutmix", "cutmix.nope=1"], "unknown parameter 'nope'"),
+    (["--data", "{voc}", "--methods", "cutmix", "--examples", "-1"], "--examples at least 0"),
 ])
 def test_audit_user_errors(tmp_path, capsys, argv, message):
     voc = _voc(tmp_path / "voc", [(20, 20)], [[(2, 2, 9, 9)]])
