@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -108,16 +109,20 @@ def make_image(rng: np.random.Generator, kind: str, size: int,
     return img, box
 
 
-def _check_no_other_dataset(out: Path, cfg: ShapesConfig, names: list[str], n_val: int) -> None:
+def _configuration(cfg: ShapesConfig, names: list[str], n_val: int) -> dict[str, Any]:
+    """What decides a dataset's files: the part of shapes.json a regeneration must match."""
+    return {"classes": names, "train": cfg.per_class * len(names), "val": n_val * len(names),
+            "size": cfg.size, "seed": cfg.seed, "radius": list(cfg.radius),
+            "texture": cfg.texture, "class_colours": cfg.class_colours}
+
+
+def _check_no_other_dataset(out: Path, new: dict[str, Any]) -> None:
     """Refuse to write into a folder holding a shapes dataset of another configuration: files
     are only added or replaced, so its other classes and surplus images would stay in the
     class folders beside the new ones (the same configuration rewrites the same files)."""
     if not (out / "shapes.json").is_file():
         return
     old = read_json(out / "shapes.json")
-    new = {"classes": names, "train": cfg.per_class * len(names), "val": n_val * len(names),
-           "size": cfg.size, "seed": cfg.seed, "radius": list(cfg.radius),
-           "texture": cfg.texture, "class_colours": cfg.class_colours}
     differ = [k for k in new if not isinstance(old, dict) or old.get(k) != new[k]]
     if differ:
         raise UserError(f"{out} holds a shapes dataset of another configuration ({differ[0]} "
@@ -134,7 +139,8 @@ def generate_shapes(cfg: ShapesConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     names = SHAPES[: cfg.classes]
     n_val = max(4, int(round(cfg.per_class * cfg.val_fraction)))
-    _check_no_other_dataset(out, cfg, list(names), n_val)
+    configuration = _configuration(cfg, list(names), n_val)
+    _check_no_other_dataset(out, configuration)
     rng = np.random.default_rng(cfg.seed)
     voc = out / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
@@ -161,9 +167,7 @@ def generate_shapes(cfg: ShapesConfig, progress: bool = True) -> dict:
     for name, ids in (("train", splits["train"]), ("val", splits["val"]),
                       ("trainval", splits["train"]), ("test", splits["val"])):
         atomic_write(main / f"{name}.txt", "\n".join(ids) + "\n")
-    summary = {"classes": list(names), "train": len(splits["train"]), "val": len(splits["val"]),
-               "size": cfg.size, "seed": cfg.seed, "radius": list(cfg.radius),
-               "texture": cfg.texture, "class_colours": cfg.class_colours, "class_folders": [str(out / "train"), str(out / "val")],
+    summary = {**configuration, "class_folders": [str(out / "train"), str(out / "val")],
                "voc_root": str(out), "voc_note": "VOC2007 trainval = train split, test = val split"}
     write_json(out / "shapes.json", summary)
     return summary
