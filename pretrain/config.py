@@ -115,6 +115,11 @@ def config_problem(cfg: TrainConfig) -> str | None:
                 "[0, 1] units), std above 0")
     if cfg.crop > cfg.resize:
         return f"crop={cfg.crop} is larger than resize={cfg.resize}"
+    from pretrain.mixers import get_mixer
+    side = get_mixer(cfg.method, **cfg.method_params).min_image_side()
+    if cfg.input_size < side:
+        return (f"input_size={cfg.input_size}: {cfg.method} reads saliency in a 3x3 "
+                f"neighbourhood; it needs images of at least {side}x{side}")
     if cfg.dataset in ("cifar10", "cifar100") and cfg.input_size != 32:
         return (f"input_size={cfg.input_size}: CIFAR images are 32x32 and the CIFAR recipe "
                 "crops 32 from them padded by 4")

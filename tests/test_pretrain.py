@@ -358,6 +358,11 @@ def test_nan_loss_stops_and_keeps_last_good(shapes_root, tmp_path, monkeypatch, 
     (["--preset", "shapes-resnet18", "--epochs", "0"], "bad setting: epochs=0 must be at least 1"),
     (["--preset", "cifar10-resnet18", "input_size=64", "resize=64", "crop=64"],
      "input_size=64: CIFAR images are 32x32"),
+    # the detectors' 3x3 check was a ValueError traceback on the first step
+    (["--preset", "shapes-resnet18", "--method", "saliencymix", "input_size=2", "resize=2",
+      "crop=2"], "input_size=2: saliencymix reads saliency in a 3x3 neighbourhood"),
+    (["--preset", "shapes-resnet18", "--method", "guidedmixup", "input_size=1", "resize=1",
+      "crop=1"], "input_size=1: guidedmixup reads saliency in a 3x3 neighbourhood"),
 ])
 def test_pretrain_bad_options(shapes_root, tmp_path, capsys, argv, message):
     fast = {k: v for k, v in FAST.items() if not any(a.startswith(f"{k}=") for a in argv)}
@@ -387,6 +392,19 @@ def test_bad_numbers_in_fast_settings(shapes_root, tmp_path, capsys, key, value,
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err
     assert not (tmp_path / "r" / "backbone.safetensors").exists()
+
+
+def test_small_images_are_refused_only_where_a_detector_reads_them(shapes_root, tmp_path):
+    tiny = {**FAST, "input_size": "2", "resize": "2", "crop": "2"}
+    for method, params in [("guidedmixup", {"method.saliency": "ap"}), ("cutmix", {}),
+                           ("mixup", {})]:  # gradients and boxes have no neighbourhood
+        build_config("shapes-resnet18", shapes_root, tmp_path / method, method,
+                     {**tiny, **params})
+    # the training images' side is what counts (the mixers never see the eval crop)
+    build_config("shapes-resnet18", shapes_root, tmp_path / "s3", "saliencymix",
+                 {**tiny, "input_size": "3"})
+    with pytest.raises(UserError, match="needs images of at least 3x3"):
+        build_config("shapes-resnet18", shapes_root, tmp_path / "s", "saliencymix", tiny)
 
 
 def test_one_image_per_process_is_refused_not_trained_on_nothing(shapes_root, tmp_path):

@@ -79,6 +79,11 @@ class Mixer:
                  ctx: MixContext) -> MixOutput:
         return self.apply(images, labels, self.sample(images, labels, generator, ctx))
 
+    def min_image_side(self) -> int:
+        """The smallest image side the method can mix: 3 where a saliency detector's 3x3
+        neighbourhood reads the images (SaliencyMix, Guided-SR), else 1."""
+        return 1
+
     def describe(self) -> dict[str, Any]:
         """Method name and parameters, as recorded in the checkpoint metadata, plus a short
         `title` (the name and the parameters that differ from their defaults) for tables."""

@@ -225,6 +225,9 @@ class GuidedMixup(Mixer):
             raise UserError("guidedmixup: prob must be in [0, 1], blur an odd size >= 1, "
                             "sigma a finite number > 0")
 
+    def min_image_side(self) -> int:
+        return 1 if self.saliency == "ap" else 3  # gradients have no neighbourhood
+
     @property
     def needs_model(self) -> bool:
         """Whether `sample` needs the model being trained (`MixContext.model`): Guided-AP."""

@@ -199,6 +199,9 @@ class SaliencyMix(Mixer):
                             "(salient_to_corresponding, fine_grained, random pairing); "
                             "use mode=batch or mode=sample for other variants")
 
+    def min_image_side(self) -> int:
+        return 3  # every mode asks a detector for maps
+
     def draw(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
              ctx: MixContext, perm_device: torch.device | str | None = None
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
