@@ -157,7 +157,8 @@ def network_detector(path: str) -> Detector:
     (its ``normPRED``), resized back to the image's size."""
     if not Path(path).is_file():
         raise UserError(f"detector {NETWORK}{path}: no such file")
-    _network(path, "cpu")  # a file that is neither kind fails here, in one line
+    _check_maps(path)  # a file that is neither kind, or no map per image, fails here
+
 
     def detect(images: torch.Tensor) -> torch.Tensor:
         images = _check_images(images)
@@ -176,6 +177,25 @@ def network_detector(path: str) -> Detector:
     detect.needs_model = False  # type: ignore[attr-defined]
     detect.takes_normalization = False  # type: ignore[attr-defined]
     return detect
+
+
+def _check_maps(path: str) -> None:
+    """Run the network once on the CPU on one blank image of its input size: a file that is
+    not a network, or a network that does not give one map per image (a classifier's scores,
+    a fixed input size other than 256), is a one-line error now, not a traceback at the
+    first step."""
+    net = _network(path, "cpu")
+    try:
+        with torch.no_grad():
+            maps = net(torch.zeros(1, 3, NETWORK_INPUT, NETWORK_INPUT))
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"detector {NETWORK}{path}: the network fails on a 1x3x{NETWORK_INPUT}"
+                        f"x{NETWORK_INPUT} batch, the detector's input ({first})") from None
+    if maps.dim() != 3 or maps.shape[0] != 1 or min(maps.shape) < 1:
+        raise UserError(f"detector {NETWORK}{path}: the network's first output is "
+                        f"{tuple(maps.shape)} for one image; a detector needs a map per image "
+                        "([B,1,h,w] or [B,h,w])")
 
 
 def _first_map(out) -> torch.Tensor:

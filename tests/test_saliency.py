@@ -399,6 +399,32 @@ class _TwoInputs(torch.nn.Module):
         return x - y
 
 
+class _Classifier(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+        return x.mean((2, 3)) @ torch.ones(3, 10)  # [B,10] class scores, not a map
+
+
+class _OnlySmall(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+        return x.view(x.shape[0], 3, 64, 64)[:, :1]  # only a 64x64 input fits
+
+
+def test_a_supplied_network_that_gives_no_map_per_image_is_one_line(tmp_path):
+    """Was an IndexError from the min-max normalisation, or a view error, at the first step."""
+    torch.jit.save(torch.jit.script(_Classifier()), str(tmp_path / "cls.pt"))
+    program = torch.export.export(_Classifier(), (torch.rand(2, 3, 256, 256),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "cls.pt2"))
+    torch.jit.save(torch.jit.script(_OnlySmall()), str(tmp_path / "small.pt"))
+    for name, message in (("cls.pt", r"first output is \(1, 10\) for one image; a detector "
+                                     r"needs a map per image"),
+                          ("cls.pt2", r"first output is \(1, 10\) for one image"),
+                          ("small.pt", "the network fails on a 1x3x256x256 batch")):
+        with pytest.raises(UserError, match=message) as e:
+            get_mixer("saliencymix", detector=f"network:{tmp_path / name}")
+        assert "\n" not in str(e.value)
+
+
 def test_a_supplied_network_that_is_missing_or_not_a_network_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         get_detector(f"network:{tmp_path / 'none.pt'}")
