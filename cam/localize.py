@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from tqdm import tqdm
 
+from smix.boxes import check_inside
 from smix.checkpoint import checkpoint_ref
 from smix.data import eval_transform
 from smix.devices import fits_on_device
@@ -181,9 +182,8 @@ class GTDataset(Dataset):
         if isinstance(img, Unreadable):
             return img
         w, h = img.size
+        check_inside(item.image, item.boxes, w, h)
         raw = torch.tensor(item.boxes, dtype=torch.float64)
-        if bool((raw[:, 2] > w + 1).any() or (raw[:, 3] > h + 1).any()):
-            raise UserError(f"{item.image}: a box {raw.tolist()} lies outside the {w}x{h} image")
         x, boxes = self.transform(img, tv_tensors.BoundingBoxes(
             raw, format="XYXY", canvas_size=(h, w)))
         size = torch.tensor([x.shape[-1], x.shape[-2]] * 2, dtype=torch.float64)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smix.boxes import Box, read_boxes_file
+from smix.boxes import Box, check_inside, read_boxes_file
 from smix.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from smix.data import denormalize, load_rgb, normalize
 from smix.errors import UserError
@@ -214,7 +214,7 @@ def scan_images(images: list[AuditImage], detectors: Sequence[str], keep: set[in
     for i, im in enumerate(tqdm(images, desc="audit: images", unit="img", disable=not progress)):
         arr = _read(im.path)
         hw = arr.shape[:2]
-        _check_boxes(im, hw)
+        check_inside(im.path, im.boxes, hw[1], hw[0])
         if fns and min(hw) < 3:  # the detectors' least size (`pretrain.saliency`)
             raise UserError(f"{im.path}: the image is {hw[1]}x{hw[0]}; the saliency "
                             "detectors need at least 3x3")
@@ -229,16 +229,6 @@ def scan_images(images: list[AuditImage], detectors: Sequence[str], keep: set[in
     stats = {d: {"hit_rate": float(s[0] / n), "chance": float(s[1] / n),
                  "energy_in_box": float(s[2] / n), "images": n} for d, s in sums.items()}
     return stats, kept
-
-
-def _check_boxes(im: AuditImage, hw: tuple[int, int]) -> None:
-    """A box past its image (a boxes file made for other images, a picture smaller than its
-    annotation) is refused, as `cam localize` refuses it: its object mask would be an edge
-    pixel. A pixel of slack, as there, for boxes written with inclusive ends."""
-    h, w = hw
-    for x0, y0, x1, y1 in im.boxes:
-        if x0 >= w or y0 >= h or x1 > w + 1 or y1 > h + 1:
-            raise UserError(f"{im.path}: box {[x0, y0, x1, y1]} lies outside the {w}x{h} image")
 
 
 def _resize(arr: np.ndarray, boxes: Sequence[Box], size: int) -> Resized:

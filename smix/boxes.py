@@ -36,6 +36,18 @@ def parse_box(values: list, where: str) -> Box:
     return box  # type: ignore[return-value]
 
 
+def check_inside(image: Path, boxes: list[Box] | list[list[float]], width: int,
+                 height: int) -> None:
+    """Refuse a box past its image (a boxes file made for other images, a picture smaller
+    than its annotation): its object mask would be an edge pixel or nothing. A pixel of
+    slack on the far side, for boxes written with inclusive ends. `smix audit` and
+    `cam localize` both check here."""
+    for x0, y0, x1, y1 in boxes:
+        if x0 >= width or y0 >= height or x1 > width + 1 or y1 > height + 1:
+            raise UserError(f"{image}: box {[x0, y0, x1, y1]} lies outside the "
+                            f"{width}x{height} image")
+
+
 def _rows(path: Path, text: str) -> list[tuple[str, str, Box]]:
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:

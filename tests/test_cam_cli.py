@@ -186,6 +186,21 @@ def test_localize_cli_on_the_shapes_voc_copy(data, tmp_path, capsys) -> None:
     assert len((tmp_path / "loc" / "log.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.parametrize("box", ["100,100,130,130", "64,10,65,20", "2,2,30,70"])
+def test_localize_refuses_a_box_outside_its_image(data, tmp_path, capsys, box) -> None:
+    """A boxes file made for other images: past the far edge (was caught), or starting at
+    the edge, a box one pixel wide past the image (was not: its mask was empty)."""
+    image = sorted((data["val"] / "circle").iterdir())[0]
+    w, h = load_rgb(image).size
+    assert (w, h) == (64, 64)
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(f"image,class,x0,y0,x1,y1\n{image},circle,{box}\n")
+    rc, err = _smix(["localize", "--ckpt", str(data["cutmix"]), "--boxes", str(boxes),
+                     "--out", str(tmp_path / "r"), "--no-progress"], capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert f"{image}: box [" in err and "lies outside the 64x64 image" in err
+
+
 def test_localize_voc_root_without_annotations(data, tmp_path, capsys) -> None:
     (tmp_path / "VOC2007" / "JPEGImages").mkdir(parents=True)
     rc, err = _smix(["localize", "--ckpt", str(data["cutmix"]), "--voc-root", str(tmp_path),
