@@ -26,12 +26,13 @@ import torch
 from smix.checkpoint import checkpoint_ref
 from smix.data import ClassFolder, eval_transform
 from smix.devices import fits_on_device
-from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object, shard_indices
+from smix.dist import (DistInfo, agree, all_reduce_sum, broadcast_object, distributed,
+                       shard_indices)
 from smix.errors import UserError
 from smix.io import RunDir
 from robustness.attacks import AttackParams, BatchAttack, attack_info, get_attack
 from robustness.common import (PROGRESS_FILE, Loaded, checkpoint_hashes, commit_progress,
-                               correct_counts, dist_session, fresh_run, group_by_transform,
+                               correct_counts, fresh_run, group_by_transform,
                                label_map, load_all, load_progress, open_images, percent,
                                progress, read_metas, resumed_run)
 from robustness.data import index_batches, subset_indices
@@ -217,7 +218,7 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     for path, meta in zip(cfg.checkpoints, metas):
         label_map(images.classes, meta, path)
     identity = run_identity(cfg, impl, images)
-    with dist_session(cfg.device) as info:
+    with distributed(cfg.device) as info:
         agree(RunDir(cfg.out, create=False).claim, "robustness", cfg.attack)
         # rank 0's record (its error, on every rank): every rank continues from the same batch
         done: dict[str, Any] = broadcast_object(agree(

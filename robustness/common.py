@@ -1,20 +1,17 @@
 """Pieces both evaluations share: loading checkpoints grouped by their evaluation transform,
-exact correct-counts, the distributed session and the progress bar."""
+exact correct-counts and the progress bar (the distributed session is `smix.dist.distributed`)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from smix.checkpoint import BackboneMeta, read_meta
 from smix.data import ClassFolder
-from smix.dist import DistInfo, cleanup, init_distributed
 from smix.errors import UserError
 from smix.io import RunDir, file_sha256, read_json, write_json
 from robustness.model import Normalized, load_for_eval, require_class_names
@@ -141,18 +138,6 @@ def correct_counts(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> to
 
 def percent(count: int, total: int) -> float | None:
     return 100.0 * count / total if total else None
-
-
-@contextlib.contextmanager
-def dist_session(device: str) -> Iterator[DistInfo]:
-    """Join torchrun's process group if there is one; leave it only if we joined it here."""
-    already = dist.is_available() and dist.is_initialized()
-    info = init_distributed(device)
-    try:
-        yield info
-    finally:
-        if not already:
-            cleanup()
 
 
 def progress(total: int, desc: str, enabled: bool) -> Any:

@@ -26,11 +26,11 @@ import torch
 from smix.checkpoint import BackboneMeta, checkpoint_ref
 from smix.data import read_cifar
 from smix.devices import fits_on_device
-from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object
+from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object, distributed
 from smix.errors import UserError
 from smix.io import RunDir
 from robustness.common import (Loaded, checkpoint_hashes, commit_progress,
-                               correct_counts, dist_session, fresh_run, group_by_transform,
+                               correct_counts, fresh_run, group_by_transform,
                                label_map, load_all, load_progress, open_images, progress,
                                read_metas, resumed_run)
 from robustness.corruption_data import (CORRUPTIONS, Split, detect_layout, load_npy, scan_cifar_c,
@@ -271,7 +271,7 @@ def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
     check_folder_classes(splits, metas, cfg.checkpoints)
     check_array_labels(splits, metas, cfg.checkpoints)
     identity = run_identity(cfg, splits)
-    with dist_session(cfg.device) as info:
+    with distributed(cfg.device) as info:
         agree(RunDir(cfg.out, create=False).claim, "robustness", "corruption")
         # rank 0's record (its error, on every rank): every rank skips the same splits
         done: dict[str, Any] = broadcast_object(agree(

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from smix.errors import UserError
-from smix.io import atomic_write, read_json, write_json
+from smix.io import atomic_save, atomic_write, read_json, write_json
 from smix.voc import VOCObject, write_annotation
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
@@ -157,8 +157,8 @@ def generate_shapes(cfg: ShapesConfig, progress: bool = True) -> dict:
         image_id = f"{split}_{names[c]}_{i:05d}"
         folder = out / split / names[c]
         folder.mkdir(parents=True, exist_ok=True)
-        img.save(folder / f"{image_id}.jpg", quality=95)
-        img.save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        for path in (folder / f"{image_id}.jpg", voc / "JPEGImages" / f"{image_id}.jpg"):
+            atomic_save(path, lambda tmp: img.save(tmp, format="JPEG", quality=95))
         xml = write_annotation(voc / "Annotations", f"{image_id}.jpg", cfg.size, cfg.size,
                                [VOCObject(names[c], tuple(float(v) for v in box))])  # type: ignore[arg-type]
         atomic_write(voc / "Annotations" / f"{image_id}.xml", xml)

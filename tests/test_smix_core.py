@@ -23,6 +23,7 @@ from smix.data import CIFAR, ClassFolder, read_cifar
 from pretrain.config import build_config
 from pretrain.data import build_datasets
 from smix.errors import UserError
+from smix.shapes import ShapesConfig, generate_shapes
 from smix.voc import find_year_dir, load_voc
 from tests.conftest import write_cifar10, write_cifar100
 
@@ -733,6 +734,33 @@ def test_shapes_into_a_folder_of_another_configuration_is_refused(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "another configuration (classes differs)" in err
     assert ClassFolder(out / "train").classes == ["circle", "square", "triangle"]
+
+
+def test_shapes_images_are_written_atomically(tmp_path, monkeypatch):
+    """A JPEG write that fails midway (a kill, a full disk) during a rerun leaves the previous
+    image whole: the generator's images go through the atomic helper, as every other file."""
+    out = tmp_path / "s"
+    cfg = ShapesConfig(out, classes=2, per_class=2, size=16, seed=0)
+    generate_shapes(cfg, progress=False)
+    calls = {"n": 0}
+
+    def torn_save(self, fp, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # some images replaced, then one torn
+            Path(fp).write_bytes(b"\xff\xd8partial")
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    real_save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", torn_save)
+    with pytest.raises((OSError, UserError)):
+        generate_shapes(cfg, progress=False)
+    monkeypatch.undo()
+    images = sorted(out.rglob("*.jpg"))
+    assert len(images) == 2 * (2 + 4) * 2  # class folders and the VOC copy
+    for path in images:
+        with Image.open(path) as im:
+            im.load()  # a torn file raises here
 
 
 def test_tiny_imagenet_annotations_are_read_as_user_text(tmp_path):

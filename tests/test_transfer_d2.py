@@ -261,7 +261,7 @@ def _final_weights(ckpt: Path, shapes: Path, out: Path, iters: int, *extra: str)
     argv = _argv(ckpt, shapes, out, "--backend", "detectron2", "--iters", str(iters), "batch=4",
                  "warmup=0", "lr=0.02", *extra)
     assert smix_run("transfer", argv) == 0
-    return torch.load(out / "detectron2" / "model_final.pth", weights_only=False)["model"]
+    return torch.load(out / "detectron2" / "model_final.pth", weights_only=True)["model"]
 
 
 def test_micro_batches_equal_the_big_batch(shapes: Path, tmp_path: Path,
