@@ -86,6 +86,33 @@ def test_every_method_gives_unit_range_maps_and_releases_its_hooks(model, images
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("method,package_class", [("gradcam++", "GradCAMPlusPlus"),
+                                                  ("eigencam", "EigenCAM"),
+                                                  ("layercam", "LayerCAM")])
+def test_package_methods_equal_the_package_called_directly(model, images, method,
+                                                           package_class) -> None:
+    """Each registered name runs the grad-cam class it says, and the wrapper (the backward
+    cut at the target layer, the frozen parameters, one target per image) leaves its maps as
+    the package computes them on its own, through the whole model (layer3: the cut matters)."""
+    import copy
+
+    from pytorch_grad_cam import EigenCAM, GradCAMPlusPlus, LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    targets = torch.tensor([3, 0])
+    net = copy.deepcopy(model)
+    cls = {"GradCAMPlusPlus": GradCAMPlusPlus, "EigenCAM": EigenCAM, "LayerCAM": LayerCAM}
+    cam = cls[package_class](model=net, target_layers=[net.layer3])
+    try:
+        want = torch.from_numpy(cam(input_tensor=images[:2],
+                                    targets=[ClassifierOutputTarget(int(t)) for t in targets]))
+    finally:
+        cam.activations_and_grads.release()
+    got = build_cam(method, model, "resnet18", "layer3")(images[:2], targets).maps
+    assert float(want.max()) > 0.99  # not the trivial all-zero map
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_scorecam_through_the_package_on_an_overridden_layer(model, images) -> None:
     """Score-CAM costs one forward per channel: layer1 (64 channels) keeps the test fast."""
     res = build_cam("scorecam", model, "resnet18", layer="layer1")(images[:1], torch.tensor([2]))
