@@ -115,9 +115,21 @@ def test_package_methods_equal_the_package_called_directly(model, images, method
 
 def test_scorecam_through_the_package_on_an_overridden_layer(model, images) -> None:
     """Score-CAM costs one forward per channel: layer1 (64 channels) keeps the test fast."""
+    import copy
+
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     res = build_cam("scorecam", model, "resnet18", layer="layer1")(images[:1], torch.tensor([2]))
     assert res.maps.shape == (1, 96, 96) and float(res.maps.max()) == pytest.approx(1, abs=1e-6)
     assert not model.layer1._forward_hooks
+    net = copy.deepcopy(model)  # the reference: the package's own ScoreCAM, called directly
+    cam = ScoreCAM(model=net, target_layers=[net.layer1])
+    try:
+        want = torch.from_numpy(cam(input_tensor=images[:1], targets=[ClassifierOutputTarget(2)]))
+    finally:
+        cam.activations_and_grads.release()
+    torch.testing.assert_close(res.maps, want, atol=1e-5, rtol=0)
 
 
 def test_target_layer_defaults_to_the_registry_and_can_be_overridden(model) -> None:
