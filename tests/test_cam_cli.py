@@ -18,6 +18,7 @@ from smix.cli import run
 from smix.data import eval_transform, load_rgb
 from smix.io import read_json
 from smix.shapes import ShapesConfig, generate_shapes
+from cam.methods import build_cam
 from cam.render import GridLayout, read_png
 
 CLASSES = ("circle", "square", "triangle")
@@ -67,6 +68,15 @@ def test_export_writes_overlays_maps_grid_and_metrics(data, tmp_path, capsys) ->
     want = np.round((0.5 * pixels.numpy() + 0.5 * matplotlib.colormaps["jet"](cam)[..., :3]) * 255)
     got = read_png(tmp_path / "e" / first["overlay"]).astype(float)
     assert np.abs(got - want).max() <= 1
+    # the map and the probability are the CAM of that image, computed here without the
+    # export's loader: the checkpoint's own eval transform (normalising) and the method
+    model, ck_meta = load_backbone(data["cutmix"])
+    x = eval_transform(ck_meta)(load_rgb(first["image"]))[None]
+    target = torch.tensor([CLASSES.index(first["target_class"])])
+    direct = build_cam(r["models"][0]["cam_method"], model.eval(), "resnet18")(x, target)
+    np.testing.assert_allclose(cam, direct.maps[0].numpy(), atol=1e-5)
+    prob = float(direct.logits.softmax(1)[0, target])
+    assert first["target_prob"] == pytest.approx(prob, abs=1e-5)
     grid = read_png(tmp_path / "e" / "grid.png")
     width, height = GridLayout(2, 5).size_px
     assert grid.shape == (height, width, 3)
