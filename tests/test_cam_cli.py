@@ -194,6 +194,17 @@ def test_localize_cli_on_the_shapes_voc_copy(data, tmp_path, capsys) -> None:
         assert len(m["boxacc_curve"]["acc"]) == 20
         assert m["checkpoint"]["path"].endswith(".safetensors")
     assert len((tmp_path / "loc" / "log.jsonl").read_text().splitlines()) == 2
+    # top-1 classification, computed here: each checkpoint on its own eval transform of the
+    # VOC test images (one object each, its class the image's)
+    from smix.voc import find_year_dir, load_voc
+    records = load_voc(find_year_dir(data["shapes"], "2007"), "test")
+    labels = torch.tensor([CLASSES.index(rec.objects[0].name) for rec in records])
+    for m, key in zip(r["models"], ("cutmix", "saliencymix")):
+        model, meta = load_backbone(data[key])
+        x = torch.stack([eval_transform(meta)(load_rgb(rec.image_path)) for rec in records])
+        with torch.no_grad():
+            pred = model.eval()(x).argmax(1)
+        assert m["top1_cls"] == pytest.approx(100 * float((pred == labels).float().mean()))
 
 
 def test_localize_voc_root_without_annotations(data, tmp_path, capsys) -> None:
