@@ -18,6 +18,7 @@ from smix.cli import run
 from smix.data import eval_transform, load_rgb
 from smix.io import read_json
 from smix.shapes import ShapesConfig, generate_shapes
+from cam.methods import build_cam
 from cam.render import GridLayout, read_png
 
 CLASSES = ("circle", "square", "triangle")
@@ -67,6 +68,15 @@ def test_export_writes_overlays_maps_grid_and_metrics(data, tmp_path, capsys) ->
     want = np.round((0.5 * pixels.numpy() + 0.5 * matplotlib.colormaps["jet"](cam)[..., :3]) * 255)
     got = read_png(tmp_path / "e" / first["overlay"]).astype(float)
     assert np.abs(got - want).max() <= 1
+    # the map and the probability are the CAM of that image, computed here without the
+    # export's loader: the checkpoint's own eval transform (normalising) and the method
+    model, ck_meta = load_backbone(data["cutmix"])
+    x = eval_transform(ck_meta)(load_rgb(first["image"]))[None]
+    target = torch.tensor([CLASSES.index(first["target_class"])])
+    direct = build_cam(r["models"][0]["cam_method"], model.eval(), "resnet18")(x, target)
+    np.testing.assert_allclose(cam, direct.maps[0].numpy(), atol=1e-5)
+    prob = float(direct.logits.softmax(1)[0, target])
+    assert first["target_prob"] == pytest.approx(prob, abs=1e-5)
     grid = read_png(tmp_path / "e" / "grid.png")
     width, height = GridLayout(2, 5).size_px
     assert grid.shape == (height, width, 3)
@@ -184,6 +194,17 @@ def test_localize_cli_on_the_shapes_voc_copy(data, tmp_path, capsys) -> None:
         assert len(m["boxacc_curve"]["acc"]) == 20
         assert m["checkpoint"]["path"].endswith(".safetensors")
     assert len((tmp_path / "loc" / "log.jsonl").read_text().splitlines()) == 2
+    # top-1 classification, computed here: each checkpoint on its own eval transform of the
+    # VOC test images (one object each, its class the image's)
+    from smix.voc import find_year_dir, load_voc
+    records = load_voc(find_year_dir(data["shapes"], "2007"), "test")
+    labels = torch.tensor([CLASSES.index(rec.objects[0].name) for rec in records])
+    for m, key in zip(r["models"], ("cutmix", "saliencymix")):
+        model, meta = load_backbone(data[key])
+        x = torch.stack([eval_transform(meta)(load_rgb(rec.image_path)) for rec in records])
+        with torch.no_grad():
+            pred = model.eval()(x).argmax(1)
+        assert m["top1_cls"] == pytest.approx(100 * float((pred == labels).float().mean()))
 
 
 @pytest.mark.parametrize("box", ["100,100,130,130", "64,10,65,20", "2,2,30,70"])

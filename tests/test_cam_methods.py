@@ -86,11 +86,50 @@ def test_every_method_gives_unit_range_maps_and_releases_its_hooks(model, images
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("method,package_class", [("gradcam++", "GradCAMPlusPlus"),
+                                                  ("eigencam", "EigenCAM"),
+                                                  ("layercam", "LayerCAM")])
+def test_package_methods_equal_the_package_called_directly(model, images, method,
+                                                           package_class) -> None:
+    """Each registered name runs the grad-cam class it says, and the wrapper (the backward
+    cut at the target layer, the frozen parameters, one target per image) leaves its maps as
+    the package computes them on its own, through the whole model (layer3: the cut matters)."""
+    import copy
+
+    from pytorch_grad_cam import EigenCAM, GradCAMPlusPlus, LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    targets = torch.tensor([3, 0])
+    net = copy.deepcopy(model)
+    cls = {"GradCAMPlusPlus": GradCAMPlusPlus, "EigenCAM": EigenCAM, "LayerCAM": LayerCAM}
+    cam = cls[package_class](model=net, target_layers=[net.layer3])
+    try:
+        want = torch.from_numpy(cam(input_tensor=images[:2],
+                                    targets=[ClassifierOutputTarget(int(t)) for t in targets]))
+    finally:
+        cam.activations_and_grads.release()
+    got = build_cam(method, model, "resnet18", "layer3")(images[:2], targets).maps
+    assert float(want.max()) > 0.99  # not the trivial all-zero map
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_scorecam_through_the_package_on_an_overridden_layer(model, images) -> None:
     """Score-CAM costs one forward per channel: layer1 (64 channels) keeps the test fast."""
+    import copy
+
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     res = build_cam("scorecam", model, "resnet18", layer="layer1")(images[:1], torch.tensor([2]))
     assert res.maps.shape == (1, 96, 96) and float(res.maps.max()) == pytest.approx(1, abs=1e-6)
     assert not model.layer1._forward_hooks
+    net = copy.deepcopy(model)  # the reference: the package's own ScoreCAM, called directly
+    cam = ScoreCAM(model=net, target_layers=[net.layer1])
+    try:
+        want = torch.from_numpy(cam(input_tensor=images[:1], targets=[ClassifierOutputTarget(2)]))
+    finally:
+        cam.activations_and_grads.release()
+    torch.testing.assert_close(res.maps, want, atol=1e-5, rtol=0)
 
 
 def test_target_layer_defaults_to_the_registry_and_can_be_overridden(model) -> None:

@@ -236,6 +236,25 @@ def direct_clean_top1(ckpt: Path, val: Path) -> float:
     return 100.0 * float((pred == torch.tensor(ds.targets)).float().mean())
 
 
+def direct_fgsm_top1(ckpt: Path, val: Path, eps255: float) -> float:
+    """Reference: torchattacks' FGSM on the bare model, told the checkpoint's normalisation
+    (`set_normalization_used`, not the toolkit's `Normalized` wrapper), on the [0,1] pixels of
+    the checkpoint's eval transform; top-1 of the adversarial images."""
+    import torchattacks
+
+    model, meta = load_backbone(ckpt)
+    model.eval()
+    ds = ClassFolder(val, transform=eval_transform(meta, normalize=False), classes=meta.class_names)
+    x, y = torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
+    attack = torchattacks.FGSM(model, eps=eps255 / 255)
+    attack.set_normalization_used(mean=list(meta.mean), std=list(meta.std))
+    adv = attack(x, y)
+    m, s = torch.tensor(meta.mean).view(1, 3, 1, 1), torch.tensor(meta.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        pred = model((adv - m) / s).argmax(1)
+    return 100.0 * float((pred == y).float().mean())
+
+
 def test_fgsm_run_eps0_is_clean_and_numbers_trace(world, tmp_path):
     out = tmp_path / "run"
     cfg = AttackConfig(attack="fgsm", checkpoints=(world["a"], world["b"]), data=world["val"],
@@ -249,6 +268,8 @@ def test_fgsm_run_eps0_is_clean_and_numbers_trace(world, tmp_path):
         assert m["adversarial"]["0"] == m["clean"]
         assert m["clean_acc"] == pytest.approx(direct_clean_top1(ck, world["val"]))
         assert m["robust_acc"] == m["adversarial"]["8"]["top1"]
+        # the adversarial number itself, against torchattacks run directly on the model
+        assert m["robust_acc"] == pytest.approx(direct_fgsm_top1(ck, world["val"], 8.0))
         assert m["clean"]["top5"] == 100.0  # 3 classes
         assert m["checkpoint"]["sha256"] and m["architecture"] == "resnet18"
     assert (out / "accuracy_vs_eps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

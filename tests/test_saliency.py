@@ -184,15 +184,21 @@ def test_bad_shapes_are_rejected():
 
 
 def test_maps_of_normalised_images_are_the_maps_of_their_pixels():
-    """`normalized_saliency` (what the mixers call) equals the detector on the de-normalised
-    0..255 pixels, whether the detector takes the normalisation itself or gets the pixels."""
+    """`normalized_saliency` (what the mixers call) equals the detector on the 0..255 pixels
+    the normalised batch was made from, whether the detector takes the normalisation itself
+    or gets the pixels. The reference is the known pixels, not `denormalize` of the batch (the
+    code's own step): a de-normalisation that swapped mean and std, or forgot the 255, would
+    agree with itself."""
     mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)
     pixels = _random_images(batch=3, h=20, w=28)
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     normalized = (pixels / 255 - m) / s
     for name in ("fine_grained", "spectral_residual", "frequency_tuned"):
-        want = get_detector(name)(denormalize(normalized, mean, std, scale=255.0))
+        want = get_detector(name)(pixels)
         assert torch.equal(normalized_saliency(name, normalized, mean, std), want), name
+    # the round trip lands within float32 rounding of the integer pixels (every detector reads
+    # them as uint8, rounded to nearest)
+    assert (denormalize(normalized, mean, std, scale=255.0) - pixels).abs().max() < 1e-3
     assert get_detector("fine_grained").takes_normalization
     assert not get_detector("frequency_tuned").takes_normalization
 
@@ -206,6 +212,26 @@ def test_frequency_tuned_finds_the_coloured_square():
     inside = torch.zeros(40, 40, dtype=torch.bool)
     inside[10:18, 22:30] = True
     assert sal[inside].mean() > 5 * sal[~inside].mean()
+
+
+def test_frequency_tuned_matches_achantas_formula_on_photos(photos):
+    """OpenCV has no frequency-tuned detector: the reference is Achanta et al.'s formula with
+    independent parts, skimage's Lab and OpenCV's separable filter with the paper's 5x5
+    binomial kernel (BORDER_REFLECT_101): S = ||mean Lab - blurred Lab||, over its maximum."""
+    cv2, _ = _reference_libs()
+    import skimage.color
+
+    rgb = photos[32]
+    kernel = np.array([1, 4, 6, 4, 1], np.float64) / 16
+    want = []
+    for img in rgb:
+        lab = skimage.color.rgb2lab(img)
+        blurred = cv2.sepFilter2D(lab, cv2.CV_64F, kernel, kernel,
+                                  borderType=cv2.BORDER_REFLECT_101)
+        sal = np.linalg.norm(blurred - lab.mean((0, 1)), axis=-1)
+        want.append(sal / sal.max())
+    ours = frequency_tuned(_to_tensor(rgb)).numpy()
+    np.testing.assert_allclose(ours, np.stack(want), rtol=0, atol=1e-4)
 
 
 def test_fine_grained_of_a_uniform_image_is_zero():
