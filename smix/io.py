@@ -245,8 +245,8 @@ class RunDir:
         if not isinstance(old, dict) or old.get("format") != METRICS_FORMAT:
             return self
         if (old.get("stage"), old.get("kind")) != (stage, kind):
-            raise UserError(f"{self.path} holds a {old.get('stage')} run ({old.get('kind')}; "
-                            "metrics.json): choose another --out")
+            raise UserError(f"{self.path} holds another run (its metrics.json: stage "
+                            f"{old.get('stage')}, kind {old.get('kind')}): choose another --out")
         return self
 
     def write_config(self, config: Any) -> None:

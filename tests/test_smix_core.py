@@ -805,8 +805,8 @@ def test_a_run_folder_is_claimed_by_its_stage_and_kind(tmp_path) -> None:
     run.write_metrics(stage="pretrain", kind="classification", results={})
     assert run.claim("pretrain", "classification") is run
     for stage, kind in (("robustness", "fgsm"), ("pretrain", "audit")):
-        with pytest.raises(UserError, match=r"r holds a pretrain run \(classification; "
-                                            r"metrics.json\): choose another --out"):
+        with pytest.raises(UserError, match=r"r holds another run \(its metrics.json: stage "
+                                            r"pretrain, kind classification\): choose another --out"):
             run.claim(stage, kind)
     run.file("metrics.json").write_text('{"stage": "pretrain", "kind": "x"}')  # not smix's
     assert run.claim("robustness", "fgsm") is run
