@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from smix.checkpoint import checkpoint_ref
-from smix.data import ClassFolder, eval_transform
+from smix.data import CIFAR, ClassFolder, eval_transform
 from smix.devices import fits_on_device
 from smix.dist import (DistInfo, agree, all_reduce_sum, broadcast_object, distributed,
                        shard_indices)
@@ -191,17 +191,21 @@ def _attack_pass(cfg: AttackConfig, group: list[Loaded], info: DistInfo, attack:
     return counts, len(indices)
 
 
-def run_identity(cfg: AttackConfig, impl: str, dataset: ClassFolder) -> dict[str, Any]:
+def run_identity(cfg: AttackConfig, impl: str, dataset: ClassFolder | CIFAR) -> dict[str, Any]:
     """What a resumed run must share with the killed one for its counts to be the same
     measurement: the checkpoints' bytes, the images (their list: a folder still being unpacked
     or cleaned up between the kill and the resume would mix counts of other images) and their
     subset, and all that decides an adversarial image: attack, implementation, ε, its
     parameters, the seed and the batch size (which decides each batch's seed). Workers and
     device only change how they are made."""
-    listing = "\n".join(f"{os.path.relpath(p, cfg.data)}\t{t}" for p, t in dataset.samples)
+    if isinstance(dataset, CIFAR):
+        names = dataset.digest()
+    else:
+        listing = "\n".join(f"{os.path.relpath(p, cfg.data)}\t{t}" for p, t in dataset.samples)
+        names = hashlib.sha256(listing.encode()).hexdigest()
     return {"checkpoints": checkpoint_hashes(cfg.checkpoints),
             "data": str(Path(cfg.data).resolve()),
-            "images": len(dataset), "image names": hashlib.sha256(listing.encode()).hexdigest(),
+            "images": len(dataset), "image names": names,
             "limit": cfg.limit, "impl": impl,
             "eps": list(cfg.eps), "step": cfg.step, "steps": cfg.steps,
             "random_start": cfg.random_start, "seed": cfg.seed, "batch_size": cfg.batch_size}

@@ -69,8 +69,9 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
 def _attack_parser(sub: Any, name: str) -> None:
     info = attack_info(name)
     p = sub.add_parser(name, help=f"{name.upper()} white-box L-inf evaluation")
-    _common(p, "evaluation images as class folders (e.g. ImageNet val) or Tiny-ImageNet's "
-               "own val/ layout (images/ + val_annotations.txt)")
+    _common(p, "evaluation images as class folders (e.g. ImageNet val), Tiny-ImageNet's "
+               "own val/ layout (images/ + val_annotations.txt), or CIFAR-10/100's python "
+               "pickles (their test set)")
     p.add_argument("--eps", default=",".join(f"{e:g}" for e in info.default_eps),
                    help="epsilons in /255 pixel units, comma-separated (default: %(default)s)")
     p.add_argument("--allow-subpixel-eps", action="store_true",

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from smix.checkpoint import BackboneMeta, read_meta
-from smix.data import ClassFolder
+from smix.data import CIFAR, ClassFolder, holds_cifar
 from smix.errors import UserError
 from smix.io import RunDir, file_sha256, read_json, write_json
 from robustness.model import Normalized, load_for_eval, require_class_names
@@ -65,12 +65,16 @@ def label_map(classes: Sequence[str], meta: BackboneMeta, path: Path) -> torch.T
 
 
 def open_images(root: Path, meta: BackboneMeta, path: Path, transform: Any = None
-                ) -> ClassFolder:
+                ) -> ClassFolder | CIFAR:
     """The evaluation images read as pretrain reads them, with the checkpoint's class names: a
-    class-folder tree, or Tiny-ImageNet's own val layout (`images/` + `val_annotations.txt`).
-    The classes must be the checkpoint's; `label_map(dataset.classes, …)` then checks that (a
-    folder tree's own class list, so its message names the checkpoint) and maps labels."""
+    class-folder tree, Tiny-ImageNet's own val layout (`images/` + `val_annotations.txt`), or
+    CIFAR-10/100's python pickles (the test set; the checkpoint's class count says which
+    where a root holds both). The classes must be the checkpoint's; `label_map(dataset.classes,
+    …)` then checks that (so its message names the checkpoint) and maps labels."""
     require_class_names(meta, path)
+    if holds_cifar(root):
+        kind = {10: "cifar10", 100: "cifar100"}.get(meta.num_classes)
+        return CIFAR(root, train=False, transform=transform, kind=kind)
     tiny = (Path(root) / "val_annotations.txt").is_file()  # its classes come from the checkpoint
     classes = sorted(meta.class_names) if tiny else None
     return ClassFolder(root, transform=transform, classes=classes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import os
 import pickle
@@ -244,6 +245,13 @@ def find_cifar(root: str | os.PathLike, kind: str | None = None) -> tuple[Path, 
     return found[name], name
 
 
+def holds_cifar(root: str | os.PathLike) -> bool:
+    """Whether `root` (or its published folder under it) holds CIFAR's python pickles."""
+    return any(all((cand / f).is_file() for f in files)
+               for folder, files in CIFAR_LAYOUTS.values()
+               for cand in (Path(root), Path(root) / folder))
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
@@ -300,6 +308,13 @@ def read_cifar(root: str | os.PathLike, train: bool, kind: str | None = None
 class CIFAR(Dataset):
     """CIFAR-10/100 from the python pickles, as uint8 CHW tensors into the transform;
     `kind` (cifar10 | cifar100) says which, when the root may hold both."""
+
+    def digest(self) -> str:
+        """SHA-256 of the labels and pixels: which images these are (a resumed evaluation
+        checks it, as it checks a class folder's file list)."""
+        h = hashlib.sha256(np.asarray(self.targets, dtype=np.int64).tobytes())
+        h.update(self.images.numpy().tobytes())
+        return h.hexdigest()
 
     def __init__(self, root: str | os.PathLike, train: bool, transform: Callable | None = None,
                  kind: str | None = None):

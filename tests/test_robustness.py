@@ -276,6 +276,55 @@ def test_fgsm_run_eps0_is_clean_and_numbers_trace(world, tmp_path):
     assert json.loads((out / "config.json").read_text())["attack"] == "fgsm"
 
 
+def test_fgsm_reads_the_cifar_test_pickles(tmp_path, capsys):
+    """CIFAR models are attacked on the test set of the python pickles, as pretrain read it
+    (it asked for class folders); a root holding both sets gives each checkpoint its own."""
+    import torchattacks
+
+    root = tmp_path / "cifar"
+    write_cifar10(root, n_test=10)
+    write_cifar100(root, n_test=6)
+    c10 = make_ckpt(tmp_path / "c10.safetensors", 4, classes=tuple(f"c{i}" for i in range(10)),
+                    input_size=32, resize=32, crop=32, dataset="cifar10")
+    c100 = make_ckpt(tmp_path / "c100.safetensors", 5, input_size=32, resize=32, crop=32,
+                     classes=tuple(f"f{i}" for i in range(100)), dataset="cifar100")
+    for ck, kind, n in ((c10, "cifar10", 10), (c100, "cifar100", 6)):
+        out = tmp_path / kind
+        assert cli_run("robustness", ["fgsm", "--ckpt", str(ck), "--data", str(root), "--eps",
+                                      "2,8", "--out", str(out), "--workers", "0",
+                                      "--device", "cpu", "--batch-size", "4"]) == 0
+        r = json.loads((out / "metrics.json").read_text())["results"]
+        m = r["models"][0]
+        assert r["n_images"] == n
+        # reference: the pickle's pixels in [0,1] (32x32 models: no resize), torchattacks on
+        # the bare model told the normalisation, labels as the pickle stores them
+        pixels, labels, _ = read_cifar(root, train=False, kind=kind)
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+        y = torch.from_numpy(labels)
+        model, meta = load_backbone(ck)
+        model.eval()
+        mean = torch.tensor(meta.mean).view(1, 3, 1, 1)
+        std = torch.tensor(meta.std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            clean = 100 * float((model((x - mean) / std).argmax(1) == y).float().mean())
+        assert m["clean_acc"] == pytest.approx(clean)
+        for eps in (2, 8):
+            attack = torchattacks.FGSM(model, eps=eps / 255)
+            attack.set_normalization_used(mean=list(meta.mean), std=list(meta.std))
+            adv = attack(x, y)
+            with torch.no_grad():
+                top1 = 100 * float((model((adv - mean) / std).argmax(1) == y).float().mean())
+            assert m["adversarial"][str(eps)]["top1"] == pytest.approx(top1)
+    capsys.readouterr()
+    # a CIFAR-10 model where only CIFAR-100's pickles are: one line, nothing written
+    only100 = tmp_path / "only100"
+    write_cifar100(only100)
+    code, err = cli(["fgsm", "--ckpt", str(c10), "--data", str(only100), "--out",
+                     str(tmp_path / "x"), "--device", "cpu"], capsys)
+    assert code == 2 and "\n" not in err and "cifar10 asked, but only cifar100" in err
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("attack", ["fgsm", "pgd"])
 def test_run_hands_the_attack_eps_and_step_in_255ths(world, tmp_path, monkeypatch, attack):
     """The config speaks /255 (eps 2 and 8, step 2): the attack must get 2/255, 8/255 and a
