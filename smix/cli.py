@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from typing import Any, NoReturn, Sequence
 
 from smix import cpus
@@ -93,6 +94,9 @@ def workers_arg(text: str) -> int:
     return count
 
 
+_QUIET_RANK_EXIT_S = 3.0
+
+
 def _clean_message(exc: BaseException) -> str:
     msg = str(exc)
     # A UserError raised in a DataLoader worker is re-raised with the worker traceback attached.
@@ -116,6 +120,11 @@ def run(command: str, argv: Sequence[str]) -> int:
     try:
         return int(module.main(list(argv)) or 0)
     except UserError as e:
+        if getattr(e, "every_rank", False) and os.environ.get("RANK", "0") != "0":
+            # rank 0 prints it: once, not once per process. torchrun ends the group when the
+            # first process exits, so this one waits for rank 0 to have printed and exited
+            time.sleep(_QUIET_RANK_EXIT_S)
+            return 2
         prog = getattr(e, "prog", None) or f"smix {command}"
         print(f"{prog}: error: {_clean_message(e)}", file=sys.stderr)
         return 2

@@ -188,5 +188,5 @@ def agree(fn: Callable[..., T], *args: Any) -> T:
         result, error = None, str(e)
     errors = gather_lists([error] if error is not None else [])
     if errors:
-        raise UserError(errors[0])
+        raise UserError(errors[0], every_rank=True)
     return result  # type: ignore[return-value]

@@ -10,11 +10,14 @@ class UserError(Exception):
 
     `prog` names the command whose usage was wrong (set by `smix.cli.ArgParser`), so the
     one-line message can say `smix robustness fgsm: error: …` without repeating itself.
+    `every_rank`: the same error was raised on every process of a torchrun group
+    (`smix.dist.agree`), so only rank 0 need print it.
     """
 
-    def __init__(self, message: str, prog: str | None = None):
+    def __init__(self, message: str, prog: str | None = None, every_rank: bool = False):
         super().__init__(message)
         self.prog = prog
+        self.every_rank = every_rank
 
 
 def one_line(message: str) -> str:

@@ -86,4 +86,5 @@ def test_a_bad_image_on_one_rank_fails_every_rank_with_one_line(setup, tmp_path)
                       "--device", "cpu", "--no-progress"])
     assert proc.returncode != 0
     assert "smix cam: error:" in proc.stderr and "zz_broken.jpg: cannot read image" in proc.stderr
+    assert proc.stderr.count("zz_broken.jpg: cannot read image") == 1  # not once per process
     assert not (tmp_path / "o" / "metrics.json").exists()

@@ -996,3 +996,24 @@ def test_an_attack_into_another_stages_run_folder_is_refused(world, tmp_path, ca
     assert code == 2 and "\n" not in err, err
     assert "holds another run (its metrics.json: stage pretrain, kind classification)" in err
     assert {p.name: p.read_bytes() for p in run.path.iterdir()} == before
+
+
+def test_an_error_every_rank_raised_is_printed_by_rank_0_only(world, tmp_path, capsys,
+                                                               monkeypatch):
+    """The refusal above is agreed over the ranks (`smix.dist.agree`): under torchrun each of
+    the N processes printed the same line."""
+    import smix.cli as cli_mod
+    from smix.io import RunDir
+
+    run = RunDir(tmp_path / "pre")
+    run.write_metrics(stage="pretrain", kind="classification", results={})
+    argv = ["fgsm", "--ckpt", str(world["a"]), "--data", str(world["val"]), "--out",
+            str(run.path), "--workers", "0", "--device", "cpu"]
+    monkeypatch.setattr(cli_mod, "_QUIET_RANK_EXIT_S", 0.0)
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        code, err = cli(argv, capsys)
+        assert code == 2 and len(err.splitlines()) == lines, (rank, err)
+    monkeypatch.setenv("RANK", "1")  # an error of this process alone is always printed
+    code, err = cli(argv[:-2] + ["--device", "cuda:7"], capsys)
+    assert code == 2 and "cuda:7" in err
