@@ -131,9 +131,10 @@ def _print_localization(r: dict) -> None:
     print(f"{r['dataset']}: {r['n_images']} images, IoU >= {r['iou_threshold']}, "
           f"CAM threshold {r['cam_threshold']}, geometry {r.get('geometry', 'crop')}")
     print(f"{'checkpoint':<40} {'GT-known':>9} {'Top-1Loc':>9} {'Top-1Cls':>9} "
-          f"{'MaxBoxAcc':>10} {'Pointing':>9}")
+          f"{'MaxBoxAcc':>10} {'MaxBoxAccV2':>12} {'Pointing':>9}")
     names = distinct_names([m["checkpoint"]["path"] for m in r["models"]])
     for m, name in zip(r["models"], names):
         name += f" ({m['training_method']})"
         print(f"{name[:40]:<40} {m['gt_known_loc']:9.2f} {m['top1_loc']:9.2f} "
-              f"{m['top1_cls']:9.2f} {m['maxboxacc']:10.2f} {m['pointing_game']:9.2f}")
+              f"{m['top1_cls']:9.2f} {m['maxboxacc']:10.2f} {m['maxboxacc_v2']:12.2f} "
+              f"{m['pointing_game']:9.2f}")

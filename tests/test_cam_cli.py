@@ -191,6 +191,11 @@ def test_localize_cli_on_the_shapes_voc_copy(data, tmp_path, capsys) -> None:
             assert 0 <= m[key] <= 100
         assert m["top1_loc"] <= min(m["gt_known_loc"], m["top1_cls"])
         assert m["maxboxacc"] >= m["gt_known_loc"]  # 0.2 is on the 0.05 sweep
+        # V2 tries every region (the largest among them) at IoU 0.3, 0.5, 0.7
+        v2 = m["maxboxacc_v2_per_iou"]
+        assert v2["30"] >= v2["50"] >= v2["70"] and v2["50"] >= m["maxboxacc"]
+        assert m["maxboxacc_v2"] == pytest.approx((v2["30"] + v2["50"] + v2["70"]) / 3)
+        assert all(max(m["boxacc_v2_curves"][d]) == v2[d] for d in v2)
         assert len(m["boxacc_curve"]["acc"]) == 20
         assert m["checkpoint"]["path"].endswith(".safetensors")
     assert len((tmp_path / "loc" / "log.jsonl").read_text().splitlines()) == 2

@@ -18,9 +18,10 @@ from smix.errors import UserError
 from smix.io import atomic_write, read_json
 from smix.voc import VOCObject, write_annotation
 from cam.boxes import from_boxes_file, from_voc
-from cam.localize import (GTDataset, LocalizeConfig, best_iou, box_masks, energy_in_boxes,
-                          largest_region_boxes, localize, localization_hits, localize_transform,
-                          threshold_sweep)
+from cam.localize import (GTDataset, LocalizeConfig, best_iou, best_region_iou, box_masks,
+                          energy_in_boxes, find_regions, largest_region_boxes, localize,
+                          localization_hits, localization_ious, localize_transform,
+                          threshold_sweep, v2_hits)
 from cam.methods import build_cam
 
 CLASSES = ("bright", "other")
@@ -40,6 +41,17 @@ def test_largest_region_box_hand_case() -> None:
     assert largest_region_boxes(np.zeros((3, 4, 4), bool)).tolist() == [[0, 0, 0, 0]] * 3
 
 
+def test_largest_region_ties_go_to_the_first_pixel_in_raster_order() -> None:
+    m = np.zeros((2, 8, 8), dtype=bool)
+    m[0, 3:5, 0:2] = True  # area 1 (2x2), first pixel (3, 0)
+    m[0, 0:2, 6:8] = True  # area 1, first pixel (0, 6): first in raster order
+    m[1, 2:4, 0:2] = True  # first pixel (2, 0) ...
+    m[1, 2:4, 5:7] = True  # ... before (2, 5) on the same row
+    assert largest_region_boxes(m).tolist() == [[6, 0, 8, 2], [0, 2, 2, 4]]
+    m[0, 3:6, 0:2] = True  # now 2x3: area 2, larger
+    assert largest_region_boxes(m)[0].tolist() == [0, 3, 2, 6]
+
+
 def test_largest_region_diagonal_pixels_are_one_region() -> None:
     m = np.zeros((1, 5, 5), dtype=bool)
     m[0, [0, 1, 2, 3], [0, 1, 2, 3]] = True  # 8-connected diagonal, 4 px
@@ -47,19 +59,25 @@ def test_largest_region_diagonal_pixels_are_one_region() -> None:
     assert largest_region_boxes(m).tolist() == [[0, 0, 4, 4]]
 
 
-def test_largest_region_batched_equals_per_image_reference() -> None:
+def test_largest_region_is_wsolevaluations_largest_contour() -> None:
+    """Choe et al.'s wsolevaluation (`compute_bboxes_from_scoremaps`, multi_contour_eval off):
+    `max(contours, key=cv2.contourArea)` over RETR_TREE, its boundingRect. Where areas tie,
+    ours is one of the tied boxes (its order: the region's first pixel in raster order)."""
+    cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(0)
     masks = ndimage.binary_opening(rng.random((12, 20, 20)) > 0.55, np.ones((1, 2, 2)))
     masks[3] = False
     batched = largest_region_boxes(masks)
     for b in range(len(masks)):
-        lab, n = ndimage.label(masks[b], structure=np.ones((3, 3)))
-        if n == 0:
+        contours = cv2.findContours(masks[b].astype(np.uint8), cv2.RETR_TREE,
+                                    cv2.CHAIN_APPROX_SIMPLE)[0]
+        if not contours:
             assert batched[b].tolist() == [0, 0, 0, 0]
             continue
-        sizes = ndimage.sum(masks[b], lab, range(1, n + 1))
-        ys, xs = np.nonzero(lab == 1 + int(np.argmax(sizes)))
-        assert batched[b].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        top = max(cv2.contourArea(c) for c in contours)
+        tied = [[x, y, x + w, y + h] for c in contours if cv2.contourArea(c) == top
+                for x, y, w, h in [cv2.boundingRect(c)]]
+        assert batched[b].tolist() in tied, b
 
 
 def test_best_iou_hand_values() -> None:
@@ -102,6 +120,59 @@ def test_localization_hits_threshold_sweep() -> None:
     assert hits[:, 0].tolist() == [False, True]  # [0,0,6,10]: IoU 16/60; then the exact box
     assert threshold_sweep(0.25) == [0.0, 0.25, 0.5, 0.75]
 
+
+
+def test_v2_tries_every_region_where_v1_takes_the_largest() -> None:
+    """A large distractor and a small region on the object: MaxBoxAcc (largest region) misses,
+    MaxBoxAccV2 (every region) hits; IoU 0.3/0.5/0.7 by hand."""
+    maps = torch.zeros(2, 20, 20)
+    maps[0, 0:10, 10:20] = 1.0  # 100 px distractor
+    maps[0, 12:16, 2:6] = 0.8  # 16 px on the object
+    maps[1, 4:10, 4:10] = 1.0  # image 1: one region [4,4,10,10] against GT [4,4,12,12]
+    gt = torch.tensor([[[2.0, 12, 6, 16], [0, 0, 0, 0]], [[4.0, 4, 12, 12], [15, 15, 20, 20]]],
+                      dtype=torch.float64)
+    valid = torch.tensor([[True, False], [True, True]])
+    # the largest region: the distractor in image 0 (IoU 0), the only one in image 1
+    assert localization_hits(maps, gt, valid, [0.5], 0.5).tolist() == [[False, True]]
+    # image 0: the small region is the GT box (IoU 1); image 1: 36/64 = 0.5625
+    ious = best_region_iou(find_regions(maps.numpy() > 0.5), gt, valid)
+    torch.testing.assert_close(ious, torch.tensor([1.0, 36 / 64], dtype=torch.float64))
+    largest, any_region = localization_ious(maps, gt, valid, [0.5, 0.9])
+    torch.testing.assert_close(largest[0], torch.tensor([0.0, 36 / 64], dtype=torch.float64))
+    hits = v2_hits(any_region)
+    assert hits[:, 0].tolist() == [[True, True], [True, True], [True, False]]  # δ .3 .5 .7
+    # above 0.9 image 0 keeps only the distractor (0.8 is out)
+    assert hits[:, 1].tolist() == [[False, True], [False, True], [False, False]]
+    # an empty mask has no region: IoU 0
+    assert best_region_iou(find_regions(np.zeros((1, 5, 5), bool)), gt[:1],
+                           valid[:1]).tolist() == [0.0]
+
+
+def test_region_boxes_are_the_8_connected_components() -> None:
+    """Every region's box (read from OpenCV's outer contours) against scipy's 8-connected
+    labelling: rings, an island inside a hole, regions on the border, one-pixel regions and
+    diagonal chains; a hole's own contour is no region."""
+    rng = np.random.default_rng(3)
+    maps = ndimage.gaussian_filter(rng.random((6, 40, 48)), (0, 2.5, 2.5))
+    maps[2] = 0.0
+    maps[3, 10:30, 10:30] = 1.0  # a ring with an island in its hole
+    maps[3, 14:26, 14:26] = 0.0
+    maps[3, 18:22, 18:22] = 1.0
+    maps[4, [0, 1, 2, 3], [5, 6, 7, 8]] = 2.0  # an 8-connected diagonal at the top border
+    maps[4, 39, 47] = 2.0  # one pixel in the corner
+    for t in (0.45, 0.5 * maps.max(), 0.55, 1.5):
+        masks = maps > t
+        r = find_regions(masks)
+        boxes, owner = r.boxes, r.owner
+        for b in range(len(masks)):
+            lab, _ = ndimage.label(masks[b], structure=np.ones((3, 3)))
+            want = sorted((s[1].start, s[0].start, s[1].stop, s[0].stop)
+                          for s in ndimage.find_objects(lab))
+            got = sorted(tuple(int(v) for v in box) for box in boxes[owner == b])
+            assert got == want, (t, b)
+    r = find_regions(maps > 1.5)  # by hand: the diagonal and the corner pixel
+    boxes, owner = r.boxes, r.owner
+    assert sorted(boxes.tolist()) == [[5, 0, 9, 4], [47, 39, 48, 40]] and owner.tolist() == [4, 4]
 
 
 def test_iou_of_exactly_one_half_is_a_hit_and_pixels_at_the_threshold_are_out() -> None:

@@ -119,18 +119,21 @@ def test_corruption_table_marks_an_incomplete_set(tmp_path):
 
 def test_localisation_rows_say_their_threshold_and_geometry(tmp_path):
     root = tmp_path / "runs"
-    for name, extra in (("old", {}), ("wsol", {"geometry": "square"})):  # old: before geometry
+    # old: before geometry and MaxBoxAccV2
+    for name, extra in (("old", {}), ("wsol", {"geometry": "square", "v2": 47.5})):
         RunDir(root / name).write_metrics(stage="cam", kind="localization", results={
             "dataset": "VOC2007 test", "n_images": 10, "iou_threshold": 0.5,
-            "cam_threshold": 0.2, **extra, "models": [
+            "cam_threshold": 0.2, **{k: v for k, v in extra.items() if k != "v2"}, "models": [
                 {"checkpoint": ck("none"), "method": "cam", "top1_cls": 90.0,
                  "gt_known_loc": 40.0, "top1_loc": 38.0, "maxboxacc": 45.0,
+                 **({"maxboxacc_v2": extra["v2"]} if "v2" in extra else {}),
                  "pointing_game": 50.0}]})
     build_report([root], tmp_path / "rep")
     rows = {r["run folder"]: r for r in read_csv(tmp_path / "rep" / "weakly_supervised_localisation_from_cams.csv")}
     assert rows["old"]["threshold / geometry"] == "0.20 / crop"
     assert rows["wsol"]["threshold / geometry"] == "0.20 / square"
     assert rows["wsol"]["MaxBoxAcc"] == "45.00"
+    assert (rows["wsol"]["MaxBoxAccV2"], rows["old"]["MaxBoxAccV2"]) == ("47.50", "–")
 
 
 def test_unfinished_and_other_recipe_runs_are_not_averaged(tmp_path):
