@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -217,10 +218,14 @@ def _blank_maps(net: Callable[[torch.Tensor], torch.Tensor], device: str) -> tor
 
 
 def _gpu_blank_maps(path: str) -> torch.Tensor | None:
-    """`_blank_maps` on this process's GPU; None without one, or where it fails there too."""
+    """`_blank_maps` on this process's GPU (torchrun's LOCAL_RANK, as `smix.dist` picks it:
+    not every rank on GPU 0); None without one, or where it fails there too."""
     if not torch.cuda.is_available():
         return None
-    device = f"cuda:{torch.cuda.current_device()}"
+    local = os.environ.get("LOCAL_RANK", "")
+    index = int(local) if local.isdigit() and int(local) < torch.cuda.device_count() else \
+        torch.cuda.current_device()
+    device = f"cuda:{index}"
     try:
         return _blank_maps(_network(path, device), device)
     except Exception:

@@ -494,10 +494,12 @@ def test_a_supplied_network_that_runs_on_the_gpu_only_is_checked_there(tmp_path,
     monkeypatch.setattr(saliency, "_network", network)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process: its own GPU
     monkeypatch.setattr(saliency, "_blank_maps", lambda net, device: net(
         torch.zeros(1, 3, 256, 256, device="meta" if device != "cpu" else "cpu")))
     get_detector(f"network:{path}")  # no error
-    assert [d for d, _ in ran] == ["cpu", "cuda:0"]
+    assert [d for d, _ in ran] == ["cpu", "cuda:1"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: refused
     (tmp_path / "gpu2.pt").write_bytes(path.read_bytes())  # another path: not cached
     with pytest.raises(UserError, match="the network fails on a 1x3x256x256 batch"):
