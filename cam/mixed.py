@@ -164,6 +164,7 @@ def mixed_cams(cfg: MixedConfig) -> dict[str, Any]:
     mixers = build_mixers(cfg)
     images = [load_rgb(p) for p in cfg.pair]
     models = load_models(cfg.ckpts, cfg.cam_method, cfg.layer, pick_device(cfg.device))
+    _check_sizes(models, mixers)
     run = RunDir(cfg.out).claim("cam", "mixed")
     per_model = [(m, *_columns(cfg, m, images, mixers)) for m in models]
     entries = [_write_model(run, m, cols, labels) for m, cols, labels in per_model]
@@ -174,6 +175,18 @@ def mixed_cams(cfg: MixedConfig) -> dict[str, Any]:
     run.write_config(cfg)
     run.write_metrics(stage="cam", kind="mixed", results=results, config=cfg)
     return results
+
+
+def _check_sizes(models: Sequence[CamModel], mixers: dict[str, Any]) -> None:
+    """Each checkpoint's input (its eval crop) is large enough for every mixer: a saliency
+    detector reads a 3x3 neighbourhood (`Mixer.min_image_side`); refused before any work."""
+    for m in models:
+        for name, mixer in mixers.items():
+            side = mixer.min_image_side()
+            if m.meta.crop < side:
+                raise UserError(f"{m.path}: its images are {m.meta.crop}x{m.meta.crop}; mixer "
+                                f"{name} reads saliency in a 3x3 neighbourhood and needs at "
+                                f"least {side}x{side} (leave it out of --methods)")
 
 
 def _write_model(run: RunDir, m: CamModel, cols: list[Column], labels: torch.Tensor

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -183,19 +184,52 @@ def _check_maps(path: str) -> None:
     """Run the network once on the CPU on one blank image of its input size: a file that is
     not a network, or a network that does not give one map per image (a classifier's scores,
     a fixed input size other than 256), is a one-line error now, not a traceback at the
-    first step."""
-    net = _network(path, "cpu")
+    first step. A network that fails on the CPU but runs on this machine's GPU (traced there
+    with the device in its graph) is checked there."""
+    net = _network(path, "cpu")  # a file that is neither kind fails here, in one line
     try:
-        with torch.no_grad():
-            maps = net(torch.zeros(1, 3, NETWORK_INPUT, NETWORK_INPUT))
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"detector {NETWORK}{path}: the network fails on a 1x3x{NETWORK_INPUT}"
-                        f"x{NETWORK_INPUT} batch, the detector's input ({first})") from None
+        maps = _blank_maps(net, "cpu")
+    except Exception as e:  # the user's code: TorchScript raises torch.jit.Error, not these
+        maps = _gpu_blank_maps(path)
+        if maps is None:
+            raise UserError(f"detector {NETWORK}{path}: the network fails on a 1x3x"
+                            f"{NETWORK_INPUT}x{NETWORK_INPUT} batch, the detector's input "
+                            f"({_error_line(e)})") from None
     if maps.dim() != 3 or maps.shape[0] != 1 or min(maps.shape) < 1:
         raise UserError(f"detector {NETWORK}{path}: the network's first output is "
                         f"{tuple(maps.shape)} for one image; a detector needs a map per image "
                         "([B,1,h,w] or [B,h,w])")
+
+
+def _error_line(e: Exception) -> str:
+    """The line of an exception that says what failed: its first, or for an error inside
+    TorchScript (whose first line only says so) its last, the exception itself."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[-1] if lines[0].startswith("The following operation failed in the "
+                                            "TorchScript interpreter") else lines[0]
+
+
+def _blank_maps(net: Callable[[torch.Tensor], torch.Tensor], device: str) -> torch.Tensor:
+    """The network's maps of one blank image of its input size, on `device`."""
+    with torch.no_grad():
+        return net(torch.zeros(1, 3, NETWORK_INPUT, NETWORK_INPUT, device=device))
+
+
+def _gpu_blank_maps(path: str) -> torch.Tensor | None:
+    """`_blank_maps` on this process's GPU (torchrun's LOCAL_RANK, as `smix.dist` picks it:
+    not every rank on GPU 0); None without one, or where it fails there too."""
+    if not torch.cuda.is_available():
+        return None
+    local = os.environ.get("LOCAL_RANK", "")
+    index = int(local) if local.isdigit() and int(local) < torch.cuda.device_count() else \
+        torch.cuda.current_device()
+    device = f"cuda:{index}"
+    try:
+        return _blank_maps(_network(path, device), device)
+    except Exception:
+        return None
 
 
 def _first_map(out) -> torch.Tensor:

@@ -300,6 +300,27 @@ def test_flags_are_not_abbreviated(data, tmp_path, capsys) -> None:
     assert rc == 2 and "unrecognized arguments: --method gradcam" in err
 
 
+def test_mixed_refuses_a_saliency_mixer_on_images_below_3x3(data, tmp_path, capsys) -> None:
+    """A checkpoint of 2x2 images (CutMix trains on them): SaliencyMix, Guided-SR and greedy
+    pairing detect saliency in 3x3 neighbourhoods (was the detector's ValueError traceback,
+    after the run folder was claimed); CutMix still draws."""
+    tiny = tmp_path / "tiny.safetensors"
+    save_checkpoint(tiny, build_model("resnet18", 3), BackboneMeta(
+        arch="resnet18", num_classes=3, class_names=CLASSES, input_size=2, resize=2, crop=2,
+        method={"name": "cutmix"}))
+    a, b = sorted((data["val"] / "circle").iterdir())[:2]
+    base = ["mixed", "--ckpt", str(tiny), "--pair", str(a), str(b)]
+    for methods, extra in (("cutmix,saliencymix", []), ("guidedmixup", []),
+                           ("cutmix", ["--mixer-arg", "cutmix.pairing=greedy"])):
+        rc, err = _smix(base + ["--methods", methods, *extra, "--out", str(tmp_path / "r")],
+                        capsys)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert "its images are 2x2" in err and "needs at least 3x3" in err
+        assert not (tmp_path / "r").exists()
+    rc, err = _smix(base + ["--methods", "cutmix", "--out", str(tmp_path / "ok")], capsys)
+    assert rc == 0, err
+
+
 def test_mixed_unknown_mixer_lists_the_registered_ones(data, tmp_path, capsys) -> None:
     a = sorted((data["val"] / "circle").iterdir())[0]
     rc, err = _smix(["mixed", "--ckpt", str(data["cutmix"]), "--pair", str(a), str(a),

@@ -405,6 +405,12 @@ def test_small_images_are_refused_only_where_a_detector_reads_them(shapes_root, 
                  {**tiny, "input_size": "3"})
     with pytest.raises(UserError, match="needs images of at least 3x3"):
         build_config("shapes-resnet18", shapes_root, tmp_path / "s", "saliencymix", tiny)
+    # greedy pairing maps the images when the mixer has no maps of its own (was the
+    # detector's ValueError traceback at the first step)
+    for method in ("cutmix", "mixup"):
+        with pytest.raises(UserError, match="needs images of at least 3x3"):
+            build_config("shapes-resnet18", shapes_root, tmp_path / f"g{method}", method,
+                         {**tiny, "method.pairing": "greedy"})
 
 
 def test_one_image_per_process_is_refused_not_trained_on_nothing(shapes_root, tmp_path):

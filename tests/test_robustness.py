@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -323,6 +324,48 @@ def test_fgsm_reads_the_cifar_test_pickles(tmp_path, capsys):
                      str(tmp_path / "x"), "--device", "cpu"], capsys)
     assert code == 2 and "\n" not in err and "cifar10 asked, but only cifar100" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_killed_pgd_run_on_the_cifar_pickles_resumes(tmp_path, monkeypatch, capsys):
+    """PGD on the CIFAR pickles, 2 loader workers (the dataset is pickled to them) and
+    --limit: killed in its 4th batch, --resume refuses pickles whose pixels changed since
+    (CIFAR.digest) and otherwise gives the uninterrupted run's numbers."""
+    root = write_cifar10(tmp_path / "cifar", n_test=14)
+    ck = make_ckpt(tmp_path / "c10.safetensors", 4, classes=tuple(f"c{i}" for i in range(10)),
+                   input_size=32, resize=32, crop=32, dataset="cifar10")
+    args = ["pgd", "--ckpt", str(ck), "--data", str(root), "--eps", "2,8", "--steps", "2",
+            "--batch-size", "2", "--limit", "12", "--workers", "2", "--device", "cpu"]
+    assert cli_run("robustness", args + ["--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["results"]
+    assert (whole["n_images"], whole["dataset"]) == (12, "cifar10")
+    attacked, state = [], {"kill": True}
+    real = adversarial_mod.attack_counts
+
+    def attack_counts(model, attack, images, labels, eps01, params, seed):
+        attacked.append(seed)
+        if len(attacked) == 4 and state.pop("kill", False):
+            raise Killed
+        return real(model, attack, images, labels, eps01, params, seed)
+
+    monkeypatch.setattr(adversarial_mod, "attack_counts", attack_counts)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        cli_run("robustness", args + ["--out", str(out)])
+    assert json.loads((out / PROGRESS_FILE).read_text())["done"]["0"]["batches"] == 3
+    capsys.readouterr()
+    pickle_file = root / "cifar-10-batches-py" / "test_batch"
+    kept = pickle_file.read_bytes()
+    batch = pickle.loads(kept)
+    batch["data"][0, 0] ^= 1  # one pixel of one image
+    pickle_file.write_bytes(pickle.dumps(batch))
+    assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot resume with other image names than the run's" in err
+    pickle_file.write_bytes(kept)
+    attacked.clear()
+    assert cli_run("robustness", args + ["--out", str(out), "--resume"]) == 0
+    assert attacked == [batch_seed(0, b) for b in range(3, 6)]
+    assert _numbers(out / "metrics.json") == _numbers(tmp_path / "whole" / "metrics.json")
 
 
 @pytest.mark.parametrize("attack", ["fgsm", "pgd"])

@@ -451,6 +451,61 @@ def test_a_supplied_network_that_gives_no_map_per_image_is_one_line(tmp_path):
         assert "\n" not in str(e.value)
 
 
+class _Checks320(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+        if x.shape[-1] != 320:  # TorchScript raises this as torch.jit.Error, an Exception
+            raise ValueError("this network takes 320x320 images")
+        return x[:, :1]
+
+
+class _Dict(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+        return {"map": x[:, 0]}
+
+
+def test_a_supplied_network_raising_any_exception_is_one_line(tmp_path):
+    """A scripted network's own check (torch.jit.Error) and a dict output (AttributeError)
+    were tracebacks: only RuntimeError, ValueError, IndexError, TypeError were caught."""
+    torch.jit.save(torch.jit.script(_Checks320()), str(tmp_path / "320.pt"))
+    torch.jit.save(torch.jit.trace(_Dict(), torch.rand(1, 3, 8, 8), strict=False),
+                   str(tmp_path / "dict.pt"))
+    for name, message in (("320.pt", "this network takes 320x320 images"),
+                          ("dict.pt", "has no attribute")):
+        with pytest.raises(UserError, match="the network fails on a 1x3x256x256 batch") as e:
+            get_detector(f"network:{tmp_path / name}")
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_supplied_network_that_runs_on_the_gpu_only_is_checked_there(tmp_path, monkeypatch):
+    """A network traced on a GPU (its device in the graph) fails on the CPU; on a machine with
+    a GPU, where the detector runs it, it was refused at creation (ran before the check)."""
+    path = tmp_path / "gpu.pt"
+    path.write_bytes(b"a network traced on a GPU")
+    ran = []
+
+    def network(p, device):
+        def net(x):
+            ran.append((device, x.device.type))
+            if device == "cpu":
+                raise RuntimeError("Expected all tensors to be on the same device")
+            return torch.zeros(len(x), 64, 64)
+        return net
+
+    monkeypatch.setattr(saliency, "_network", network)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process: its own GPU
+    monkeypatch.setattr(saliency, "_blank_maps", lambda net, device: net(
+        torch.zeros(1, 3, 256, 256, device="meta" if device != "cpu" else "cpu")))
+    get_detector(f"network:{path}")  # no error
+    assert [d for d, _ in ran] == ["cpu", "cuda:1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: refused
+    (tmp_path / "gpu2.pt").write_bytes(path.read_bytes())  # another path: not cached
+    with pytest.raises(UserError, match="the network fails on a 1x3x256x256 batch"):
+        get_detector(f"network:{tmp_path / 'gpu2.pt'}")
+
+
 def test_a_supplied_network_that_is_missing_or_not_a_network_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         get_detector(f"network:{tmp_path / 'none.pt'}")

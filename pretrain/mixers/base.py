@@ -81,7 +81,8 @@ class Mixer:
 
     def min_image_side(self) -> int:
         """The smallest image side the method can mix: 3 where a saliency detector's 3x3
-        neighbourhood reads the images (SaliencyMix, Guided-SR), else 1."""
+        neighbourhood reads the images (SaliencyMix, Guided-SR, greedy pairing without the
+        mixer's own maps), else 1."""
         return 1
 
     def describe(self) -> dict[str, Any]:

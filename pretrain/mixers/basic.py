@@ -86,6 +86,9 @@ class PairMixer(Mixer):
         if not 0 < self.alpha < math.inf or not 0 <= self.prob <= 1:  # NaN too
             raise UserError(f"{self.name}: alpha must be a finite number > 0 and prob in [0, 1]")
 
+    def min_image_side(self) -> int:
+        return 3 if self.pairing == "greedy" else 1  # greedy pairs by spectral-residual maps
+
     def draw(self, images, labels, generator, ctx) -> tuple[bool, float, torch.Tensor]:
         """The coin flip, λ and the pairing, always in this order from the generator."""
         active = bernoulli(generator, self.prob)
