@@ -54,12 +54,13 @@ def load_all(paths: Sequence[Path], device: torch.device) -> list[Loaded]:
 
 
 def label_map(classes: Sequence[str], meta: BackboneMeta, path: Path) -> torch.Tensor:
-    """Folder label -> model output index; the folder classes must be the checkpoint's."""
+    """Data label -> model output index; the data's classes (class folders, or the CIFAR
+    pickles' names) must be the checkpoint's."""
     require_class_names(meta, path)
     if set(classes) != set(meta.class_names):
         diff = sorted(set(classes) ^ set(meta.class_names))
-        raise UserError(f"data folder classes do not match checkpoint {path} ({len(classes)} "
-                        f"folders vs {meta.num_classes} classes; first difference: {diff[0]!r})")
+        raise UserError(f"the data's classes do not match checkpoint {path} ({len(classes)} in "
+                        f"the data vs {meta.num_classes}; first difference: {diff[0]!r})")
     index = {name: i for i, name in enumerate(meta.class_names)}
     return torch.tensor([index[c] for c in classes], dtype=torch.long)
 

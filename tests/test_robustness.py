@@ -857,7 +857,7 @@ def test_cli_bad_data_and_checkpoints(world, tmp_path, capsys):
     capsys.readouterr()
     code, err = cli(base + ["--data", str(four / "val")], capsys)
     assert code == 2 and "\n" not in err
-    assert f"data folder classes do not match checkpoint {world['a']} (4 folders vs 3 classes" in err
+    assert f"the data's classes do not match checkpoint {world['a']} (4 in the data vs 3;" in err
     anon = make_ckpt(tmp_path / "anon.safetensors", 5, classes=("class_0", "class_1", "class_2"))
     code, err = cli(["pgd", "--ckpt", str(anon), "--data", str(world["val"]), "--out",
                      str(tmp_path / "o")], capsys)
