@@ -41,43 +41,65 @@ def test_largest_region_box_hand_case() -> None:
     assert largest_region_boxes(np.zeros((3, 4, 4), bool)).tolist() == [[0, 0, 0, 0]] * 3
 
 
-def test_largest_region_ties_go_to_the_first_pixel_in_raster_order() -> None:
-    m = np.zeros((2, 8, 8), dtype=bool)
-    m[0, 3:5, 0:2] = True  # area 1 (2x2), first pixel (3, 0)
-    m[0, 0:2, 6:8] = True  # area 1, first pixel (0, 6): first in raster order
-    m[1, 2:4, 0:2] = True  # first pixel (2, 0) ...
-    m[1, 2:4, 5:7] = True  # ... before (2, 5) on the same row
-    assert largest_region_boxes(m).tolist() == [[6, 0, 8, 2], [0, 2, 2, 4]]
-    m[0, 3:6, 0:2] = True  # now 2x3: area 2, larger
-    assert largest_region_boxes(m)[0].tolist() == [0, 3, 2, 6]
-
-
-def test_largest_region_diagonal_pixels_are_one_region() -> None:
+def test_diagonal_pixels_are_one_region() -> None:
     m = np.zeros((1, 5, 5), dtype=bool)
     m[0, [0, 1, 2, 3], [0, 1, 2, 3]] = True  # 8-connected diagonal, 4 px
-    m[0, 4, 0:2] = True  # a 2-px row: the largest region under 4-connectivity
-    assert largest_region_boxes(m).tolist() == [[0, 0, 4, 4]]
+    m[0, 4, 0:2] = True  # a 2-px row: a region of its own
+    r = find_regions(m)
+    assert sorted(r.boxes[r.outer].tolist()) == [[0, 0, 4, 4], [0, 4, 2, 5]]
+    # both enclose no area (contourArea 0): the tie goes to OpenCV's first contour, the row,
+    # as wsolevaluation's max() takes it
+    assert largest_region_boxes(m).tolist() == [[0, 4, 2, 5]]
 
 
-def test_largest_region_is_wsolevaluations_largest_contour() -> None:
-    """Choe et al.'s wsolevaluation (`compute_bboxes_from_scoremaps`, multi_contour_eval off):
-    `max(contours, key=cv2.contourArea)` over RETR_TREE, its boundingRect. Where areas tie,
-    ours is one of the tied boxes (its order: the region's first pixel in raster order)."""
-    cv2 = pytest.importorskip("cv2")
+def _wsolevaluation_boxes(mask: np.ndarray, multi_contour: bool) -> list[list[int]]:
+    """Choe et al.'s `compute_bboxes_from_scoremaps` on a thresholded map, transcribed, less
+    its +1 artefact (their `x + w` is an exclusive end they then read as inclusive): RETR_TREE
+    contours, all of them or `max(contours, key=cv2.contourArea)`, their boundingRects."""
+    import cv2
+    contours = cv2.findContours(mask.astype(np.uint8), cv2.RETR_TREE,
+                                cv2.CHAIN_APPROX_SIMPLE)[0]
+    if not contours:
+        return []
+    if not multi_contour:
+        contours = [max(contours, key=cv2.contourArea)]
+    return [[x, y, x + w, y + h] for x, y, w, h in map(cv2.boundingRect, contours)]
+
+
+def test_regions_are_wsolevaluations_contours() -> None:
+    """The largest region's box and every contour's box (holes' too) equal wsolevaluation's,
+    ties included (equal squares: theirs is the first maximum of OpenCV's list)."""
+    pytest.importorskip("cv2")
     rng = np.random.default_rng(0)
-    masks = ndimage.binary_opening(rng.random((12, 20, 20)) > 0.55, np.ones((1, 2, 2)))
+    masks = ndimage.binary_opening(rng.random((40, 20, 20)) > 0.55, np.ones((1, 2, 2)))
     masks[3] = False
-    batched = largest_region_boxes(masks)
+    masks[4] = False
+    masks[4, 2:5, 2:5] = masks[4, 2:5, 12:15] = masks[4, 12:15, 7:10] = True  # a three-way tie
+    masks[5] = False
+    masks[5, 2:18, 2:18] = True  # a ring, with an island in its hole
+    masks[5, 5:15, 5:15] = False
+    masks[5, 8:11, 8:11] = True
+    r = find_regions(masks)
+    largest = largest_region_boxes(masks)
     for b in range(len(masks)):
-        contours = cv2.findContours(masks[b].astype(np.uint8), cv2.RETR_TREE,
-                                    cv2.CHAIN_APPROX_SIMPLE)[0]
-        if not contours:
-            assert batched[b].tolist() == [0, 0, 0, 0]
-            continue
-        top = max(cv2.contourArea(c) for c in contours)
-        tied = [[x, y, x + w, y + h] for c in contours if cv2.contourArea(c) == top
-                for x, y, w, h in [cv2.boundingRect(c)]]
-        assert batched[b].tolist() in tied, b
+        want = _wsolevaluation_boxes(masks[b], multi_contour=False)
+        assert largest[b].tolist() == (want[0] if want else [0, 0, 0, 0]), b
+        every = sorted(_wsolevaluation_boxes(masks[b], multi_contour=True))
+        assert sorted(r.boxes[r.owner == b].tolist()) == every, b
+    assert (r.owner == 5).sum() == 3 and not r.outer[r.owner == 5].all()  # ring, hole, island
+
+
+def test_a_holes_box_counts_for_v2_as_in_wsolevaluation() -> None:
+    """A ring whose hole is the object: the hole's contour box (11,11)-(29,29) matches the GT
+    (12,12)-(28,28) at IoU 256/324 > 0.7; the ring's own box, 256/400, does not."""
+    maps = torch.zeros(1, 40, 40)
+    maps[0, 10:30, 10:30] = 1.0
+    maps[0, 12:28, 12:28] = 0.0
+    gt = torch.tensor([[[12.0, 12, 28, 28]]], dtype=torch.float64)
+    largest, any_region = localization_ious(maps, gt, torch.ones(1, 1, dtype=torch.bool), [0.5])
+    torch.testing.assert_close(largest, torch.tensor([[0.64]], dtype=torch.float64))
+    torch.testing.assert_close(any_region, torch.tensor([[256 / 324]], dtype=torch.float64))
+    assert v2_hits(any_region)[:, 0, 0].tolist() == [True, True, True]
 
 
 def test_best_iou_hand_values() -> None:
@@ -149,9 +171,9 @@ def test_v2_tries_every_region_where_v1_takes_the_largest() -> None:
 
 
 def test_region_boxes_are_the_8_connected_components() -> None:
-    """Every region's box (read from OpenCV's outer contours) against scipy's 8-connected
-    labelling: rings, an island inside a hole, regions on the border, one-pixel regions and
-    diagonal chains; a hole's own contour is no region."""
+    """Every region's box (OpenCV's outer contours) against scipy's 8-connected labelling:
+    rings, an island inside a hole, regions on the border, one-pixel regions and diagonal
+    chains."""
     rng = np.random.default_rng(3)
     maps = ndimage.gaussian_filter(rng.random((6, 40, 48)), (0, 2.5, 2.5))
     maps[2] = 0.0
@@ -163,7 +185,7 @@ def test_region_boxes_are_the_8_connected_components() -> None:
     for t in (0.45, 0.5 * maps.max(), 0.55, 1.5):
         masks = maps > t
         r = find_regions(masks)
-        boxes, owner = r.boxes, r.owner
+        boxes, owner = r.boxes[r.outer], r.owner[r.outer]
         for b in range(len(masks)):
             lab, _ = ndimage.label(masks[b], structure=np.ones((3, 3)))
             want = sorted((s[1].start, s[0].start, s[1].stop, s[0].stop)
