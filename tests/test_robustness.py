@@ -338,16 +338,7 @@ def test_a_killed_pgd_run_on_the_cifar_pickles_resumes(tmp_path, monkeypatch, ca
     assert cli_run("robustness", args + ["--out", str(tmp_path / "whole")]) == 0
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["results"]
     assert (whole["n_images"], whole["dataset"]) == (12, "cifar10")
-    attacked, state = [], {"kill": True}
-    real = adversarial_mod.attack_counts
-
-    def attack_counts(model, attack, images, labels, eps01, params, seed):
-        attacked.append(seed)
-        if len(attacked) == 4 and state.pop("kill", False):
-            raise Killed
-        return real(model, attack, images, labels, eps01, params, seed)
-
-    monkeypatch.setattr(adversarial_mod, "attack_counts", attack_counts)
+    attacked = kill_at_attack(monkeypatch, 4)
     out = tmp_path / "killed"
     with pytest.raises(Killed):
         cli_run("robustness", args + ["--out", str(out)])
@@ -460,16 +451,7 @@ def test_a_killed_pgd_run_resumes_from_its_last_commit(world, tmp_path, monkeypa
             "--data", str(val), "--eps", "2,8", "--steps", "2", "--batch-size", "2",
             "--workers", "0", "--device", "cpu"]
     assert cli_run("robustness", args + ["--out", str(tmp_path / "whole")]) == 0
-    attacked, state = [], {"kill": True}
-    real = adversarial_mod.attack_counts
-
-    def attack_counts(model, attack, images, labels, eps01, params, seed):
-        attacked.append(seed)
-        if len(attacked) == 7 and state.pop("kill", False):  # a, b of batches 0-2, a of 3
-            raise Killed
-        return real(model, attack, images, labels, eps01, params, seed)
-
-    monkeypatch.setattr(adversarial_mod, "attack_counts", attack_counts)
+    attacked = kill_at_attack(monkeypatch, 7)  # a, b of batches 0-2, a of 3
     out = tmp_path / "killed"
     with pytest.raises(Killed):
         cli_run("robustness", args + ["--out", str(out)])
@@ -610,6 +592,22 @@ def test_imagenet_c_run_matches_direct_errors(world, tmp_path):
 
 class Killed(Exception):
     pass
+
+
+def kill_at_attack(monkeypatch, call: int) -> list[int]:
+    """Make the `call`-th checkpoint-batch attack raise `Killed` (once: a resumed run goes on);
+    returns the list of the batch seeds attacked, which grows as the runs go."""
+    attacked, state = [], {"kill": True}
+    real = adversarial_mod.attack_counts
+
+    def attack_counts(model, attack, images, labels, eps01, params, seed):
+        attacked.append(seed)
+        if len(attacked) == call and state.pop("kill", False):
+            raise Killed
+        return real(model, attack, images, labels, eps01, params, seed)
+
+    monkeypatch.setattr(adversarial_mod, "attack_counts", attack_counts)
+    return attacked
 
 
 def test_a_killed_corruption_run_resumes_from_its_finished_splits(world, tmp_path, monkeypatch,
