@@ -291,10 +291,10 @@ def corruption_table(runs: list[Run]) -> Table | None:
                      # CIFAR-C has no mCE: a missing value is not an incomplete one
                      *(fmt(m.get(k)) + (part if m.get(k) is not None else "")
                        for k in ("mCE", "relative_mCE", "mean_error")),
-                     r.path.name])
+                     checkpoint_name(ck), r.path.name])
     return Table("Corruption robustness (error, %)",
                  ["backbone method", "arch", "dataset", "clean err", "mCE", "relative mCE",
-                  "mean corruption err", "run folder"], rows,
+                  "mean corruption err", "checkpoint", "run folder"], rows,
                  "mCE normalised by AlexNet's published errors (ImageNet-C); CIFAR-C: mean error. "
                  "'incomplete: k of n': averaged over k of the n corruptions only, not "
                  "comparable with full-set numbers.")

@@ -299,6 +299,7 @@ def test_cifar_c_rows_do_not_call_a_missing_mce_incomplete(tmp_path):
     row = read_csv(tmp_path / "rep" / "corruption_robustness.csv")[0]
     assert row["mCE"] == "–" and row["relative mCE"] == "–"
     assert row["mean corruption err"] == "20.00 (incomplete: 2 of 15 corruptions)"
+    assert row["checkpoint"] == "x/cutmix.safetensors"
 
 
 def test_attack_rows_name_their_checkpoint(tmp_path):
