@@ -725,6 +725,29 @@ def test_cifar100_c_clean_error_reads_cifar100_where_both_sets_are(tmp_path):
     assert errors["cifar100"] != pytest.approx(errors["cifar10"])
 
 
+def test_cifar_c_clean_pickles_without_the_checkpoints_set_fail_before_anything_is_written(
+        tmp_path):
+    """`--clean` CIFAR pickles that lack the checkpoint's set (CIFAR-100's for a CIFAR-10-C run)
+    are refused up front, as a wrong class-folder --clean is: not after the run folder was
+    started, which cleared a finished run's record in that --out."""
+    root = tmp_path / "CIFAR-10-C"
+    write_cifar_c(root, n=4, names=("snow",))
+    ck = make_ckpt(tmp_path / "c10.safetensors", 4, classes=tuple(f"c{i}" for i in range(10)))
+    out = tmp_path / "run"
+    run_corruption(CorruptionConfig(checkpoints=(ck,), data=root, out=out, batch_size=4,
+                                    workers=0, device="cpu"))
+    before = (out / "metrics.json").read_bytes()
+    wrong = write_cifar100(tmp_path / "c100", n_test=4)
+    with pytest.raises(UserError, match="cifar10 asked, but only cifar100 pickles are here"):
+        run_corruption(CorruptionConfig(checkpoints=(ck,), data=root, out=out, clean=wrong,
+                                        batch_size=4, workers=0, device="cpu"))
+    assert (out / "metrics.json").read_bytes() == before
+    with pytest.raises(UserError, match="cifar10 asked"):
+        run_corruption(CorruptionConfig(checkpoints=(ck,), data=root, out=tmp_path / "new",
+                                        clean=wrong, batch_size=4, workers=0, device="cpu"))
+    assert not (tmp_path / "new").exists()
+
+
 def test_cifar_c_labels_must_have_the_checkpoints_class_count(tmp_path, capsys):
     """CIFAR-10-C labels (0..9) fit a CIFAR-100 classifier, but they are not its classes: the
     run must refuse, before writing anything, as it must a CIFAR-10-sized model whose metadata
