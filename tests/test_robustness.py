@@ -748,6 +748,21 @@ def test_cifar_c_clean_pickles_without_the_checkpoints_set_fail_before_anything_
     assert not (tmp_path / "new").exists()
 
 
+def test_fgsm_refuses_cifar10_and_cifar100_checkpoints_in_one_run(tmp_path, capsys):
+    """A root holding both CIFAR sets: each checkpoint would take its own, but one run reads one
+    test set; a CIFAR-10 and a CIFAR-100 model together are refused in one line naming the
+    cause (was: 'the data's classes do not match … (100 in the data vs 10)'), before writing."""
+    clean = tmp_path / "cifar"
+    write_cifar10(clean, n_test=4)
+    write_cifar100(clean, n_test=4)
+    c10 = make_ckpt(tmp_path / "c10.safetensors", 4, classes=tuple(f"c{i}" for i in range(10)))
+    c100 = make_ckpt(tmp_path / "c100.safetensors", 5, classes=tuple(f"f{i}" for i in range(100)))
+    code, err = cli(["fgsm", "--ckpt", str(c100), "--ckpt", str(c10), "--data", str(clean),
+                     "--out", str(tmp_path / "o"), "--workers", "0", "--device", "cpu"], capsys)
+    assert code == 2 and "\n" not in err and not (tmp_path / "o").exists()
+    assert "checkpoints have 10 and 100 classes" in err and "separately" in err
+
+
 def test_cifar_c_labels_must_have_the_checkpoints_class_count(tmp_path, capsys):
     """CIFAR-10-C labels (0..9) fit a CIFAR-100 classifier, but they are not its classes: the
     run must refuse, before writing anything, as it must a CIFAR-10-sized model whose metadata
