@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from smix.checkpoint import checkpoint_ref
-from smix.data import CIFAR, ClassFolder, eval_transform
+from smix.data import CIFAR, ClassFolder, eval_transform, holds_cifar
 from smix.devices import fits_on_device
 from smix.dist import (DistInfo, agree, all_reduce_sum, broadcast_object, distributed,
                        shard_indices)
@@ -218,6 +218,11 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     impl, attack = get_attack(cfg.attack, cfg.impl)
     metas = read_metas(cfg.checkpoints)
     # bad data fails here, before anything is written
+    counts = sorted({m.num_classes for m in metas})
+    if len(counts) > 1 and holds_cifar(cfg.data):
+        raise UserError(f"{cfg.data}: one run evaluates one CIFAR test set, but the checkpoints "
+                        f"have {' and '.join(map(str, counts))} classes: run each set's "
+                        "checkpoints separately (each takes its own set where a root holds both)")
     images = open_images(cfg.data, metas[0], cfg.checkpoints[0])
     for path, meta in zip(cfg.checkpoints, metas):
         label_map(images.classes, meta, path)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from smix.checkpoint import BackboneMeta, checkpoint_ref
-from smix.data import read_cifar
+from smix.data import find_cifar, read_cifar
 from smix.devices import fits_on_device
 from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object, distributed
 from smix.errors import UserError
@@ -260,6 +260,15 @@ def check_array_labels(splits: Sequence[Split], metas: Sequence[BackboneMeta],
                                 f"was trained on {meta.dataset} ({named} classes)")
 
 
+def check_cifar_clean(splits: Sequence[Split], metas: Sequence[BackboneMeta]) -> None:
+    """A CIFAR --clean root must hold each checkpoint's set (the one its class count names):
+    checked up front, as class folders are, not once the run folder was started."""
+    for split in splits:
+        if split.kind == "cifar":
+            for meta in metas:
+                find_cifar(split.path, {10: "cifar10", 100: "cifar100"}.get(meta.num_classes))
+
+
 def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
     """Evaluate every checkpoint on every split; rank 0 writes metrics.json."""
     if not cfg.checkpoints:
@@ -270,6 +279,7 @@ def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:
     layout, splits, ignored = plan_splits(cfg)
     check_folder_classes(splits, metas, cfg.checkpoints)
     check_array_labels(splits, metas, cfg.checkpoints)
+    check_cifar_clean(splits, metas)
     identity = run_identity(cfg, splits)
     with distributed(cfg.device) as info:
         agree(RunDir(cfg.out, create=False).claim, "robustness", "corruption")

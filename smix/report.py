@@ -248,6 +248,16 @@ def _eps_key(e: Any) -> str:
     return f"{float(e):g}"
 
 
+def checkpoint_name(ck: dict[str, Any]) -> str:
+    """A checkpoint as the CLI names it: its folder and file (`c10-smix/best.safetensors`), so
+    a run's best and last, or two runs of one method, are told apart."""
+    path = ck.get("path")
+    if not path:
+        return "–"
+    p = Path(str(path))
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
 def attack_table(runs: list[Run], kind: str) -> Table | None:
     models = _models(runs, f"robustness/{kind}")
     if not models:
@@ -260,10 +270,11 @@ def attack_table(runs: list[Run], kind: str) -> Table | None:
         rows.append([method_label(ck.get("method")), str(m.get("architecture", ck.get("arch"))),
                      str(r.results.get("dataset")), fmt(r.results.get("n_images")),
                      fmt((m.get("clean") or {}).get("top1"))]
-                    + [fmt((adv.get(e) or {}).get("top1")) for e in eps] + [r.path.name])
+                    + [fmt((adv.get(e) or {}).get("top1")) for e in eps]
+                    + [checkpoint_name(ck), r.path.name])
     return Table(f"{kind.upper()} robustness (top-1 accuracy, %)",
                  ["backbone method", "arch", "dataset", "images", "clean"]
-                 + [f"ε={e}/255" for e in eps] + ["run folder"], rows,
+                 + [f"ε={e}/255" for e in eps] + ["checkpoint", "run folder"], rows,
                  "White-box, model in eval mode, ε in /255 pixel units, attack in [0,1] pixel space.")
 
 
@@ -277,11 +288,13 @@ def corruption_table(runs: list[Run]) -> Table | None:
         part = incomplete_note(r.results)
         rows.append([method_label(ck.get("method")), str(m.get("architecture", ck.get("arch"))),
                      str(r.results.get("dataset")), fmt(m.get("clean_error")),
-                     *(fmt(m.get(k)) + part for k in ("mCE", "relative_mCE", "mean_error")),
-                     r.path.name])
+                     # CIFAR-C has no mCE: a missing value is not an incomplete one
+                     *(fmt(m.get(k)) + (part if m.get(k) is not None else "")
+                       for k in ("mCE", "relative_mCE", "mean_error")),
+                     checkpoint_name(ck), r.path.name])
     return Table("Corruption robustness (error, %)",
                  ["backbone method", "arch", "dataset", "clean err", "mCE", "relative mCE",
-                  "mean corruption err", "run folder"], rows,
+                  "mean corruption err", "checkpoint", "run folder"], rows,
                  "mCE normalised by AlexNet's published errors (ImageNet-C); CIFAR-C: mean error. "
                  "'incomplete: k of n': averaged over k of the n corruptions only, not "
                  "comparable with full-set numbers.")
@@ -344,7 +357,8 @@ def plot_eps(runs: list[Run], out: Path) -> Path | None:
                      if isinstance(v, dict) and v.get("top1") is not None)
         xs = [0.0] + [e for e, _ in adv]
         ys = [(m.get("clean") or {}).get("top1")] + [a for _, a in adv]
-        label = f"{method_label((m.get('checkpoint') or {}).get('method'))} [{r.path.name}]"
+        ck = m.get("checkpoint") or {}
+        label = f"{method_label(ck.get('method'))} [{r.path.name}: {checkpoint_name(ck)}]"
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel("ε (/255)")
     ax.set_ylabel("top-1 accuracy (%)")

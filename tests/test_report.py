@@ -281,3 +281,41 @@ def test_an_audit_record_lacking_values_shows_dashes(tmp_path):
         ("mixup", "4", "–", "–")
     assert (tmp_path / "rep" / "audit_summary.png").is_file()
     assert len(summary["tables"]) == 2
+
+
+def test_cifar_c_rows_do_not_call_a_missing_mce_incomplete(tmp_path):
+    """CIFAR-C has no mCE (no AlexNet reference) whatever its corruptions: an incomplete CIFAR-C
+    run's mCE cells are '–', not '– (incomplete: …)' (which reads as if a full set gave one);
+    the note stays on the numbers that were averaged over the subset."""
+    from robustness.corruption import ALEXNET_ERR
+    root = tmp_path / "runs"
+    RunDir(root / "c10c").write_metrics(stage="robustness", kind="corruption", results={
+        "dataset": "CIFAR-10-C", "layout": "cifar-c", "corruptions": ["snow", "contrast"],
+        "corruptions_missing": [c for c in ALEXNET_ERR if c not in ("snow", "contrast")],
+        "complete": False, "mce_reference": None, "models": [
+            {"checkpoint": ck("cutmix"), "architecture": "cifar_resnet18", "clean_error": 5.0,
+             "mCE": None, "relative_mCE": None, "mean_error": 20.0}]})
+    build_report([root], tmp_path / "rep")
+    row = read_csv(tmp_path / "rep" / "corruption_robustness.csv")[0]
+    assert row["mCE"] == "–" and row["relative mCE"] == "–"
+    assert row["mean corruption err"] == "20.00 (incomplete: 2 of 15 corruptions)"
+    assert row["checkpoint"] == "x/cutmix.safetensors"
+
+
+def test_attack_rows_name_their_checkpoint(tmp_path):
+    """Two checkpoints of one method in one run (a run's best and last, two pretrain runs) are
+    two rows with the same method, arch and run folder: the checkpoint column (its folder and
+    file, as the CLI prints it) tells them apart, in the table and in the plot's legend."""
+    root = tmp_path / "runs"
+    best = dict(ck("saliencymix"), path="/r/c10-smix/best.safetensors")
+    last = dict(ck("saliencymix"), path="/r/c10-smix/backbone.safetensors")
+    RunDir(root / "pgd").write_metrics(stage="robustness", kind="pgd", results={
+        "dataset": "cifar10", "n_images": 20, "eps": [4], "models": [
+            {"checkpoint": best, "architecture": "cifar_resnet18", "clean": {"top1": 15.0},
+             "adversarial": {"4": {"top1": 0.0}}},
+            {"checkpoint": last, "architecture": "cifar_resnet18", "clean": {"top1": 10.0},
+             "adversarial": {"4": {"top1": 0.0}}}]})
+    build_report([root], tmp_path / "rep")
+    rows = read_csv(tmp_path / "rep" / "pgd_robustness.csv")
+    assert [(r["checkpoint"], r["clean"]) for r in rows] == [
+        ("c10-smix/best.safetensors", "15.00"), ("c10-smix/backbone.safetensors", "10.00")]

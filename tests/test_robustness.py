@@ -723,6 +723,44 @@ def test_cifar100_c_clean_error_reads_cifar100_where_both_sets_are(tmp_path):
     assert errors["cifar100"] != pytest.approx(errors["cifar10"])
 
 
+def test_cifar_c_clean_pickles_without_the_checkpoints_set_fail_before_anything_is_written(
+        tmp_path):
+    """`--clean` CIFAR pickles that lack the checkpoint's set (CIFAR-100's for a CIFAR-10-C run)
+    are refused up front, as a wrong class-folder --clean is: not after the run folder was
+    started, which cleared a finished run's record in that --out."""
+    root = tmp_path / "CIFAR-10-C"
+    write_cifar_c(root, n=4, names=("snow",))
+    ck = make_ckpt(tmp_path / "c10.safetensors", 4, classes=tuple(f"c{i}" for i in range(10)))
+    out = tmp_path / "run"
+    run_corruption(CorruptionConfig(checkpoints=(ck,), data=root, out=out, batch_size=4,
+                                    workers=0, device="cpu"))
+    before = (out / "metrics.json").read_bytes()
+    wrong = write_cifar100(tmp_path / "c100", n_test=4)
+    with pytest.raises(UserError, match="cifar10 asked, but only cifar100 pickles are here"):
+        run_corruption(CorruptionConfig(checkpoints=(ck,), data=root, out=out, clean=wrong,
+                                        batch_size=4, workers=0, device="cpu"))
+    assert (out / "metrics.json").read_bytes() == before
+    with pytest.raises(UserError, match="cifar10 asked"):
+        run_corruption(CorruptionConfig(checkpoints=(ck,), data=root, out=tmp_path / "new",
+                                        clean=wrong, batch_size=4, workers=0, device="cpu"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_fgsm_refuses_cifar10_and_cifar100_checkpoints_in_one_run(tmp_path, capsys):
+    """A root holding both CIFAR sets: each checkpoint would take its own, but one run reads one
+    test set; a CIFAR-10 and a CIFAR-100 model together are refused in one line naming the
+    cause (was: 'the data's classes do not match … (100 in the data vs 10)'), before writing."""
+    clean = tmp_path / "cifar"
+    write_cifar10(clean, n_test=4)
+    write_cifar100(clean, n_test=4)
+    c10 = make_ckpt(tmp_path / "c10.safetensors", 4, classes=tuple(f"c{i}" for i in range(10)))
+    c100 = make_ckpt(tmp_path / "c100.safetensors", 5, classes=tuple(f"f{i}" for i in range(100)))
+    code, err = cli(["fgsm", "--ckpt", str(c100), "--ckpt", str(c10), "--data", str(clean),
+                     "--out", str(tmp_path / "o"), "--workers", "0", "--device", "cpu"], capsys)
+    assert code == 2 and "\n" not in err and not (tmp_path / "o").exists()
+    assert "checkpoints have 10 and 100 classes" in err and "separately" in err
+
+
 def test_cifar_c_labels_must_have_the_checkpoints_class_count(tmp_path, capsys):
     """CIFAR-10-C labels (0..9) fit a CIFAR-100 classifier, but they are not its classes: the
     run must refuse, before writing anything, as it must a CIFAR-10-sized model whose metadata
