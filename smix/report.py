@@ -164,6 +164,25 @@ def _err(r: Run, which: str, field: str) -> Any:
     return value.get(field) if isinstance(value, dict) else None
 
 
+def _per_seed(by_seed: dict[str, list[Run]], which: str, field: str) -> list[float | None]:
+    """One value per seed: the mean of that seed's runs (a rerun or a copied run folder of one
+    seed is a repeat, not another sample: counted twice it would shrink the std)."""
+    out = []
+    for rs in by_seed.values():
+        vals = [v for v in (_err(r, which, field) for r in rs)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)]
+        out.append(statistics.mean(vals) if vals else None)
+    return out
+
+
+def _runs_cell(g: list[Run], by_seed: dict[str, list[Run]]) -> str:
+    if len(g) == 1:
+        return "1"
+    seeds = sorted((str(r.results.get("seed")) for r in g), key=lambda s: (len(s), s))
+    repeats = " (repeats of a seed count once)" if len(by_seed) < len(g) else ""
+    return f"{len(g)} (seeds {','.join(seeds)}){repeats}"
+
+
 def classification_table(runs: list[Run]) -> Table | None:
     cls = [r for r in runs if r.kind == "pretrain/classification" and r.results.get("best")]
     if not cls:
@@ -184,11 +203,13 @@ def classification_table(runs: list[Run]) -> Table | None:
         g = groups[key]
         base = per_epoch.get((key[0], key[1], "none", key[3], ""))
         overhead = "–" if not base else f"{100 * (per_epoch[key] - base) / base:+.1f}%"
-        seeds = sorted({r.results.get("seed") for r in g}, key=str)
+        by_seed: dict[str, list[Run]] = defaultdict(list)
+        for r in g:
+            by_seed[str(r.results.get("seed"))].append(r)
         part = incomplete_epochs(g[0].results)
         rows.append([str(key[0]), str(key[1]), key[2], fmt(key[3][0]), _recipe_label(key[3], varying),
-                     str(len(g)) + (" (seeds " + ",".join(map(str, seeds)) + ")" if len(g) > 1 else ""),
-                     *(mean_std([_err(r, which, field) for r in g]) + part
+                     _runs_cell(g, by_seed),
+                     *(mean_std(_per_seed(by_seed, which, field)) + part
                        for which, field in (("best", "top1_err"), ("best", "top5_err"),
                                             ("last", "top1_err"), ("last", "top5_err"))),
                      f"{per_epoch[key]:.1f}", overhead, ", ".join(r.path.name for r in g)])
@@ -198,7 +219,8 @@ def classification_table(runs: list[Run]) -> Table | None:
                   "aug. overhead", "run folders"],
                  rows, "Best = the epoch with the highest top-1 (what the papers report), with its "
                        "top-5; overhead = (T_method − T_none) / T_none per epoch (GuidedMixup, Table 2). "
-                       "Several runs of one setting and recipe: mean ± std over seeds; runs whose "
+                       "Several runs of one setting and recipe: mean ± std over seeds (runs of "
+                       "one seed, repeats rather than samples, are averaged first); runs whose "
                        "recipe differs are separate rows. 'incomplete: k of n epochs': a run not "
                        "finished (still running or stopped), shown alone and never averaged.")
 

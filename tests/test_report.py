@@ -162,6 +162,21 @@ def test_unfinished_and_other_recipe_runs_are_not_averaged(tmp_path):
     assert rows["short"]["epochs"] == "100" and rows["short"]["best top-1 err"] == "9.00"
 
 
+def test_runs_of_one_seed_are_one_sample(tmp_path):
+    """A resumed run and its uninterrupted twin, or a copied run folder, share a seed: they are
+    repeats, and averaged as two more samples they shrank the std (seeds 0, 1, 1 with errors
+    20, 22, 22 read 21.33 ± 1.15; over the seeds 0 and 1 it is 21.00 ± 1.41)."""
+    root = tmp_path / "runs"
+    for name, seed, err in (("s0", 0, 20.0), ("s1", 1, 22.0), ("s1-resumed", 1, 22.0)):
+        pretrain_run(root, name, {"name": "cutmix"}, seed, err, err + 1, 100.0)
+    build_report([root], tmp_path / "rep")
+    (row,) = read_csv(tmp_path / "rep" / "classification.csv")
+    assert row["runs"] == "3 (seeds 0,1,1) (repeats of a seed count once)"
+    assert row["best top-1 err"] == "21.00 ± 1.41" and row["last top-1 err"] == "22.00 ± 1.41"
+    # top-5 err is 1 + seed: per seed 1 and 2
+    assert row["top-5 err @best"] == "1.50 ± 0.71"
+
+
 def test_report_odd_input_is_one_line_or_a_dash(tmp_path, capsys):
     """Policy: a metrics.json that is no toolkit record stops the report with one line naming
     it; a well-formed record missing a value gets "–", and log lines missing one are not plotted."""
