@@ -374,6 +374,8 @@ def plot_eps(runs: list[Run], out: Path) -> Path | None:
         return None
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    # runs on several datasets share the axes: each curve then says which it was measured on
+    several = len({str(r.results.get("dataset")) for r, _ in models}) > 1
     for r, m in models:
         adv = sorted((float(k), v["top1"]) for k, v in m.get("adversarial", {}).items()
                      if isinstance(v, dict) and v.get("top1") is not None)
@@ -381,6 +383,8 @@ def plot_eps(runs: list[Run], out: Path) -> Path | None:
         ys = [(m.get("clean") or {}).get("top1")] + [a for _, a in adv]
         ck = m.get("checkpoint") or {}
         label = f"{method_label(ck.get('method'))} [{r.path.name}: {checkpoint_name(ck)}]"
+        if several:
+            label += f" on {r.results.get('dataset')}"
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel("ε (/255)")
     ax.set_ylabel("top-1 accuracy (%)")

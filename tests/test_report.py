@@ -177,6 +177,32 @@ def test_runs_of_one_seed_are_one_sample(tmp_path):
     assert row["top-5 err @best"] == "1.50 ± 0.71"
 
 
+def test_fgsm_curves_of_several_datasets_say_which(tmp_path, monkeypatch):
+    """CIFAR-10 and CIFAR-100 runs on one set of axes: each legend entry names its dataset (it
+    named only the run and checkpoint); runs of one dataset keep the short label."""
+    import smix.report as report_mod
+    from smix.report import find_runs, plot_eps
+
+    legends = []
+
+    def keep_labels(fig, path):
+        legends.append(fig.axes[0].get_legend_handles_labels()[1])
+
+    monkeypatch.setattr(report_mod, "_save_png", keep_labels)
+    root = tmp_path / "runs"
+    for name, dataset in (("c10", "cifar10"), ("c100", "cifar100")):
+        RunDir(root / name).write_metrics(stage="robustness", kind="fgsm", results={
+            "dataset": dataset, "n_images": 4, "models": [
+                {"checkpoint": ck("cutmix"), "clean": {"top1": 90.0},
+                 "adversarial": {"8": {"top1": 50.0}}}]})
+    runs = find_runs([root / "c10", root / "c100"])
+    plot_eps(runs, tmp_path)
+    plot_eps(runs[:1], tmp_path)
+    assert legends == [["cutmix [c10: x/cutmix.safetensors] on cifar10",
+                        "cutmix [c100: x/cutmix.safetensors] on cifar100"],
+                       ["cutmix [c10: x/cutmix.safetensors]"]]
+
+
 def test_report_odd_input_is_one_line_or_a_dash(tmp_path, capsys):
     """Policy: a metrics.json that is no toolkit record stops the report with one line naming
     it; a well-formed record missing a value gets "–", and log lines missing one are not plotted."""
