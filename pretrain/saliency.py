@@ -160,7 +160,6 @@ def network_detector(path: str) -> Detector:
         raise UserError(f"detector {NETWORK}{path}: no such file")
     _check_maps(path)  # a file that is neither kind, or no map per image, fails here
 
-
     def detect(images: torch.Tensor) -> torch.Tensor:
         images = _check_images(images)
         x = F.interpolate(_as_uint8_grid(images) / 255.0, size=(NETWORK_INPUT, NETWORK_INPUT),

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from smix.checkpoint import BackboneMeta, read_meta
-from smix.data import CIFAR, ClassFolder, holds_cifar
+from smix.data import CIFAR, ClassFolder, cifar_kind, holds_cifar
 from smix.errors import UserError
 from smix.io import RunDir, file_sha256, read_json, write_json
 from robustness.model import Normalized, load_for_eval, require_class_names
@@ -74,8 +74,7 @@ def open_images(root: Path, meta: BackboneMeta, path: Path, transform: Any = Non
     …)` then checks that (so its message names the checkpoint) and maps labels."""
     require_class_names(meta, path)
     if holds_cifar(root):
-        kind = {10: "cifar10", 100: "cifar100"}.get(meta.num_classes)
-        return CIFAR(root, train=False, transform=transform, kind=kind)
+        return CIFAR(root, train=False, transform=transform, kind=cifar_kind(meta.num_classes))
     tiny = (Path(root) / "val_annotations.txt").is_file()  # its classes come from the checkpoint
     classes = sorted(meta.class_names) if tiny else None
     return ClassFolder(root, transform=transform, classes=classes)

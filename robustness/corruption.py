@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from smix.checkpoint import BackboneMeta, checkpoint_ref
-from smix.data import find_cifar, read_cifar
+from smix.data import cifar_kind, find_cifar, read_cifar
 from smix.devices import fits_on_device
 from smix.dist import DistInfo, agree, all_reduce_sum, broadcast_object, distributed
 from smix.errors import UserError
@@ -137,8 +137,8 @@ class _SplitData:
         else:
             if split.kind == "cifar":
                 # the checkpoint's classes say which, where a root holds both
-                kind = {10: "cifar10", 100: "cifar100"}.get(self.meta.num_classes)
-                self.images, self.labels, _ = read_cifar(split.path, train=False, kind=kind)
+                self.images, self.labels, _ = read_cifar(split.path, train=False,
+                                                         kind=cifar_kind(self.meta.num_classes))
             else:
                 self.images, self.labels = load_npy(split.path), load_npy(split.labels)
             self.maps = [_identity_map(self.labels, split, m) for m in group]
@@ -266,7 +266,7 @@ def check_cifar_clean(splits: Sequence[Split], metas: Sequence[BackboneMeta]) ->
     for split in splits:
         if split.kind == "cifar":
             for meta in metas:
-                find_cifar(split.path, {10: "cifar10", 100: "cifar100"}.get(meta.num_classes))
+                find_cifar(split.path, cifar_kind(meta.num_classes))
 
 
 def run_corruption(cfg: CorruptionConfig) -> dict[str, Any]:

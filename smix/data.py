@@ -245,6 +245,12 @@ def find_cifar(root: str | os.PathLike, kind: str | None = None) -> tuple[Path, 
     return found[name], name
 
 
+def cifar_kind(num_classes: int) -> str | None:
+    """The CIFAR set a classifier of `num_classes` outputs reads (cifar10 | cifar100), where a
+    root holds both; None for other class counts (`find_cifar` then takes the first found)."""
+    return {10: "cifar10", 100: "cifar100"}.get(num_classes)
+
+
 def holds_cifar(root: str | os.PathLike) -> bool:
     """Whether `root` (or its published folder under it) holds CIFAR's python pickles."""
     return any(all((cand / f).is_file() for f in files)
@@ -309,13 +315,6 @@ class CIFAR(Dataset):
     """CIFAR-10/100 from the python pickles, as uint8 CHW tensors into the transform;
     `kind` (cifar10 | cifar100) says which, when the root may hold both."""
 
-    def digest(self) -> str:
-        """SHA-256 of the labels and pixels: which images these are (a resumed evaluation
-        checks it, as it checks a class folder's file list)."""
-        h = hashlib.sha256(np.asarray(self.targets, dtype=np.int64).tobytes())
-        h.update(self.images.numpy().tobytes())
-        return h.hexdigest()
-
     def __init__(self, root: str | os.PathLike, train: bool, transform: Callable | None = None,
                  kind: str | None = None):
         images, labels, self.classes = read_cifar(root, train, kind)
@@ -325,6 +324,13 @@ class CIFAR(Dataset):
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def digest(self) -> str:
+        """SHA-256 of the labels and pixels: which images these are (a resumed evaluation
+        checks it, as it checks a class folder's file list)."""
+        h = hashlib.sha256(np.asarray(self.targets, dtype=np.int64).tobytes())
+        h.update(self.images.numpy().tobytes())
+        return h.hexdigest()
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img = self.images[index]

@@ -220,18 +220,24 @@ def test_method_values_may_hold_colons():
         parse_methods("saliencymix:sample", {})
 
 
+def _refused_boxes_audit(tmp_path, capsys, rows: str) -> list[str]:
+    """An audit of the images a boxes file (CSV `rows` under its header) names, which must be
+    refused (exit 2); its stderr lines."""
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,class,x0,y0,x1,y1\n" + rows)
+    assert smix(["audit", "--boxes", str(boxes), "--out", str(tmp_path / "o"), "--methods",
+                 "mixup", "--detectors", "frequency_tuned", "--size", "16", "--pairs", "2",
+                 "--no-progress"]) == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
 @pytest.mark.parametrize("box", [(100, 100, 130, 130), (2, 2, 30, 9)])
 def test_a_box_outside_its_image_is_a_user_error(tmp_path, capsys, box):
     """A boxes file made for other images (or a VOC image smaller than its annotation): the
     box lies past the image, and its object mask used to be one edge pixel, silently."""
     Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "a.png")
-    boxes = tmp_path / "boxes.csv"
-    boxes.write_text("image,class,x0,y0,x1,y1\na.png,sq,2,2,9,9\n"
-                     f"a.png,sq,{','.join(str(v) for v in box)}\n")
-    assert smix(["audit", "--boxes", str(boxes), "--out", str(tmp_path / "o"), "--methods",
-                 "mixup", "--detectors", "frequency_tuned", "--size", "16", "--pairs", "2",
-                 "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _refused_boxes_audit(tmp_path, capsys, "a.png,sq,2,2,9,9\n"
+                               f"a.png,sq,{','.join(str(v) for v in box)}\n")
     assert len(err) == 1 and "a.png" in err[0] and "outside the 20x20 image" in err[0]
 
 
@@ -253,12 +259,7 @@ def test_an_image_too_small_for_the_detectors_is_a_user_error(tmp_path, capsys):
     traceback; the user's data is at fault, so it is one line naming the image."""
     Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.full((2, 2, 3), 90, np.uint8)).save(tmp_path / "tiny.png")
-    boxes = tmp_path / "boxes.csv"
-    boxes.write_text("image,class,x0,y0,x1,y1\na.png,sq,2,2,9,9\ntiny.png,sq,0,0,1,1\n")
-    assert smix(["audit", "--boxes", str(boxes), "--out", str(tmp_path / "o"), "--methods",
-                 "mixup", "--detectors", "frequency_tuned", "--size", "16", "--pairs", "2",
-                 "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _refused_boxes_audit(tmp_path, capsys, "a.png,sq,2,2,9,9\ntiny.png,sq,0,0,1,1\n")
     assert len(err) == 1 and "tiny.png" in err[0] and "3x3" in err[0]
 
 
